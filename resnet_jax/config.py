@@ -1,0 +1,97 @@
+"""The run's configuration: one frozen dataclass, validated once, at the edge.
+
+Defaults are the chapter's recipe (d2l ``train_ch6`` with lr 0.05): 10 epochs,
+batch 256, images resized to 96x96, plain SGD, float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from resnet_jax.data import DATASETS
+from resnet_jax.ops import IMPLS
+
+DTYPES = ("float32", "bfloat16")
+NUM_STRIDE2 = 5  # b1 conv, b1 max-pool, first residual of b3, b4, b5
+# Each stride-2 step maps a side s to ceil(s / 2). For every one of the five to
+# act on at least a 2x2 map, the side before the last one, ceil(s / 16), must be
+# >= 2, i.e. s >= 17. Smaller inputs collapse to 1x1 before b5 and the later
+# stages only ever see the centre tap of their kernels.
+MIN_RESIZE = 2 ** (NUM_STRIDE2 - 1) + 1
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str = "fashion_mnist"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.05
+    resize: int = 96
+    seed: int = 0
+    train_limit: int | None = None  # only the first N training examples
+    test_limit: int | None = None  # only the first N test examples
+    data_dir: str | None = None  # a TFDS data_dir; None means TFDS's default
+    manual_dir: str | None = None  # a folder with the dataset's official files
+    offline: bool = False  # never attempt a download
+    output: str | None = None  # where metrics are written
+    dtype: str = "float32"  # computation dtype; parameters stay float32
+    steps_per_dispatch: int | None = None  # training steps per jitted call; None: best for the backend
+    eval_batch_size: int = 1000
+    conv_impl: str = "auto"  # see resnet_jax.ops
+    init_from_torch: str | None = None  # a PyTorch state_dict (.pt) to start from
+    export_torch: str | None = None  # write the trained model as a PyTorch state_dict
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(name: str, value, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def validate(c: Config) -> None:
+    """Raise ConfigError for the first value that cannot work."""
+    if c.dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {c.dataset!r}")
+    spec = DATASETS[c.dataset]
+    if isinstance(c.epochs, bool) or not isinstance(c.epochs, int) or c.epochs < 0:
+        raise ConfigError(f"--epochs must be a non-negative integer, got {c.epochs!r}")
+    _positive_int("batch_size", c.batch_size, "--batch-size")
+    if c.steps_per_dispatch is not None:
+        _positive_int("steps_per_dispatch", c.steps_per_dispatch, "--steps-per-dispatch")
+    _positive_int("eval_batch_size", c.eval_batch_size, "--eval-batch-size")
+    if not isinstance(c.lr, (int, float)) or isinstance(c.lr, bool) or not math.isfinite(c.lr) or c.lr <= 0:
+        raise ConfigError(f"--lr must be a finite number > 0, got {c.lr!r}")
+    if isinstance(c.resize, bool) or not isinstance(c.resize, int) or c.resize < MIN_RESIZE:
+        raise ConfigError(
+            f"--resize must be an integer >= {MIN_RESIZE} (ResNet-18 halves the image "
+            f"{NUM_STRIDE2} times), got {c.resize!r}"
+        )
+    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**32:
+        raise ConfigError(f"--seed must be an integer in [0, 2**32), got {c.seed!r}")
+    for flag, value, size in (
+        ("--train-limit", c.train_limit, spec.num_train),
+        ("--test-limit", c.test_limit, spec.num_test),
+    ):
+        if value is None:
+            continue
+        _positive_int(flag, value, flag)
+        if value > size:
+            raise ConfigError(f"{flag} {value} is larger than the {spec.tfds_name} split ({size} examples)")
+    if c.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
+    if c.conv_impl not in IMPLS:
+        raise ConfigError(f"--conv-impl must be one of {', '.join(IMPLS)}, got {c.conv_impl!r}")

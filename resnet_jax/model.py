@@ -1,0 +1,287 @@
+"""ResNet-18 of the chapter ("Dive into Deep Learning" variant), in Flax linen.
+
+The modules mirror the chapter's PyTorch code block by block:
+
+    Residual       <- class Residual(nn.Module)
+    resnet_block   <- def resnet_block(...)
+    ResNet18       <- net = nn.Sequential(b1, b2, b3, b4, b5, AdaptiveAvgPool2d, Flatten, Linear)
+
+Layout is NHWC (JAX's native layout); kernels are HWIO. The arithmetic is the
+PyTorch original's, and where Flax's defaults differ from PyTorch's we do not use
+them:
+
+* Padding is explicit and symmetric, as ``nn.Conv2d(padding=p)`` pads. Flax's
+  'SAME' would pad a 96x96 input to a stride-2 7x7 conv as (2, 3), not (3, 3),
+  and shift every feature map by a pixel.
+* Every conv keeps its bias (``nn.Conv2d`` has ``bias=True`` by default), even
+  the ones followed by BatchNorm, so the parameter count is the original's
+  11,178,378.
+* :class:`BatchNorm` is ``nn.BatchNorm2d``: epsilon 1e-5, momentum 0.1 in
+  PyTorch's convention, and running variance updated with the *unbiased* batch
+  variance, which ``flax.linen.BatchNorm`` does not do.
+* Initialisation is the recipe's (d2l ``train_ch6``): Xavier-uniform for every
+  conv and dense kernel; biases keep PyTorch's default U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)); BatchNorm scale 1, bias 0, running mean 0, running var 1.
+
+``dtype`` is the computation dtype (``jnp.bfloat16`` for mixed precision):
+parameters and BatchNorm statistics are always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax import ops
+
+Dtype = Any
+
+# PyTorch's BatchNorm2d defaults.
+BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
+BN_EPSILON = 1e-5
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init for Conv2d and Linear: U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
+
+    d2l's ``init_weights`` re-initialises only the weights, so the biases keep
+    this default. Flax's bias initialisers never see fan_in, hence the closure.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv2d(nn.Module):
+    """``torch.nn.Conv2d(in, features, kernel_size, stride, padding)`` in NHWC.
+
+    A thin module rather than ``flax.linen.Conv`` for two reasons: the bias
+    initialiser needs fan_in (see :func:`torch_bias_init`), and the convolution
+    itself goes through :func:`resnet_jax.ops.conv2d`, which picks the fastest
+    exact lowering for the platform and shape (``conv_impl``).
+    Parameters are named ``kernel`` (HWIO) and ``bias`` like Flax's own Conv.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    dtype: Dtype | None = None
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        k = self.kernel_size
+        kernel = self.param("kernel", xavier_uniform, (k, k, in_features, self.features), jnp.float32)
+        bias = self.param("bias", torch_bias_init(in_features * k * k), (self.features,), jnp.float32)
+        dtype = self.dtype or x.dtype
+        y = ops.conv2d(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            strides=self.strides,
+            padding=self.padding,
+            impl=self.conv_impl,
+        )
+        return y + bias.astype(dtype)
+
+
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm2d`` with its defaults, over the last (channel) axis.
+
+    ``train=True`` normalises with the batch's mean and biased variance and
+    moves the running averages (collection ``batch_stats``) by PyTorch's rule,
+    using the unbiased variance ``var * n / (n - 1)`` for ``running_var`` as
+    PyTorch does. ``train=False`` normalises with the running averages and
+    changes nothing.
+
+    Statistics are computed in float32 whatever the input dtype, with the
+    two-pass formula E[(x - mean)^2] (``flax.linen.BatchNorm`` defaults to
+    E[x^2] - E[x]^2, which loses digits). Under ``jax.jit`` with a batch sharded
+    over devices the means are over the global batch: XLA inserts the reductions.
+    """
+
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                # PyTorch refuses n == 1 in training; we keep the biased value then
+                # rather than divide by zero (only reachable with batch 1 at 1x1).
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                running_mean.value = (1.0 - m) * running_mean.value + m * mean
+                running_var.value = (1.0 - m) * running_var.value + m * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+
+        # Fold the affine transform into one multiply-add per element.
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
+
+
+class Residual(nn.Module):
+    """The chapter's residual block.
+
+    conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut (the input,
+    or a 1x1 conv with the stride when ``use_1x1conv``), then ReLU. PyTorch's
+    ``input_channels`` argument is not needed: Flax infers it from the input.
+    """
+
+    num_channels: int
+    use_1x1conv: bool = False
+    strides: int = 1
+    dtype: Dtype | None = None
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        y = Conv2d(self.num_channels, 3, strides=self.strides, padding=1, name="conv1", **conv)(x)
+        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+        y = Conv2d(self.num_channels, 3, padding=1, name="conv2", **conv)(y)
+        y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
+        if self.use_1x1conv:
+            x = Conv2d(self.num_channels, 1, strides=self.strides, name="conv3", **conv)(x)
+        return nn.relu(y + x.astype(y.dtype))
+
+
+def resnet_block(
+    input_channels: int,
+    num_channels: int,
+    num_residuals: int,
+    first_block: bool = False,
+    **kwargs,
+) -> list[Residual]:
+    """The chapter's ``resnet_block``: a list of ``num_residuals`` Residual modules.
+
+    The first residual of every stage but the first halves height and width and
+    changes the channel count through a strided 1x1 shortcut. ``input_channels``
+    is kept for fidelity to the chapter; Flax infers it. ``kwargs`` (dtype,
+    conv_impl) go to every Residual.
+    """
+    del input_channels  # inferred from the input by Flax
+    blk = []
+    for i in range(num_residuals):
+        if i == 0 and not first_block:
+            blk.append(Residual(num_channels, use_1x1conv=True, strides=2, **kwargs))
+        else:
+            blk.append(Residual(num_channels, **kwargs))
+    return blk
+
+
+class Stem(nn.Module):
+    """b1: 7x7 conv, 64 channels, stride 2, padding 3 -> BN -> ReLU -> 3x3 max-pool, stride 2, padding 1."""
+
+    dtype: Dtype | None = None
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = Conv2d(64, 7, strides=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)
+        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
+        # Pads with -inf, as nn.MaxPool2d(padding=1) does; the gradient goes to the
+        # first maximum of each window, as in PyTorch. "patches" selects the
+        # slice-based pool that goes with the patch convolutions.
+        pool_impl = {"auto": "auto", "xla": "xla", "patches": "slices"}[self.conv_impl]
+        return ops.max_pool(x, 3, stride=2, padding=1, impl=pool_impl)
+
+
+class Stage(nn.Module):
+    """b2..b5: ``nn.Sequential(*resnet_block(...))`` with the ``train`` flag threaded through."""
+
+    input_channels: int
+    num_channels: int
+    num_residuals: int = 2
+    first_block: bool = False
+    dtype: Dtype | None = None
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for residual in resnet_block(
+            self.input_channels,
+            self.num_channels,
+            self.num_residuals,
+            self.first_block,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+        ):
+            x = residual(x, train)
+        return x
+
+
+# (input_channels, num_channels, first_block) of b2..b5, as in the chapter.
+STAGES: Sequence[tuple[int, int, bool]] = ((64, 64, True), (64, 128, False), (128, 256, False), (256, 512, False))
+
+
+class ResNet18(nn.Module):
+    """The chapter's ``net``: b1, b2..b5, global average pool, flatten, Linear(512, num_classes).
+
+    Input: NHWC images with ``input_channels`` channels (float, any size the five
+    stride-2 reductions leave at least 1x1). Output: float32 logits.
+    ``apply(..., mutable=['intermediates'])`` also returns the pooled features
+    under ``intermediates/pool``; ``capture_intermediates`` gives b1..b5.
+    """
+
+    num_classes: int = 10
+    input_channels: int = 1
+    dtype: Dtype | None = None
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if x.ndim != 4 or x.shape[-1] != self.input_channels:
+            raise ValueError(
+                f"ResNet18 expects NHWC images with {self.input_channels} channel(s), got shape {x.shape}"
+            )
+        common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        x = Stem(name="b1", **common)(x, train)
+        for i, (cin, cout, first) in enumerate(STAGES):
+            x = Stage(cin, cout, 2, first, name=f"b{i + 2}", **common)(x, train)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + Flatten
+        self.sow("intermediates", "pool", x)
+        dense = nn.Dense(
+            self.num_classes,
+            kernel_init=xavier_uniform,
+            bias_init=torch_bias_init(x.shape[-1]),
+            dtype=self.dtype,
+            name="dense",
+        )
+        return dense(x.astype(self.dtype or x.dtype)).astype(jnp.float32)
+
+
+def init_variables(model: ResNet18, rng: jax.Array, image_size: int = 96) -> dict:
+    """Fresh {'params', 'batch_stats'} for ``model`` (PyTorch's initial state, in distribution)."""
+    dummy = jnp.zeros((1, image_size, image_size, model.input_channels), jnp.float32)
+    return dict(model.init(rng, dummy, train=False))
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a pytree (e.g. variables['params'])."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,161 @@
+"""Convolution lowerings: one function, the same math, the fastest form per platform and shape.
+
+``conv2d`` computes exactly ``torch.nn.functional.conv2d`` (cross-correlation,
+symmetric zero padding) in NHWC/HWIO. Two lowerings:
+
+* ``"xla"``: ``lax.conv_general_dilated``. On GPU and TPU this is cuDNN / the
+  MXU convolution emitter and is what we want everywhere there.
+* ``"patches"``: gather the kernel taps as strided slices, concatenate them on
+  the channel axis and do one matmul. Taps that read only padding for every
+  output position are dropped, so a 3x3 conv on a 1x1 map becomes a dense layer
+  (only the centre tap touches data) and a 3x3 stride-1 conv on a 2x2 map uses
+  four taps per output instead of nine. XLA:CPU runs its generic convolution on
+  such small maps with many channels at a few GFLOP/s, while the matmul goes
+  through its fast GEMM (BENCHMARKS.md, "CPU conv lowering", has the numbers).
+
+``"auto"`` picks "patches" on CPU for maps up to :data:`CPU_PATCHES_MAX_HW`
+pixels and "xla" everywhere else. Both are tested against each other
+(tests/test_ops.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla", "patches")
+
+# Largest input map (H * W) for which "auto" uses patches on CPU. Measured on the
+# 2-core development machine (benchmarks/conv_lowering.py): patches win at 1x1,
+# 2x2 and 4x4 maps; from 7x7 upwards XLA's convolution is as fast or faster.
+CPU_PATCHES_MAX_HW = 16
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """PyTorch's output size for one spatial axis (dilation 1)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def conv2d(x, kernel, *, strides: int = 1, padding: int = 0, impl: str = "auto"):
+    """Cross-correlate NHWC ``x`` with HWIO ``kernel``, symmetric zero ``padding``, square ``strides``."""
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        small = x.shape[1] * x.shape[2] <= CPU_PATCHES_MAX_HW
+        impl = "patches" if (small and jax.default_backend() == "cpu") else "xla"
+    if impl == "xla":
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(strides, strides),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    return _conv2d_patches(x, kernel, strides, padding)
+
+
+def _live_taps(size: int, kernel: int, stride: int, padding: int, out: int) -> list[int]:
+    """Kernel offsets along one axis that read at least one real (non-padding) input."""
+    return [
+        k for k in range(kernel) if any(0 <= o * stride + k - padding < size for o in range(out))
+    ]
+
+
+def _conv2d_patches(x, kernel, stride: int, padding: int):
+    n, h, w, c = x.shape
+    kh, kw, _, features = kernel.shape
+    ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    rows = _live_taps(h, kh, stride, padding, ho)
+    cols = _live_taps(w, kw, stride, padding, wo)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    taps = [
+        lax.slice(
+            xp,
+            (0, i, j, 0),
+            (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+            (1, stride, stride, 1),
+        )
+        for i in rows
+        for j in cols
+    ]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    # Rows of the matrix in the same (i, j, channel) order as the patches.
+    w_mat = kernel[jnp.array(rows)][:, jnp.array(cols)].reshape(len(rows) * len(cols) * c, features)
+    return jnp.dot(patches, w_mat, preferred_element_type=x.dtype)
+
+
+# --------------------------------------------------------------------------- max-pool
+
+POOL_IMPLS = ("auto", "xla", "slices")
+
+
+def max_pool(x, window: int = 3, stride: int = 2, padding: int = 1, impl: str = "auto"):
+    """``nn.MaxPool2d(window, stride, padding)`` in NHWC: -inf padding, gradient to the first maximum.
+
+    ``"xla"`` is ``reduce_window`` (its gradient is XLA's select-and-scatter).
+    ``"slices"`` takes the max over the window's strided slices, with a custom
+    gradient that, like PyTorch and select-and-scatter, sends each window's
+    gradient to the first (row-major) position holding the maximum; a plain
+    ``jnp.maximum`` chain would split it between ties. On XLA:CPU select-and-
+    scatter is slow: "slices" is 4-10x faster there for b1's pool (BENCHMARKS.md).
+    """
+    if impl not in POOL_IMPLS:
+        raise ValueError(f"max-pool impl must be one of {POOL_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "slices" if jax.default_backend() == "cpu" else "xla"
+    if impl == "xla":
+        return lax.reduce_window(
+            x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+            ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+        )
+    return _max_pool_slices(x, window, stride, padding)
+
+
+def _pool_taps(xp, window, stride, out_hw):
+    n, _, _, c = xp.shape
+    ho, wo = out_hw
+    return [
+        lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c), (1, stride, stride, 1))
+        for i in range(window)
+        for j in range(window)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_slices(x, window, stride, padding):
+    return _max_pool_slices_fwd(x, window, stride, padding)[0]
+
+
+def _max_pool_slices_fwd(x, window, stride, padding):
+    out_hw = (output_size(x.shape[1], window, stride, padding), output_size(x.shape[2], window, stride, padding))
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    taps = _pool_taps(xp, window, stride, out_hw)
+    out = functools.reduce(jnp.maximum, taps)
+    return out, (x, out)
+
+
+def _max_pool_slices_bwd(window, stride, padding, res, g):
+    x, out = res
+    n, h, w, c = x.shape
+    ho, wo = out.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    taken = jnp.zeros(out.shape, bool)
+    grad = jnp.zeros((n, hp, wp, c), g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for k, tap in enumerate(_pool_taps(xp, window, stride, (ho, wo))):
+        i, j = divmod(k, window)
+        first = (tap == out) & ~taken  # the first position of the window holding the max
+        taken = taken | first
+        # Transpose of the strided slice: scatter back with interior padding.
+        grad = grad + lax.pad(
+            jnp.where(first, g, zero), zero,
+            ((0, 0, 0), (i, hp - i - (ho - 1) * stride - 1, stride - 1), (j, wp - j - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)),
+        )
+    return (grad[:, padding : padding + h, padding : padding + w, :],)
+
+
+_max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)

@@ -1,0 +1,368 @@
+"""Train state, the pure step functions, and the one training loop.
+
+One batch's way: the uint8 splits sit on the device; each epoch draws a
+permutation with ``jax.random`` on the device; a jitted call gathers
+``steps_per_dispatch`` batches from it in turn (a ``lax.fori_loop`` around
+:func:`train_step`), preprocesses them (scale, resize) and updates the state,
+summing loss and correct predictions on the device. The host only dispatches
+and reads the sums once per chunk, one chunk late, so the device never waits
+for it.
+
+Every example is seen exactly once per epoch: the full batches go through the
+chunked loop and the last, smaller batch (60,000 = 234 x 256 + 96) through
+:func:`train_step` on its own, as PyTorch's DataLoader (drop_last=False) does.
+
+Scale-out is JAX's own: a 1-D ``Mesh`` over all devices (``jax.devices()``, all
+hosts included after ``jax.distributed.initialize()``), the batch constrained to
+be sharded over its ``data`` axis, everything else replicated. XLA partitions
+the step; the BatchNorm means and the gradient sums become all-reduces over the
+global batch, so N devices compute what one device computes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_jax.config import Config
+from resnet_jax.data import Split, preprocess
+from resnet_jax.model import ResNet18, init_variables
+
+Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, tx, opt_state) plus BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+def make_model(config: Config, num_classes: int = 10, input_channels: int = 1) -> ResNet18:
+    return ResNet18(
+        num_classes=num_classes,
+        input_channels=input_channels,
+        dtype=jnp.dtype(config.dtype),
+        conv_impl=config.conv_impl,
+    )
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    # The recipe's torch.optim.SGD(lr): no momentum, no weight decay.
+    return optax.sgd(config.lr)
+
+
+def create_train_state(model: ResNet18, tx, rng: jax.Array, variables: dict | None = None) -> TrainState:
+    """A fresh state (PyTorch's init in distribution), or one from given variables."""
+    if variables is None:
+        variables = init_variables(model, rng)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy (nn.CrossEntropyLoss(reduction='none'))."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _sums(losses, logits, labels, mask=None) -> Metrics:
+    correct = jnp.argmax(logits, -1) == labels
+    if mask is None:
+        mask = jnp.ones_like(labels, dtype=bool)
+    return {
+        "loss": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum(correct & mask).astype(jnp.int32),
+        "count": jnp.sum(mask).astype(jnp.int32),
+    }
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: int) -> tuple[TrainState, Metrics]:
+    """One SGD step on one batch of uint8 images. Pure: state in, state and metric sums out."""
+    x = preprocess(images, resize)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        losses = cross_entropy(logits, labels)
+        return jnp.mean(losses), (losses, logits, updates["batch_stats"])
+
+    grads, (losses, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, _sums(losses, logits, labels)
+
+
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int) -> Metrics:
+    """Metric sums of the model in eval mode (running statistics) over the examples where ``mask``."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, preprocess(images, resize), train=False
+    )
+    return _sums(cross_entropy(logits, labels), logits, labels, mask)
+
+
+def _add(a: Metrics, b: Metrics) -> Metrics:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _zeros() -> Metrics:
+    return {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
+
+
+def _constrain(x, sharding):
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def steps_per_dispatch(config: Config, backend: str) -> int:
+    """Training steps per jitted call: ``config.steps_per_dispatch``, or the measured best for the backend.
+
+    On GPU and TPU a device-side loop over many steps removes the host from the
+    critical path. XLA:CPU runs a step inside any while loop (lax.scan or
+    fori_loop) about 6x slower than the same step dispatched on its own
+    (BENCHMARKS.md, "Steps per dispatch on CPU"), and a dispatch costs nothing
+    next to a CPU step, so there it is one step per call.
+    """
+    if config.steps_per_dispatch is not None:
+        return config.steps_per_dispatch
+    return 1 if backend == "cpu" else 32
+
+
+def train_chunk(state, images, labels, batch_idx, num_steps, resize: int, batch_sharding=None):
+    """``num_steps`` train steps over the rows of ``batch_idx`` (K, B), gathered from the on-device split.
+
+    ``num_steps`` is a traced value, so one compiled program serves full and
+    partial chunks (the unused rows of the last chunk are never run).
+    """
+
+    def body(i, carry):
+        state, sums = carry
+        idx = batch_idx[i]
+        x, y = _constrain(images[idx], batch_sharding), _constrain(labels[idx], batch_sharding)
+        state, m = train_step(state, x, y, resize)
+        return state, _add(sums, m)
+
+    return jax.lax.fori_loop(0, num_steps, body, (state, _zeros()))
+
+
+def evaluate(state, images, labels, mask, resize: int, batch_sharding=None) -> Metrics:
+    """Metric sums over a whole padded split (N_pad divisible by the eval batch), in one call."""
+
+    def body(sums, batch):
+        x, y, m = batch
+        x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
+        return _add(sums, eval_step(state, x, y, m, resize)), None
+
+    sums, _ = jax.lax.scan(body, _zeros(), (images, labels, mask))
+    return sums
+
+
+def epoch_plan(key, n: int, batch_size: int, chunk: int):
+    """This epoch's permutation as (num_chunks, chunk, B) full-batch rows plus the remainder indices."""
+    perm = jax.random.permutation(key, n)
+    full = n // batch_size
+    num_chunks = max(1, math.ceil(full / chunk))
+    rows = perm[: full * batch_size].reshape(full, batch_size)
+    rows = jnp.pad(rows, ((0, num_chunks * chunk - full), (0, 0)))
+    return rows.reshape(num_chunks, chunk, batch_size), perm[full * batch_size :]
+
+
+@dataclass
+class Hooks:
+    """What the loop reports; the CLI prints, tests collect. All optional."""
+
+    on_start: Callable[[dict], None] = lambda info: None
+    on_progress: Callable[[int, int, dict | None], None] = lambda done, total, last: None
+    on_epoch: Callable[[dict], None] = lambda record: None
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    history: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+
+
+def _to_host(m: Metrics) -> dict:
+    m = jax.device_get(m)
+    count = int(m["count"])
+    return {"loss": float(m["loss"]) / max(count, 1), "acc": int(m["correct"]) / max(count, 1), "count": count}
+
+
+def describe_devices(devices) -> str:
+    d = devices[0]
+    kind = f" ({d.device_kind})" if d.platform != "cpu" else ""
+    more = f" x{len(devices)}" if len(devices) > 1 else ""
+    return f"{d.platform}:{d.id}{kind}{more}"
+
+
+def _pad_split(split: Split, batch: int):
+    n = len(split)
+    n_pad = math.ceil(n / batch) * batch
+    pad = n_pad - n
+    images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+    labels = np.concatenate([split.labels, np.zeros((pad,), np.int32)])
+    mask = np.arange(n_pad) < n
+    shape = (n_pad // batch, batch)
+    return images.reshape(*shape, *split.images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
+
+
+def fit(
+    config: Config,
+    train: Split,
+    test: Split,
+    state: TrainState,
+    hooks: Hooks | None = None,
+    devices=None,
+) -> FitResult:
+    """Train ``state`` for ``config.epochs`` epochs on ``train``, evaluating on ``test`` after each.
+
+    Returns the final state, one record per epoch and the final metrics
+    (the last epoch's train loss/acc and test loss/acc, examples/sec, timings).
+    """
+    hooks = hooks or Hooks()
+    t_start = time.perf_counter()
+    devices = devices or jax.devices()
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated = NamedSharding(mesh, P())
+    n_dev = len(devices)
+    bs = config.batch_size
+    if bs % n_dev:
+        raise ValueError(f"--batch-size {bs} is not divisible by the {n_dev} devices")
+    batch_sharding = NamedSharding(mesh, P("data")) if n_dev > 1 else None
+    eval_bs = min(config.eval_batch_size, math.ceil(len(test) / n_dev) * n_dev)
+    eval_bs = math.ceil(eval_bs / n_dev) * n_dev
+
+    # The splits live on the device(s) for the whole run, as uint8.
+    put = lambda a: jax.device_put(a, replicated)
+    train_x, train_y = put(train.images), put(train.labels)
+    test_x, test_y, test_m = map(put, _pad_split(test, eval_bs))
+    # A copy: the steps donate their input state, and the caller's arrays must survive.
+    state = jax.device_put(state, replicated, may_alias=False)
+
+    n = len(train)
+    full, rem = divmod(n, bs)
+    K = max(1, min(steps_per_dispatch(config, jax.default_backend()), full))
+    steps_per_epoch = full + (1 if rem else 0)
+
+    # Compile everything ahead of time so the timings below are training only.
+    t0 = time.perf_counter()
+    plan_fn = jax.jit(functools.partial(epoch_plan, n=n, batch_size=bs, chunk=K)).lower(jax.random.key(0)).compile()
+
+    def compile_step(batch: int, sharding):
+        """One step on rows ``idx`` of the on-device split."""
+        return (
+            jax.jit(
+                lambda s, x, y, idx: train_step(s, _constrain(x[idx], sharding), _constrain(y[idx], sharding), config.resize),
+                donate_argnums=0,
+            )
+            .lower(state, train_x, train_y, jax.ShapeDtypeStruct((batch,), jnp.int32))
+            .compile()
+        )
+
+    chunk_fn = step_fn = None
+    if full and K > 1:
+        chunk_fn = (
+            jax.jit(
+                functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
+                donate_argnums=0,
+            )
+            .lower(state, train_x, train_y, jax.ShapeDtypeStruct((K, bs), jnp.int32), jnp.int32(0))
+            .compile()
+        )
+    elif full:
+        one = compile_step(bs, batch_sharding)
+        chunk_fn = lambda s, x, y, rows, steps: one(s, x, y, rows[0])
+    if rem:
+        # The small last batch runs replicated: not worth a program of its own sharding.
+        step_fn = compile_step(rem, None)
+    if jax.default_backend() != "cpu":
+        eval_fn = (
+            jax.jit(functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding))
+            .lower(state, test_x, test_y, test_m)
+            .compile()
+        )
+    else:  # no device loop on XLA:CPU (see steps_per_dispatch): one call per batch
+        one_eval = (
+            jax.jit(lambda s, x, y, m: eval_step(s, x, y, m, config.resize))
+            .lower(state, test_x[0], test_y[0], test_m[0])
+            .compile()
+        )
+        eval_fn = lambda s, xs, ys, ms: functools.reduce(
+            _add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0]))
+        )
+    compile_s = time.perf_counter() - t0
+
+    info = {
+        "device": describe_devices(devices),
+        "num_devices": n_dev,
+        "backend": jax.default_backend(),
+        "train_examples": n,
+        "test_examples": len(test),
+        "steps_per_epoch": steps_per_epoch,
+        "compile_s": compile_s,
+    }
+    hooks.on_start(info)
+
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    history, train_time, last = [], 0.0, None
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        rows, rem_idx = plan_fn(jax.random.fold_in(data_key, epoch))
+        sums, pending, done = _zeros(), None, 0
+        for c in range(rows.shape[0]):
+            steps = min(K, full - c * K)
+            state, m = chunk_fn(state, train_x, train_y, rows[c], jnp.int32(steps))
+            sums = _add(sums, m)
+            done += steps
+            # Read the previous chunk's sums while this one runs: the device never waits for the host.
+            hooks.on_progress(done, steps_per_epoch, _to_host(pending) if pending is not None else None)
+            pending = m
+        if rem:
+            state, m = step_fn(state, train_x, train_y, rem_idx)
+            sums = _add(sums, m)
+            done += 1
+        train_metrics = _to_host(sums)  # waits for the epoch's last step
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        hooks.on_progress(done, steps_per_epoch, train_metrics)
+        test_metrics = _to_host(eval_fn(state, test_x, test_y, test_m))
+        last = {
+            "epoch": epoch + 1,
+            "step": int(jax.device_get(state.step)),
+            "train_loss": train_metrics["loss"],
+            "train_acc": train_metrics["acc"],
+            "test_loss": test_metrics["loss"],
+            "test_acc": test_metrics["acc"],
+            "epoch_train_s": epoch_time,
+            "examples_per_sec": n / epoch_time,
+        }
+        history.append(last)
+        hooks.on_epoch(last)
+
+    if last is None:  # zero epochs: report the model as it is
+        test_metrics = _to_host(eval_fn(state, test_x, test_y, test_m))
+        last = {"epoch": 0, "step": int(jax.device_get(state.step)), "train_loss": None, "train_acc": None,
+                "test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"]}
+    final = {
+        "epochs": config.epochs,
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "test_loss": last["test_loss"],
+        "test_acc": last["test_acc"],
+        "examples_per_sec": (n * config.epochs / train_time) if train_time > 0 else None,
+        "train_time_s": train_time,
+        "compile_s": compile_s,
+        "wall_time_s": time.perf_counter() - t_start,
+        "device": info["device"],
+        "backend": info["backend"],
+    }
+    return FitResult(state=state, history=history, final=final)

@@ -1,0 +1,92 @@
+"""``python train.py`` end to end, as a user runs it, and every refusal of a bad flag."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_py(*args, cwd=REPO, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+    )
+
+
+def test_help_lists_the_flags():
+    r = train_py("--help")
+    assert r.returncode == 0
+    for flag in ("--epochs", "--batch-size", "--lr", "--resize", "--seed", "--data-dir", "--manual-dir",
+                 "--train-limit", "--test-limit", "--output", "--json", "--offline", "--dtype"):
+        assert flag in r.stdout, flag
+
+
+def test_a_short_run_reports_and_writes_metrics(prepared_data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 300, "--test-limit", 200,
+                 "--epochs", 1, "--resize", 28, "--batch-size", 64, "--output", out, "--json")
+    assert r.returncode == 0, r.stderr
+    # Human report on stderr in --json mode, like train_ch6's lines.
+    assert "epoch 1/1: loss" in r.stderr and "examples/sec on cpu:0" in r.stderr
+    assert "loss " in r.stderr and "train acc" in r.stderr and "test acc" in r.stderr
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "examples_per_sec", "device", "wall_time_s"):
+        assert key in final, key
+    assert final["device"].startswith("cpu") and 0 <= final["test_acc"] <= 1 and final["examples_per_sec"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["step"] == 5  # 300 = 4 x 64 + 44
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test_acc"] == final["test_acc"] and saved["config"]["train_limit"] == 300
+
+
+BAD_FLAGS = [
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--epochs", "-1"], "--epochs must be a non-negative integer"),
+    (["--resize", "16"], "--resize must be an integer >= 17"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "-0.1"], "--lr must be a finite number > 0"),
+    (["--train-limit", "60001"], "--train-limit 60001 is larger than the fashion_mnist split"),
+    (["--test-limit", "10001"], "--test-limit 10001 is larger than the fashion_mnist split"),
+    (["--train-limit", "0"], "--train-limit must be a positive integer"),
+    (["--seed", "-3"], "--seed must be an integer"),
+    (["--batch-size", "abc"], "invalid int value"),
+    (["--dtype", "float16"], "invalid choice"),
+    (["--no-such-flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_refused_before_any_work(args, message, tmp_path):
+    out = tmp_path / "out"
+    r = train_py(*args, "--output", out, "--data-dir", tmp_path / "tfds", "--offline")
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not out.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_no_data_offline_exits_1_with_instructions(tmp_path):
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--epochs", "1")
+    assert r.returncode == 1
+    assert "--manual-dir" in r.stderr and "train-images-idx3-ubyte.gz" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_output_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    r = train_py("--output", blocker / "sub", "--data-dir", tmp_path / "tfds", "--offline")
+    assert r.returncode == 1 and "--output" in r.stderr and "not a writable directory" in r.stderr
+    assert "Traceback" not in r.stderr and blocker.read_text() == "keep me"
+
+
+def test_missing_manual_dir_is_refused(tmp_path):
+    r = train_py("--manual-dir", tmp_path / "nowhere", "--data-dir", tmp_path / "tfds")
+    assert r.returncode == 1 and "--manual-dir" in r.stderr and "not a directory" in r.stderr

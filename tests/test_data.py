@@ -1,0 +1,89 @@
+"""Fashion-MNIST through TFDS, offline from the release files; the array cache; the no-data path; preprocessing."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import data
+
+
+def test_tfds_splits_from_the_release_files(prepared_data_dir):
+    train, test = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
+    assert train.images.shape == (60_000, 28, 28, 1) and train.images.dtype == np.uint8
+    assert test.images.shape == (10_000, 28, 28, 1) and test.images.dtype == np.uint8
+    assert np.bincount(train.labels, minlength=10).tolist() == [6_000] * 10
+    assert np.bincount(test.labels, minlength=10).tolist() == [1_000] * 10
+    assert train.images.max() == 255 and train.images.min() == 0
+    assert len(data.FASHION_MNIST.class_names) == 10
+
+
+def test_later_loads_come_from_the_array_cache_without_tensorflow(prepared_data_dir):
+    cache = data.cache_path(data.FASHION_MNIST, prepared_data_dir)
+    assert cache.is_file()
+    # Block TensorFlow in a fresh interpreter: the cached load must not need it.
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+        "from resnet_jax import data\n"
+        f"tr, te = data.load(data.FASHION_MNIST, {str(prepared_data_dir)!r}, offline=True)\n"
+        "print(len(tr), len(te), int(tr.labels[:100].sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    train, _ = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
+    assert out == ["60000", "10000", str(int(train.labels[:100].sum()))]
+
+
+def test_offline_without_data_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(data.DataError) as err:
+        data.load(data.FASHION_MNIST, tmp_path / "empty", offline=True)
+    msg = str(err.value)
+    assert "--manual-dir" in msg and "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+
+
+def test_manual_dir_missing_files_are_named(tmp_path, manual_dir):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train-images-idx3-ubyte.gz").symlink_to(manual_dir / "train-images-idx3-ubyte.gz")
+    with pytest.raises(data.DataError, match="lacks train-labels-idx1-ubyte.gz, t10k-images"):
+        data.load(data.FASHION_MNIST, tmp_path / "tfds", partial)
+
+
+def test_unreachable_host_is_reported_quickly():
+    # Port 9 (discard) on loopback is closed here: refused at once, no retries.
+    assert "no connection to 127.0.0.1" in data._unreachable("http://127.0.0.1:9/", timeout=2)
+
+
+def test_a_corrupt_cache_is_ignored_and_rebuilt(prepared_data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tfds"
+    shutil.copytree(prepared_data_dir, copy)
+    cache = data.cache_path(data.FASHION_MNIST, copy)
+    cache.write_bytes(b"not an npz")
+    notes = []
+    train, _ = data.load(data.FASHION_MNIST, copy, offline=True, log=notes.append)
+    assert len(train) == 60_000 and any("unreadable array cache" in n for n in notes)
+    with np.load(cache) as z:
+        assert z["train_images"].shape == (60_000, 28, 28, 1)
+
+
+def test_preprocess_scales_and_resizes_like_the_recipe():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    ours = np.asarray(data.preprocess(jnp.asarray(images), 96))
+    assert ours.shape == (4, 96, 96, 1) and ours.dtype == np.float32
+    assert 0.0 <= ours.min() and ours.max() <= 1.0
+    # Same interpolation as PIL's bilinear filter, in float...
+    pil_f = np.stack([
+        np.asarray(Image.fromarray(im[..., 0].astype(np.float32) / 255, mode="F").resize((96, 96), Image.BILINEAR))
+        for im in images
+    ])
+    np.testing.assert_allclose(ours[..., 0], pil_f, atol=5e-6)  # float32 rounding: 2e-6 seen
+    # ...and within one grey level of the chapter's uint8 PIL path (Resize, then ToTensor).
+    pil_u8 = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((96, 96), Image.BILINEAR)) for im in images])
+    assert np.abs(ours[..., 0] - pil_u8 / 255.0).max() <= 1 / 255 + 1e-6
+    # No resize at the native size: ToTensor's x / 255 (XLA multiplies by 1/255: within 1 ulp).
+    np.testing.assert_allclose(np.asarray(data.preprocess(jnp.asarray(images), 28)), images / np.float32(255), rtol=1.2e-7, atol=0)

@@ -1,0 +1,134 @@
+"""The modules against the chapter: output shapes, parameter counts, BatchNorm semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import BatchNorm, Residual, ResNet18, count_params, init_variables, resnet_block
+from resnet_jax.model import BN_EPSILON, BN_MOMENTUM
+
+
+def test_residual_keeps_shape():
+    blk = Residual(3)
+    x = jax.random.uniform(jax.random.key(0), (4, 6, 6, 3))
+    v = blk.init(jax.random.key(1), x, train=False)
+    assert blk.apply(v, x, train=False).shape == (4, 6, 6, 3)
+    assert "conv3" not in v["params"]
+
+
+def test_residual_1x1conv_stride2_halves_and_widens():
+    blk = Residual(6, use_1x1conv=True, strides=2)
+    x = jax.random.uniform(jax.random.key(0), (4, 6, 6, 3))
+    v = blk.init(jax.random.key(1), x, train=False)
+    assert blk.apply(v, x, train=False).shape == (4, 3, 3, 6)
+    assert v["params"]["conv3"]["kernel"].shape == (1, 1, 3, 6)
+
+
+def test_resnet_block_rule():
+    first = resnet_block(64, 64, 2, first_block=True)
+    later = resnet_block(64, 128, 2)
+    assert [(r.use_1x1conv, r.strides) for r in first] == [(False, 1), (False, 1)]
+    assert [(r.use_1x1conv, r.strides, r.num_channels) for r in later] == [(True, 2, 128), (False, 1, 128)]
+
+
+def test_chapter_shape_table():
+    """The chapter's table for one 224x224 single-channel image."""
+    net = ResNet18()
+    x = jax.random.uniform(jax.random.key(0), (1, 224, 224, 1))
+    v = net.init(jax.random.key(1), x)
+    logits, state = net.apply(
+        v, x, capture_intermediates=lambda m, _: m.name in {"b1", "b2", "b3", "b4", "b5"}, mutable=["intermediates"]
+    )
+    inter = state["intermediates"]
+    shapes = {k: inter[k]["__call__"][0].shape for k in ("b1", "b2", "b3", "b4", "b5")}
+    assert shapes == {
+        "b1": (1, 56, 56, 64),
+        "b2": (1, 56, 56, 64),
+        "b3": (1, 28, 28, 128),
+        "b4": (1, 14, 14, 256),
+        "b5": (1, 7, 7, 512),
+    }
+    assert inter["pool"][0].shape == (1, 512)
+    assert logits.shape == (1, 10)
+
+
+def test_parameter_and_batchnorm_counts_match_pytorch():
+    v = init_variables(ResNet18(), jax.random.key(0), image_size=28)
+    assert count_params(v["params"]) == 11_178_378
+    assert count_params(v["batch_stats"]) == 7_808
+    # Every conv keeps its bias, as nn.Conv2d(bias=True) does.
+    convs = [p for p, _ in jax.tree_util.tree_leaves_with_path(v["params"]) if "kernel" in jax.tree_util.keystr(p)]
+    biases = [p for p, _ in jax.tree_util.tree_leaves_with_path(v["params"]) if "conv" in jax.tree_util.keystr(p) and "bias" in jax.tree_util.keystr(p)]
+    assert len(convs) == 21 and len(biases) == 20  # 20 convs + 1 dense kernel; 20 conv biases
+
+
+@pytest.mark.parametrize("channels,classes", [(3, 100), (1, 2)])
+def test_channels_and_classes_are_parameters(channels, classes):
+    net = ResNet18(num_classes=classes, input_channels=channels)
+    v = init_variables(net, jax.random.key(0), image_size=32)
+    assert v["params"]["b1"]["conv"]["kernel"].shape == (7, 7, channels, 64)
+    assert net.apply(v, jnp.ones((2, 32, 32, channels))).shape == (2, classes)
+    with pytest.raises(ValueError, match=f"{channels} channel"):
+        net.apply(v, jnp.ones((2, 32, 32, channels + 1)))
+
+
+def test_batchnorm_train_moves_stats_by_pytorch_momentum_rule():
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3)) * 2.0 + 1.5
+    v = bn.init(jax.random.key(1), x, train=False)
+    stats = {"mean": jnp.array([0.3, -0.2, 1.0]), "var": jnp.array([2.0, 0.5, 1.0])}
+    v = {"params": v["params"], "batch_stats": stats}
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    xn = np.asarray(x, np.float64).reshape(-1, 3)
+    n = xn.shape[0]
+    mean, var = xn.mean(0), xn.var(0)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.9 * np.asarray(stats["mean"]) + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        upd["batch_stats"]["var"], 0.9 * np.asarray(stats["var"]) + 0.1 * var * n / (n - 1), rtol=1e-5
+    )
+    # Train mode normalises with the batch's biased variance.
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(-1, 3), (xn - mean) / np.sqrt(var + BN_EPSILON), rtol=1e-4, atol=1e-5
+    )
+    assert BN_MOMENTUM == 0.1 and BN_EPSILON == 1e-5
+
+
+def test_batchnorm_eval_uses_running_stats_and_changes_nothing():
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+    v = bn.init(jax.random.key(1), x, train=False)
+    v = {"params": {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])},
+         "batch_stats": {"mean": jnp.array([0.3, -0.2, 1.0]), "var": jnp.array([2.0, 0.5, 1.0])}}
+    y1, upd = bn.apply(v, x, train=False, mutable=["batch_stats"])
+    y2 = bn.apply(v, x, train=False)
+    np.testing.assert_array_equal(y1, y2)
+    for k in ("mean", "var"):
+        np.testing.assert_array_equal(upd["batch_stats"][k], v["batch_stats"][k])
+    expect = (np.asarray(x) - v["batch_stats"]["mean"]) / np.sqrt(v["batch_stats"]["var"] + 1e-5)
+    np.testing.assert_allclose(y1, expect * v["params"]["scale"] + v["params"]["bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_eval_mode_is_deterministic_and_train_mode_updates_all_stats():
+    net = ResNet18()
+    x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 1))
+    v = init_variables(net, jax.random.key(1), image_size=32)
+    a, b = net.apply(v, x), net.apply(v, x)
+    np.testing.assert_array_equal(a, b)
+    _, upd = net.apply(v, x, train=True, mutable=["batch_stats"])
+    moved = jax.tree_util.tree_map(lambda o, n: bool(jnp.any(o != n)), v["batch_stats"], upd["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(moved))
+
+
+def test_padding_is_symmetric_like_pytorch():
+    """A 'SAME'-padded port would shift b1's output on even inputs; ours pads (3, 3)."""
+    net = ResNet18()
+    v = init_variables(net, jax.random.key(0), image_size=96)
+    conv = v["params"]["b1"]["conv"]
+    x = jax.random.uniform(jax.random.key(1), (2, 96, 96, 1))
+    _, st = net.apply(v, x, capture_intermediates=lambda m, _: m.name == "conv", mutable=["intermediates"])
+    ours = st["intermediates"]["b1"]["conv"]["__call__"][0]
+    ref = jax.lax.conv_general_dilated(
+        x, conv["kernel"], (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ) + conv["bias"]
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,64 @@
+"""The convolution lowerings compute exactly the plain convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import ops
+
+# Every (map size, kernel, stride, padding) the network meets at 28x28 and 96x96, plus odd ones.
+CASES = [
+    ((2, 1, 1, 32), 3, 1, 1),  # b5 at 28x28: 1x1 map, only the centre tap is live
+    ((2, 2, 2, 32), 3, 2, 1),  # b5's strided conv at 28x28
+    ((2, 2, 2, 16), 1, 2, 0),  # a 1x1 strided shortcut
+    ((2, 2, 2, 32), 3, 1, 1),
+    ((2, 3, 3, 16), 3, 1, 1),  # b5 at 96x96
+    ((2, 4, 4, 16), 3, 2, 1),
+    ((2, 7, 7, 8), 3, 1, 1),
+    ((2, 9, 9, 3), 7, 2, 3),  # the stem on an odd map
+    ((1, 5, 5, 2), 3, 2, 0),
+]
+
+
+@pytest.mark.parametrize("shape,k,s,p", CASES)
+def test_patches_equals_xla_conv(shape, k, s, p):
+    kx, kw = jax.random.split(jax.random.key(hash((shape, k, s, p)) % 2**31))
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (k, k, shape[-1], 24))
+    ref = ops.conv2d(x, w, strides=s, padding=p, impl="xla")
+    out = ops.conv2d(x, w, strides=s, padding=p, impl="patches")
+    assert out.shape == ref.shape == (shape[0], ops.output_size(shape[1], k, s, p), ops.output_size(shape[2], k, s, p), 24)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_auto_matches_both_and_gradients_agree():
+    x = jax.random.normal(jax.random.key(0), (2, 2, 2, 16))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
+    f = lambda impl: lambda x, w: jnp.sum(jnp.sin(ops.conv2d(x, w, strides=1, padding=1, impl=impl)))
+    for impl in ("auto", "patches"):
+        gx, gw = jax.grad(f(impl), argnums=(0, 1))(x, w)
+        rx, rw = jax.grad(f("xla"), argnums=(0, 1))(x, w)
+        # float32 sums in another order: agree to 1e-5 of the tensor's scale.
+        np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(rx))))
+        np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(rw))))
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="conv impl"):
+        ops.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((1, 1, 1, 1)), impl="fft")
+
+
+@pytest.mark.parametrize("shape", [(4, 14, 14, 8), (2, 48, 48, 4), (3, 7, 6, 2)])
+def test_slice_max_pool_equals_reduce_window_with_first_max_gradient(shape):
+    y = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+    y = jnp.round(y * 4) / 4  # many ties: the gradient must still go to the first maximum only
+    a, b = ops.max_pool(y, impl="xla"), ops.max_pool(y, impl="slices")
+    np.testing.assert_array_equal(a, b)
+    g = jax.random.normal(jax.random.key(1), a.shape)
+    ga = jax.grad(lambda y: jnp.sum(ops.max_pool(y, impl="xla") * g))(y)
+    gb = jax.grad(lambda y: jnp.sum(ops.max_pool(y, impl="slices") * g))(y)
+    # Equal but for the order of sums where windows overlap.
+    np.testing.assert_allclose(gb, ga, rtol=0, atol=1e-6)
+    # Each window's gradient lands on exactly one position: the totals agree exactly per window count.
+    np.testing.assert_allclose(float(jnp.sum(gb)), float(jnp.sum(g)), rtol=1e-5)

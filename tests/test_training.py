@@ -1,0 +1,151 @@
+"""The pure steps and the loop, on small synthetic batches (28x28 or less)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import training
+from resnet_jax.config import Config
+from resnet_jax.data import Split, preprocess
+
+RESIZE = 24
+
+
+def _batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, (n,)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def state():
+    config = Config(resize=RESIZE)
+    model = training.make_model(config)
+    return training.create_train_state(model, training.make_optimizer(config), jax.random.key(0))
+
+
+def test_update_is_params_minus_lr_times_grads(state):
+    images, labels = _batch()
+    new, metrics = jax.jit(training.train_step, static_argnums=3)(state, images, labels, RESIZE)
+
+    def loss(params):
+        logits, _ = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, preprocess(images, RESIZE), train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(training.cross_entropy(logits, labels))
+
+    grads = jax.jit(jax.grad(loss))(state.params)
+    leaves = zip(
+        jax.tree_util.tree_leaves_with_path(new.params),
+        jax.tree_util.tree_leaves(state.params),
+        jax.tree_util.tree_leaves(grads),
+    )
+    for (path, p_new), p_old, g in leaves:
+        name = jax.tree_util.keystr(path)
+        step = np.asarray(p_new, np.float64) - np.asarray(p_old, np.float64)
+        want = -0.05 * np.asarray(g, np.float64)
+        if name.endswith("['bias']") and ("['conv']" in name or "['conv1']" in name or "['conv2']" in name):
+            # A conv bias in front of a train-mode BatchNorm: BN subtracts the batch mean,
+            # so its gradient is zero in exact arithmetic (in PyTorch too); only float32
+            # cancellation noise is left, far below the parameter's own scale.
+            scale = np.linalg.norm(p_old)
+            assert np.linalg.norm(step) < 1e-5 * scale and np.linalg.norm(want) < 1e-5 * scale, name
+            continue
+        rel = np.linalg.norm(step - want) / np.linalg.norm(want)
+        assert rel < 1e-4, (name, rel)
+    assert int(new.step) == 1
+    assert int(metrics["count"]) == 16
+    np.testing.assert_allclose(float(metrics["loss"]) / 16, float(loss(state.params)), rtol=1e-5)
+    # batch_stats moved (train mode) and params changed.
+    assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(new.batch_stats), jax.tree_util.tree_leaves(state.batch_stats)))
+
+
+def test_steps_on_a_fixed_batch_lower_the_loss(state):
+    # A learnable batch: the label is the brightness of the image.
+    rng = np.random.default_rng(1)
+    labels = np.tile(np.arange(10, dtype=np.int32), 4)
+    images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 20, (40, 28, 28, 1)), 0, 255).astype(np.uint8)
+    step = jax.jit(training.train_step, static_argnums=3)
+    losses = []
+    s = state
+    for _ in range(10):
+        s, m = step(s, images, labels, RESIZE)
+        losses.append(float(m["loss"]) / 40)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_chunked_loop_equals_step_by_step(state):
+    images, labels = _batch(48, seed=2)
+    rows = jnp.arange(48).reshape(3, 16)
+    chunk = jax.jit(functools.partial(training.train_chunk, resize=RESIZE))
+    # Run only 2 of the 3 rows: the third must not be applied.
+    s_chunk, sums = chunk(state, images, labels, rows, jnp.int32(2))
+    s = state
+    total = 0.0
+    for r in range(2):
+        s, m = jax.jit(training.train_step, static_argnums=3)(s, images[r * 16:(r + 1) * 16], labels[r * 16:(r + 1) * 16], RESIZE)
+        total += float(m["loss"])
+    assert int(s_chunk.step) == 2 and int(sums["count"]) == 32
+    np.testing.assert_allclose(float(sums["loss"]), total, rtol=1e-5)
+    # Two compiled programs, so float32 sums in other orders: per-tensor relative error.
+    # 1e-4 leaves room for the rounding noise of the zero-gradient conv biases in
+    # front of BatchNorm and still catches a wrongly applied third step (~1e-2).
+    for a, b in zip(jax.tree_util.tree_leaves((s_chunk.params, s_chunk.batch_stats)), jax.tree_util.tree_leaves((s.params, s.batch_stats))):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("n,bs,k", [(1000, 64, 4), (256, 256, 32), (300, 256, 8), (100, 7, 3)])
+def test_epoch_plan_visits_every_example_once(n, bs, k):
+    rows, rem = training.epoch_plan(jax.random.key(3), n, bs, k)
+    full = n // bs
+    used = np.asarray(rows).reshape(-1, bs)[:full].ravel()
+    seen = np.concatenate([used, np.asarray(rem)])
+    assert sorted(seen.tolist()) == list(range(n))
+    assert len(rem) == n % bs
+    # Another epoch key, another order.
+    rows2, _ = training.epoch_plan(jax.random.key(4), n, bs, k)
+    assert not np.array_equal(np.asarray(rows), np.asarray(rows2))
+
+
+def test_eval_step_masks_padding(state):
+    images, labels = _batch(8, seed=3)
+    mask = jnp.array([True] * 5 + [False] * 3)
+    m = training.eval_step(state, images, labels, mask, RESIZE)
+    full = training.eval_step(state, images[:5], labels[:5], jnp.ones(5, bool), RESIZE)
+    assert int(m["count"]) == 5
+    np.testing.assert_allclose(float(m["loss"]), float(full["loss"]), rtol=1e-5)
+    assert int(m["correct"]) == int(full["correct"])
+
+
+def test_fit_runs_epochs_and_reports(state):
+    images, labels = _batch(100, seed=4)
+    train = Split(images[:70], labels[:70])
+    test = Split(images[70:], labels[70:])
+    config = Config(epochs=2, batch_size=16, resize=RESIZE, steps_per_dispatch=2, eval_batch_size=8)
+    seen = []
+    result = training.fit(config, train, test, state, training.Hooks(on_epoch=seen.append))
+    assert [r["epoch"] for r in result.history] == [1, 2] == [r["epoch"] for r in seen]
+    # 70 = 4 x 16 + 6: five steps an epoch, the last one on 6 examples.
+    assert int(result.state.step) == 10 and result.history[-1]["step"] == 10
+    f = result.final
+    assert 0 <= f["test_acc"] <= 1 and np.isfinite(f["train_loss"]) and f["examples_per_sec"] > 0
+    # The test metrics equal a direct evaluation of the final state.
+    direct = training.eval_step(result.state, test.images, test.labels, jnp.ones(30, bool), RESIZE)
+    np.testing.assert_allclose(f["test_loss"], float(direct["loss"]) / 30, rtol=1e-5)
+    assert f["test_acc"] == int(direct["correct"]) / 30
+
+
+def test_same_seed_same_run(state):
+    images, labels = _batch(40, seed=5)
+    train, test = Split(images[:32], labels[:32]), Split(images[32:], labels[32:])
+    config = Config(epochs=1, batch_size=8, resize=RESIZE, eval_batch_size=8)
+    a = training.fit(config, train, test, state).state
+    b = training.fit(config, train, test, state).state
+    c = training.fit(config.replace(seed=1), train, test, state).state
+    la, lb, lc = (jax.tree_util.tree_leaves(s.params) for s in (a, b, c))
+    assert all(np.array_equal(x, y) for x, y in zip(la, lb))
+    assert not all(np.array_equal(x, y) for x, y in zip(la, lc))
