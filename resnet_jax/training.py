@@ -255,7 +255,14 @@ def fit(
 
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
-    plan_fn = jax.jit(functools.partial(epoch_plan, n=n, batch_size=bs, chunk=K)).lower(jax.random.key(0)).compile()
+    # Every input and output sharding is explicit: indices, like the data, are replicated.
+    key0 = jax.device_put(jax.random.key(0), replicated)
+    plan_fn = (
+        jax.jit(functools.partial(epoch_plan, n=n, batch_size=bs, chunk=K), out_shardings=replicated)
+        .lower(key0)
+        .compile()
+    )
+    idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
 
     def compile_step(batch: int, sharding):
         """One step on rows ``idx`` of the on-device split."""
@@ -264,7 +271,7 @@ def fit(
                 lambda s, x, y, idx: train_step(s, _constrain(x[idx], sharding), _constrain(y[idx], sharding), config.resize),
                 donate_argnums=0,
             )
-            .lower(state, train_x, train_y, jax.ShapeDtypeStruct((batch,), jnp.int32))
+            .lower(state, train_x, train_y, idx_spec((batch,)))
             .compile()
         )
 
@@ -275,7 +282,7 @@ def fit(
                 functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
                 donate_argnums=0,
             )
-            .lower(state, train_x, train_y, jax.ShapeDtypeStruct((K, bs), jnp.int32), jnp.int32(0))
+            .lower(state, train_x, train_y, idx_spec((K, bs)), jax.device_put(jnp.int32(0), replicated))
             .compile()
         )
     elif full:
@@ -316,11 +323,11 @@ def fit(
     history, train_time, last = [], 0.0, None
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        rows, rem_idx = plan_fn(jax.random.fold_in(data_key, epoch))
+        rows, rem_idx = plan_fn(jax.device_put(jax.random.fold_in(data_key, epoch), replicated))
         sums, pending, done = _zeros(), None, 0
         for c in range(rows.shape[0]):
             steps = min(K, full - c * K)
-            state, m = chunk_fn(state, train_x, train_y, rows[c], jnp.int32(steps))
+            state, m = chunk_fn(state, train_x, train_y, rows[c], jax.device_put(jnp.int32(steps), replicated))
             sums = _add(sums, m)
             done += steps
             # Read the previous chunk's sums while this one runs: the device never waits for the host.
