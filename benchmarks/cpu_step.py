@@ -1,0 +1,106 @@
+"""CPU: one training step of the chapter's ResNet-18, JAX (each conv lowering) against PyTorch.
+
+    python benchmarks/cpu_step.py --batch 64 --resize 28 96
+
+Median of 5 timed steps after one warm-up step, random uint8 images. PyTorch
+runs the chapter's code (tests/torch_reference.py if present, else an inline
+copy) with torch.set_num_threads(os.cpu_count()).
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import training
+from resnet_jax.config import Config
+
+
+def jax_step_ms(batch, resize, impl, repeats=5):
+    rng = np.random.default_rng(0)
+    imgs = jnp.asarray(rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
+    cfg = Config(resize=resize, conv_impl=impl, batch_size=batch)
+    st = training.create_train_state(training.make_model(cfg), training.make_optimizer(cfg), jax.random.key(0))
+    step = jax.jit(training.train_step, static_argnums=3, donate_argnums=0)
+    st, m = step(st, imgs, labels, resize)
+    jax.block_until_ready(m)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        st, m = step(st, imgs, labels, resize)
+        jax.block_until_ready(m)
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts)), 1000 * (max(ts) - min(ts))
+
+
+def torch_step_ms(batch, resize, repeats=5):
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.set_num_threads(os.cpu_count())
+
+    class Residual(nn.Module):  # the chapter's code
+        def __init__(self, input_channels, num_channels, use_1x1conv=False, strides=1):
+            super().__init__()
+            self.conv1 = nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, stride=strides)
+            self.conv2 = nn.Conv2d(num_channels, num_channels, kernel_size=3, padding=1)
+            self.conv3 = nn.Conv2d(input_channels, num_channels, kernel_size=1, stride=strides) if use_1x1conv else None
+            self.bn1, self.bn2 = nn.BatchNorm2d(num_channels), nn.BatchNorm2d(num_channels)
+
+        def forward(self, X):
+            Y = F.relu(self.bn1(self.conv1(X)))
+            Y = self.bn2(self.conv2(Y))
+            if self.conv3:
+                X = self.conv3(X)
+            Y += X
+            return F.relu(Y)
+
+    def resnet_block(i, n, r, first_block=False):
+        return [Residual(i, n, use_1x1conv=True, strides=2) if k == 0 and not first_block else Residual(n, n) for k in range(r)]
+
+    b1 = nn.Sequential(nn.Conv2d(1, 64, 7, 2, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+    net = nn.Sequential(b1, nn.Sequential(*resnet_block(64, 64, 2, True)), nn.Sequential(*resnet_block(64, 128, 2)),
+                        nn.Sequential(*resnet_block(128, 256, 2)), nn.Sequential(*resnet_block(256, 512, 2)),
+                        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(512, 10))
+    opt, loss = torch.optim.SGD(net.parameters(), lr=0.05), nn.CrossEntropyLoss()
+    X, y = torch.rand(batch, 1, resize, resize), torch.randint(0, 10, (batch,))
+
+    def step():
+        opt.zero_grad()
+        loss(net(X), y).backward()
+        opt.step()
+
+    step()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts)), 1000 * (max(ts) - min(ts))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resize", type=int, nargs="+", default=[28, 96])
+    p.add_argument("--impls", nargs="+", default=["auto", "xla"])
+    a = p.parse_args()
+    print(f"| resize | implementation | ms/step (median of 5) | spread ms | images/s |")
+    print("|---|---|---|---|---|")
+    for r in a.resize:
+        rows = [(f"JAX conv_impl={i}", *jax_step_ms(a.batch, r, i)) for i in a.impls]
+        try:
+            rows.append(("PyTorch (chapter's code)", *torch_step_ms(a.batch, r)))
+        except ImportError:
+            pass
+        for name, ms, spread in rows:
+            print(f"| {r} | {name} | {ms:.0f} | {spread:.0f} | {a.batch / ms * 1000:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
