@@ -1,7 +1,7 @@
 """``python train.py``: flags -> Config -> data -> fit -> report.
 
 Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
-done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
+done (no data, an unwritable --output...); 130
 interrupted. A user's mistake gets one line on stderr, never a traceback.
 """
 
@@ -48,9 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="write metrics.jsonl and results.json here")
     g.add_argument("--json", action="store_true", help="print one final JSON line on stdout (reports go to stderr)")
-    g = p.add_argument_group("PyTorch weights")
-    g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from a state_dict of the chapter's PyTorch net")
-    g.add_argument("--export-torch", default=None, metavar="FILE.pt", help="write the trained model as a PyTorch state_dict")
     g = p.add_argument_group("performance (same math)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="computation dtype; parameters stay float32")
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
@@ -77,8 +74,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         steps_per_dispatch=args.steps_per_dispatch,
         eval_batch_size=args.eval_batch_size,
         conv_impl=args.conv_impl,
-        init_from_torch=args.init_from_torch,
-        export_torch=args.export_torch,
     )
 
 
@@ -95,10 +90,6 @@ def check_paths(config: Config) -> None:
     """Everything about files that can be checked before any work."""
     if config.output:
         _check_writable_dir(Path(config.output), "--output")
-    if config.init_from_torch and not Path(config.init_from_torch).is_file():
-        raise UserError(f"--init-from-torch {config.init_from_torch}: no such file")
-    if config.export_torch:
-        _check_writable_dir(Path(config.export_torch).expanduser().resolve().parent, "--export-torch's folder")
     if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
 
@@ -145,17 +136,8 @@ def run(config: Config, json_line: bool = False) -> int:
     say(f"data: {spec.tfds_name} {len(train)} train / {len(test)} test examples, loaded in {time.perf_counter() - t0:.1f} s")
 
     model = training.make_model(config, spec.num_classes, spec.channels)
-    variables = None
-    if config.init_from_torch:
-        from resnet_jax import convert
-
-        try:
-            variables = convert.load_torch_checkpoint(config.init_from_torch, spec.num_classes, spec.channels)
-        except convert.ConversionError as err:
-            raise UserError(f"--init-from-torch {config.init_from_torch}: {err}") from err
-        say(f"init: weights from {config.init_from_torch}")
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = training.create_train_state(model, training.make_optimizer(config), init_key, variables)
+    state = training.create_train_state(model, training.make_optimizer(config), init_key)
 
     metrics_file = None
     if config.output:
@@ -203,19 +185,6 @@ def run(config: Config, json_line: bool = False) -> int:
     f = result.final
     say(f"loss {_fmt(f['train_loss'])}, train acc {_fmt(f['train_acc'])}, test acc {_fmt(f['test_acc'])}")
     say(f"{_fmt(f['examples_per_sec'], '.1f')} examples/sec on {f['device']}")
-
-    if config.export_torch:
-        from resnet_jax import convert
-
-        try:
-            convert.save_torch_checkpoint(
-                config.export_torch,
-                {"params": jax.device_get(result.state.params), "batch_stats": jax.device_get(result.state.batch_stats)},
-                num_batches_tracked=int(jax.device_get(result.state.step)),
-            )
-        except convert.ConversionError as err:
-            raise UserError(f"--export-torch {config.export_torch}: {err}") from err
-        say(f"exported a PyTorch state_dict to {config.export_torch}")
 
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
     if config.output:

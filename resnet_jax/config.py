@@ -44,8 +44,6 @@ class Config:
     steps_per_dispatch: int | None = None  # training steps per jitted call; None: best for the backend
     eval_batch_size: int = 1000
     conv_impl: str = "auto"  # see resnet_jax.ops
-    init_from_torch: str | None = None  # a PyTorch state_dict (.pt) to start from
-    export_torch: str | None = None  # write the trained model as a PyTorch state_dict
 
     def __post_init__(self):
         validate(self)

@@ -149,3 +149,18 @@ def test_same_seed_same_run(state):
     la, lb, lc = (jax.tree_util.tree_leaves(s.params) for s in (a, b, c))
     assert all(np.array_equal(x, y) for x, y in zip(la, lb))
     assert not all(np.array_equal(x, y) for x, y in zip(la, lc))
+
+
+def test_bfloat16_compute_lowers_the_loss_and_keeps_float32_state():
+    config = Config(dtype="bfloat16", resize=RESIZE)
+    s = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    rng = np.random.default_rng(1)
+    labels = np.tile(np.arange(10, dtype=np.int32), 4)
+    images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 20, (40, 28, 28, 1)), 0, 255).astype(np.uint8)
+    step = jax.jit(training.train_step, static_argnums=3)
+    losses = []
+    for _ in range(10):
+        s, m = step(s, images, labels, RESIZE)
+        losses.append(float(m["loss"]) / 40)
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((s.params, s.batch_stats))} == {jnp.dtype("float32")}
