@@ -23,8 +23,10 @@ them:
   conv and dense kernel; biases keep PyTorch's default U(-1/sqrt(fan_in),
   1/sqrt(fan_in)); BatchNorm scale 1, bias 0, running mean 0, running var 1.
 
-``dtype`` is the computation dtype (``jnp.bfloat16`` for mixed precision):
-parameters and BatchNorm statistics are always float32.
+``dtype`` is the computation dtype (``jnp.bfloat16`` for mixed precision);
+parameters and BatchNorm statistics are ``param_dtype``, float32 unless asked.
+(float64, with ``jax_enable_x64``, serves numerical verification: the multi-device
+tests compare runs in float64, where rounding cannot hide or mimic a real difference.)
 """
 
 from __future__ import annotations
@@ -77,13 +79,14 @@ class Conv2d(nn.Module):
     padding: int = 0
     dtype: Dtype | None = None
     conv_impl: str = "auto"
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         in_features = x.shape[-1]
         k = self.kernel_size
-        kernel = self.param("kernel", xavier_uniform, (k, k, in_features, self.features), jnp.float32)
-        bias = self.param("bias", torch_bias_init(in_features * k * k), (self.features,), jnp.float32)
+        kernel = self.param("kernel", xavier_uniform, (k, k, in_features, self.features), self.param_dtype)
+        bias = self.param("bias", torch_bias_init(in_features * k * k), (self.features,), self.param_dtype)
         dtype = self.dtype or x.dtype
         y = ops.conv2d(
             x.astype(dtype),
@@ -104,7 +107,7 @@ class BatchNorm(nn.Module):
     PyTorch does. ``train=False`` normalises with the running averages and
     changes nothing.
 
-    Statistics are computed in float32 whatever the input dtype, with the
+    Statistics are computed in float32 (or ``param_dtype`` if wider) whatever the input dtype, with the
     two-pass formula E[(x - mean)^2] (``flax.linen.BatchNorm`` defaults to
     E[x^2] - E[x]^2, which loses digits). Under ``jax.jit`` with a batch sharded
     over devices the means are over the global batch: XLA inserts the reductions.
@@ -113,18 +116,20 @@ class BatchNorm(nn.Module):
     momentum: float = BN_MOMENTUM
     epsilon: float = BN_EPSILON
     dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        pdt = self.param_dtype
+        scale = self.param("scale", nn.initializers.ones, (features,), pdt)
+        bias = self.param("bias", nn.initializers.zeros, (features,), pdt)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), pdt)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), pdt)
 
         if train:
             axes = tuple(range(x.ndim - 1))
-            xf = x.astype(jnp.float32)
+            xf = x.astype(jnp.promote_types(jnp.float32, pdt))
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)
             if not self.is_initializing():
@@ -158,14 +163,16 @@ class Residual(nn.Module):
     strides: int = 1
     dtype: Dtype | None = None
     conv_impl: str = "auto"
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
+        bn = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = Conv2d(self.num_channels, 3, strides=self.strides, padding=1, name="conv1", **conv)(x)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+        y = nn.relu(BatchNorm(name="bn1", **bn)(y, train))
         y = Conv2d(self.num_channels, 3, padding=1, name="conv2", **conv)(y)
-        y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
+        y = BatchNorm(name="bn2", **bn)(y, train)
         if self.use_1x1conv:
             x = Conv2d(self.num_channels, 1, strides=self.strides, name="conv3", **conv)(x)
         return nn.relu(y + x.astype(y.dtype))
@@ -183,7 +190,7 @@ def resnet_block(
     The first residual of every stage but the first halves height and width and
     changes the channel count through a strided 1x1 shortcut. ``input_channels``
     is kept for fidelity to the chapter; Flax infers it. ``kwargs`` (dtype,
-    conv_impl) go to every Residual.
+    conv_impl, param_dtype) go to every Residual.
     """
     del input_channels  # inferred from the input by Flax
     blk = []
@@ -200,11 +207,13 @@ class Stem(nn.Module):
 
     dtype: Dtype | None = None
     conv_impl: str = "auto"
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = Conv2d(64, 7, strides=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
+        pdt = self.param_dtype
+        x = Conv2d(64, 7, strides=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=pdt, name="conv")(x)
+        x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=pdt, name="bn")(x, train))
         # Pads with -inf, as nn.MaxPool2d(padding=1) does; the gradient goes to the
         # first maximum of each window, as in PyTorch. "patches" selects the
         # slice-based pool that goes with the patch convolutions.
@@ -221,6 +230,7 @@ class Stage(nn.Module):
     first_block: bool = False
     dtype: Dtype | None = None
     conv_impl: str = "auto"
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -231,6 +241,7 @@ class Stage(nn.Module):
             self.first_block,
             dtype=self.dtype,
             conv_impl=self.conv_impl,
+            param_dtype=self.param_dtype,
         ):
             x = residual(x, train)
         return x
@@ -244,7 +255,7 @@ class ResNet18(nn.Module):
     """The chapter's ``net``: b1, b2..b5, global average pool, flatten, Linear(512, num_classes).
 
     Input: NHWC images with ``input_channels`` channels (float, any size the five
-    stride-2 reductions leave at least 1x1). Output: float32 logits.
+    stride-2 reductions leave at least 1x1). Output: float32 logits (``param_dtype`` if wider).
     ``apply(..., mutable=['intermediates'])`` also returns the pooled features
     under ``intermediates/pool``; ``capture_intermediates`` gives b1..b5.
     """
@@ -253,6 +264,7 @@ class ResNet18(nn.Module):
     input_channels: int = 1
     dtype: Dtype | None = None
     conv_impl: str = "auto"
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -260,20 +272,22 @@ class ResNet18(nn.Module):
             raise ValueError(
                 f"ResNet18 expects NHWC images with {self.input_channels} channel(s), got shape {x.shape}"
             )
-        common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+        common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
+        wide = jnp.promote_types(jnp.float32, self.param_dtype)  # float32, or float64 for verification
         x = Stem(name="b1", **common)(x, train)
         for i, (cin, cout, first) in enumerate(STAGES):
             x = Stage(cin, cout, 2, first, name=f"b{i + 2}", **common)(x, train)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + Flatten
+        x = jnp.mean(x.astype(wide), axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + Flatten
         self.sow("intermediates", "pool", x)
         dense = nn.Dense(
             self.num_classes,
             kernel_init=xavier_uniform,
             bias_init=torch_bias_init(x.shape[-1]),
             dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="dense",
         )
-        return dense(x.astype(self.dtype or x.dtype)).astype(jnp.float32)
+        return dense(x.astype(self.dtype or x.dtype)).astype(wide)
 
 
 def init_variables(model: ResNet18, rng: jax.Array, image_size: int = 96) -> dict:

@@ -80,7 +80,7 @@ def _sums(losses, logits, labels, mask=None) -> Metrics:
     if mask is None:
         mask = jnp.ones_like(labels, dtype=bool)
     return {
-        "loss": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "loss": jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32),
         "correct": jnp.sum(correct & mask).astype(jnp.int32),
         "count": jnp.sum(mask).astype(jnp.int32),
     }
@@ -165,9 +165,14 @@ def evaluate(state, images, labels, mask, resize: int, batch_sharding=None) -> M
     return sums
 
 
-def epoch_plan(key, n: int, batch_size: int, chunk: int):
+def epoch_key(seed: int, epoch) -> jax.Array:
+    """The shuffle key of one epoch: a pure function of the seed and the epoch number (resumable)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+
+
+def epoch_plan(epoch, seed: int, n: int, batch_size: int, chunk: int):
     """This epoch's permutation as (num_chunks, chunk, B) full-batch rows plus the remainder indices."""
-    perm = jax.random.permutation(key, n)
+    perm = jax.random.permutation(epoch_key(seed, epoch), n).astype(jnp.int32)  # int32 even under x64
     full = n // batch_size
     num_chunks = max(1, math.ceil(full / chunk))
     rows = perm[: full * batch_size].reshape(full, batch_size)
@@ -202,6 +207,18 @@ def describe_devices(devices) -> str:
     kind = f" ({d.device_kind})" if d.platform != "cpu" else ""
     more = f" x{len(devices)}" if len(devices) > 1 else ""
     return f"{d.platform}:{d.id}{kind}{more}"
+
+
+def to_global(x, sharding: NamedSharding) -> jax.Array:
+    """A fresh global array with ``sharding``, built from a host value that every process holds.
+
+    ``jax.device_put`` cannot place onto devices of other processes, and onto a
+    multi-device mesh it may reuse the caller's buffer for one shard (then
+    donation in the steps would delete the caller's array); building each
+    addressable shard from a host copy does neither, on one host or many.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _pad_split(split: Split, batch: int):
@@ -242,11 +259,11 @@ def fit(
     eval_bs = math.ceil(eval_bs / n_dev) * n_dev
 
     # The splits live on the device(s) for the whole run, as uint8.
-    put = lambda a: jax.device_put(a, replicated)
+    put = lambda a: to_global(a, replicated)
     train_x, train_y = put(train.images), put(train.labels)
     test_x, test_y, test_m = map(put, _pad_split(test, eval_bs))
-    # A copy: the steps donate their input state, and the caller's arrays must survive.
-    state = jax.device_put(state, replicated, may_alias=False)
+    # A copy (the steps donate their input state, and the caller's arrays must survive).
+    state = jax.tree_util.tree_map(put, jax.device_get(state))
 
     n = len(train)
     full, rem = divmod(n, bs)
@@ -256,10 +273,10 @@ def fit(
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
     # Every input and output sharding is explicit: indices, like the data, are replicated.
-    key0 = jax.device_put(jax.random.key(0), replicated)
+    scalar = lambda v: put(np.int32(v))
     plan_fn = (
-        jax.jit(functools.partial(epoch_plan, n=n, batch_size=bs, chunk=K), out_shardings=replicated)
-        .lower(key0)
+        jax.jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), out_shardings=replicated)
+        .lower(scalar(0))
         .compile()
     )
     idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
@@ -282,7 +299,7 @@ def fit(
                 functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
                 donate_argnums=0,
             )
-            .lower(state, train_x, train_y, idx_spec((K, bs)), jax.device_put(jnp.int32(0), replicated))
+            .lower(state, train_x, train_y, idx_spec((K, bs)), scalar(0))
             .compile()
         )
     elif full:
@@ -319,15 +336,14 @@ def fit(
     }
     hooks.on_start(info)
 
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     history, train_time, last = [], 0.0, None
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        rows, rem_idx = plan_fn(jax.device_put(jax.random.fold_in(data_key, epoch), replicated))
+        rows, rem_idx = plan_fn(scalar(epoch))
         sums, pending, done = _zeros(), None, 0
         for c in range(rows.shape[0]):
             steps = min(K, full - c * K)
-            state, m = chunk_fn(state, train_x, train_y, rows[c], jax.device_put(jnp.int32(steps), replicated))
+            state, m = chunk_fn(state, train_x, train_y, rows[c], scalar(steps))
             sums = _add(sums, m)
             done += steps
             # Read the previous chunk's sums while this one runs: the device never waits for the host.
