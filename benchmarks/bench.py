@@ -37,7 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
+import inspect
 import math
 import os
 import platform
@@ -128,16 +128,30 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def _xla_flops(compiled) -> float | None:
-    """XLA's FLOP count of a compiled program (None where the backend gives none)."""
+def _xla_flops(lowered, compiled) -> float | None:
+    """XLA's FLOP count of the compiled program, else of the program before optimisation, else None."""
+    for stage in (compiled, lowered):
+        try:
+            cost = stage.cost_analysis()
+        except Exception:  # noqa: BLE001 - an optional statistic; some backends raise
+            continue
+        if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+            cost = cost[0] if cost else None
+        flops = (cost or {}).get("flops")
+        if flops and flops > 0:
+            return float(flops)
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
     try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - an optional statistic; some backends raise
-        return None
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 # ---------------------------------------------------------------------------
@@ -245,32 +259,41 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
     K = max(1, min(steps or training.steps_per_dispatch(config, backend), full))
     idx = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
 
-    t0 = time.perf_counter()
-    # One step on rows `idx` of the on-device split, as fit compiles it for K == 1
-    # (and always compiled: XLA's cost analysis of one step is the FLOP cross-check;
-    # it would count a fori_loop's body once, whatever the trip count).
-    one_step = (
-        jax.jit(lambda s, x, y, i: training.train_step(s, x[i], y[i], r), donate_argnums=0)
-        .lower(state, train_x, train_y, idx(bs))
-        .compile()
+    compile_s = 0.0  # of the programs fit runs; the ones compiled only for XLA's FLOP count are not in it
+
+    def compile_(jitted, *args, counted=True):
+        """Lower and compile (timed as fit times it: tracing, lowering and XLA's compile)."""
+        nonlocal compile_s
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*args)
+        compiled = lowered.compile()
+        compile_s += (time.perf_counter() - t0) if counted else 0.0
+        return lowered, compiled
+
+    # One step on rows `idx` of the on-device split, as fit compiles it for K == 1.
+    # Always compiled: XLA's cost analysis of one step is the FLOP cross-check (of a
+    # fori_loop it would count the body once, whatever the trip count).
+    step_lowered, one_step = compile_(
+        jax.jit(lambda s, x, y, i: training.train_step(s, x[i], y[i], r), donate_argnums=0),
+        state, train_x, train_y, idx(bs), counted=K == 1,
     )
     if K > 1:
-        chunk = (
-            jax.jit(functools.partial(training.train_chunk, resize=r), donate_argnums=0)
-            .lower(state, train_x, train_y, idx(K, bs), jax.ShapeDtypeStruct((), jnp.int32))
-            .compile()
+        _, chunk = compile_(
+            jax.jit(functools.partial(training.train_chunk, resize=r), donate_argnums=0),
+            state, train_x, train_y, idx(K, bs), jax.ShapeDtypeStruct((), jnp.int32),
         )
         run = lambda s, rows: chunk(s, train_x, train_y, rows, jnp.int32(K))
     else:
         run = lambda s, rows: one_step(s, train_x, train_y, rows[0])
-    one_eval = jax.jit(lambda s, x, y, m: training.eval_step(s, x, y, m, r)).lower(
-        state, test_x[0], test_y[0], test_m[0]).compile()
+    eval_lowered, one_eval = compile_(
+        jax.jit(lambda s, x, y, m: training.eval_step(s, x, y, m, r)),
+        state, test_x[0], test_y[0], test_m[0], counted=backend == "cpu",
+    )
     if backend != "cpu":
-        evaluate = jax.jit(functools.partial(training.evaluate, resize=r)).lower(state, test_x, test_y, test_m).compile()
-    else:  # as fit: no device loop on XLA:CPU
+        _, evaluate = compile_(jax.jit(functools.partial(training.evaluate, resize=r)), state, test_x, test_y, test_m)
+    else:  # as fit: no device loop on XLA:CPU, one call per batch
         def evaluate(s, xs, ys, ms):
             return functools.reduce(training._add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0])))
-    compile_s = time.perf_counter() - t0
 
     plan = jax.jit(functools.partial(training.epoch_plan, n=len(train), batch_size=bs, chunk=K))
     rows, _ = plan(jax.random.key(1))
@@ -293,8 +316,8 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
         raise RuntimeError(f"JAX training diverged at {r}x{r}: loss {float(m['loss'])}")
 
     stats = device.memory_stats() or {}
-    flops_train, flops_eval = _xla_flops(one_step), _xla_flops(one_eval)
-    kind = device.device_kind if backend != "cpu" else platform.processor() or "cpu"
+    flops_train, flops_eval = _xla_flops(step_lowered, one_step), _xla_flops(eval_lowered, one_eval)
+    kind = device.device_kind if backend != "cpu" else cpu_name()
     return make_row(
         "jax", f"JAX resnet_jax (conv_impl={config.conv_impl})", r, config.dtype, bs, kind, backend,
         Timings(train_s, eval_s, K), len(test), compile_s, stats.get("peak_bytes_in_use"),
@@ -339,7 +362,7 @@ def _torch_sync(device):
 def _torch_device_name(device) -> str:
     import torch
 
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def _torch_peak(device):
@@ -477,8 +500,10 @@ def torch_compile_default(device_type: str) -> bool:
     """torch.compile by default on CUDA only.
 
     On CPU, Inductor compiles the model with the system C++ compiler: on the
-    2-core development machine that took minutes for this network and gained
-    nothing measurable at batch 64, so it is off unless --torch-compile on.
+    shared 2-core development machine the first compiled step (forward and
+    backward, batch 8, 28x28) took 56 s, and the next two were still 1.4 s and
+    0.7 s. Not usable for a benchmark there, so it is off on CPU unless
+    ``--torch-compile on``.
     """
     return device_type == "cuda"
 
@@ -498,10 +523,13 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
         compile_model = torch_compile_default(device.type)
     torch.backends.cudnn.benchmark = True
     net = _torch_net(seed).to(device, memory_format=torch.channels_last)
-    # fused SGD: one kernel for all parameters (CUDA only); the same update as plain SGD.
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, **({"fused": True} if device.type == "cuda" else {}))
+    # fused SGD: one kernel for all parameters (CUDA, torch >= 2.3); the same update as plain SGD.
+    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, **({"fused": True} if fused else {}))
     criterion = nn.CrossEntropyLoss()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def amp():  # a fresh context each time: what torch.compile traces best
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -514,16 +542,18 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
         # As resnet_jax: scale, then bilinear resize (antialiased when shrinking, like PIL).
         x = x_u8.permute(0, 3, 1, 2).float().div(255)
         if x.shape[-1] != resize:
-            x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=True)
+            # Antialiased only when shrinking (PIL's filter widens then); upsampling is plain bilinear either way.
+            shrink = resize < x.shape[-1]
+            x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=shrink)
         return x.contiguous(memory_format=torch.channels_last)
 
     def forward_loss(x_u8, y):
-        with amp:
+        with amp():
             logits = net(preprocess(x_u8))
             return criterion(logits, y), logits
 
     def forward_eval(x_u8):
-        with amp:
+        with amp():
             return net(preprocess(x_u8))
 
     if compile_model:
@@ -579,7 +609,8 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     tricks = ["data on device", "channels_last"]
     tricks += ["bf16 autocast"] if dtype == "bfloat16" else []
     tricks += ["torch.compile"] if compile_model else [f"no torch.compile (default off on {device.type})"]
-    tricks += ["fused SGD", "cudnn.benchmark"] if device.type == "cuda" else []
+    tricks += ["fused SGD"] if fused else []
+    tricks += ["cudnn.benchmark"] if device.type == "cuda" else []
     return make_row(
         "torch_tuned", "PyTorch, tuned", resize, dtype, batch, _torch_device_name(device), device.type,
         Timings(train_s, eval_s, steps), len(test), warmup_s if compile_model else None, _torch_peak(device),
@@ -633,7 +664,7 @@ def environment(argv: list[str]) -> dict:
         versions["torch"] = torch.__version__
     d = jax.devices()[0]
     return {
-        "jax_device": d.device_kind if d.platform != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+        "jax_device": d.device_kind if d.platform != "cpu" else cpu_name(),
         "jax_backend": d.platform,
         "cpu_count": os.cpu_count(),
         "versions": versions,
@@ -652,7 +683,7 @@ def _gib(b):
 
 COLUMNS = (
     "implementation", "resize", "dtype", "batch", "train img/s", "eval img/s", "step ms (median)",
-    "spread ms", "compile s", "peak device mem", "train TFLOP/s", "MFU", "GFLOP/img counted (XLA)",
+    "spread ms (max-min)", "compile s", "peak device mem", "train TFLOP/s", "MFU", "GFLOP/img counted (XLA)",
 )
 
 
@@ -721,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--torch-workers", type=int, default=4, help="DataLoader workers of the chapter's loop (d2l: 4)")
     p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto", help="torch.compile in the tuned PyTorch (auto: on for CUDA, off on CPU)")
-    p.add_argument("--full-recipe", action="store_true", help="also time training.fit over the whole recipe (hours on CPU)")
+    p.add_argument("--full-recipe", action="store_true", help="also time training.fit over the whole recipe: batch 256, 96x96, the first --dtype, evaluation after each epoch (hours on CPU)")
     p.add_argument("--recipe-epochs", type=int, default=10, help="epochs of --full-recipe")
     p.add_argument("--out", metavar="DIR", default=None, help="write bench.json and bench.md here")
     return p
@@ -754,7 +785,7 @@ def run(args, argv: list[str], say=print) -> dict:
     if use_torch and compile_torch is None and not torch_compile_default(_torch_device().type):
         report["notes"].append(
             "torch.compile is off for the tuned PyTorch on CPU by default (Inductor's C++ compile of this "
-            "network takes minutes on a small CPU); --torch-compile on to include it")
+            "network took about a minute even at batch 8, 28x28, on the 2-core machine); --torch-compile on to include it")
     # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
     for resize in sorted(args.resize):
         for dtype in sorted(args.dtype):  # bfloat16 before float32

@@ -34,7 +34,8 @@ def _positive(x):
 
 
 def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
-    argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--train-examples", "8",
+    # --steps 2: two steps per dispatch, so JAX runs fit's device loop (train_chunk) as on GPU.
+    argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--steps", "2", "--train-examples", "8",
             "--eval-examples", "8", "--torch-workers", "0", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -47,7 +48,7 @@ def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
     expected = ["jax", "torch_tuned", "torch_chapter"] if bench.torch_available() else ["jax"]
     assert impls == expected
     for row in report["rows"]:
-        assert (row["resize"], row["batch"], row["dtype"]) == (17, 4, "float32")
+        assert (row["resize"], row["batch"], row["dtype"], row["steps_per_repeat"]) == (17, 4, "float32", 2)
         for key in ("train_images_per_s", "eval_images_per_s", "step_ms_median", "train_tflops", "eval_tflops",
                     "counted_gflop_per_train_image", "counted_gflop_per_eval_image", "peak_rss_bytes"):
             assert _positive(row[key]), (row["impl"], key, row[key])
@@ -85,3 +86,19 @@ def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, capsys, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_chapter_transform_is_resize_then_to_tensor():
+    """The chapter's per-item transform equals resnet_jax's preprocess to PIL's uint8 rounding (1/255)."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from resnet_jax.data import preprocess
+
+    images, _ = bench.synthetic_splits(2, 1)
+    image = images.images[0]
+    x = bench.chapter_transform(96)(Image.fromarray(image[..., 0]))
+    assert isinstance(x, torch.Tensor) and x.shape == (1, 96, 96) and x.dtype == torch.float32
+    ours = np.asarray(preprocess(image[None], 96))[0, ..., 0]
+    assert np.abs(x[0].numpy() - ours).max() <= 1 / 255 + 1e-6
