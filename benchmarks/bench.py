@@ -58,7 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from resnet_jax import training  # noqa: E402
+from resnet_jax import data, training  # noqa: E402
 from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, _check_writable_dir, _write_json_atomically  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402
@@ -174,9 +174,11 @@ def load_npz(path: str) -> tuple[Split, Split]:
     """The array cache ``resnet_jax.data`` writes (train_images, train_labels, test_images, test_labels)."""
     try:
         with np.load(path) as z:
-            return Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
-    except (OSError, ValueError, KeyError) as err:
+            train, test = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
+        data._check(FASHION_MNIST, train, test)  # the shapes and dtype data.load insists on
+    except (OSError, ValueError, KeyError, data.DataError) as err:
         raise UserError(f"--data {path} is not a readable resnet_jax array cache: {err}") from err
+    return train, test
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +354,19 @@ def _torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # d2l.try_gpu()
 
 
+def set_torch_threads(threads: int | None) -> int:
+    """PyTorch's intra-op threads: all CPUs by default, as benchmarks/cpu_step.py runs it.
+
+    On a machine shared with other busy processes, several OpenMP threads wait
+    for each other at every barrier and a step can take 10x longer than with one
+    thread: record figures on a quiet machine, or pass --torch-threads 1.
+    """
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count())
+    return torch.get_num_threads()
+
+
 def _torch_sync(device):
     import torch
 
@@ -425,8 +440,6 @@ def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repe
     from torch.utils.data import DataLoader
 
     device = _torch_device()
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())
     torch.manual_seed(seed)
     # d2l.load_data_fashion_mnist: shuffled train loader, ordered test loader, both batch_size.
     train_iter = DataLoader(ChapterDataset(train, resize), batch, shuffle=True, num_workers=workers)
@@ -483,7 +496,7 @@ def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repe
         "torch_chapter", "PyTorch, the chapter's loop (DataLoader + CPU resize)", resize, "float32", batch,
         _torch_device_name(device), device.type, Timings(train_s, eval_s, steps), len(test), None,
         _torch_peak(device),
-        notes=f"{workers} DataLoader workers; torch {torch.__version__}; "
+        notes=f"{workers} DataLoader workers; {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
               f"resize by {'torchvision' if _has_torchvision() else 'Pillow (torchvision not installed)'}",
     )
 
@@ -517,8 +530,6 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     from torch.nn import functional as F
 
     device = _torch_device()
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())
     if compile_model is None:
         compile_model = torch_compile_default(device.type)
     torch.backends.cudnn.benchmark = True
@@ -614,7 +625,8 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     return make_row(
         "torch_tuned", "PyTorch, tuned", resize, dtype, batch, _torch_device_name(device), device.type,
         Timings(train_s, eval_s, steps), len(test), warmup_s if compile_model else None, _torch_peak(device),
-        notes="; ".join(tricks) + f"; eval batch {eval_batch}; compile_s = first train step + first evaluation",
+        notes="; ".join(tricks) + f"; eval batch {eval_batch}; {torch.get_num_threads()} torch threads"
+              + ("; compile_s = first train step + first evaluation" if compile_model else ""),
     )
 
 
@@ -673,6 +685,25 @@ def environment(argv: list[str]) -> dict:
     }
 
 
+def speedups(rows: list[dict]) -> list[dict]:
+    """JAX's training images/s over each PyTorch row's, per (resize, dtype): the issue's targets are ratios.
+
+    The chapter's loop runs float32 only (it is the chapter's code); every JAX
+    dtype is compared with it.
+    """
+    out = []
+    for j in (r for r in rows if r["impl"] == "jax"):
+        for t in rows:
+            if t["resize"] == j["resize"] and (
+                t["impl"] == "torch_chapter" or (t["impl"] == "torch_tuned" and t["dtype"] == j["dtype"])
+            ):
+                out.append({"resize": j["resize"], "jax_dtype": j["dtype"], "versus": t["impl"],
+                            "versus_dtype": t["dtype"],
+                            "train_speedup": j["train_images_per_s"] / t["train_images_per_s"],
+                            "eval_speedup": j["eval_images_per_s"] / t["eval_images_per_s"]})
+    return out
+
+
 def _f(x, spec):
     return "n/a" if x is None else format(x, spec)
 
@@ -708,6 +739,13 @@ def markdown(report: dict) -> str:
             f"| {_f(r['compile_s'], '.1f')} | {_gib(r['peak_device_bytes'])} | {r['train_tflops']:.2f} | {mfu} "
             f"| {r['counted_gflop_per_train_image']:.3f} ({xla}) |"
         )
+    if report.get("speedups"):
+        lines += ["", "JAX's images/s over PyTorch's (same device, same run):", ""]
+        for s in report["speedups"]:
+            lines.append(
+                f"- {s['resize']}x{s['resize']}, JAX {s['jax_dtype']} vs {s['versus']} ({s['versus_dtype']}): "
+                f"training {s['train_speedup']:.2f}x, evaluation {s['eval_speedup']:.2f}x"
+            )
     peak_rss = max((r["peak_rss_bytes"] for r in report["rows"]), default=_peak_rss_bytes())
     lines += ["", f"Process peak RSS (host memory, not device memory; whole run): {_gib(peak_rss)}."]
     for r in report["rows"]:
@@ -723,7 +761,8 @@ def markdown(report: dict) -> str:
             f"{fr['resize']}x{fr['resize']}, {fr['dtype']}, evaluation on {fr['test_examples']:,} after each epoch): "
             f"**{fr['wall_s']:.1f} s** wall, compile included ({fr['compile_s']:.1f} s compile, "
             f"{fr['train_time_s']:.1f} s training, {fr['train_images_per_s']:,.0f} training images/s), "
-            f"final test accuracy {fr['test_acc']:.3f}.",
+            f"final test accuracy {fr['test_acc']:.3f}"
+            + (" (synthetic data: chance level is expected)." if "synthetic" in report["data"] else "."),
         ]
     return "\n".join(lines) + "\n"
 
@@ -750,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-impl", default=Config().conv_impl, help="resnet_jax convolution lowering")
     p.add_argument("--data", metavar="NPZ", default=None, help="resnet_jax's array cache instead of synthetic images")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--torch-threads", type=int, default=None, help="PyTorch intra-op CPU threads (default: all CPUs)")
     p.add_argument("--torch-workers", type=int, default=4, help="DataLoader workers of the chapter's loop (d2l: 4)")
     p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto", help="torch.compile in the tuned PyTorch (auto: on for CUDA, off on CPU)")
     p.add_argument("--full-recipe", action="store_true", help="also time training.fit over the whole recipe: batch 256, 96x96, the first --dtype, evaluation after each epoch (hours on CPU)")
@@ -762,21 +802,22 @@ def run(args, argv: list[str], say=print) -> dict:
     """Everything the command line asks for; returns the report (also written to --out)."""
     if args.out:
         _check_writable_dir(Path(args.out), "--out")
-    if args.data:
-        train, test = load_npz(args.data)
-        data_note = f"the array cache {args.data} ({len(train):,} train / {len(test):,} test images)"
     backend = jax.default_backend()
     n_eval = args.eval_examples or (10_000 if backend != "cpu" else 4 * args.batch)
-    if not args.data:
+    if args.data:
+        train, test = load_npz(args.data)
+        test = test.take(n_eval)
+        data_note = f"the array cache {args.data} ({len(train):,} train images, the first {len(test):,} test images)"
+    else:
         train, test = synthetic_splits(args.train_examples, n_eval)
         data_note = (f"synthetic uint8 noise, {len(train):,} train / {len(test):,} eval images "
                      f"(throughput does not depend on the pixels)")
-    else:
-        test = test.take(n_eval)
     if len(train) < args.batch:
         raise UserError(f"the training set ({len(train)} images) is smaller than one batch of {args.batch}")
     steps = args.steps or training.steps_per_dispatch(Config(), backend)
     use_torch = not args.no_torch and torch_available()
+    if use_torch:
+        set_torch_threads(args.torch_threads)
 
     report = {"environment": environment(argv), "data": data_note, "rows": [], "notes": [], "full_recipe": None}
     if not use_torch:
@@ -787,8 +828,8 @@ def run(args, argv: list[str], say=print) -> dict:
             "torch.compile is off for the tuned PyTorch on CPU by default (Inductor's C++ compile of this "
             "network took about a minute even at batch 8, 28x28, on the 2-core machine); --torch-compile on to include it")
     # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
-    for resize in sorted(args.resize):
-        for dtype in sorted(args.dtype):  # bfloat16 before float32
+    for resize in sorted(set(args.resize)):
+        for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
             config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
                             eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
             say(f"JAX {resize}x{resize} {dtype} ...")
@@ -810,6 +851,7 @@ def run(args, argv: list[str], say=print) -> dict:
             recipe_train, recipe_test = synthetic_splits(FASHION_MNIST.num_train, FASHION_MNIST.num_test)
         report["full_recipe"] = bench_full_recipe(config, recipe_train, recipe_test)
 
+    report["speedups"] = speedups(report["rows"])
     for row in report["rows"]:
         row.update(environment=report["environment"])
     md = markdown(report)
@@ -833,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--steps", args.steps), ("--eval-examples", args.eval_examples)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        if args.torch_threads is not None and args.torch_threads < 1:
+            raise ConfigError(f"--torch-threads must be a positive integer, got {args.torch_threads}")
         if args.torch_workers < 0:
             raise ConfigError(f"--torch-workers must be >= 0, got {args.torch_workers}")
         for resize in args.resize:  # Config's validation, so the messages match train.py's

@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _positive(x):
 def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
     # --steps 2: two steps per dispatch, so JAX runs fit's device loop (train_chunk) as on GPU.
     argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--steps", "2", "--train-examples", "8",
-            "--eval-examples", "8", "--torch-workers", "0", "--out", str(tmp_path)]
+            "--eval-examples", "8", "--torch-workers", "0", "--torch-threads", "1", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     env = report["environment"]
@@ -102,3 +103,14 @@ def test_chapter_transform_is_resize_then_to_tensor():
     assert isinstance(x, torch.Tensor) and x.shape == (1, 96, 96) and x.dtype == torch.float32
     ours = np.asarray(preprocess(image[None], 96))[0, ..., 0]
     assert np.abs(x[0].numpy() - ours).max() <= 1 / 255 + 1e-6
+
+
+def test_bench_never_imports_tensorflow():
+    """GPU machines may have neither TensorFlow nor TFDS: the benchmark must not need them."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import bench; "
+        "bench.synthetic_splits(4, 4); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
