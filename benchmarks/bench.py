@@ -1,8 +1,10 @@
 """The side-by-side benchmark: resnet_jax against the chapter's PyTorch loop and a tuned PyTorch.
 
-    python benchmarks/bench.py --batch 256 --resize 96 28 --dtype bfloat16 --out bench-out
-    python benchmarks/bench.py --batch 64 --resize 96 28 --dtype float32          # CPU
-    python benchmarks/bench.py --full-recipe --dtype bfloat16 --data CACHE.npz     # 10 epochs
+    python benchmarks/bench.py --batch 256 --resize 96 28 --dtype bfloat16 float32 --full-recipe --out bench-gpu
+    python benchmarks/bench.py --batch 64 --resize 96 28 --dtype float32 --out bench-cpu    # CPU, no full recipe
+
+``--data ~/tensorflow_datasets/resnet_jax_cache/fashion_mnist-3.0.1.npz`` uses
+the real images (train.py writes that cache on its first run).
 
 For every (resize, dtype) it measures, in one process on one device:
 
@@ -62,7 +64,7 @@ from resnet_jax import data, training  # noqa: E402
 from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, _check_writable_dir, _write_json_atomically  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402
-from resnet_jax.ops import output_size  # noqa: E402
+from resnet_jax.ops import IMPLS, output_size  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -239,15 +241,17 @@ def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings
     }
 
 
-def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: int | None = None, device=None) -> dict:
-    """Time resnet_jax's own training and evaluation programs on one device.
+def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: int | None = None) -> dict:
+    """Time resnet_jax's own training and evaluation programs on the first device.
+
+    One device, like the PyTorch rows (fit itself would shard over all of them).
 
     The programs are the ones ``training.fit`` compiles: ``train_chunk`` (K
     steps in one ``fori_loop``) where fit uses K > 1, else one ``train_step``
     per call; ``evaluate`` (one scan over the split) off CPU, else
     ``eval_step`` per batch. ``steps`` defaults to fit's K for the backend.
     """
-    device = device or jax.devices()[0]
+    device = jax.devices()[0]
     backend = device.platform
     r, bs = config.resize, config.batch_size
     put = functools.partial(jax.device_put, device=device)
@@ -786,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-examples", type=int, default=60_000, help="synthetic training set size")
     p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluation pass (default: the 10,000 test images on GPU/TPU, 4 batches on CPU)")
     p.add_argument("--eval-batch", type=int, default=Config().eval_batch_size, help="evaluation batch (JAX and tuned PyTorch)")
-    p.add_argument("--conv-impl", default=Config().conv_impl, help="resnet_jax convolution lowering")
+    p.add_argument("--conv-impl", default=Config().conv_impl, choices=IMPLS, help="resnet_jax convolution lowering")
     p.add_argument("--data", metavar="NPZ", default=None, help="resnet_jax's array cache instead of synthetic images")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     p.add_argument("--torch-threads", type=int, default=None, help="PyTorch intra-op CPU threads (default: all CPUs)")
