@@ -72,6 +72,10 @@ def test_full_recipe_times_fit_end_to_end():
     assert result["epochs"] == 1 and result["train_examples"] == 8
     assert result["wall_s"] >= result["train_time_s"] + result["compile_s"] > 0
     assert 0 <= result["test_acc"] <= 1
+    report = {"environment": bench.environment(["benchmarks/bench.py", "--full-recipe"]), "rows": [], "notes": [],
+              "data": "synthetic uint8 noise", "full_recipe": result}
+    md = bench.markdown(report)
+    assert f"**{result['wall_s']:.1f} s** wall, compile included" in md and "chance level" in md
 
 
 @pytest.mark.parametrize(
