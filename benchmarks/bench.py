@@ -1,0 +1,903 @@
+"""The side-by-side benchmark: resnet_jax against the chapter's PyTorch loop and a tuned PyTorch.
+
+    python benchmarks/bench.py --batch 256 --resize 96 28 --dtype bfloat16 float32 --full-recipe --out bench-gpu
+    python benchmarks/bench.py --batch 64 --resize 96 28 --dtype float32 --out bench-cpu    # CPU, no full recipe
+
+``--data ~/tensorflow_datasets/resnet_jax_cache/fashion_mnist-3.0.1.npz`` uses
+the real images (train.py writes that cache on its first run).
+
+For every (resize, dtype) it measures, in one process on one device:
+
+* **JAX** through ``resnet_jax.training`` itself: the programs ``fit`` runs
+  (``train_chunk`` with K steps per dispatch on GPU/TPU, one ``train_step`` per
+  call on CPU, ``evaluate`` / ``eval_step``), on uint8 splits that live on the
+  device, with the resize inside the step.
+* **PyTorch, the chapter's loop** as its readers run it: a ``DataLoader``
+  (4 workers, as d2l's ``get_dataloader_workers``) whose dataset resizes each
+  PIL image on the CPU (``Resize`` + ``ToTensor``), and d2l ``train_ch6``'s
+  inner loop (``net.train()``, ``zero_grad``, loss, ``backward``, ``step``, and
+  its per-step metric accumulation, which syncs with the device every step).
+* **PyTorch, tuned** on the same model: uint8 data on the device, scaling and
+  resize on the device, ``channels_last``, bf16 autocast for ``--dtype
+  bfloat16``, metrics kept on the device, ``torch.compile`` (``--torch-compile``).
+
+Images are synthetic uint8 noise unless ``--data`` names the array cache that
+``resnet_jax.data`` writes; throughput does not depend on pixel values. The
+script never imports TensorFlow or TFDS (GPU machines need not have them).
+
+FLOPs: :func:`counted_gflop` counts the multiply-adds of every conv and the
+dense layer (x2), forward for evaluation, forward plus both backward products
+(minus the stem's unneeded input gradient) for training: 1.897 and 0.637 GFLOP
+per image at 96x96. It is exact for every size (the feature maps shrink with
+ceil-rounding, so (resize/96)^2 is only approximately right). XLA's own count
+(``cost_analysis()`` of the compiled step, which also counts BatchNorm and
+elementwise work) is printed beside it as a cross-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import inspect
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# torch runs in the same process as JAX: without this JAX would reserve 75% of
+# the GPU's memory at start-up and leave torch the rest. Set it yourself to
+# override; peak_bytes_in_use is measured either way.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from resnet_jax import data, training  # noqa: E402
+from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, _check_writable_dir, _write_json_atomically  # noqa: E402
+from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
+from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402
+from resnet_jax.ops import IMPLS, output_size  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+# ---------------------------------------------------------------------------
+# FLOPs and peaks
+# ---------------------------------------------------------------------------
+
+
+def counted_gflop(resize: int, input_channels: int = 1, num_classes: int = 10) -> tuple[float, float]:
+    """(training, evaluation) GFLOP per image of the chapter's ResNet-18 at ``resize`` x ``resize``.
+
+    A multiply-add is 2 FLOPs; every kernel tap counts, padding included (what
+    a dense convolution computes). Evaluation is the forward pass. Training is
+    forward + the input gradient + the weight gradient of every layer (each
+    costs as much as the forward), except the stem's input gradient, which
+    nobody needs. BatchNorm, ReLU, pooling and the update are left out.
+    """
+    convs = []  # (output side, kernel, in channels, out channels)
+    side = output_size(resize, 7, 2, 3)
+    convs.append((side, 7, input_channels, 64))
+    side = output_size(side, 3, 2, 1)  # max-pool
+    channels = 64
+    for stage, out_ch in enumerate((64, 128, 256, 512)):
+        for r in range(2):
+            stride = 2 if (r == 0 and stage > 0) else 1
+            new_side = output_size(side, 3, stride, 1)
+            convs.append((new_side, 3, channels, out_ch))
+            convs.append((new_side, 3, out_ch, out_ch))
+            if stride == 2:
+                convs.append((new_side, 1, channels, out_ch))  # conv3, the 1x1 shortcut
+            side, channels = new_side, out_ch
+    macs = [s * s * k * k * cin * cout for s, k, cin, cout in convs]
+    forward = 2 * (sum(macs) + 512 * num_classes)
+    stem_input_grad = 2 * macs[0]
+    return (3 * forward - stem_input_grad) / 1e9, forward / 1e9
+
+
+# Peak dense tensor-core TFLOP/s (no sparsity) per device and computation dtype.
+# float32 is TF32: XLA and cuDNN use TF32 tensor cores for float32 convolutions
+# at JAX's default precision (torch's cuDNN convs too, torch.backends.cudnn.allow_tf32).
+# Sources: NVIDIA's datasheets give the "with sparsity" figure; dense is half.
+#   H100 SXM / PCIe / NVL: https://www.nvidia.com/en-us/data-center/h100/
+#     (BF16 1,979 / 1,513 / 1,671; TF32 989 / 756 / 835, with sparsity)
+#   H200 SXM / NVL: https://www.nvidia.com/en-us/data-center/h200/
+#     (BF16 1,979 / 1,671; TF32 989 / 835, with sparsity; same compute as H100 SXM / NVL)
+#   A100 SXM and PCIe: https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf
+#     (BF16 312 dense, TF32 156 dense)
+PEAK_TFLOPS = {  # (substrings of device_kind, all must match) -> {dtype: TFLOP/s}
+    ("H100", "PCIe"): {"bfloat16": 756.5, "float32": 378.0},
+    ("H100", "NVL"): {"bfloat16": 835.5, "float32": 417.5},
+    ("H100",): {"bfloat16": 989.5, "float32": 494.5},  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", "NVL"): {"bfloat16": 835.5, "float32": 417.5},
+    ("H200",): {"bfloat16": 989.5, "float32": 494.5},  # SXM
+    ("A100",): {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The device's peak dense TFLOP/s for ``dtype``, or None where it is not in the table (CPUs)."""
+    for keys, peaks in PEAK_TFLOPS.items():
+        if all(k.lower() in device_kind.lower() for k in keys):
+            return peaks.get(dtype)
+    return None
+
+
+def _xla_flops(lowered, compiled) -> float | None:
+    """XLA's FLOP count of the compiled program, else of the program before optimisation, else None."""
+    for stage in (compiled, lowered):
+        try:
+            cost = stage.cost_analysis()
+        except Exception:  # noqa: BLE001 - an optional statistic; some backends raise
+            continue
+        if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+            cost = cost[0] if cost else None
+        flops = (cost or {}).get("flops")
+        if flops and flops > 0:
+            return float(flops)
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def synthetic_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[Split, Split]:
+    """Uniform uint8 noise shaped like Fashion-MNIST (throughput does not depend on the pixels)."""
+    rng = np.random.default_rng(seed)
+    shape = (FASHION_MNIST.image_size, FASHION_MNIST.image_size, FASHION_MNIST.channels)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
+
+    return split(n_train), split(n_test)
+
+
+def load_npz(path: str) -> tuple[Split, Split]:
+    """The array cache ``resnet_jax.data`` writes (train_images, train_labels, test_images, test_labels)."""
+    try:
+        with np.load(path) as z:
+            train, test = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
+        data._check(FASHION_MNIST, train, test)  # the shapes and dtype data.load insists on
+    except (OSError, ValueError, KeyError, data.DataError) as err:
+        raise UserError(f"--data {path} is not a readable resnet_jax array cache: {err}") from err
+    return train, test
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """Wall times of the timed repeats (after warm-up)."""
+
+    train_s: list[float]  # one entry per repeat of `steps` training steps
+    eval_s: list[float]  # one entry per pass over the evaluation split
+    steps: int  # training steps per repeat
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings, n_eval, compile_s,
+             peak_device_bytes, xla_train=None, xla_eval=None, notes="") -> dict:
+    """One result row: throughput, step-time statistics, FLOP/s and MFU from the raw timings."""
+    step_ms = [1000 * s / t.steps for s in t.train_s]
+    median_ms = statistics.median(step_ms)
+    train_ips = batch / (median_ms / 1000)
+    eval_ips = n_eval / statistics.median(t.eval_s)
+    gf_train, gf_eval = counted_gflop(resize)
+    peak = peak_tflops(device_name, dtype)
+    train_tflops = train_ips * gf_train / 1e3
+    return {
+        "impl": impl,
+        "label": label,
+        "resize": resize,
+        "dtype": dtype,
+        "batch": batch,
+        "device": device_name,
+        "backend": backend,
+        "train_images_per_s": train_ips,
+        "eval_images_per_s": eval_ips,
+        "step_ms_median": median_ms,
+        "step_ms_spread": max(step_ms) - min(step_ms),
+        "step_ms_all": step_ms,
+        "steps_per_repeat": t.steps,
+        "eval_images": n_eval,
+        "compile_s": compile_s,
+        "peak_device_bytes": peak_device_bytes,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "counted_gflop_per_train_image": gf_train,
+        "counted_gflop_per_eval_image": gf_eval,
+        "xla_gflop_per_train_image": xla_train,
+        "xla_gflop_per_eval_image": xla_eval,
+        "train_tflops": train_tflops,
+        "eval_tflops": eval_ips * gf_eval / 1e3,
+        "peak_tflops": peak,
+        "mfu": train_tflops / peak if peak else None,
+        "notes": notes,
+    }
+
+
+def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: int | None = None) -> dict:
+    """Time resnet_jax's own training and evaluation programs on the first device.
+
+    One device, like the PyTorch rows (fit itself would shard over all of them).
+
+    The programs are the ones ``training.fit`` compiles: ``train_chunk`` (K
+    steps in one ``fori_loop``) where fit uses K > 1, else one ``train_step``
+    per call; ``evaluate`` (one scan over the split) off CPU, else
+    ``eval_step`` per batch. ``steps`` defaults to fit's K for the backend.
+    """
+    device = jax.devices()[0]
+    backend = device.platform
+    r, bs = config.resize, config.batch_size
+    put = functools.partial(jax.device_put, device=device)
+    train_x, train_y = put(train.images), put(train.labels)
+    eval_bs = min(config.eval_batch_size, len(test))
+    test_x, test_y, test_m = map(put, training._pad_split(test, eval_bs))
+    model = training.make_model(config, FASHION_MNIST.num_classes, FASHION_MNIST.channels)
+    state = put(training.create_train_state(model, training.make_optimizer(config), jax.random.key(config.seed)))
+
+    full = len(train) // bs
+    K = max(1, min(steps or training.steps_per_dispatch(config, backend), full))
+    idx = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    compile_s = 0.0  # of the programs fit runs; the ones compiled only for XLA's FLOP count are not in it
+
+    def compile_(jitted, *args, counted=True):
+        """Lower and compile (timed as fit times it: tracing, lowering and XLA's compile)."""
+        nonlocal compile_s
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*args)
+        compiled = lowered.compile()
+        compile_s += (time.perf_counter() - t0) if counted else 0.0
+        return lowered, compiled
+
+    # One step on rows `idx` of the on-device split, as fit compiles it for K == 1.
+    # Always compiled: XLA's cost analysis of one step is the FLOP cross-check (of a
+    # fori_loop it would count the body once, whatever the trip count).
+    step_lowered, one_step = compile_(
+        jax.jit(lambda s, x, y, i: training.train_step(s, x[i], y[i], r), donate_argnums=0),
+        state, train_x, train_y, idx(bs), counted=K == 1,
+    )
+    if K > 1:
+        _, chunk = compile_(
+            jax.jit(functools.partial(training.train_chunk, resize=r), donate_argnums=0),
+            state, train_x, train_y, idx(K, bs), jax.ShapeDtypeStruct((), jnp.int32),
+        )
+        run = lambda s, rows: chunk(s, train_x, train_y, rows, jnp.int32(K))
+    else:
+        run = lambda s, rows: one_step(s, train_x, train_y, rows[0])
+    eval_lowered, one_eval = compile_(
+        jax.jit(lambda s, x, y, m: training.eval_step(s, x, y, m, r)),
+        state, test_x[0], test_y[0], test_m[0], counted=backend == "cpu",
+    )
+    if backend != "cpu":
+        _, evaluate = compile_(jax.jit(functools.partial(training.evaluate, resize=r)), state, test_x, test_y, test_m)
+    else:  # as fit: no device loop on XLA:CPU, one call per batch
+        def evaluate(s, xs, ys, ms):
+            return functools.reduce(training._add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0])))
+
+    # Shuffled batch rows, (chunks, K, B), on the device. fit draws them once per
+    # epoch (training.epoch_plan); that is not part of a step, so it is not timed.
+    num_chunks = full // K
+    perm = jax.random.permutation(jax.random.key(1), len(train))[: num_chunks * K * bs]
+    rows = put(perm.astype(jnp.int32).reshape(num_chunks, K, bs))
+
+    state, m = run(state, rows[0])  # warm-up
+    jax.block_until_ready(m)
+    jax.block_until_ready(evaluate(state, test_x, test_y, test_m))
+    train_s, eval_s = [], []
+    for i in range(repeats):
+        t = time.perf_counter()
+        state, m = run(state, rows[(i + 1) % num_chunks])
+        jax.block_until_ready(m)
+        train_s.append(time.perf_counter() - t)
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(evaluate(state, test_x, test_y, test_m))
+        eval_s.append(time.perf_counter() - t)
+    if not math.isfinite(float(m["loss"])):
+        raise RuntimeError(f"JAX training diverged at {r}x{r}: loss {float(m['loss'])}")
+
+    stats = device.memory_stats() or {}
+    flops_train, flops_eval = _xla_flops(step_lowered, one_step), _xla_flops(eval_lowered, one_eval)
+    kind = device.device_kind if backend != "cpu" else cpu_name()
+    return make_row(
+        "jax", f"JAX resnet_jax (conv_impl={config.conv_impl})", r, config.dtype, bs, kind, backend,
+        Timings(train_s, eval_s, K), len(test), compile_s, stats.get("peak_bytes_in_use"),
+        xla_train=flops_train / bs / 1e9 if flops_train else None,
+        xla_eval=flops_eval / eval_bs / 1e9 if flops_eval else None,
+        notes=f"{K} step(s) per dispatch; eval batch {eval_bs}",
+    )
+
+
+# --- PyTorch ---------------------------------------------------------------
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_net(seed: int):
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    from torch_reference import make_initialised_net
+
+    return make_initialised_net(FASHION_MNIST.channels, FASHION_MNIST.num_classes, seed)
+
+
+def _torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # d2l.try_gpu()
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """PyTorch's intra-op threads: all CPUs by default, as benchmarks/cpu_step.py runs it.
+
+    On a machine shared with other busy processes, several OpenMP threads wait
+    for each other at every barrier and a step can take 10x longer than with one
+    thread: record figures on a quiet machine, or pass --torch-threads 1.
+    """
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count())
+    return torch.get_num_threads()
+
+
+def _torch_sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _torch_device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def _torch_peak(device):
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def chapter_transform(resize: int):
+    """d2l's ``transforms.Compose([transforms.Resize(resize), transforms.ToTensor()])`` on a PIL image.
+
+    Without torchvision, the same two steps by hand: torchvision resizes a PIL
+    image with PIL's own ``Image.resize`` (bilinear; an int size sets the
+    shorter side, so a square image becomes resize x resize), and ``ToTensor``
+    turns a mode-"L" image into a (1, H, W) float tensor divided by 255.
+    """
+    try:
+        from torchvision import transforms
+
+        return transforms.Compose([transforms.Resize(resize), transforms.ToTensor()])
+    except ImportError:
+        pass
+    import torch
+    from PIL import Image
+
+    def transform(img):
+        if img.size != (resize, resize):
+            img = img.resize((resize, resize), Image.BILINEAR)
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        return x.view(img.size[1], img.size[0], 1).permute(2, 0, 1).float().div(255)
+
+    return transform
+
+
+class ChapterDataset:
+    """torchvision's FashionMNIST over our uint8 arrays: a PIL "L" image per item, transformed."""
+
+    def __init__(self, split: Split, resize: int):
+        self.images, self.labels, self.transform = split.images, split.labels, chapter_transform(resize)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i][..., 0])), int(self.labels[i])
+
+
+def _cycle(loader):
+    while True:  # a new epoch (and worker start-up) when the loader runs out, as in train_ch6
+        yield from loader
+
+
+def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repeats: int, steps: int,
+                        workers: int = 4, lr: float = 0.05, seed: int = 0) -> dict:
+    """The chapter's loop as readers run it: DataLoader + CPU resize, d2l train_ch6's inner loop, float32."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    device = _torch_device()
+    torch.manual_seed(seed)
+    # d2l.load_data_fashion_mnist: shuffled train loader, ordered test loader, both batch_size.
+    train_iter = DataLoader(ChapterDataset(train, resize), batch, shuffle=True, num_workers=workers)
+    test_iter = DataLoader(ChapterDataset(test, resize), batch, shuffle=False, num_workers=workers)
+    net = _torch_net(seed).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    loss = nn.CrossEntropyLoss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    batches = _cycle(train_iter)
+    metric = [0.0, 0.0, 0]  # d2l.Accumulator(3): loss sum, correct, examples
+
+    def train_steps(k):
+        net.train()
+        for _ in range(k):
+            X, y = next(batches)
+            optimizer.zero_grad()
+            X, y = X.to(device), y.to(device)
+            y_hat = net(X)
+            l = loss(y_hat, y)
+            l.backward()
+            optimizer.step()
+            with torch.no_grad():  # d2l's metric.add(...): float() syncs with the device every step
+                metric[0] += float(l * X.shape[0])
+                metric[1] += float((y_hat.argmax(axis=1) == y).sum())
+                metric[2] += X.shape[0]
+
+    def evaluate():  # d2l.evaluate_accuracy_gpu
+        net.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for X, y in test_iter:
+                X, y = X.to(device), y.to(device)
+                correct += float((net(X).argmax(axis=1) == y).sum())
+                total += y.numel()
+        return correct / total
+
+    train_steps(1)  # warm-up: worker start-up, cuDNN autotuning
+    evaluate()
+    train_s, eval_s = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        train_steps(steps)
+        _torch_sync(device)
+        train_s.append(time.perf_counter() - t)
+    for _ in range(repeats):
+        t = time.perf_counter()
+        evaluate()
+        eval_s.append(time.perf_counter() - t)
+    if not math.isfinite(metric[0]):
+        raise RuntimeError("the chapter's PyTorch loop diverged")
+    return make_row(
+        "torch_chapter", "PyTorch, the chapter's loop (DataLoader + CPU resize)", resize, "float32", batch,
+        _torch_device_name(device), device.type, Timings(train_s, eval_s, steps), len(test), None,
+        _torch_peak(device),
+        notes=f"{workers} DataLoader workers; {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
+              f"resize by {'torchvision' if _has_torchvision() else 'Pillow (torchvision not installed)'}",
+    )
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_compile_default(device_type: str) -> bool:
+    """torch.compile by default on CUDA only.
+
+    On CPU, Inductor compiles the model with the system C++ compiler: on the
+    shared 2-core development machine the first compiled step (forward and
+    backward, batch 8, 28x28) took 56 s, and the next two were still 1.4 s and
+    0.7 s. Not usable for a benchmark there, so it is off on CPU unless
+    ``--torch-compile on``.
+    """
+    return device_type == "cuda"
+
+
+def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype: str, repeats: int, steps: int,
+                      compile_model: bool | None = None, eval_batch: int = 1000, lr: float = 0.05,
+                      seed: int = 0) -> dict:
+    """PyTorch as a performance engineer would run the same model: everything on the device."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    device = _torch_device()
+    if compile_model is None:
+        compile_model = torch_compile_default(device.type)
+    torch.backends.cudnn.benchmark = True
+    net = _torch_net(seed).to(device, memory_format=torch.channels_last)
+    # fused SGD: one kernel for all parameters (CUDA, torch >= 2.3); the same update as plain SGD.
+    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, **({"fused": True} if fused else {}))
+    criterion = nn.CrossEntropyLoss()
+
+    def amp():  # a fresh context each time: what torch.compile traces best
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    train_x = torch.from_numpy(train.images).to(device)  # uint8 (N, 28, 28, 1)
+    train_y = torch.from_numpy(train.labels).long().to(device)
+    test_x = torch.from_numpy(test.images).to(device)
+    test_y = torch.from_numpy(test.labels).long().to(device)
+
+    def preprocess(x_u8):
+        # As resnet_jax: scale, then bilinear resize (antialiased when shrinking, like PIL).
+        x = x_u8.permute(0, 3, 1, 2).float().div(255)
+        if x.shape[-1] != resize:
+            # Antialiased only when shrinking (PIL's filter widens then); upsampling is plain bilinear either way.
+            shrink = resize < x.shape[-1]
+            x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=shrink)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def forward_loss(x_u8, y):
+        with amp():
+            logits = net(preprocess(x_u8))
+            return criterion(logits, y), logits
+
+    def forward_eval(x_u8):
+        with amp():
+            return net(preprocess(x_u8))
+
+    if compile_model:
+        forward_loss, forward_eval = torch.compile(forward_loss), torch.compile(forward_eval)
+
+    n = len(train)
+    perm = torch.randperm(n, device=device)
+    sums = torch.zeros(2, device=device)  # loss sum, correct: on the device, read once at the end
+    position = 0
+
+    def train_steps(k):
+        nonlocal perm, position
+        net.train()
+        for _ in range(k):
+            if position + batch > n:
+                perm, position = torch.randperm(n, device=device), 0
+            idx = perm[position : position + batch]
+            position += batch
+            x, y = train_x[idx], train_y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            l, logits = forward_loss(x, y)
+            l.backward()
+            optimizer.step()
+            with torch.no_grad():
+                sums[0] += l.detach().float() * batch
+                sums[1] += (logits.argmax(1) == y).sum()
+
+    def evaluate():
+        net.eval()
+        correct = torch.zeros((), device=device)
+        with torch.inference_mode():
+            for i in range(0, len(test), eval_batch):
+                correct += (forward_eval(test_x[i : i + eval_batch]).argmax(1) == test_y[i : i + eval_batch]).sum()
+        return float(correct) / len(test)
+
+    t0 = time.perf_counter()
+    train_steps(1)  # warm-up; with torch.compile this is where it compiles
+    _torch_sync(device)
+    evaluate()
+    warmup_s = time.perf_counter() - t0
+    train_s, eval_s = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        train_steps(steps)
+        _torch_sync(device)
+        train_s.append(time.perf_counter() - t)
+    for _ in range(repeats):
+        t = time.perf_counter()
+        evaluate()
+        eval_s.append(time.perf_counter() - t)
+    if not math.isfinite(float(sums[0])):
+        raise RuntimeError("the tuned PyTorch loop diverged")
+    tricks = ["data on device", "channels_last"]
+    tricks += ["bf16 autocast"] if dtype == "bfloat16" else []
+    tricks += ["torch.compile"] if compile_model else [f"no torch.compile (default off on {device.type})"]
+    tricks += ["fused SGD"] if fused else []
+    tricks += ["cudnn.benchmark"] if device.type == "cuda" else []
+    return make_row(
+        "torch_tuned", "PyTorch, tuned", resize, dtype, batch, _torch_device_name(device), device.type,
+        Timings(train_s, eval_s, steps), len(test), warmup_s if compile_model else None, _torch_peak(device),
+        notes="; ".join(tricks) + f"; eval batch {eval_batch}; {torch.get_num_threads()} torch threads"
+              + ("; compile_s = first train step + first evaluation" if compile_model else ""),
+    )
+
+
+def bench_full_recipe(config: Config, train: Split, test: Split) -> dict:
+    """``training.fit`` end to end: the whole recipe, compile and per-epoch evaluation included."""
+    model = training.make_model(config, FASHION_MNIST.num_classes, FASHION_MNIST.channels)
+    state = training.create_train_state(
+        model, training.make_optimizer(config), jax.random.fold_in(jax.random.key(config.seed), 0)
+    )
+    t0 = time.perf_counter()
+    result = training.fit(config, train, test, state)
+    wall = time.perf_counter() - t0
+    f = result.final
+    return {
+        "epochs": config.epochs,
+        "batch": config.batch_size,
+        "resize": config.resize,
+        "dtype": config.dtype,
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "wall_s": wall,  # everything fit does: device transfer, compile, training, evaluation
+        "compile_s": f["compile_s"],
+        "train_time_s": f["train_time_s"],
+        "train_images_per_s": f["examples_per_sec"],
+        "test_acc": f["test_acc"],
+        "device": f["device"],
+        "backend": f["backend"],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def environment(argv: list[str]) -> dict:
+    """Device, library versions, date and the exact command: recorded with every row."""
+    import flax
+    import jaxlib
+    import optax
+
+    versions = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                "flax": flax.__version__, "optax": optax.__version__, "torch": None}
+    if torch_available():
+        import torch
+
+        versions["torch"] = torch.__version__
+    d = jax.devices()[0]
+    return {
+        "jax_device": d.device_kind if d.platform != "cpu" else cpu_name(),
+        "jax_backend": d.platform,
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + shlex.join(argv),
+    }
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """JAX's training images/s over each PyTorch row's, per (resize, dtype): the issue's targets are ratios.
+
+    The chapter's loop runs float32 only (it is the chapter's code); every JAX
+    dtype is compared with it.
+    """
+    out = []
+    for j in (r for r in rows if r["impl"] == "jax"):
+        for t in rows:
+            if t["resize"] == j["resize"] and (
+                t["impl"] == "torch_chapter" or (t["impl"] == "torch_tuned" and t["dtype"] == j["dtype"])
+            ):
+                out.append({"resize": j["resize"], "jax_dtype": j["dtype"], "versus": t["impl"],
+                            "versus_dtype": t["dtype"],
+                            "train_speedup": j["train_images_per_s"] / t["train_images_per_s"],
+                            "eval_speedup": j["eval_images_per_s"] / t["eval_images_per_s"]})
+    return out
+
+
+def _f(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def _gib(b):
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+COLUMNS = (
+    "implementation", "resize", "dtype", "batch", "train img/s", "eval img/s", "step ms (median)",
+    "spread ms (max-min)", "compile s", "peak device mem", "train TFLOP/s", "MFU", "GFLOP/img counted (XLA)",
+)
+
+
+def markdown(report: dict) -> str:
+    env, v = report["environment"], report["environment"]["versions"]
+    lines = [
+        f"Device: {env['jax_device']} ({env['jax_backend']} backend, {env['cpu_count']} CPUs); "
+        f"JAX {v['jax']}, jaxlib {v['jaxlib']}, Flax {v['flax']}, Optax {v['optax']}, PyTorch {v['torch'] or 'not installed'}, "
+        f"Python {v['python']}; {env['date']}.",
+        f"Data: {report['data']}.",
+        f"Command: `{env['command']}`",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in report["rows"]:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        xla = _f(r["xla_gflop_per_train_image"], ".3f")
+        lines.append(
+            f"| {r['label']} | {r['resize']} | {r['dtype']} | {r['batch']} | {r['train_images_per_s']:,.0f} "
+            f"| {r['eval_images_per_s']:,.0f} | {r['step_ms_median']:.2f} | {r['step_ms_spread']:.2f} "
+            f"| {_f(r['compile_s'], '.1f')} | {_gib(r['peak_device_bytes'])} | {r['train_tflops']:.2f} | {mfu} "
+            f"| {r['counted_gflop_per_train_image']:.3f} ({xla}) |"
+        )
+    if report.get("speedups"):
+        lines += ["", "JAX's images/s over PyTorch's (same device, same run):", ""]
+        for s in report["speedups"]:
+            lines.append(
+                f"- {s['resize']}x{s['resize']}, JAX {s['jax_dtype']} vs {s['versus']} ({s['versus_dtype']}): "
+                f"training {s['train_speedup']:.2f}x, evaluation {s['eval_speedup']:.2f}x"
+            )
+    peak_rss = max((r["peak_rss_bytes"] for r in report["rows"]), default=_peak_rss_bytes())
+    lines += ["", f"Process peak RSS (host memory, not device memory; whole run): {_gib(peak_rss)}."]
+    for r in report["rows"]:
+        if r["notes"]:
+            lines.append(f"- {r['label']}, {r['resize']}x{r['resize']} {r['dtype']}: {r['notes']}")
+    for note in report["notes"]:
+        lines.append(f"- {note}")
+    fr = report.get("full_recipe")
+    if fr:
+        lines += [
+            "",
+            f"Full recipe (`training.fit`, {fr['epochs']} epochs of {fr['train_examples']:,} at batch {fr['batch']}, "
+            f"{fr['resize']}x{fr['resize']}, {fr['dtype']}, evaluation on {fr['test_examples']:,} after each epoch): "
+            f"**{fr['wall_s']:.1f} s** wall, compile included ({fr['compile_s']:.1f} s compile, "
+            f"{fr['train_time_s']:.1f} s training, {fr['train_images_per_s']:,.0f} training images/s), "
+            f"final test accuracy {fr['test_acc']:.3f}"
+            + (" (synthetic data: chance level is expected)." if "synthetic" in report["data"] else "."),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/bench.py",
+        description="resnet_jax vs the chapter's PyTorch loop vs a tuned PyTorch, one device, one run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--batch", type=int, default=256, help="training batch size")
+    p.add_argument("--resize", type=int, nargs="+", default=[96, 28], help="image sides to measure")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="computation dtypes (JAX and tuned PyTorch)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up")
+    p.add_argument("--steps", type=int, default=None, help="training steps per timed repeat (default: fit's steps per dispatch: 32 on GPU/TPU, 1 on CPU)")
+    p.add_argument("--train-examples", type=int, default=60_000, help="synthetic training set size")
+    p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluation pass (default: the 10,000 test images on GPU/TPU, 4 batches on CPU)")
+    p.add_argument("--eval-batch", type=int, default=Config().eval_batch_size, help="evaluation batch (JAX and tuned PyTorch)")
+    p.add_argument("--conv-impl", default=Config().conv_impl, choices=IMPLS, help="resnet_jax convolution lowering")
+    p.add_argument("--data", metavar="NPZ", default=None, help="resnet_jax's array cache instead of synthetic images")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
+    p.add_argument("--torch-threads", type=int, default=None, help="PyTorch intra-op CPU threads (default: all CPUs)")
+    p.add_argument("--torch-workers", type=int, default=4, help="DataLoader workers of the chapter's loop (d2l: 4)")
+    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto", help="torch.compile in the tuned PyTorch (auto: on for CUDA, off on CPU)")
+    p.add_argument("--full-recipe", action="store_true", help="also time training.fit over the whole recipe: batch 256, 96x96, the first --dtype, evaluation after each epoch (hours on CPU)")
+    p.add_argument("--recipe-epochs", type=int, default=10, help="epochs of --full-recipe")
+    p.add_argument("--out", metavar="DIR", default=None, help="write bench.json and bench.md here")
+    return p
+
+
+def run(args, argv: list[str], say=print) -> dict:
+    """Everything the command line asks for; returns the report (also written to --out)."""
+    if args.out:
+        _check_writable_dir(Path(args.out), "--out")
+    backend = jax.default_backend()
+    n_eval = args.eval_examples or (10_000 if backend != "cpu" else 4 * args.batch)
+    if args.data:
+        train, test = load_npz(args.data)
+        test = test.take(n_eval)
+        data_note = f"the array cache {args.data} ({len(train):,} train images, the first {len(test):,} test images)"
+    else:
+        train, test = synthetic_splits(args.train_examples, n_eval)
+        data_note = (f"synthetic uint8 noise, {len(train):,} train / {len(test):,} eval images "
+                     f"(throughput does not depend on the pixels)")
+    if len(train) < args.batch:
+        raise UserError(f"the training set ({len(train)} images) is smaller than one batch of {args.batch}")
+    steps = args.steps or training.steps_per_dispatch(Config(), backend)
+    use_torch = not args.no_torch and torch_available()
+    if use_torch:
+        set_torch_threads(args.torch_threads)
+
+    report = {"environment": environment(argv), "data": data_note, "rows": [], "notes": [], "full_recipe": None}
+    if not use_torch:
+        report["notes"].append("PyTorch " + ("skipped (--no-torch)" if args.no_torch else "not installed: no PyTorch rows"))
+    compile_torch = {"auto": None, "on": True, "off": False}[args.torch_compile]
+    if use_torch and compile_torch is None and not torch_compile_default(_torch_device().type):
+        report["notes"].append(
+            "torch.compile is off for the tuned PyTorch on CPU by default (Inductor's C++ compile of this "
+            "network took about a minute even at batch 8, 28x28, on the 2-core machine); --torch-compile on to include it")
+    # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
+    for resize in sorted(set(args.resize)):
+        for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
+            config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
+                            eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
+            say(f"JAX {resize}x{resize} {dtype} ...")
+            report["rows"].append(bench_jax(config, train, test, args.repeats, steps))
+            if use_torch:
+                say(f"PyTorch tuned {resize}x{resize} {dtype} ...")
+                report["rows"].append(bench_torch_tuned(
+                    train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch, args.eval_batch))
+        if use_torch:
+            say(f"PyTorch chapter's loop {resize}x{resize} ...")
+            report["rows"].append(bench_torch_chapter(
+                train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers))
+    if args.full_recipe:
+        config = Config(epochs=args.recipe_epochs, dtype=args.dtype[0], conv_impl=args.conv_impl)
+        say(f"full recipe: {config.epochs} epochs, batch {config.batch_size}, {config.resize}x{config.resize}, {config.dtype} ...")
+        if args.data:
+            recipe_train, recipe_test = load_npz(args.data)
+        else:
+            recipe_train, recipe_test = synthetic_splits(FASHION_MNIST.num_train, FASHION_MNIST.num_test)
+        report["full_recipe"] = bench_full_recipe(config, recipe_train, recipe_test)
+
+    report["speedups"] = speedups(report["rows"])
+    for row in report["rows"]:
+        row.update(environment=report["environment"])
+    md = markdown(report)
+    if args.out:
+        out = Path(args.out)
+        _write_json_atomically(out / "bench.json", report)
+        (out / "bench.md").write_text(md)
+    say(md)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[:] if argv is None else ["benchmarks/bench.py", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv[1:])
+    try:
+        for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--train-examples", args.train_examples),
+                            ("--eval-batch", args.eval_batch), ("--recipe-epochs", args.recipe_epochs)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        for flag, value in (("--steps", args.steps), ("--eval-examples", args.eval_examples)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        if args.torch_threads is not None and args.torch_threads < 1:
+            raise ConfigError(f"--torch-threads must be a positive integer, got {args.torch_threads}")
+        if args.torch_workers < 0:
+            raise ConfigError(f"--torch-workers must be >= 0, got {args.torch_workers}")
+        for resize in args.resize:  # Config's validation, so the messages match train.py's
+            Config(batch_size=args.batch, resize=resize, conv_impl=args.conv_impl, eval_batch_size=args.eval_batch)
+    except ConfigError as err:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        run(args, argv, say=lambda msg: print(msg, flush=True))
+    except UserError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""benchmarks/bench.py at toy size: the report's structure, finite positive numbers, the FLOP count, bad flags."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench  # noqa: E402
+
+from resnet_jax.config import Config  # noqa: E402
+
+
+def test_counted_flops_reproduce_the_hand_count_at_96_and_follow_the_feature_maps():
+    train, evaluation = bench.counted_gflop(96)
+    assert round(train, 3) == 1.897 and round(evaluation, 3) == 0.637
+    # 28x28 maps shrink with ceil-rounding (14, 7, 4, 2, 1): more than (28/96)^2 of the 96x96 count.
+    train28, _ = bench.counted_gflop(28)
+    assert train28 > 1.2 * train * (28 / 96) ** 2
+
+
+def test_peaks_known_for_datacenter_gpus_only():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.5
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.5
+    assert bench.peak_tflops("NVIDIA H200", "float32") == 494.5
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    assert bench.peak_tflops("cpu", "float32") is None
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
+    # --steps 2: two steps per dispatch, so JAX runs fit's device loop (train_chunk) as on GPU.
+    argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--steps", "2", "--train-examples", "8",
+            "--eval-examples", "8", "--torch-workers", "0", "--torch-threads", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    env = report["environment"]
+    assert env["command"].endswith("bench.py " + " ".join(argv))
+    assert env["versions"]["jax"] and env["versions"]["flax"] and env["versions"]["optax"]
+    assert "synthetic" in report["data"]
+
+    impls = [r["impl"] for r in report["rows"]]
+    expected = ["jax", "torch_tuned", "torch_chapter"] if bench.torch_available() else ["jax"]
+    assert impls == expected
+    for row in report["rows"]:
+        assert (row["resize"], row["batch"], row["dtype"], row["steps_per_repeat"]) == (17, 4, "float32", 2)
+        for key in ("train_images_per_s", "eval_images_per_s", "step_ms_median", "train_tflops", "eval_tflops",
+                    "counted_gflop_per_train_image", "counted_gflop_per_eval_image", "peak_rss_bytes"):
+            assert _positive(row[key]), (row["impl"], key, row[key])
+        assert math.isfinite(row["step_ms_spread"]) and row["step_ms_spread"] >= 0
+        assert row["environment"] == env
+        assert row["mfu"] is None and row["peak_device_bytes"] is None  # CPU: no known peak, no device stats
+    jax_row = report["rows"][0]
+    assert _positive(jax_row["compile_s"]) and _positive(jax_row["xla_gflop_per_train_image"])
+
+    md = (tmp_path / "bench.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(report["rows"])  # header + one line per row
+    assert f"`{env['command']}`" in md and "JAX " + env["versions"]["jax"] in md
+    assert md in capsys.readouterr().out
+
+
+def test_full_recipe_times_fit_end_to_end():
+    train, test = bench.synthetic_splits(8, 8)
+    result = bench.bench_full_recipe(Config(epochs=1, batch_size=4, resize=17), train, test)
+    assert result["epochs"] == 1 and result["train_examples"] == 8
+    assert result["wall_s"] >= result["train_time_s"] + result["compile_s"] > 0
+    assert 0 <= result["test_acc"] <= 1
+    report = {"environment": bench.environment(["benchmarks/bench.py", "--full-recipe"]), "rows": [], "notes": [],
+              "data": "synthetic uint8 noise", "full_recipe": result}
+    md = bench.markdown(report)
+    assert f"**{result['wall_s']:.1f} s** wall, compile included" in md and "chance level" in md
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["--resize", "16"], 2, "--resize must be an integer >= 17"),
+        (["--batch", "0"], 2, "--batch must be a positive integer"),
+        (["--data", "/nonexistent/cache.npz", "--resize", "17"], 1, "is not a readable resnet_jax array cache"),
+    ],
+)
+def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, capsys, tmp_path):
+    assert bench.main(argv + ["--out", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_chapter_transform_is_resize_then_to_tensor():
+    """The chapter's per-item transform equals resnet_jax's preprocess to PIL's uint8 rounding (1/255)."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    from resnet_jax.data import preprocess
+
+    images, _ = bench.synthetic_splits(2, 1)
+    image = images.images[0]
+    x = bench.chapter_transform(96)(Image.fromarray(image[..., 0]))
+    assert isinstance(x, torch.Tensor) and x.shape == (1, 96, 96) and x.dtype == torch.float32
+    ours = np.asarray(preprocess(image[None], 96))[0, ..., 0]
+    assert np.abs(x[0].numpy() - ours).max() <= 1 / 255 + 1e-6
+
+
+def test_bench_never_imports_tensorflow():
+    """GPU machines may have neither TensorFlow nor TFDS: the benchmark must not need them."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import bench; "
+        "bench.synthetic_splits(4, 4); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
