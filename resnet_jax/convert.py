@@ -123,12 +123,15 @@ def _torch_shape(layer: Layer, suffix: str) -> tuple[int, ...]:
     return layer.shape if suffix == "weight" and layer.kind != "bn" else (layer.shape[0],)
 
 
+# Both directions return fresh arrays, never views: np.asarray of a CPU torch tensor shares its
+# memory, and an optimizer step or a train-mode forward in PyTorch (in place) would otherwise
+# change the "converted" Flax variables behind the user's back.
 def _to_flax(layer: Layer, suffix: str, a: np.ndarray) -> np.ndarray:
     if suffix == "weight" and layer.kind == "conv":
         a = a.transpose(OIHW_TO_HWIO)
     elif suffix == "weight" and layer.kind == "dense":
         a = a.T
-    return np.ascontiguousarray(a)
+    return np.array(a, np.float32, order="C", copy=True)
 
 
 def _to_torch(layer: Layer, suffix: str, a: np.ndarray) -> np.ndarray:
@@ -136,7 +139,7 @@ def _to_torch(layer: Layer, suffix: str, a: np.ndarray) -> np.ndarray:
         a = a.transpose(HWIO_TO_OIHW)
     elif suffix == "weight" and layer.kind == "dense":
         a = a.T
-    return np.ascontiguousarray(a)
+    return np.array(a, order="C", copy=True)
 
 
 def expected_keys(num_classes: int = 10, input_channels: int = 1) -> dict[str, tuple[int, ...]]:
@@ -195,7 +198,8 @@ def torch_to_flax(state_dict: StateDict, num_classes: int | None = None, input_c
     is built: a missing or extra key or a wrong shape raises
     :class:`ConversionError` naming the first bad key, and nothing is returned.
     Floating arrays become float32 (our parameters' dtype; the chapter's are
-    float32 already, and then the copy is exact). ``num_batches_tracked`` is
+    float32 already, and then the copy is exact). The arrays are copies, never
+    views of the input's memory. ``num_batches_tracked`` is
     checked but not carried: see the module docstring and :func:`batches_tracked`.
     """
     if num_classes is None or input_channels is None:
@@ -207,7 +211,7 @@ def torch_to_flax(state_dict: StateDict, num_classes: int | None = None, input_c
     variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for layer in layer_table(num_classes, input_channels):
         for suffix, collection, name in _SLOTS[layer.kind]:
-            a = _to_flax(layer, suffix, arrays[f"{layer.torch_prefix}.{suffix}"].astype(np.float32, copy=False))
+            a = _to_flax(layer, suffix, arrays[f"{layer.torch_prefix}.{suffix}"])
             node = variables[collection]
             for part in layer.flax_path:
                 node = node.setdefault(part, {})
