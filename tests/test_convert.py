@@ -502,3 +502,108 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
     with pytest.raises(convert.ConversionError, match="cannot read it as a PyTorch file"):
         convert.load_torch_checkpoint(tmp_path / "junk.pt")
+
+
+# --- the CLI: --init-from-torch and --export-torch ---------------------------------------
+
+
+def train_py(*args, extra_pythonpath=(), timeout=600):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, extra_pythonpath), str(REPO)])}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def test_cli_init_from_torch_train_and_export(prepared_data_dir, tmp_path):
+    from resnet_jax import data
+
+    start = torch_reference.make_initialised_net(seed=7).state_dict()
+    for key in (k for k in start if k.endswith("num_batches_tracked")):
+        start[key].fill_(5)  # a checkpoint that has trained 5 steps
+    torch.save(start, tmp_path / "start.pt")
+    r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 256, "--test-limit", 64,
+                 "--epochs", 1, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
+                 "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "out" / "trained.pt",
+                 "--output", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "init: weights from" in r.stdout and "exported a PyTorch state_dict" in r.stdout
+
+    trained = torch.load(tmp_path / "out" / "trained.pt", weights_only=True)
+    net = torch_reference.make_net()
+    net.load_state_dict(trained, strict=True)
+    assert list(trained) == list(start)
+    # 5 steps in the file, then 256 / 32 = 8 here: the counters count on.
+    assert convert.batches_tracked(trained) == 13
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 13
+    # It trained, from the file's weights and not from a fresh init: b5's last kernel
+    # (2.4M weights, small steps) moved, but stays close to the file's.
+    w, w0 = trained["4.1.conv2.weight"], start["4.1.conv2.weight"]
+    assert not torch.equal(w, w0) and (w - w0).norm() < 0.1 * w0.norm()
+
+    # The exported net is the model the run evaluated: its test loss and accuracy on the
+    # same 64 test images, in PyTorch, equal the run's.
+    _, test = data.load(data.FASHION_MNIST, prepared_data_dir, None, offline=True)
+    images, labels = test.images[:64], test.labels[:64]
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = net.eval()(x)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()).item()
+    assert abs(loss - results["test_loss"]) <= 1e-5 * abs(results["test_loss"])
+    assert (logits.argmax(1).numpy() == labels).mean() == results["test_acc"]
+    # And our model with the exported weights gives PyTorch's logits.
+    ours = ResNet18().apply(convert.torch_to_flax(trained), preprocess(images, 28), train=False)
+    assert record("CLI export: eval logits, ours vs PyTorch", rel(ours, logits.numpy())) <= 1e-5
+
+
+def test_cli_zero_epochs_export_returns_the_imported_file(prepared_data_dir, tmp_path):
+    start = torch_reference.make_initialised_net(seed=8).state_dict()
+    for key in (k for k in start if k.endswith("num_batches_tracked")):
+        start[key].fill_(3)
+    torch.save(start, tmp_path / "start.pt")
+    (tmp_path / "back.pt").write_bytes(b"an old export, to be replaced whole")
+    r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 64,
+                 "--epochs", 0, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
+                 "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "back.pt")
+    assert r.returncode == 0, r.stderr
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert list(back) == list(start) and all(torch.equal(back[k], start[k]) for k in start)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _bad_checkpoint(tmp_path):
+    sd = torch_reference.make_net().state_dict()
+    del sd["4.1.bn2.running_mean"]
+    torch.save(sd, tmp_path / "bad.pt")
+    return tmp_path / "bad.pt"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (lambda t: ["--init-from-torch", t / "nowhere.pt"], "--init-from-torch {t}/nowhere.pt: no such file"),
+        (lambda t: ["--init-from-torch", _bad_checkpoint(t)], "missing key '4.1.bn2.running_mean'"),
+        (lambda t: ["--export-torch", t / "a_file" / "x.pt"], "--export-torch's folder"),
+        (lambda t: ["--export-torch", t], "is a directory, not a file name"),
+    ],
+    ids=["missing-file", "missing-key", "unwritable-export", "export-is-dir"],
+)
+def test_cli_refuses_bad_torch_paths_before_any_work(flags, message, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", *flags(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert message.format(t=tmp_path) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tfds").exists()  # refused before the data was touched
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_cli_without_torch_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--export-torch", tmp_path / "x.pt",
+                 extra_pythonpath=[tmp_path / "no_torch"])
+    assert r.returncode == 1
+    assert "--export-torch: reading or writing a PyTorch .pt file needs torch" in r.stderr
+    assert "pip install torch" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "tfds").exists() and not (tmp_path / "x.pt").exists()
