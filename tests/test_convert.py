@@ -377,7 +377,7 @@ def test_pt_file_round_trip(tmp_path):
     convert.save_torch_checkpoint(tmp_path / "out.pt", variables, counts)
     back = torch.load(tmp_path / "out.pt", weights_only=True)
     assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
-    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob("*.tmp"))  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]  # no temporary file left behind
 
 
 # --- initial distribution ----------------------------------------------------------------
