@@ -1,7 +1,7 @@
 """``python train.py``: flags -> Config -> data -> fit -> report.
 
 Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
-done (no data, an unwritable --output...); 130
+done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
 interrupted. A user's mistake gets one line on stderr, never a traceback.
 """
 
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="write metrics.jsonl and results.json here")
     g.add_argument("--json", action="store_true", help="print one final JSON line on stdout (reports go to stderr)")
+    g = p.add_argument_group("PyTorch weights", "state_dicts of the chapter's nn.Sequential net (needs torch)")
+    g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from this state_dict; the step count continues from its num_batches_tracked")
+    g.add_argument("--export-torch", default=None, metavar="FILE.pt", help="write the final model as a state_dict that load_state_dict(strict=True) accepts")
     g = p.add_argument_group("performance (same math)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="computation dtype; parameters stay float32")
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
@@ -74,6 +77,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         steps_per_dispatch=args.steps_per_dispatch,
         eval_batch_size=args.eval_batch_size,
         conv_impl=args.conv_impl,
+        init_from_torch=args.init_from_torch,
+        export_torch=args.export_torch,
     )
 
 
@@ -92,6 +97,26 @@ def check_paths(config: Config) -> None:
         _check_writable_dir(Path(config.output), "--output")
     if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
+    _check_torch_paths(config)
+
+
+def _check_torch_paths(config: Config) -> None:
+    """--init-from-torch must be a file, --export-torch's folder writable, and torch importable."""
+    if config.init_from_torch and not Path(config.init_from_torch).expanduser().is_file():
+        raise UserError(f"--init-from-torch {config.init_from_torch}: no such file")
+    if config.export_torch:
+        target = Path(config.export_torch).expanduser()
+        if target.is_dir():
+            raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
+        _check_writable_dir(target.resolve().parent, "--export-torch's folder")
+    if config.init_from_torch or config.export_torch:
+        from resnet_jax.convert import ConversionError, import_torch
+
+        try:
+            import_torch()
+        except ConversionError as err:
+            flag = "--init-from-torch" if config.init_from_torch else "--export-torch"
+            raise UserError(f"{flag}: {err}") from err
 
 
 def _write_json_atomically(path: Path, obj) -> None:
@@ -125,6 +150,14 @@ def run(config: Config, json_line: bool = False) -> int:
     from resnet_jax import training
 
     spec = DATASETS[config.dataset]
+    init = None
+    if config.init_from_torch:  # read and check the whole checkpoint before the data: fail early
+        from resnet_jax import convert
+
+        try:
+            init = convert.load_torch_checkpoint(config.init_from_torch, spec.num_classes, spec.channels)
+        except convert.ConversionError as err:
+            raise UserError(f"--init-from-torch {config.init_from_torch}: {err}") from err
     t0 = time.perf_counter()
     try:
         train, test = data_mod.load(
@@ -137,7 +170,13 @@ def run(config: Config, json_line: bool = False) -> int:
 
     model = training.make_model(config, spec.num_classes, spec.channels)
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = training.create_train_state(model, training.make_optimizer(config), init_key)
+    state = training.create_train_state(model, training.make_optimizer(config), init_key, init[0] if init else None)
+    if init:
+        # PyTorch's BatchNorm counters are the number of training steps the weights have had
+        # (resnet_jax/convert.py); continuing that count keeps --export-torch's counters true.
+        counts = init[1] if isinstance(init[1], int) else max(init[1].values())
+        state = state.replace(step=counts)
+        say(f"init: weights from {config.init_from_torch} (step {counts})")
 
     metrics_file = None
     if config.output:
@@ -185,6 +224,18 @@ def run(config: Config, json_line: bool = False) -> int:
     f = result.final
     say(f"loss {_fmt(f['train_loss'])}, train acc {_fmt(f['train_acc'])}, test acc {_fmt(f['test_acc'])}")
     say(f"{_fmt(f['examples_per_sec'], '.1f')} examples/sec on {f['device']}")
+
+    if config.export_torch:
+        from resnet_jax import convert
+
+        final = result.state
+        variables = jax.device_get({"params": final.params, "batch_stats": final.batch_stats})
+        # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
+        try:
+            convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(final.step)))
+        except OSError as err:
+            raise UserError(f"--export-torch {config.export_torch}: {err.strerror or err}") from err
+        say(f"exported a PyTorch state_dict to {config.export_torch}")
 
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
     if config.output:

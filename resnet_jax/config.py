@@ -44,6 +44,8 @@ class Config:
     steps_per_dispatch: int | None = None  # training steps per jitted call; None: best for the backend
     eval_batch_size: int = 1000
     conv_impl: str = "auto"  # see resnet_jax.ops
+    init_from_torch: str | None = None  # start from this PyTorch state_dict (.pt) of the chapter's net
+    export_torch: str | None = None  # write the trained model here as a PyTorch state_dict (.pt)
 
     def __post_init__(self):
         validate(self)

@@ -1,0 +1,609 @@
+"""The Flax ResNet-18 is the chapter's PyTorch network, number for number; weights move both ways.
+
+The reference is tests/torch_reference.py (the chapter's code verbatim). All
+comparisons are float32 on CPU with the same weights and inputs. Errors are
+relative per tensor, ||ours - torch|| / ||torch|| (computed in float64): a sum
+of many float32 products comes out of two libraries in different orders, so
+single elements can differ by a few ulps of the *largest* terms; the tensor
+norm is the scale that rounding lives on.
+
+The measured worst errors are printed (run with ``-s``) so that the report's
+numbers come from this file.
+"""
+
+import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # a test extra; CI installs it
+
+import torch_reference  # noqa: E402  (tests/ is on sys.path under pytest)
+from resnet_jax import convert, training  # noqa: E402
+from resnet_jax.config import Config  # noqa: E402
+from resnet_jax.data import preprocess  # noqa: E402
+from resnet_jax.model import BatchNorm, ResNet18, init_variables  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+
+LR = 0.05
+WORST: dict[str, float] = {}  # comparison -> worst relative error seen, printed at the end
+
+
+def rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def record(what: str, err: float) -> float:
+    WORST[what] = max(WORST.get(what, 0.0), err)
+    return err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_worst():
+    yield
+    for what, err in sorted(WORST.items()):
+        print(f"worst relative error, {what}: {err:.2e}")
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def randomised_net(seed: int = 0):
+    """The chapter's net with d2l's init, then non-trivial BatchNorm affine parameters and running statistics.
+
+    With running mean 0 and var 1 the eval-mode forward would not exercise the
+    statistics at all; random ones also differ per channel, so a transposed or
+    misassigned vector shows up.
+    """
+    net = torch_reference.make_initialised_net(seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.num_batches_tracked.fill_(3)
+    return net
+
+
+def torch_grads_as_flax(net) -> dict:
+    """The gradients of ``net``'s parameters, in Flax layout (via the converter, buffers filled in)."""
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    for name, p in net.named_parameters():
+        sd[name] = p.grad
+    return convert.torch_to_flax(sd)["params"]
+
+
+# Conv biases directly followed by a train-mode BatchNorm: BN subtracts the batch
+# mean, so their gradient is exactly zero in exact arithmetic (in PyTorch too) and
+# what float32 returns is cancellation noise in both libraries, not comparable to
+# each other. conv3 (the shortcut) and the dense bias have real gradients.
+def _before_bn(name: str) -> bool:
+    return name.endswith("['bias']") and any(f"['{c}']" in name for c in ("conv", "conv1", "conv2"))
+
+
+def torch_pre_relu(net, x_torch) -> dict[str, np.ndarray]:
+    """Every ReLU's input in a train-mode forward of the chapter's net, NHWC, by Flax module path."""
+    out, hooks = {}, []
+    nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy().copy()
+
+    def keep(name):
+        return lambda module, args, result: out.__setitem__(name, nhwc(result))
+
+    hooks.append(net[0][1].register_forward_hook(keep("b1")))
+    for s in range(1, 5):
+        for r, res in enumerate(net[s]):
+            name = f"b{s + 1}/Residual_{r}"
+            hooks.append(res.bn1.register_forward_hook(keep(name + "/relu1")))
+            hooks.append(res.bn2.register_forward_hook(keep(name + "/bn2")))
+            hooks.append(res.register_forward_hook(lambda m, a, y, name=name: out.__setitem__(name + "/in", nhwc(a[0]))))
+            if res.conv3 is not None:
+                hooks.append(res.conv3.register_forward_hook(keep(name + "/conv3")))
+    with torch.no_grad():
+        net.train()(x_torch)
+    for h in hooks:
+        h.remove()
+    for name in [k[: -len("/bn2")] for k in out if k.endswith("/bn2")]:  # Y += X, then ReLU
+        shortcut = out.pop(name + "/conv3", None)
+        out[name + "/relu2"] = out.pop(name + "/bn2") + (out.pop(name + "/in") if shortcut is None else shortcut)
+        out.pop(name + "/in", None)
+    return out
+
+
+def flax_pre_relu(intermediates) -> dict[str, np.ndarray]:
+    """The same ReLU inputs from our model, from its captured module outputs (float32 adds, as in the model)."""
+    inter = jax.device_get(intermediates)
+    get = lambda *path: np.asarray(functools.reduce(lambda d, k: d[k], path, inter)["__call__"][0])
+    out = {"b1": get("b1", "bn")}
+    previous = get("b1")
+    for s in range(2, 6):
+        for r in range(2):
+            res = inter[f"b{s}"][f"Residual_{r}"]
+            out[f"b{s}/Residual_{r}/relu1"] = np.asarray(res["bn1"]["__call__"][0])
+            shortcut = np.asarray(res["conv3"]["__call__"][0]) if "conv3" in res else previous
+            out[f"b{s}/Residual_{r}/relu2"] = np.asarray(res["bn2"]["__call__"][0]) + shortcut
+            previous = np.asarray(res["__call__"][0])
+    return out
+
+
+def relu_order() -> list[str]:
+    """The ReLUs in the order the chapter's forward calls them (keys of the *_pre_relu dicts)."""
+    return ["b1"] + [f"b{s}/Residual_{r}/relu{i}" for s in range(2, 6) for r in range(2) for i in (1, 2)]
+
+
+def pool_argmax(post_relu: np.ndarray) -> np.ndarray:
+    """Which of its 9 inputs each window of b1's max-pool (3x3, stride 2, pad 1 with -inf) routes the gradient to."""
+    a = np.pad(post_relu, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    out = (post_relu.shape[1] - 1) // 2 + 1
+    taps = [a[:, i : i + 2 * out : 2, j : j + 2 * out : 2] for i in range(3) for j in range(3)]
+    return np.argmax(np.stack(taps), axis=0)  # the first maximum, as both libraries choose
+
+
+class SameBranchReLU:
+    """``F.relu`` for the reference that takes, at each position, the branch our model took.
+
+    The loss is not differentiable where a pre-activation is 0, and float32 puts
+    a few of the ~3.4 million pre-activations of a 96x96 batch of 8 within
+    rounding (1e-6 of their scale) of 0. Such a value can come out positive in
+    one library and negative in the other; that ReLU then passes the gradient in
+    one and blocks it in the other, and one such position moves the gradients
+    upstream of it by up to ~1% (measured: a single flip in b2 changed b2's
+    BatchNorm gradients by 1.4%, with PyTorch then 1.4% off its own float64
+    result and ours 3e-6 off it). Those are two branches of a kink, not two
+    networks, so the reference is evaluated on our branch: where the signs
+    agree (all but a handful of positions) this is exactly F.relu; where they
+    do not, the value it zeroes or keeps is within rounding of 0. The number
+    of such positions is reported and bounded.
+    """
+
+    def __init__(self, masks: list[np.ndarray]):
+        self.masks = [torch.from_numpy(m).permute(0, 3, 1, 2) for m in masks]  # NHWC -> NCHW
+        self.flips = 0
+
+    def relu(self, t):
+        mask = self.masks.pop(0)
+        self.flips += int(((t > 0) != mask).sum())
+        return torch.where(mask, t, torch.zeros((), dtype=t.dtype))
+
+
+class _ModuleReLU(torch.nn.Module):
+    def __init__(self, same_branch):
+        super().__init__()
+        self.same_branch = same_branch
+
+    def forward(self, t):
+        return self.same_branch.relu(t)
+
+
+def train_step_on_our_branch(net, masks, x_torch, y_torch, monkeypatch):
+    """One train_ch6 step of the reference (train-mode forward, mean CE, backward, SGD at LR) on our ReLU branches."""
+    same_branch = SameBranchReLU(masks)
+    net = copy.deepcopy(net).train()
+    net[0][2] = _ModuleReLU(same_branch)  # b1's nn.ReLU
+    # Residual.forward calls F.relu through torch_reference's module global F.
+    monkeypatch.setattr(torch_reference, "F", type("F", (), {"relu": staticmethod(same_branch.relu)}))
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    opt.zero_grad()
+    logits = net(x_torch)
+    torch.nn.functional.cross_entropy(logits, y_torch).backward()
+    grads = leaves(torch_grads_as_flax(net))
+    opt.step()
+    monkeypatch.undo()
+    assert not same_branch.masks  # every ReLU was called, in our order
+    return logits.detach().numpy(), grads, net.state_dict(), same_branch.flips
+
+
+def random_batch(size: int, batch: int, seed: int = 0):
+    """``batch`` uint8 images of uniform pixel noise and random labels."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8), rng.integers(0, 10, (batch,)).astype(np.int32)
+
+
+# Batch 16 at 28x28: there b5's maps are 1x1, so its BatchNorms normalise over the batch
+# alone; with 8 values per channel the gradients grow ~5x and the stem's SGD step at lr
+# 0.05 becomes several times its kernel, so the step's float32 error (that of the
+# gradient, ~1e-5) no longer fits in 1e-5 of the parameter. 16 is a realistic regime.
+@pytest.mark.parametrize("size,conv_impl,batch", [(96, "auto", 8), (28, "auto", 16), (28, "xla", 16)])
+def test_same_function_same_gradients_same_step(size, conv_impl, batch, monkeypatch):
+    net = randomised_net()
+    variables = convert.torch_to_flax(net.state_dict())
+    config = Config(resize=size, lr=LR, conv_impl=conv_impl)
+    model = training.make_model(config)
+    images, labels = random_batch(size, batch, seed=size)
+    # The same float input on both sides: what training.train_step feeds the model
+    # (no resize at the image's own size). Under jit XLA computes x / 255 as
+    # x * (1 / 255), one ulp off numpy's division at half the grey levels: harmless,
+    # but near a kink one ulp decides a branch, so both sides get exactly this input.
+    x = np.asarray(jax.jit(preprocess, static_argnums=1)(images, size))
+    x_torch = torch.from_numpy(x.copy()).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    y_torch = torch.from_numpy(labels).long()
+
+    # Ours: eval logits, train logits, gradients, every ReLU's input; then the real train_step.
+    state = training.create_train_state(model, training.make_optimizer(config), jax.random.key(0), variables)
+
+    @jax.jit
+    def probe(state, x, y):
+        eval_logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+
+        def loss(params):
+            logits, st = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                mutable=["batch_stats", "intermediates"], capture_intermediates=True,
+            )
+            return jnp.mean(training.cross_entropy(logits, y)), (logits, st["intermediates"])
+
+        grads, (train_logits, inter) = jax.grad(loss, has_aux=True)(state.params)
+        return eval_logits, train_logits, grads, inter
+
+    eval_ours, train_ours, grads_ours, inter = probe(state, x, labels)
+    pre_relu = flax_pre_relu(inter)
+    new_state, _ = jax.jit(training.train_step, static_argnums=3)(state, images, labels, size)
+
+    # PyTorch: eval logits as the chapter computes them; the training step on our ReLU branches.
+    with torch.no_grad():
+        eval_ref = copy.deepcopy(net).eval()(x_torch).numpy()
+    masks = [pre_relu[k] > 0 for k in relu_order()]
+    train_ref, grads_ref, after_ref, flips = train_step_on_our_branch(net, masks, x_torch, y_torch, monkeypatch)
+    # Max-pool windows choose the same input (a near-tie could route the gradient elsewhere).
+    torch_b1 = torch_pre_relu(copy.deepcopy(net), x_torch)["b1"]
+    assert np.array_equal(pool_argmax(np.where(masks[0], torch_b1, 0)), pool_argmax(np.maximum(pre_relu["b1"], 0)))
+
+    tag = f"{size}x{size} {conv_impl}"
+    total = sum(m.size for m in masks)
+    print(f"{tag}: {flips} of {total} ReLU inputs round to the other side of 0 in PyTorch")
+    assert flips <= 1e-5 * total  # a handful, not a systematic difference
+    assert record(f"eval logits ({tag})", rel(eval_ours, eval_ref)) <= 1e-5
+    assert record(f"train logits ({tag})", rel(train_ours, train_ref)) <= 1e-5
+
+    params_before = leaves(variables["params"])
+    for name, g in leaves(grads_ours).items():
+        if _before_bn(name):
+            # Compared on the parameter's scale (as tests/test_training.py does): the
+            # step either library takes along this noise moves the bias by less than
+            # 1e-5 of its size, the tolerance of the one-step comparison below.
+            scale = np.linalg.norm(params_before[name])
+            noise = LR * max(np.linalg.norm(g), np.linalg.norm(grads_ref[name])) / scale
+            assert record(f"pre-BN conv-bias step / |bias| ({tag})", noise) <= 1e-5, name
+            continue
+        assert record(f"gradients ({tag})", rel(g, grads_ref[name])) <= 1e-4, name
+
+    # After one SGD step (our real train_step): the parameters, the running statistics, the counters.
+    want = convert.torch_to_flax(after_ref)
+    for collection in ("params", "batch_stats"):
+        ours = leaves(getattr(new_state, collection))
+        for name, ref in leaves(want[collection]).items():
+            assert record(f"after one step, {collection} ({tag})", rel(ours[name], ref)) <= 1e-5, name
+    assert convert.batches_tracked(after_ref) == 4 and int(new_state.step) == 1  # 3 before, one step each
+
+
+def test_running_var_uses_the_unbiased_batch_variance():
+    """PyTorch moves running_var with var * n / (n - 1); so does our BatchNorm.
+
+    n = 2 values per channel make the two conventions differ by a factor 2 in the
+    batch term, far beyond the 1e-6 agreement asserted here.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 1, 1, 16)).astype(np.float32)  # NHWC: n = 2 per channel
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), x, train=False)
+    _, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    ours = np.asarray(updates["batch_stats"]["var"])
+
+    ref_bn = torch.nn.BatchNorm2d(16).train()
+    ref_bn(torch.from_numpy(x).permute(0, 3, 1, 2))
+    ref = ref_bn.running_var.numpy()
+    assert rel(ours, ref) <= 1e-6
+    biased = 0.9 + 0.1 * x.var(axis=(0, 1, 2))  # what flax.linen.BatchNorm would store
+    unbiased = 0.9 + 0.1 * x.var(axis=(0, 1, 2), ddof=1)
+    assert rel(ours, unbiased) <= 1e-6 and rel(biased, ref) > 1e-2
+
+
+# --- round trips -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes,input_channels", [(10, 1), (7, 3)])
+def test_torch_to_flax_to_torch_is_identical(num_classes, input_channels):
+    sd = torch_reference.make_initialised_net(input_channels, num_classes, seed=1).state_dict()
+    for i, key in enumerate(k for k in sd if k.endswith("num_batches_tracked")):
+        sd[key].fill_(40 + (i % 2))  # counters that differ per layer survive too
+    variables = convert.torch_to_flax(sd)
+    # The tree is exactly the one our model builds.
+    model = ResNet18(num_classes=num_classes, input_channels=input_channels)
+    fresh = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), 32))
+    assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(variables)
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+               zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(variables)))
+
+    back = convert.flax_to_torch(variables, convert.batches_tracked(sd))
+    assert list(back) == list(sd)  # same keys, same order
+    for key, ref in sd.items():
+        t = torch.from_numpy(back[key])
+        assert t.dtype == ref.dtype and t.shape == ref.shape and torch.equal(t, ref), key
+    # And it loads into the chapter's net as PyTorch demands.
+    torch_reference.make_net(input_channels, num_classes).load_state_dict(
+        {k: torch.from_numpy(v) for k, v in back.items()}, strict=True
+    )
+
+
+def test_converted_arrays_are_copies_not_views():
+    # np.asarray(tensor) shares memory: without copies, PyTorch's in-place SGD step
+    # and running-statistics update would silently rewrite the "converted" variables.
+    net = torch_reference.make_initialised_net(seed=3)
+    variables = convert.torch_to_flax(net.state_dict())
+    before = {k: v.copy() for k, v in leaves(variables).items()}
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            t.add_(1)
+    assert all(np.array_equal(v, before[k]) for k, v in leaves(variables).items())
+    sd = convert.flax_to_torch(variables)
+    sd["1.0.bn1.bias"] += 1
+    assert np.all(variables["params"]["b2"]["Residual_0"]["bn1"]["bias"] == 0)
+
+
+def test_flax_to_torch_to_flax_is_identical():
+    model = ResNet18(num_classes=10, input_channels=1)
+    variables = init_variables(model, jax.random.key(3), 32)
+    # Non-trivial statistics, so that mean/var could not be confused with their init values.
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda a: a + jax.random.uniform(jax.random.key(4), a.shape), variables["batch_stats"]
+    )
+    sd = convert.flax_to_torch(jax.device_get(variables), num_batches_tracked=12)
+    assert convert.batches_tracked(sd) == 12
+    again = convert.torch_to_flax(sd)
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(variables)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves(again)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), b), jax.tree_util.keystr(path)
+
+
+def test_pt_file_round_trip(tmp_path):
+    sd = torch_reference.make_initialised_net(seed=2).state_dict()
+    torch.save(sd, tmp_path / "in.pt")
+    variables, counts = convert.load_torch_checkpoint(tmp_path / "in.pt")
+    convert.save_torch_checkpoint(tmp_path / "out.pt", variables, counts)
+    back = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]  # no temporary file left behind
+
+
+# --- initial distribution ----------------------------------------------------------------
+
+
+def _fans(shape_oihw):
+    """PyTorch's fans: conv (O, I, kh, kw) -> (I*kh*kw, O*kh*kw); dense (out, in) -> (in, out)."""
+    receptive = int(np.prod(shape_oihw[2:])) if len(shape_oihw) > 2 else 1
+    return shape_oihw[1] * receptive, shape_oihw[0] * receptive
+
+
+def _check_uniform(a: np.ndarray, bound: float, name: str):
+    """Samples of U(-bound, bound): none beyond it, the largest close to it, variance bound^2 / 3."""
+    a = np.asarray(a, np.float64).ravel()
+    n = a.size
+    assert np.abs(a).max() <= bound * (1 + 1e-6), name
+    # P(max |w| < bound (1 - 20/n)) = (1 - 20/n)^n ~ e^-20.
+    assert np.abs(a).max() >= bound * (1 - 20 / n), name
+    if n >= 4096:
+        # The sample variance of a uniform has relative std sqrt(0.8 / n): allow 6 of them.
+        assert abs(a.var() / (bound**2 / 3) - 1) <= 6 * np.sqrt(0.8 / n), name
+
+
+@pytest.mark.parametrize("source", ["flax", "torch"])
+def test_initial_distribution_is_xavier_uniform_with_torch_default_biases(source):
+    if source == "flax":
+        sd = convert.flax_to_torch(jax.device_get(init_variables(ResNet18(), jax.random.key(5), 32)))
+    else:
+        sd = {k: v.numpy() for k, v in torch_reference.make_initialised_net(seed=5).state_dict().items()}
+    checked = 0
+    for key, w in sd.items():
+        if not key.endswith(".weight") or w.ndim < 2:
+            continue
+        fan_in, fan_out = _fans(w.shape)
+        _check_uniform(w, np.sqrt(6 / (fan_in + fan_out)), key)  # xavier_uniform_, gain 1
+        _check_uniform(sd[key[: -len("weight")] + "bias"], 1 / np.sqrt(fan_in), key)  # PyTorch's default bias
+        checked += 1
+    assert checked == 21  # 20 convs and the dense layer
+    for key, v in sd.items():  # BatchNorm2d's initial state
+        if key.endswith("running_var"):
+            assert np.all(v == 1) and np.all(sd[key.replace("running_var", "weight")] == 1), key
+        if key.endswith("running_mean"):
+            assert np.all(v == 0) and np.all(sd[key.replace("running_mean", "bias")] == 0), key
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+
+def _state_dict():
+    return {k: v.numpy() for k, v in torch_reference.make_net().state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda sd: sd.pop("3.1.bn2.running_var"), "missing key '3.1.bn2.running_var'"),
+        (lambda sd: sd.update({"8.weight": np.zeros(3, np.float32)}), "unexpected key '8.weight'"),
+        (lambda sd: sd.update({"2.0.conv3.weight": np.zeros((128, 64, 3, 3), np.float32)}),
+         "'2.0.conv3.weight' has shape (128, 64, 3, 3), expected (128, 64, 1, 1)"),
+        (lambda sd: sd.update({"1.0.bn1.running_mean": np.zeros(65, np.float32)}),
+         "'1.0.bn1.running_mean' has shape (65,)"),
+    ],
+    ids=["missing", "extra", "conv-shape", "bn-shape"],
+)
+def test_a_bad_state_dict_is_refused_naming_the_key(edit, message):
+    sd = _state_dict()
+    edit(sd)
+    with pytest.raises(convert.ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        convert.torch_to_flax(sd)
+
+
+def test_the_expected_model_is_enforced():
+    sd = _state_dict()  # 10 classes, 1 channel
+    with pytest.raises(convert.ConversionError, match=r"'0.0.weight' has shape \(64, 1, 7, 7\), expected \(64, 3, 7, 7\)"):
+        convert.torch_to_flax(sd, num_classes=10, input_channels=3)
+    with pytest.raises(convert.ConversionError, match=r"'7.weight' has shape \(10, 512\), expected \(5, 512\)"):
+        convert.torch_to_flax(sd, num_classes=5, input_channels=1)
+
+
+def test_bad_flax_variables_are_refused_naming_the_variable():
+    variables = convert.torch_to_flax(_state_dict())
+    del variables["batch_stats"]["b4"]["Residual_1"]["bn1"]["var"]
+    with pytest.raises(convert.ConversionError, match="missing Flax variable 'batch_stats/b4/Residual_1/bn1/var'"):
+        convert.flax_to_torch(variables)
+    variables = convert.torch_to_flax(_state_dict())
+    variables["params"]["b2"]["Residual_0"]["conv1"]["kernel"] = np.zeros((3, 3, 64, 65), np.float32)
+    with pytest.raises(convert.ConversionError, match="'params/b2/Residual_0/conv1/kernel' has shape"):
+        convert.flax_to_torch(variables)
+    variables = convert.torch_to_flax(_state_dict())
+    variables["params"]["b2"]["extra"] = {"kernel": np.zeros(1)}
+    with pytest.raises(convert.ConversionError, match="unexpected Flax variable 'params/b2/extra/kernel'"):
+        convert.flax_to_torch(variables)
+
+
+def test_missing_torch_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    for call in (lambda: convert.load_torch_checkpoint(tmp_path / "x.pt"),
+                 lambda: convert.save_torch_checkpoint(tmp_path / "x.pt", {})):
+        with pytest.raises(convert.ConversionError, match="needs torch, which is not installed.*pip install torch"):
+            call()
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_flax_side_never_imports_torch():
+    code = (
+        "import sys, numpy as np, jax\n"
+        "from resnet_jax import convert, cli, init_variables, ResNet18\n"
+        "v = jax.device_get(init_variables(ResNet18(), jax.random.key(0), 32))\n"
+        "sd = convert.flax_to_torch(v, 5)\n"
+        "convert.torch_to_flax(sd)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    with pytest.raises(convert.ConversionError, match="not a state_dict"):
+        convert.load_torch_checkpoint(tmp_path / "list.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(convert.ConversionError, match="cannot read it as a PyTorch file"):
+        convert.load_torch_checkpoint(tmp_path / "junk.pt")
+
+
+# --- the CLI: --init-from-torch and --export-torch ---------------------------------------
+
+
+def train_py(*args, extra_pythonpath=(), timeout=600):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, extra_pythonpath), str(REPO)])}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def test_cli_init_from_torch_train_and_export(prepared_data_dir, tmp_path):
+    from resnet_jax import data
+
+    start = torch_reference.make_initialised_net(seed=7).state_dict()
+    for key in (k for k in start if k.endswith("num_batches_tracked")):
+        start[key].fill_(5)  # a checkpoint that has trained 5 steps
+    torch.save(start, tmp_path / "start.pt")
+    r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 256, "--test-limit", 64,
+                 "--epochs", 1, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
+                 "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "out" / "trained.pt",
+                 "--output", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "init: weights from" in r.stdout and "exported a PyTorch state_dict" in r.stdout
+
+    trained = torch.load(tmp_path / "out" / "trained.pt", weights_only=True)
+    net = torch_reference.make_net()
+    net.load_state_dict(trained, strict=True)
+    assert list(trained) == list(start)
+    # 5 steps in the file, then 256 / 32 = 8 here: the counters count on.
+    assert convert.batches_tracked(trained) == 13
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 13
+    # It trained, from the file's weights and not from a fresh init: b5's last kernel
+    # (2.4M weights, small steps) moved, but stays close to the file's.
+    w, w0 = trained["4.1.conv2.weight"], start["4.1.conv2.weight"]
+    assert not torch.equal(w, w0) and (w - w0).norm() < 0.1 * w0.norm()
+
+    # The exported net is the model the run evaluated: its test loss and accuracy on the
+    # same 64 test images, in PyTorch, equal the run's.
+    _, test = data.load(data.FASHION_MNIST, prepared_data_dir, None, offline=True)
+    images, labels = test.images[:64], test.labels[:64]
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = net.eval()(x)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()).item()
+    assert abs(loss - results["test_loss"]) <= 1e-5 * abs(results["test_loss"])
+    assert (logits.argmax(1).numpy() == labels).mean() == results["test_acc"]
+    # And our model with the exported weights gives PyTorch's logits.
+    ours = ResNet18().apply(convert.torch_to_flax(trained), preprocess(images, 28), train=False)
+    assert record("CLI export: eval logits, ours vs PyTorch", rel(ours, logits.numpy())) <= 1e-5
+
+
+def test_cli_zero_epochs_export_returns_the_imported_file(prepared_data_dir, tmp_path):
+    start = torch_reference.make_initialised_net(seed=8).state_dict()
+    for key in (k for k in start if k.endswith("num_batches_tracked")):
+        start[key].fill_(3)
+    torch.save(start, tmp_path / "start.pt")
+    (tmp_path / "back.pt").write_bytes(b"an old export, to be replaced whole")
+    r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 64,
+                 "--epochs", 0, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
+                 "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "back.pt")
+    assert r.returncode == 0, r.stderr
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert list(back) == list(start) and all(torch.equal(back[k], start[k]) for k in start)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _bad_checkpoint(tmp_path):
+    sd = torch_reference.make_net().state_dict()
+    del sd["4.1.bn2.running_mean"]
+    torch.save(sd, tmp_path / "bad.pt")
+    return tmp_path / "bad.pt"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (lambda t: ["--init-from-torch", t / "nowhere.pt"], "--init-from-torch {t}/nowhere.pt: no such file"),
+        (lambda t: ["--init-from-torch", _bad_checkpoint(t)], "missing key '4.1.bn2.running_mean'"),
+        (lambda t: ["--export-torch", t / "a_file" / "x.pt"], "--export-torch's folder"),
+        (lambda t: ["--export-torch", t], "is a directory, not a file name"),
+    ],
+    ids=["missing-file", "missing-key", "unwritable-export", "export-is-dir"],
+)
+def test_cli_refuses_bad_torch_paths_before_any_work(flags, message, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", *flags(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert message.format(t=tmp_path) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tfds").exists()  # refused before the data was touched
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_cli_without_torch_says_how_to_install_it(tmp_path):
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--export-torch", tmp_path / "x.pt",
+                 extra_pythonpath=[tmp_path / "no_torch"])
+    assert r.returncode == 1
+    assert "--export-torch: reading or writing a PyTorch .pt file needs torch" in r.stderr
+    assert "pip install torch" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "tfds").exists() and not (tmp_path / "x.pt").exists()
