@@ -59,6 +59,8 @@ def load_images(paths: Sequence[str | Path], spec: DatasetSpec) -> np.ndarray:
     """
     from PIL import Image
 
+    if isinstance(paths, (str, Path)):  # one path would otherwise be read as a sequence of characters
+        raise TypeError("load_images takes a sequence of paths; wrap a single path in a list")
     size, channels = spec.image_size, spec.channels
     out = np.zeros((len(paths), size, size, channels), np.uint8)
     for i, path in enumerate(paths):

@@ -130,8 +130,10 @@ def test_no_automatic_inversion(tmp_path):
     assert (load_images([_save(tmp_path / "w.png", white)], GRAY) == 255).all()
 
 
-def test_no_paths_give_an_empty_batch():
+def test_no_paths_give_an_empty_batch_and_a_bare_path_is_a_mistake(tmp_path):
     assert load_images([], COLOUR).shape == (0, 32, 32, 3)
+    with pytest.raises(TypeError, match="sequence of paths"):
+        load_images(str(tmp_path / "a.png"), GRAY)
 
 
 def test_a_missing_file_is_named(tmp_path):
