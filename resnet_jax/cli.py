@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="TFDS dataset")
     g.add_argument("--data-dir", default=None, help="TFDS data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    g.add_argument("--manual-dir", default=None, help="folder with the dataset's four official .gz files, for offline use")
+    g.add_argument("--manual-dir", default=None, help="folder with the dataset's official files as downloaded (README: Other datasets), for offline use")
     g.add_argument("--offline", action="store_true", help="never try to download; fail with instructions instead")
     g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training examples")
     g.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")

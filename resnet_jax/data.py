@@ -1,9 +1,9 @@
-"""Fashion-MNIST through TensorFlow Datasets, held as uint8 arrays.
+"""Fashion-MNIST (and MNIST, KMNIST, CIFAR-10) through TensorFlow Datasets, held as uint8 arrays.
 
-The way in is TFDS's own ``fashion_mnist`` builder: it downloads the four
-official files (or takes them from ``manual_dir``), verifies their checksums and
-prepares the splits. We read each split once as whole arrays (the two splits are
-55 MB of uint8) and cache them as an ``.npz`` beside the TFDS data, so later runs
+The way in is TFDS's own builder for the dataset: it downloads the official
+files (or takes them from ``manual_dir``), verifies their checksums and
+prepares the splits. We read each split once as whole arrays (Fashion-MNIST's two
+splits are 55 MB of uint8, CIFAR-10's 184 MB) and cache them as an ``.npz`` beside the TFDS data, so later runs
 load in a fraction of a second and never import TensorFlow.
 
 TensorFlow is only imported to prepare or read TFDS data, and is told to see no
@@ -44,12 +44,25 @@ class DatasetSpec:
     channels: int
     class_names: tuple[str, ...]
     url: str  # where TFDS downloads from (probed before a download is attempted)
-    files: tuple[str, ...]  # the files TFDS accepts in manual_dir
+    # The files TFDS accepts in manual_dir. TFDS's download manager looks there
+    # for the file name registered beside each URL's checksum (in
+    # tensorflow_datasets/url_checksums/<name>.txt), takes a file of that name
+    # instead of downloading, and still verifies its size and SHA-256: the
+    # files must be exactly the published ones, as downloaded (not unpacked).
+    files: tuple[str, ...]
     homepage: str
+    note: str = ""  # what else a user fetching the files by hand must know
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def file_urls(self) -> tuple[str, ...]:
+        """Where TFDS downloads each of ``files`` from."""
+        if self.url.endswith("/"):  # a folder holding the files (the MNIST family)
+            return tuple(self.url + f for f in self.files)
+        return (self.url,)  # the one file itself (CIFAR-10's archive)
 
 
 FASHION_MNIST = DatasetSpec(
@@ -73,7 +86,60 @@ FASHION_MNIST = DatasetSpec(
     homepage="https://github.com/zalandoresearch/fashion-mnist",
 )
 
-DATASETS: dict[str, DatasetSpec] = {"fashion_mnist": FASHION_MNIST}
+# The MNIST family shares one file format and its file names; only the folder differs.
+_MNIST_FILES = FASHION_MNIST.files
+
+MNIST = DatasetSpec(
+    tfds_name="mnist",
+    version="3.0.1",
+    num_train=60_000,
+    num_test=10_000,
+    image_size=28,
+    channels=1,
+    class_names=tuple(str(d) for d in range(10)),
+    # TFDS fetches MNIST from the CVDF mirror; yann.lecun.com often refuses downloads.
+    url="https://storage.googleapis.com/cvdf-datasets/mnist/",
+    files=_MNIST_FILES,
+    homepage="http://yann.lecun.com/exdb/mnist/",
+)
+
+KMNIST = DatasetSpec(
+    tfds_name="kmnist",
+    version="3.0.1",
+    num_train=60_000,
+    num_test=10_000,
+    image_size=28,
+    channels=1,
+    # One hiragana per row of the syllabary, romanised as TFDS names them.
+    class_names=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    url="http://codh.rois.ac.jp/kmnist/dataset/kmnist/",
+    files=_MNIST_FILES,
+    homepage="http://codh.rois.ac.jp/kmnist/index.html.en",
+    note="Kuzushiji-MNIST is also published as .npz files; TFDS takes only the MNIST-format .gz files.",
+)
+
+CIFAR10 = DatasetSpec(
+    tfds_name="cifar10",
+    version="3.0.2",
+    num_train=50_000,
+    num_test=10_000,
+    image_size=32,
+    channels=3,
+    # TFDS reads the names from batches.meta.txt inside the archive when it prepares the data.
+    class_names=(
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ),
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    files=("cifar-10-binary.tar.gz",),
+    homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+    note=(
+        "It is the 'binary version' archive (cifar-10-binary.tar.gz), not the Python or Matlab one; "
+        "leave it packed, TFDS extracts it."
+    ),
+)
+
+DATASETS: dict[str, DatasetSpec] = {s.tfds_name: s for s in (FASHION_MNIST, MNIST, KMNIST, CIFAR10)}
 
 
 @dataclass(frozen=True)
@@ -168,9 +234,11 @@ def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log) -> tup
 
 def _missing_files_help(spec: DatasetSpec) -> str:
     files = ", ".join(spec.files)
+    where = spec.url if len(spec.files) > 1 else spec.file_urls[0]
     return (
-        f"Download the official files ({files}) from {spec.homepage}, put them in one folder, "
-        f"and pass that folder with --manual-dir."
+        f"Download the official {'files' if len(spec.files) > 1 else 'file'} ({files}) from {where} "
+        f"(see {spec.homepage}), put {'them' if len(spec.files) > 1 else 'it'} as downloaded in one folder, "
+        f"and pass that folder with --manual-dir." + (f" {spec.note}" if spec.note else "")
     )
 
 
@@ -199,8 +267,19 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
     try:
         builder.download_and_prepare(download_config=config)
-    except Exception as err:  # checksum mismatch, truncated file, lost connection, full disk...
-        raise DataError(f"TFDS could not prepare {spec.tfds_name}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # checksum mismatch, truncated archive, lost connection, full disk...
+        if type(err).__name__ != "NonMatchingChecksumError":  # TFDS does not export the class
+            raise DataError(f"TFDS could not prepare {spec.tfds_name}: {type(err).__name__}: {err}") from err
+        # TFDS's message spans several lines; the user needs to know which file and what to do.
+        raise DataError(
+            f"TFDS could not prepare {spec.tfds_name}: a file has the wrong size or checksum "
+            f"({_first_line(err)}); it must be the official {spec.tfds_name} file, complete and as downloaded. "
+            + _missing_files_help(spec)
+        ) from err
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0].rstrip(":")
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:

@@ -1,0 +1,177 @@
+"""A user's own images, made into the uint8 arrays the model was trained on.
+
+The training data reaches the model as uint8 (N, H, W, C) at the dataset's
+native size (28x28x1 for the MNIST family, 32x32x3 for CIFAR-10); the model's
+:func:`resnet_jax.data.preprocess` then scales to [0, 1] and resizes to
+``--resize`` on the device. So a prediction input only has to be brought to
+that same native uint8 form, and everything after it is the training path
+itself. :func:`load_images` does that for image files (with Pillow), and
+:func:`load_npy` for arrays saved with NumPy.
+
+Every failure is an :class:`ImageError` whose message names the file, so a
+command line can print it as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from resnet_jax.data import DatasetSpec
+
+
+class ImageError(Exception):
+    """An input file that cannot be used; the message names the file and why."""
+
+
+def load_images(paths: Sequence[str | Path], spec: DatasetSpec) -> np.ndarray:
+    """Image files (anything Pillow opens: PNG, JPEG, ...) as uint8 (N, size, size, channels) for ``spec``.
+
+    Each file is converted the way the dataset's own images are:
+
+    * EXIF orientation is applied first, so a phone photo is upright as its
+      owner sees it.
+    * Transparency is composited over **black**. The MNIST family draws light
+      strokes/garments on a black background, so a transparent background
+      must become that background; CIFAR-10 has no background convention and
+      gets the same rule, for one rule everywhere.
+    * 16-bit greyscale is scaled to 8 bits (x / 257, rounded), not clipped as
+      Pillow's own ``convert("L")`` would.
+    * Then mode ``"L"`` for 1-channel sets (Pillow's ITU-R 601-2 luma) and
+      ``"RGB"`` for 3-channel sets (a greyscale file is repeated into all
+      three channels).
+    * Finally a bilinear resize (Pillow's, which widens its filter when
+      shrinking, so a large photo is averaged rather than aliased) to the
+      dataset's native square size. A non-square image is stretched, not
+      cropped or padded: crop it to the object first if its shape matters.
+
+    Fashion-MNIST (like MNIST and KMNIST) shows a light object on a black
+    background. A photo of a dark garment on a white table is the opposite
+    and should be inverted (and cropped to the garment) before it is given
+    here; nothing does that automatically, because no rule can tell a dark
+    shirt on white from a white shirt on black.
+
+    An empty ``paths`` gives an empty (0, size, size, channels) array.
+    Raises :class:`ImageError` naming the file if one is missing, is not an
+    image, is truncated or corrupt, or is in a mode that cannot be converted.
+    """
+    from PIL import Image
+
+    if isinstance(paths, (str, Path)):  # one path would otherwise be read as a sequence of characters
+        raise TypeError("load_images takes a sequence of paths; wrap a single path in a list")
+    size, channels = spec.image_size, spec.channels
+    out = np.zeros((len(paths), size, size, channels), np.uint8)
+    for i, path in enumerate(paths):
+        image = _open(Path(path)).convert("L" if channels == 1 else "RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        array = np.asarray(image, np.uint8)
+        out[i] = array[..., None] if channels == 1 else array
+    return out
+
+
+def _open(path: Path):
+    """The file as a Pillow image in mode "L" or "RGB", fully decoded (so truncation shows here)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes now: a truncated file fails here, not later
+            image = ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{path}: image too large ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's truncated/corrupt-data errors
+        raise ImageError(f"{path}: truncated or corrupt image ({err})") from None
+    try:
+        return _to_l_or_rgb(image)
+    except (ValueError, OSError) as err:
+        raise ImageError(f"{path}: cannot convert an image of mode {image.mode!r} ({err})") from None
+
+
+def _to_l_or_rgb(image):
+    """``image`` as "L" (greyscale) or "RGB", alpha composited over black, 16-bit scaled to 8."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale (PNG's 16-bit grey opens as "I;16" or "I"): full scale is 65535.
+        wide = np.asarray(image, np.float64)
+        return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise ValueError("floating-point images are not supported; save it as an 8- or 16-bit PNG")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba).convert("RGB")
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")  # palette, CMYK, YCbCr...: "L" is then taken from RGB if needed
+
+
+def load_npy(path: str | Path, spec: DatasetSpec) -> np.ndarray:
+    """A NumPy ``.npy`` batch as uint8 (N, size, size, channels) for ``spec``.
+
+    The array must already be at the dataset's native size (it is taken as
+    what the dataset itself holds; :func:`load_images` is the way for
+    pictures of other sizes). Accepted shapes, with S the native side and C
+    the dataset's channels: (S, S) and (S, S, C) for one image; (N, S, S) for
+    1-channel sets; (N, S, S, C). Accepted dtypes: uint8 (0..255, as in the
+    dataset) or floating point in [0, 1] (as after ``ToTensor``), which is
+    scaled by 255 and rounded. Anything else is refused rather than guessed
+    at: an int64 array may hold 0..255 or 0..65535, and a channels-first
+    (N, C, S, S) array from PyTorch must be transposed by its owner.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ImageError(f"{path}: not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for .npz archives
+        array.close()
+        raise ImageError(f"{path}: an .npz archive; save one array with np.save(...) as .npy")
+
+    s, c = spec.image_size, spec.channels
+    shape = array.shape
+    if shape == (s, s) and c == 1:
+        array = array[None, :, :, None]
+    elif shape == (s, s, c):
+        array = array[None]
+    elif array.ndim == 3 and shape[1:] == (s, s) and c == 1:
+        array = array[..., None]
+    elif array.ndim == 4 and shape[1:] == (s, s, c):
+        pass
+    else:
+        accepted = [f"(N, {s}, {s}, {c})", f"({s}, {s}, {c})"] + ([f"(N, {s}, {s})", f"({s}, {s})"] if c == 1 else [])
+        hint = ""
+        if array.ndim == 4 and shape[1] == c and shape[2:] == (s, s):
+            hint = "; it looks channels-first: use array.transpose(0, 2, 3, 1)"
+        raise ImageError(
+            f"{path}: shape {shape} is not {spec.tfds_name}'s native {s}x{s}x{c} "
+            f"(accepted: {', '.join(accepted)}){hint}"
+        )
+    if array.shape[0] == 0:
+        raise ImageError(f"{path}: holds no images")
+
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise ImageError(f"{path}: a float array must hold values in [0, 1]; it holds NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise ImageError(
+                f"{path}: a float array must hold values in [0, 1]; it holds [{array.min():g}, {array.max():g}]"
+            )
+        return np.rint(array.astype(np.float64) * 255).astype(np.uint8)
+    raise ImageError(f"{path}: dtype {array.dtype} is neither uint8 (0..255) nor float in [0, 1]")

@@ -1,0 +1,122 @@
+"""The pictures a run leaves in --output: training curves and a confusion matrix, as PNG files.
+
+Drawn with matplotlib's object API on a bare ``Figure``, which renders with
+the Agg backend: no display is ever needed, and pyplot's global state (its
+current figure, its backend choice) is left alone for whoever imported us.
+matplotlib is imported inside the functions, so ``import resnet_jax`` and
+training runs that draw nothing never pay for it.
+
+Both functions write atomically (a temporary file in the same folder, then
+``os.replace``): a reader never sees half a PNG, and a failure leaves the
+previous picture in place and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+# The chapter's d2l.Animator: one axis, the three curves with these styles.
+_CURVES = (
+    ("train_loss", "train loss", "-", "C0"),
+    ("train_acc", "train acc", "--", "m"),
+    ("test_acc", "test acc", "-.", "g"),
+    ("val_acc", "val acc", ":", "r"),
+)
+
+
+def plot_curves(history: list[dict], path: str | Path) -> None:
+    """The chapter's training plot: train loss, train acc and test acc against epochs, in one axis.
+
+    ``history`` holds records like ``training.fit``'s: ``epoch`` plus any of
+    ``train_loss``, ``train_acc``, ``test_acc`` and (when a validation split
+    is used) ``val_acc``. Each curve takes the records that have its key with
+    a finite value, at x = ``epoch``; so records logged every N steps with a
+    fractional ``epoch`` and train metrics only (as d2l's Animator plots them)
+    fit in too, and an epoch-0 record with ``train_loss: None`` is skipped.
+    Raises OSError if ``path`` cannot be written (nothing is left behind).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(5.0, 3.5), dpi=100)  # d2l's default figure size is (3.5, 2.5); a bit larger to read
+    ax = fig.add_subplot()
+    last_epoch = 0.0
+    for key, label, style, colour in _CURVES:
+        points = [
+            (float(r["epoch"]), float(r[key]))
+            for r in history
+            if r.get("epoch") is not None and _finite(r.get(key))
+        ]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, style, color=colour, label=label, marker="." if len(points) == 1 else None)
+            last_epoch = max(last_epoch, max(xs))
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, however the axis is scaled
+    ax.set_xlim(1 if last_epoch > 1 else 0, max(last_epoch, 1))
+    ax.grid(True)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    _save_atomically(fig, path)
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str | None = None
+) -> None:
+    """A labelled heatmap of ``cm`` (rows: true class, columns: predicted) with the count in every cell.
+
+    Each row is coloured by its share of that true class (row-normalised), so
+    classes of different sizes read alike, while the cells print the raw
+    counts. Raises ValueError if ``cm`` is not square or does not match
+    ``class_names``, OSError if ``path`` cannot be written.
+    """
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm)
+    n = len(class_names)
+    if cm.ndim != 2 or cm.shape != (n, n):
+        raise ValueError(f"the confusion matrix has shape {cm.shape}; {n} class names need ({n}, {n})")
+    totals = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, totals, out=np.zeros(cm.shape, np.float64), where=totals > 0)
+
+    side = max(4.0, 0.55 * n + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=list(class_names))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fontsize = 8 if n <= 12 else 6
+    for i in range(n):
+        for j in range(n):
+            # White text on dark cells, black on light ones.
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=fontsize,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_title(title if title is not None else f"Confusion matrix ({int(cm.sum())} examples)")
+    fig.tight_layout()
+    _save_atomically(fig, path)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _save_atomically(fig, path: str | Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,235 @@
+"""A user's images and .npy batches become the dataset's native uint8 arrays; every bad file is named."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import data
+from resnet_jax.images import ImageError, load_images, load_npy
+
+GRAY, COLOUR = data.FASHION_MNIST, data.CIFAR10
+
+
+def _save(path, array, mode=None, **kw):
+    Image.fromarray(array, mode).save(path, **kw) if mode else Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def _gradient(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- images ------------------------------------------------------------------
+
+
+def test_native_size_greyscale_png_is_taken_exactly(tmp_path):
+    a = _gradient(28, 28)[..., 0]
+    out = load_images([_save(tmp_path / "a.png", a)], GRAY)
+    assert out.shape == (1, 28, 28, 1) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0, ..., 0], a)
+
+
+def test_native_size_rgb_png_for_cifar_is_taken_exactly(tmp_path):
+    a = _gradient(32, 32)
+    out = load_images([str(_save(tmp_path / "a.png", a))], COLOUR)
+    assert out.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(out[0], a)
+
+
+def test_colour_to_greyscale_is_the_luma_of_itu_601(tmp_path):
+    a = _gradient(28, 28)
+    out = load_images([_save(tmp_path / "c.png", a)], GRAY)[0, ..., 0].astype(int)
+    luma = a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+    assert np.abs(out - luma).max() <= 1
+
+
+def test_greyscale_for_a_colour_set_fills_three_equal_channels(tmp_path):
+    a = _gradient(32, 32)[..., 1]
+    out = load_images([_save(tmp_path / "g.png", a)], COLOUR)[0]
+    for ch in range(3):
+        np.testing.assert_array_equal(out[..., ch], a)
+
+
+def test_odd_sizes_are_resized_bilinearly_to_native(tmp_path):
+    paths = [_save(tmp_path / f"{h}x{w}.png", _gradient(h, w, h)[..., 0]) for h, w in ((13, 45), (7, 5), (100, 61))]
+    out = load_images(paths, GRAY)
+    assert out.shape == (3, 28, 28, 1)
+    for p, got in zip(paths, out):
+        want = np.asarray(Image.open(p).resize((28, 28), Image.BILINEAR))
+        np.testing.assert_array_equal(got[..., 0], want)
+
+
+def test_a_large_uniform_photo_shrinks_without_artefacts(tmp_path):
+    a = np.full((600, 400, 3), (200, 10, 90), np.uint8)
+    out = load_images([_save(tmp_path / "big.jpg", a, quality=95)], COLOUR)[0]
+    assert np.abs(out.astype(int) - [200, 10, 90]).max() <= 3  # JPEG's loss only
+
+
+def _alpha_bands(size):
+    a = np.zeros((size, size, 4), np.uint8)
+    a[..., :3] = 200
+    a[:, :10, 3] = 0  # transparent: becomes the black background
+    a[:, 10:20, 3] = 255  # opaque: the colour itself
+    a[:, 20:, 3] = 128  # half: half of it
+    return a
+
+
+def test_rgba_alpha_is_composited_over_black(tmp_path):
+    out = load_images([_save(tmp_path / "rgba32.png", _alpha_bands(32))], COLOUR)[0].astype(int)
+    assert (out[:, :10] == 0).all()
+    assert (out[:, 10:20] == 200).all()
+    assert (np.abs(out[:, 20:] - 100) <= 1).all()
+    grey = load_images([_save(tmp_path / "rgba28.png", _alpha_bands(28))], GRAY)[0, ..., 0].astype(int)
+    assert (grey[:, :10] == 0).all() and (grey[:, 10:20] == 200).all() and (np.abs(grey[:, 20:] - 100) <= 1).all()
+
+
+def test_palette_transparency_is_composited_over_black(tmp_path):
+    p = Image.new("P", (28, 28), 1)
+    p.putpalette([0, 0, 0, 255, 255, 255] + [0] * (256 * 3 - 6))
+    p.paste(0, (0, 0, 14, 28))
+    p.info["transparency"] = 1  # the white half is transparent
+    p.save(tmp_path / "pal.png", transparency=1)
+    assert Image.open(tmp_path / "pal.png").mode == "P"
+    out = load_images([tmp_path / "pal.png"], GRAY)[0, ..., 0]
+    assert (out == 0).all()
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    a = np.array([[0, 257 * 100, 65535, 30000]] * 28, np.uint16)[:, [0, 1, 2, 3] * 7]
+    Image.fromarray(a).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    out = load_images([tmp_path / "16.png"], GRAY)[0, 0, :4, 0]
+    assert out.tolist() == [0, 100, 255, round(30000 / 257)]
+
+
+def test_jpeg_greyscale_and_colour(tmp_path):
+    g = np.zeros((40, 40), np.uint8)
+    g[:, 20:] = 255
+    gray = load_images([_save(tmp_path / "g.jpg", g, quality=100)], GRAY)[0, ..., 0].astype(int)
+    assert gray[:, :12].max() <= 8 and gray[:, 16:].min() >= 247  # the edge is blurred by the resize
+    c = np.full((32, 32, 3), (10, 200, 30), np.uint8)
+    colour = load_images([_save(tmp_path / "c.jpg", c, quality=100)], COLOUR)[0].astype(int)
+    assert np.abs(colour - [10, 200, 30]).max() <= 3
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((28, 56), np.uint8)
+    a[:, :28] = 255  # left half white as stored
+    image = Image.fromarray(a)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    out = load_images([tmp_path / "rot.jpg"], GRAY)[0, ..., 0].astype(int)
+    # Displayed upright, the stored left half is on top.
+    assert out[:10].min() >= 240 and out[-10:].max() <= 15
+
+
+def test_no_automatic_inversion(tmp_path):
+    white = np.full((28, 28), 255, np.uint8)  # a dark-on-white photo stays as it is
+    assert (load_images([_save(tmp_path / "w.png", white)], GRAY) == 255).all()
+
+
+def test_no_paths_give_an_empty_batch_and_a_bare_path_is_a_mistake(tmp_path):
+    assert load_images([], COLOUR).shape == (0, 32, 32, 3)
+    with pytest.raises(TypeError, match="sequence of paths"):
+        load_images(str(tmp_path / "a.png"), GRAY)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    good = _save(tmp_path / "ok.png", _gradient(28, 28)[..., 0])
+    with pytest.raises(ImageError, match=r"nope\.png: no such file"):
+        load_images([good, tmp_path / "nope.png"], GRAY)
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(ImageError, match="not a file"):
+        load_images([tmp_path], GRAY)
+
+
+def test_a_text_file_is_not_an_image(tmp_path):
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(ImageError, match=r"notes\.png: not an image file"):
+        load_images([tmp_path / "notes.png"], GRAY)
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_a_truncated_image_is_refused(tmp_path, ext):
+    path = _save(tmp_path / f"full.{ext}", _gradient(64, 64))
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ImageError, match=rf"cut\.{ext}: truncated or corrupt"):
+        load_images([cut], COLOUR)
+
+
+def test_a_float_image_mode_is_refused(tmp_path):
+    Image.fromarray(np.zeros((28, 28), np.float32), "F").save(tmp_path / "f.tiff")
+    with pytest.raises(ImageError, match=r"f\.tiff: cannot convert an image of mode 'F'"):
+        load_images([tmp_path / "f.tiff"], GRAY)
+
+
+# --- .npy --------------------------------------------------------------------
+
+
+def _npy(tmp_path, array, name="x.npy"):
+    np.save(tmp_path / name, array)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("shape, n", [((5, 28, 28), 5), ((5, 28, 28, 1), 5), ((28, 28), 1), ((28, 28, 1), 1)])
+def test_npy_greyscale_shapes(tmp_path, shape, n):
+    a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    out = load_npy(_npy(tmp_path, a), GRAY)
+    assert out.shape == (n, 28, 28, 1) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out.reshape(-1), a.reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32, 3), (32, 32, 3)])
+def test_npy_colour_shapes(tmp_path, shape):
+    a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    out = load_npy(_npy(tmp_path, a), COLOUR)
+    assert out.shape == (shape[0] if len(shape) == 4 else 1, 32, 32, 3)
+    np.testing.assert_array_equal(out.reshape(-1), a.reshape(-1))
+
+
+def test_npy_float_in_unit_range_is_scaled_and_rounded(tmp_path):
+    a = np.array([0.0, 1.0, 0.5, 0.2, 1 / 255], np.float32)
+    img = np.resize(a, (2, 28, 28))
+    out = load_npy(_npy(tmp_path, img), GRAY)
+    assert out[0, 0, :5, 0].tolist() == [0, 255, 128, 51, 1]
+
+
+@pytest.mark.parametrize(
+    "array, spec, message",
+    [
+        (np.zeros((2, 32, 32), np.uint8), GRAY, r"shape \(2, 32, 32\) is not fashion_mnist's native 28x28x1"),
+        (np.zeros((2, 32, 32), np.uint8), COLOUR, r"not cifar10's native 32x32x3 \(accepted: \(N, 32, 32, 3\), \(32, 32, 3\)\)$"),
+        (np.zeros((2, 3, 32, 32), np.uint8), COLOUR, "channels-first: use array.transpose"),
+        (np.zeros((0, 28, 28), np.uint8), GRAY, "holds no images"),
+        (np.zeros((2, 28, 28), np.int64), GRAY, "dtype int64 is neither uint8"),
+        (np.zeros((2, 28, 28), bool), GRAY, "dtype bool is neither uint8"),
+        (np.full((2, 28, 28), 255.0), GRAY, r"values in \[0, 1\]; it holds \[255, 255\]"),
+        (np.full((2, 28, 28), np.nan, np.float32), GRAY, "NaN or infinite"),
+    ],
+)
+def test_npy_refusals_name_the_file_and_the_reason(tmp_path, array, spec, message):
+    path = _npy(tmp_path, array, "batch.npy")
+    with pytest.raises(ImageError, match=message) as err:
+        load_npy(path, spec)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_npy_missing_npz_pickle_and_garbage_are_refused(tmp_path):
+    with pytest.raises(ImageError, match=r"none\.npy: no such file"):
+        load_npy(tmp_path / "none.npy", GRAY)
+    np.savez(tmp_path / "two.npz", a=np.zeros(3))
+    with pytest.raises(ImageError, match=r"two\.npz: an \.npz archive"):
+        load_npy(tmp_path / "two.npz", GRAY)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ImageError, match=r"obj\.npy: not a readable \.npy array"):
+        load_npy(tmp_path / "obj.npy", GRAY)
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ImageError, match=r"junk\.npy: not a readable \.npy array"):
+        load_npy(tmp_path / "junk.npy", GRAY)
+    with pytest.raises(ImageError, match="not a file"):
+        load_npy(tmp_path, GRAY)

@@ -1,0 +1,121 @@
+"""The curves and confusion-matrix PNGs: valid pictures, written atomically, without a display or pyplot."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import plots
+
+HISTORY = [
+    {"epoch": 1, "train_loss": 1.2, "train_acc": 0.55, "test_loss": 0.9, "test_acc": 0.66},
+    {"epoch": 2, "train_loss": 0.6, "train_acc": 0.78, "test_loss": 0.5, "test_acc": 0.81},
+    {"epoch": 3, "train_loss": 0.4, "train_acc": 0.86, "test_loss": 0.45, "test_acc": 0.84},
+]
+NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _png(path):
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def _drawn(pixels, colour, tol=40):
+    """How many pixels are close to ``colour`` (RGB 0..255)."""
+    return int((np.abs(pixels.astype(int) - colour).sum(-1) < tol).sum())
+
+
+def test_curves_png(tmp_path):
+    path = tmp_path / "curves.png"
+    plots.plot_curves(HISTORY, path)
+    px = _png(path)
+    assert 300 <= px.shape[0] <= 1000 and 400 <= px.shape[1] <= 1200
+    # The test-acc curve is green ("g"), d2l's style; no red, as there is no val_acc.
+    assert _drawn(px, (0, 128, 0)) > 50
+    assert _drawn(px, (255, 0, 0)) == 0
+    assert os.listdir(tmp_path) == ["curves.png"]
+
+
+def test_curves_plot_val_acc_and_tolerate_partial_records(tmp_path):
+    history = [{"epoch": 0, "train_loss": None, "train_acc": None, "test_acc": 0.1}] + [
+        dict(r, val_acc=r["test_acc"] - 0.02) for r in HISTORY
+    ] + [{"epoch": 3.5, "train_loss": 0.3, "step": 120}]  # a step record: train metrics only
+    plots.plot_curves(history, tmp_path / "c.png")
+    assert _drawn(_png(tmp_path / "c.png"), (255, 0, 0)) > 50  # the val-acc curve is red ("r")
+
+
+def test_curves_of_one_epoch_and_of_none(tmp_path):
+    plots.plot_curves(HISTORY[:1], tmp_path / "one.png")
+    plots.plot_curves([], tmp_path / "none.png")
+    assert _png(tmp_path / "one.png").shape == _png(tmp_path / "none.png").shape
+
+
+def test_confusion_matrix_png(tmp_path):
+    rng = np.random.default_rng(0)
+    cm = rng.integers(0, 50, (10, 10)) + np.diag(rng.integers(500, 1000, 10))
+    path = tmp_path / "cm.png"
+    plots.plot_confusion_matrix(cm, NAMES, path, title="fashion_mnist test set")
+    px = _png(path)
+    assert 400 <= px.shape[0] <= 1200 and 400 <= px.shape[1] <= 1400
+    # A dark blue diagonal (Blues at share ~0.95) is drawn.
+    assert _drawn(px, (8, 48, 107), tol=60) > 500
+    plots.plot_confusion_matrix(np.zeros((3, 3), int), ["a", "b", "c"], tmp_path / "empty.png")
+    _png(tmp_path / "empty.png")
+
+
+def test_confusion_matrix_must_match_the_class_names(tmp_path):
+    with pytest.raises(ValueError, match=r"shape \(3, 3\); 2 class names"):
+        plots.plot_confusion_matrix(np.zeros((3, 3), int), ["a", "b"], tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("draw", [
+    lambda p: plots.plot_curves(HISTORY, p),
+    lambda p: plots.plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], p),
+])
+def test_an_unwritable_path_raises_oserror_and_leaves_nothing(tmp_path, draw):
+    with pytest.raises(OSError):
+        draw(tmp_path / "no" / "such" / "dir" / "x.png")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        draw(tmp_path / "file" / "x.png")
+    # The temporary file is written, then os.replace fails (the target is a folder): it must go.
+    (tmp_path / "taken.png").mkdir()
+    with pytest.raises(OSError):
+        draw(tmp_path / "taken.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken.png"]
+    assert list((tmp_path / "taken.png").iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_previous_picture(tmp_path, monkeypatch):
+    path = tmp_path / "curves.png"
+    plots.plot_curves(HISTORY, path)
+    before = path.read_bytes()
+    from matplotlib.figure import Figure
+
+    def full_disk(self, f, **kw):
+        f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        plots.plot_curves(HISTORY[:2], path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["curves.png"]
+
+
+def test_importing_the_package_does_not_import_matplotlib_or_pyplot():
+    code = (
+        "import sys, resnet_jax, resnet_jax.plots, resnet_jax.metrics, resnet_jax.images\n"
+        "assert 'matplotlib' not in sys.modules, 'eager matplotlib'\n"
+        "import numpy as np, tempfile, os\n"
+        "d = tempfile.mkdtemp()\n"
+        "resnet_jax.plots.plot_confusion_matrix(np.eye(2, dtype=int), ['a', 'b'], os.path.join(d, 'cm.png'))\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    env = dict(os.environ, MPLBACKEND="", DISPLAY="")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
