@@ -149,6 +149,7 @@ def predict(args: argparse.Namespace) -> int:
     x = np.concatenate(batches)
     if not len(x):
         raise UserError("no images to predict (the .npy batches are empty)")
+    print(_describe(ckpt), file=sys.stderr, flush=True)  # not in stdout: it stays the predictions alone
     probs = training.predict(ckpt.state, x, config.resize, config.eval_batch_size)
 
     results = []
@@ -160,7 +161,6 @@ def predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "predictions": results}), flush=True)
     else:
-        print(_describe(ckpt), file=sys.stderr, flush=True)
         for r in results:
             print(f"{r['input']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top_k"]))
     return EXIT_OK
