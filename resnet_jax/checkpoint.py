@@ -24,6 +24,11 @@ Orbax writes a checkpoint into a temporary directory and renames it into place
 once complete (and only then deletes the oldest), so a crash, a Ctrl-C or a
 full disk during a save leaves the previous checkpoints as they were.
 Saves are synchronous: a failure is known before training goes on.
+
+Checkpoints are taken at epoch boundaries only. Ctrl-C therefore leaves the
+checkpoint of the last epoch completed (the CLI saves it again if the Ctrl-C
+landed in its save); the steps of the interrupted epoch are redone by
+``--resume``, which then ends bitwise where the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ MODEL_KEYS = ("num_classes", "input_channels", "dtype")
 # Config fields a resumed run may change: where files are and how long to train.
 # Every other field changes the training math, or its bits (conv lowering, steps per
 # dispatch, eval batch), and would break the promise of an exact resume.
-RESUMABLE_FIELDS = frozenset({"epochs", "data_dir", "manual_dir", "offline", "output", "keep", "log_every", "resume"})
+RESUMABLE_FIELDS = frozenset(
+    {"epochs", "data_dir", "manual_dir", "offline", "output", "keep", "log_every", "resume", "export_torch"}
+)
 
 
 class CheckpointError(Exception):
