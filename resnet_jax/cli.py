@@ -11,6 +11,7 @@ interrupted. A user's mistake gets one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -145,7 +146,11 @@ def open_checkpoints(config: Config, meta: dict):
         if config.resume:
             if latest is None:
                 raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
-            diffs = ckpt_mod.differences(ckpts.read_meta()["metadata"], meta)
+            saved = ckpts.read_meta()
+            if saved["epoch"] > config.epochs:
+                raise UserError(f"--resume: the checkpoint in {config.output} has trained {saved['epoch']} epochs, "
+                                f"more than --epochs {config.epochs}")
+            diffs = ckpt_mod.differences(saved["metadata"], meta)
             if diffs:
                 raise UserError(
                     f"--resume: the checkpoint in {config.output} was trained with another configuration: "
@@ -270,7 +275,8 @@ def run(config: Config, json_line: bool = False) -> int:
             bar.close()
             bar = None
         if unsaved is not None:  # interrupted while saving: the state is whole, save it again
-            ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
+            with contextlib.suppress(ckpt_mod.CheckpointError):  # else the previous checkpoint stands
+                ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
         raise Interrupted(ckpts.latest_epoch() if ckpts else None, config.output) from None
     except training.NonFiniteLoss as err:
         kept = ckpts.latest_epoch() if ckpts else None

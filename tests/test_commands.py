@@ -191,6 +191,8 @@ ERRORS = {
                                   "--resume: no checkpoint in"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
                         "lr (checkpoint 0.05, now 0.1)"),
+    "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
+                            "has trained 2 epochs, more than --epochs 1"),
     "output-holds-a-run": (lambda run, d, t: _train_args(d, run), 1, "already holds a run"),
 }
 
