@@ -225,3 +225,18 @@ def test_the_real_entry_point_documents_and_refuses():
         assert r.returncode == 0 and all(f in r.stdout for f in flags), r.stdout
     r = train_py("evaluate", REPO / "no_such_run")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_nan_loss_is_one_line_naming_the_step_and_the_kept_checkpoint(run, prepared_data_dir, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    shutil.copytree(run[0], output)
+
+    def fit_that_diverges(*args, **kwargs):  # what fit raises when a step's loss is NaN (tests/test_checkpoint.py)
+        raise training.NonFiniteLoss(7, 7, 3, float("nan"))
+
+    monkeypatch.setattr(training, "fit", fit_that_diverges)
+    args = [a for a in _train_args(prepared_data_dir, output, "--resume", "--epochs", 3) if a != "--json"]
+    rc, out, err = _main(*args)
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "loss became nan at step 7 (epoch 3)" in err and "last good checkpoint (epoch 2)" in err
+    assert Checkpoints(output).latest.all_steps() == [1, 2]
