@@ -2,9 +2,10 @@
 
 The way in is TFDS's own builder for the dataset: it downloads the official
 files (or takes them from ``manual_dir``), verifies their checksums and
-prepares the splits. We read each split once as whole arrays (Fashion-MNIST's two
-splits are 55 MB of uint8, CIFAR-10's 184 MB) and cache them as an ``.npz`` beside the TFDS data, so later runs
-load in a fraction of a second and never import TensorFlow.
+prepares the splits. We read each split once as whole arrays (Fashion-MNIST's
+two splits are 55 MB of uint8, CIFAR-10's 184 MB) and cache them as an ``.npz``
+beside the TFDS data, so later runs load in a fraction of a second and never
+import TensorFlow.
 
 TensorFlow is only imported to prepare or read TFDS data, and is told to see no
 GPU before it does anything, so it never takes accelerator memory from JAX.
