@@ -22,7 +22,7 @@ from resnet_jax.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, U
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output directory")
     p.add_argument("--which", choices=("latest", "best"), default="latest",
-                   help="the latest checkpoint, or the best by validation accuracy (runs trained with --val-split)")
+                   help="the latest checkpoint (default), or the best by validation accuracy (runs trained with --val-split)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
 
 
@@ -31,7 +31,6 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
         prog="train.py evaluate",
         description="Test loss and accuracy of a checkpoint, accuracy per class, and a confusion-matrix PNG. "
         "The model and test set are the checkpoint's own (dataset, --test-limit); the data flags only say where the data is.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _common(p)
     p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: the run's)")
@@ -49,11 +48,10 @@ def build_predict_parser() -> argparse.ArgumentParser:
         prog="train.py predict",
         description="The top-k classes, with probabilities, of image files (PNG, JPEG... any size, grey or colour, "
         "converted as the training data was) or .npy batches, by a trained checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _common(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="image files, or .npy arrays at the dataset's native size")
-    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per input")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per input (default: 3)")
     return p
 
 
