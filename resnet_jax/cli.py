@@ -1,5 +1,8 @@
 """``python train.py``: flags -> Config -> data -> fit -> report.
 
+``python train.py evaluate ...`` and ``python train.py predict ...`` use a
+trained run's checkpoint instead (resnet_jax/commands.py).
+
 Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
 done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
 interrupted. A user's mistake gets one line on stderr, never a traceback.
@@ -8,6 +11,7 @@ interrupted. A user's mistake gets one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +24,7 @@ from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
 
 
 class UserError(Exception):
@@ -31,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train the chapter's ResNet-18 on Fashion-MNIST (defaults: the d2l recipe, lr 0.05).",
+        epilog="Other commands: 'train.py evaluate RUN_DIR' (test metrics, per-class accuracy, confusion matrix) "
+        "and 'train.py predict RUN_DIR FILES...' (top-k classes of images); see their --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
@@ -46,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training examples")
     g.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")
     g = p.add_argument_group("output")
-    g.add_argument("--output", default=None, metavar="DIR", help="write metrics.jsonl and results.json here")
+    g.add_argument("--output", default=None, metavar="DIR", help="run directory: a checkpoint after every epoch, metrics.jsonl, results.json, curves.png")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may be raised; the rest must match)")
+    g.add_argument("--keep", type=int, default=d.keep, metavar="K", help="latest checkpoints kept in --output")
+    g.add_argument("--val-split", type=int, default=d.val_split, metavar="N", help="hold out the last N training examples; keep the checkpoint of best accuracy on them in --output/best (default: off, the chapter's recipe)")
+    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps to metrics.jsonl")
     g.add_argument("--json", action="store_true", help="print one final JSON line on stdout (reports go to stderr)")
     g = p.add_argument_group("PyTorch weights", "state_dicts of the chapter's nn.Sequential net (needs torch)")
     g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from this state_dict; the step count continues from its num_batches_tracked")
@@ -73,6 +84,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         manual_dir=args.manual_dir,
         offline=args.offline,
         output=args.output,
+        resume=args.resume,
+        keep=args.keep,
+        val_split=args.val_split,
+        log_every=args.log_every,
         dtype=args.dtype,
         steps_per_dispatch=args.steps_per_dispatch,
         eval_batch_size=args.eval_batch_size,
@@ -131,6 +146,51 @@ def _write_json_atomically(path: Path, obj) -> None:
         raise
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training; says which checkpoint a --resume would continue from."""
+
+    def __init__(self, epoch: int | None, output: str | None):
+        if epoch is not None:
+            msg = f"interrupted; the checkpoint of epoch {epoch} is in {output}: continue with --resume"
+        elif output:
+            msg = "interrupted before the first epoch ended; no checkpoint was written"
+        else:
+            msg = "interrupted (no --output, nothing saved)"
+        super().__init__(msg)
+
+
+def open_checkpoints(config: Config, meta: dict):
+    """The run directory's checkpoints, after checking that --resume (or its absence) fits what is there."""
+    if not config.output:
+        return None
+    from resnet_jax import checkpoint as ckpt_mod
+
+    try:
+        ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
+        latest = ckpts.latest_epoch()
+        if config.resume:
+            if latest is None:
+                raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
+            saved = ckpts.read_meta()
+            if saved["epoch"] > config.epochs:
+                raise UserError(f"--resume: the checkpoint in {config.output} has trained {saved['epoch']} epochs, "
+                                f"more than --epochs {config.epochs}")
+            diffs = ckpt_mod.differences(saved["metadata"], meta)
+            if diffs:
+                raise UserError(
+                    f"--resume: the checkpoint in {config.output} was trained with another configuration: "
+                    + "; ".join(diffs) + " (only --epochs and file locations may change)"
+                )
+        elif latest is not None:
+            raise UserError(
+                f"--output {config.output} already holds a run (checkpoint of epoch {latest}); "
+                "pass --resume to continue it, or choose another --output"
+            )
+    except ckpt_mod.CheckpointError as err:
+        raise UserError(str(err)) from err
+    return ckpts
+
+
 def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -146,8 +206,9 @@ def run(config: Config, json_line: bool = False) -> int:
     import jax
     from tqdm import tqdm
 
+    from resnet_jax import checkpoint as ckpt_mod
     from resnet_jax import data as data_mod
-    from resnet_jax import training
+    from resnet_jax import plots, training
 
     spec = DATASETS[config.dataset]
     init = None
@@ -158,6 +219,8 @@ def run(config: Config, json_line: bool = False) -> int:
             init = convert.load_torch_checkpoint(config.init_from_torch, spec.num_classes, spec.channels)
         except convert.ConversionError as err:
             raise UserError(f"--init-from-torch {config.init_from_torch}: {err}") from err
+    meta = ckpt_mod.metadata(config, spec)
+    ckpts = open_checkpoints(config, meta)  # before the data: a wrong --resume fails at once
     t0 = time.perf_counter()
     try:
         train, test = data_mod.load(
@@ -166,7 +229,11 @@ def run(config: Config, json_line: bool = False) -> int:
     except data_mod.DataError as err:
         raise UserError(str(err)) from err
     train, test = train.take(config.train_limit), test.take(config.test_limit)
-    say(f"data: {spec.tfds_name} {len(train)} train / {len(test)} test examples, loaded in {time.perf_counter() - t0:.1f} s")
+    val = None
+    if config.val_split:
+        train, val = train.hold_out(config.val_split)
+    held = f" ({len(val)} more held out for validation)" if val is not None else ""
+    say(f"data: {spec.tfds_name} {len(train)} train / {len(test)} test examples{held}, loaded in {time.perf_counter() - t0:.1f} s")
 
     model = training.make_model(config, spec.num_classes, spec.channels)
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -178,10 +245,26 @@ def run(config: Config, json_line: bool = False) -> int:
         state = state.replace(step=counts)
         say(f"init: weights from {config.init_from_torch} (step {counts})")
 
+    history, log = [], []  # fit's epoch records; every metrics.jsonl record
+    if config.resume:
+        restored = ckpts.restore(state)
+        state, history, log = restored.state, restored.history, restored.log
+        say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
+
     metrics_file = None
     if config.output:
         out_dir = Path(config.output)
-        metrics_file = open(out_dir / "metrics.jsonl", "w")
+        # A resumed run's metrics are the checkpoint's records, then its own: anything
+        # logged after the checkpoint (an epoch that did not finish) is rewritten.
+        with open(out_dir / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+        metrics_file = open(out_dir / "metrics.jsonl", "a")
+
+    def write_record(rec):
+        log.append(rec)
+        if metrics_file:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
 
     bar = None
 
@@ -205,16 +288,44 @@ def run(config: Config, json_line: bool = False) -> int:
         if bar is not None:
             bar.close()
             bar = None
+        val = f", val acc {rec['val_acc']:.3f}" if "val_acc" in rec else ""
         say(
             f"epoch {rec['epoch']}/{config.epochs}: loss {rec['train_loss']:.3f}, train acc {rec['train_acc']:.3f}, "
-            f"test acc {rec['test_acc']:.3f} ({rec['epoch_train_s']:.1f} s, {rec['examples_per_sec']:.1f} examples/sec)"
+            f"test acc {rec['test_acc']:.3f}{val} ({rec['epoch_train_s']:.1f} s, {rec['examples_per_sec']:.1f} examples/sec)"
         )
-        if metrics_file:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
+        write_record({"kind": "epoch", **rec})
 
+    unsaved = None  # (state, history) while a save is under way, for a Ctrl-C that lands in it
+
+    def on_checkpoint(state, history):
+        nonlocal unsaved
+        if ckpts is None:
+            return
+        unsaved = (state, list(history))
+        ckpts.save(state, history[-1]["epoch"], history, log, meta)
+        unsaved = None
+
+    hooks = training.Hooks(on_start, on_progress, on_epoch,
+                           on_log=lambda rec: write_record({"kind": "steps", **rec}), on_checkpoint=on_checkpoint)
     try:
-        result = training.fit(config, train, test, state, training.Hooks(on_start, on_progress, on_epoch))
+        result = training.fit(config, train, test, state, hooks, val=val, history=history)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        if unsaved is not None:  # interrupted while saving: the state is whole, save it again
+            with contextlib.suppress(ckpt_mod.CheckpointError):  # else the previous checkpoint stands
+                ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
+        raise Interrupted(ckpts.latest_epoch() if ckpts else None, config.output) from None
+    except training.NonFiniteLoss as err:
+        kept = ckpts.latest_epoch() if ckpts else None
+        where = (
+            f"the last good checkpoint (epoch {kept}) in {config.output} is unchanged"
+            if kept is not None else "no checkpoint was written"
+        )
+        raise UserError(f"{err}: {where}; try a smaller --lr") from err
+    except ckpt_mod.CheckpointError as err:
+        raise UserError(str(err)) from err
     finally:
         if bar is not None:
             bar.close()
@@ -240,7 +351,16 @@ def run(config: Config, json_line: bool = False) -> int:
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
     if config.output:
         _write_json_atomically(Path(config.output) / "results.json", report)
-        say(f"metrics written to {config.output}/metrics.jsonl and results.json")
+        # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
+        spe = -(-len(train) // config.batch_size)  # steps per epoch, the last batch included
+        points = [{**r, "epoch": r["step"] / spe} if r["kind"] == "steps" else r for r in log]
+        try:
+            plots.plot_curves(points, Path(config.output) / "curves.png")
+        except OSError as err:
+            raise UserError(f"could not write {config.output}/curves.png: {err}") from err
+        say(f"checkpoints in {config.output}/checkpoints"
+            + (f" and {config.output}/best" if config.val_split else "")
+            + f"; metrics in metrics.jsonl, results.json, curves.png")
     if json_line:
         print(json.dumps(report), flush=True)
     return EXIT_OK
@@ -248,6 +368,11 @@ def run(config: Config, json_line: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        from resnet_jax import commands
+
+        return commands.main(argv[0], argv[1:])
     args = parser.parse_args(argv)  # exits 2 with argparse's message on malformed flags
     try:
         config = config_from_args(args)
@@ -260,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except Interrupted as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

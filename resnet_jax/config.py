@@ -39,7 +39,11 @@ class Config:
     data_dir: str | None = None  # a TFDS data_dir; None means TFDS's default
     manual_dir: str | None = None  # a folder with the dataset's official files
     offline: bool = False  # never attempt a download
-    output: str | None = None  # where metrics are written
+    output: str | None = None  # where checkpoints and metrics are written
+    resume: bool = False  # continue from the latest checkpoint in output
+    keep: int = 3  # latest checkpoints kept in output
+    val_split: int | None = None  # hold out the last N training examples to select the best checkpoint
+    log_every: int | None = None  # also log train loss/acc every N steps (rounded up to a dispatch)
     dtype: str = "float32"  # computation dtype; parameters stay float32
     steps_per_dispatch: int | None = None  # training steps per jitted call; None: best for the backend
     eval_batch_size: int = 1000
@@ -91,6 +95,18 @@ def validate(c: Config) -> None:
         _positive_int(flag, value, flag)
         if value > size:
             raise ConfigError(f"{flag} {value} is larger than the {spec.tfds_name} split ({size} examples)")
+    _positive_int("keep", c.keep, "--keep")
+    if c.log_every is not None:
+        _positive_int("log_every", c.log_every, "--log-every")
+    if c.resume and not c.output:
+        raise ConfigError("--resume needs --output DIR (the run directory to continue)")
+    if c.val_split is not None:
+        _positive_int("val_split", c.val_split, "--val-split")
+        available = c.train_limit if c.train_limit is not None else spec.num_train
+        if c.val_split >= available:
+            raise ConfigError(
+                f"--val-split {c.val_split} leaves no training examples (the training split has {available})"
+            )
     if c.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
     if c.conv_impl not in IMPLS:

@@ -157,6 +157,14 @@ class Split:
         """The first ``n`` examples (all when ``n`` is None)."""
         return self if n is None else Split(self.images[:n], self.labels[:n])
 
+    def hold_out(self, n: int) -> tuple["Split", "Split"]:
+        """(all but the last ``n`` examples, the last ``n``): a validation split carved from this one.
+
+        The last examples, not a random draw: the carving depends on nothing but ``n``,
+        so a resumed run carves the same split.
+        """
+        return Split(self.images[:-n], self.labels[:-n]), Split(self.images[-n:], self.labels[-n:])
+
 
 def default_data_dir() -> Path:
     """TFDS's own default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""

@@ -102,12 +102,34 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: 
     return state, _sums(losses, logits, labels)
 
 
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int) -> Metrics:
-    """Metric sums of the model in eval mode (running statistics) over the examples where ``mask``."""
-    logits = state.apply_fn(
+def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
+    """The model in eval mode (running statistics) on a batch of uint8 images."""
+    return state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, preprocess(images, resize), train=False
     )
+
+
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int) -> Metrics:
+    """Metric sums of the model in eval mode (running statistics) over the examples where ``mask``."""
+    logits = eval_logits(state, images, resize)
     return _sums(cross_entropy(logits, labels), logits, labels, mask)
+
+
+def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, num_classes) of uint8 images (N, H, W, C), in eval mode.
+
+    Batches of ``batch_size`` (the last one padded), so one compiled program serves any N.
+    """
+    batch_size = max(1, min(batch_size, len(images)))
+    probs_fn = jax.jit(lambda s, x: jax.nn.softmax(eval_logits(s, x, resize).astype(jnp.float32), axis=-1))
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        pad = batch_size - len(batch)
+        if pad:
+            batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+        out.append(np.asarray(probs_fn(state, batch))[: batch_size - pad])
+    return np.concatenate(out)
 
 
 def _add(a: Metrics, b: Metrics) -> Metrics:
@@ -180,6 +202,15 @@ def epoch_plan(epoch, seed: int, n: int, batch_size: int, chunk: int):
     return rows.reshape(num_chunks, chunk, batch_size), perm[full * batch_size :]
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite; training stopped before saving anything of it."""
+
+    def __init__(self, first_step: int, last_step: int, epoch: int, loss: float):
+        where = f"step {last_step}" if first_step == last_step else f"steps {first_step}..{last_step}"
+        super().__init__(f"the training loss became {loss} at {where} (epoch {epoch}); training stopped")
+        self.first_step, self.last_step, self.epoch = first_step, last_step, epoch
+
+
 @dataclass
 class Hooks:
     """What the loop reports; the CLI prints, tests collect. All optional."""
@@ -187,6 +218,44 @@ class Hooks:
     on_start: Callable[[dict], None] = lambda info: None
     on_progress: Callable[[int, int, dict | None], None] = lambda done, total, last: None
     on_epoch: Callable[[dict], None] = lambda record: None
+    # Train loss/acc over the last config.log_every steps (at dispatch granularity).
+    on_log: Callable[[dict], None] = lambda record: None
+    # After each epoch's record, with the state that ends it and the history so far: save here.
+    on_checkpoint: Callable[[TrainState, list[dict]], None] = lambda state, history: None
+
+
+class _StepMonitor:
+    """Host side of the per-chunk sums the loop fetches anyway: the NaN guard and the step log.
+
+    Every chunk's sums are read one chunk late (the device runs the next one
+    meanwhile), so neither the guard nor the log adds a host sync. A NaN is
+    therefore caught within a chunk (one step on CPU), after the step that made it.
+    """
+
+    def __init__(self, step: int, log_every: int | None, on_log):
+        self.step, self.log_every, self.on_log = step, log_every, on_log
+        self.last = None  # the latest chunk's host metrics, for the progress bar
+        self._since = {"loss": 0.0, "correct": 0.0, "count": 0}
+
+    def add(self, sums: Metrics, steps: int, epoch: int) -> None:
+        m = _to_host(sums)
+        first, self.step = self.step + 1, self.step + steps
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLoss(first, self.step, epoch, m["loss"])
+        self.last = m
+        if not self.log_every:
+            return
+        for key, value in (("loss", m["loss"] * m["count"]), ("correct", m["acc"] * m["count"]), ("count", m["count"])):
+            self._since[key] += value
+        if self.step // self.log_every > (self.step - steps) // self.log_every:
+            n = self._since["count"]
+            self.on_log({"epoch": epoch, "step": self.step, "train_loss": self._since["loss"] / n,
+                         "train_acc": self._since["correct"] / n, "examples": n})
+            self._since = {"loss": 0.0, "correct": 0.0, "count": 0}
+
+    def new_epoch(self) -> None:
+        # Each log record stays within one epoch, so a resumed run logs what the uninterrupted one did.
+        self._since = {"loss": 0.0, "correct": 0.0, "count": 0}
 
 
 @dataclass
@@ -232,6 +301,44 @@ def _pad_split(split: Split, batch: int):
     return images.reshape(*shape, *split.images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
 
 
+def _eval_batch_size(config: Config, n: int, n_dev: int) -> int:
+    eval_bs = min(config.eval_batch_size, math.ceil(n / n_dev) * n_dev)
+    return math.ceil(eval_bs / n_dev) * n_dev
+
+
+def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_dev: int):
+    """state -> host metrics (loss, acc, count) over ``split``, compiled now; the split goes to the device(s)."""
+    x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), n_dev)))
+    if jax.default_backend() != "cpu":
+        fn = (
+            jax.jit(functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding))
+            .lower(state, x, y, m)
+            .compile()
+        )
+        return lambda s: _to_host(fn(s, x, y, m))
+    # No device loop on XLA:CPU (see steps_per_dispatch): one call per batch.
+    one = jax.jit(lambda s, x, y, m: eval_step(s, x, y, m, config.resize)).lower(state, x[0], y[0], m[0]).compile()
+    return lambda s: _to_host(functools.reduce(_add, (one(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
+
+
+def _mesh(devices, batch_size: int):
+    """(replicated sharding, batch sharding or None, number of devices) over a 1-D mesh of ``devices``."""
+    mesh = Mesh(np.asarray(devices), ("data",))
+    n_dev = len(devices)
+    if batch_size % n_dev:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {n_dev} devices")
+    return NamedSharding(mesh, P()), (NamedSharding(mesh, P("data")) if n_dev > 1 else None), n_dev
+
+
+def evaluate_split(config: Config, state: TrainState, split: Split, devices=None) -> dict:
+    """Loss and accuracy of ``state`` on ``split``, computed exactly as :func:`fit` measures the test set."""
+    devices = devices or jax.devices()
+    replicated, batch_sharding, n_dev = _mesh(devices, config.batch_size)
+    put = lambda a: to_global(a, replicated)
+    state = jax.tree_util.tree_map(put, jax.device_get(state))
+    return _make_evaluator(config, state, split, put, batch_sharding, n_dev)(state)
+
+
 def fit(
     config: Config,
     train: Split,
@@ -239,29 +346,35 @@ def fit(
     state: TrainState,
     hooks: Hooks | None = None,
     devices=None,
+    val: Split | None = None,
+    history: list[dict] | None = None,
 ) -> FitResult:
     """Train ``state`` for ``config.epochs`` epochs on ``train``, evaluating on ``test`` after each.
 
     Returns the final state, one record per epoch and the final metrics
     (the last epoch's train loss/acc and test loss/acc, examples/sec, timings).
+
+    ``val``: a split held out of the training set; its accuracy goes into each
+    epoch's record as ``val_acc`` (what selects the best checkpoint; the test
+    set never selects anything). ``history``: the records of the epochs
+    ``state`` has already trained (from a checkpoint); training continues with
+    the next epoch, exactly as an uninterrupted run would, because every
+    random stream below derives from (config.seed, epoch) alone.
+
+    Raises :class:`NonFiniteLoss` when the loss becomes NaN or infinite; the
+    epoch in which it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
     """
     hooks = hooks or Hooks()
+    history = list(history or [])
+    start_epoch = history[-1]["epoch"] if history else 0
     t_start = time.perf_counter()
     devices = devices or jax.devices()
-    mesh = Mesh(np.asarray(devices), ("data",))
-    replicated = NamedSharding(mesh, P())
-    n_dev = len(devices)
+    replicated, batch_sharding, n_dev = _mesh(devices, config.batch_size)
     bs = config.batch_size
-    if bs % n_dev:
-        raise ValueError(f"--batch-size {bs} is not divisible by the {n_dev} devices")
-    batch_sharding = NamedSharding(mesh, P("data")) if n_dev > 1 else None
-    eval_bs = min(config.eval_batch_size, math.ceil(len(test) / n_dev) * n_dev)
-    eval_bs = math.ceil(eval_bs / n_dev) * n_dev
 
     # The splits live on the device(s) for the whole run, as uint8.
     put = lambda a: to_global(a, replicated)
     train_x, train_y = put(train.images), put(train.labels)
-    test_x, test_y, test_m = map(put, _pad_split(test, eval_bs))
     # A copy (the steps donate their input state, and the caller's arrays must survive).
     state = jax.tree_util.tree_map(put, jax.device_get(state))
 
@@ -308,21 +421,8 @@ def fit(
     if rem:
         # The small last batch runs replicated: not worth a program of its own sharding.
         step_fn = compile_step(rem, None)
-    if jax.default_backend() != "cpu":
-        eval_fn = (
-            jax.jit(functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding))
-            .lower(state, test_x, test_y, test_m)
-            .compile()
-        )
-    else:  # no device loop on XLA:CPU (see steps_per_dispatch): one call per batch
-        one_eval = (
-            jax.jit(lambda s, x, y, m: eval_step(s, x, y, m, config.resize))
-            .lower(state, test_x[0], test_y[0], test_m[0])
-            .compile()
-        )
-        eval_fn = lambda s, xs, ys, ms: functools.reduce(
-            _add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0]))
-        )
+    eval_test = _make_evaluator(config, state, test, put, batch_sharding, n_dev)
+    eval_val = _make_evaluator(config, state, val, put, batch_sharding, n_dev) if val is not None else None
     compile_s = time.perf_counter() - t0
 
     info = {
@@ -331,14 +431,17 @@ def fit(
         "backend": jax.default_backend(),
         "train_examples": n,
         "test_examples": len(test),
+        "val_examples": len(val) if val is not None else 0,
         "steps_per_epoch": steps_per_epoch,
         "compile_s": compile_s,
     }
     hooks.on_start(info)
 
-    history, train_time, last = [], 0.0, None
-    for epoch in range(config.epochs):
+    monitor = _StepMonitor(int(jax.device_get(state.step)), config.log_every, hooks.on_log)
+    train_time, last = 0.0, None
+    for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
+        monitor.new_epoch()
         rows, rem_idx = plan_fn(scalar(epoch))
         sums, pending, done = _zeros(), None, 0
         for c in range(rows.shape[0]):
@@ -347,20 +450,26 @@ def fit(
             sums = _add(sums, m)
             done += steps
             # Read the previous chunk's sums while this one runs: the device never waits for the host.
-            hooks.on_progress(done, steps_per_epoch, _to_host(pending) if pending is not None else None)
-            pending = m
+            if pending is not None:
+                monitor.add(*pending, epoch + 1)
+            hooks.on_progress(done, steps_per_epoch, monitor.last)
+            pending = (m, steps)
         if rem:
-            state, m = step_fn(state, train_x, train_y, rem_idx)
-            sums = _add(sums, m)
+            state, m_rem = step_fn(state, train_x, train_y, rem_idx)
+            sums = _add(sums, m_rem)
             done += 1
         train_metrics = _to_host(sums)  # waits for the epoch's last step
+        if pending is not None:
+            monitor.add(*pending, epoch + 1)
+        if rem:
+            monitor.add(m_rem, 1, epoch + 1)
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         hooks.on_progress(done, steps_per_epoch, train_metrics)
-        test_metrics = _to_host(eval_fn(state, test_x, test_y, test_m))
+        test_metrics = eval_test(state)
         last = {
             "epoch": epoch + 1,
-            "step": int(jax.device_get(state.step)),
+            "step": monitor.step,
             "train_loss": train_metrics["loss"],
             "train_acc": train_metrics["acc"],
             "test_loss": test_metrics["loss"],
@@ -368,11 +477,18 @@ def fit(
             "epoch_train_s": epoch_time,
             "examples_per_sec": n / epoch_time,
         }
+        if eval_val is not None:
+            val_metrics = eval_val(state)
+            last.update(val_loss=val_metrics["loss"], val_acc=val_metrics["acc"])
         history.append(last)
         hooks.on_epoch(last)
+        hooks.on_checkpoint(state, history)
 
+    epochs_run = config.epochs - start_epoch
+    if last is None and history:  # resumed after the last epoch: nothing left to train
+        last = history[-1]
     if last is None:  # zero epochs: report the model as it is
-        test_metrics = _to_host(eval_fn(state, test_x, test_y, test_m))
+        test_metrics = eval_test(state)
         last = {"epoch": 0, "step": int(jax.device_get(state.step)), "train_loss": None, "train_acc": None,
                 "test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"]}
     final = {
@@ -381,11 +497,13 @@ def fit(
         "train_acc": last["train_acc"],
         "test_loss": last["test_loss"],
         "test_acc": last["test_acc"],
-        "examples_per_sec": (n * config.epochs / train_time) if train_time > 0 else None,
+        "examples_per_sec": (n * max(epochs_run, 0) / train_time) if train_time > 0 else None,
         "train_time_s": train_time,
         "compile_s": compile_s,
         "wall_time_s": time.perf_counter() - t_start,
         "device": info["device"],
         "backend": info["backend"],
     }
+    if "val_acc" in last:
+        final.update(val_loss=last["val_loss"], val_acc=last["val_acc"])
     return FitResult(state=state, history=history, final=final)

@@ -1,0 +1,249 @@
+"""Checkpoints with Orbax: the last K epochs, and the best epoch by validation accuracy.
+
+Layout of a run's ``--output DIR``::
+
+    checkpoints/<epoch>/   the latest K epochs (CheckpointManager, max_to_keep=K)
+    best/<epoch>/          with --val-split only: the epoch of highest validation
+                           accuracy (best_fn on "val_acc", best_mode "max", max_to_keep=1)
+
+Each checkpoint holds two Orbax items:
+
+- ``state``: the TrainState as Flax's state dict (params, batch_stats, opt_state,
+  step), written by Orbax's StandardSave (tensorstore arrays, compressed and
+  checked when read, so a truncated or garbled file is detected).
+- ``meta``: JSON with the epoch completed, the per-epoch history, the
+  metrics.jsonl records so far, and the metadata that rebuilds the model
+  (the Config as a dict, dataset, class names, num_classes, input_channels,
+  dtype, library versions).
+
+Nothing else is needed to resume exactly: every random stream of the loop is
+derived from (seed, epoch) in :func:`resnet_jax.training.fit`, so the epoch
+number restores the data order and the state restores everything else.
+
+Orbax writes a checkpoint into a temporary directory and renames it into place
+once complete (and only then deletes the oldest), so a crash, a Ctrl-C or a
+full disk during a save leaves the previous checkpoints as they were.
+Saves are synchronous: a failure is known before training goes on.
+
+Checkpoints are taken at epoch boundaries only. Ctrl-C therefore leaves the
+checkpoint of the last epoch completed (the CLI saves it again if the Ctrl-C
+landed in its save); the steps of the interrupted epoch are redone by
+``--resume``, which then ends bitwise where the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from resnet_jax.config import Config
+from resnet_jax.data import DatasetSpec
+
+# What fixes the model's shapes and types: a checkpoint is only ever loaded into a model
+# that agrees on all of these.
+MODEL_KEYS = ("num_classes", "input_channels", "dtype")
+# Config fields a resumed run may change: where files are and how long to train.
+# Every other field changes the training math, or its bits (conv lowering, steps per
+# dispatch, eval batch), and would break the promise of an exact resume.
+RESUMABLE_FIELDS = frozenset(
+    {"epochs", "data_dir", "manual_dir", "offline", "output", "keep", "log_every", "resume", "export_torch"}
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read, written or used here; the message says why."""
+
+
+def versions() -> dict:
+    import flax
+    import numpy
+    import optax
+    import orbax.checkpoint
+
+    import resnet_jax
+
+    return {
+        "resnet_jax": resnet_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+        "optax": optax.__version__, "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": numpy.__version__,
+    }
+
+
+def metadata(config: Config, spec: DatasetSpec) -> dict:
+    """Everything needed to rebuild the model and know what it was trained on."""
+    return {
+        "config": config.to_dict(),
+        "dataset": config.dataset,
+        "class_names": list(spec.class_names),
+        "num_classes": spec.num_classes,
+        "input_channels": spec.channels,
+        "dtype": config.dtype,
+        "versions": versions(),
+    }
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """What keeps the checkpoint with metadata ``saved`` from continuing as the run with ``current``."""
+    diffs = [
+        f"{key} (checkpoint {saved.get(key)!r}, now {current[key]!r})"
+        for key in MODEL_KEYS
+        if saved.get(key) != current[key]
+    ]
+    old, new = saved.get("config", {}), current["config"]
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key):
+            diffs.append(f"{key} (checkpoint {old.get(key)!r}, now {new.get(key)!r})")
+    return diffs
+
+
+@dataclass
+class Checkpoint:
+    """One restored checkpoint."""
+
+    state: object  # a TrainState
+    epoch: int
+    history: list[dict]  # fit's per-epoch records
+    log: list[dict]  # the metrics.jsonl records written up to this epoch
+    metadata: dict
+    path: Path
+
+    @property
+    def config(self) -> Config:
+        return Config(**self.metadata["config"])
+
+
+def _state_dict(state) -> dict:
+    from flax import serialization
+
+    return serialization.to_state_dict(state)
+
+
+class Checkpoints:
+    """The checkpoints of one run directory: save after an epoch, restore latest or best."""
+
+    def __init__(self, directory: str | Path, keep: int = 3, track_best: bool = False, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory)
+        common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
+        self.latest = ocp.CheckpointManager(
+            self.directory / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=not read_only, **common),
+            item_names=("state", "meta"),
+        )
+        self.best = None
+        if track_best or (self.directory / "best").is_dir():
+            self.best = ocp.CheckpointManager(
+                self.directory / "best",
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1, best_fn=lambda metrics: metrics["val_acc"], best_mode="max",
+                    keep_checkpoints_without_metrics=False, cleanup_tmp_directories=not read_only, **common,
+                ),
+                item_names=("state", "meta"),
+            )
+
+    def _manager(self, which: str):
+        if which == "latest":
+            return self.latest
+        if which == "best":
+            if self.best is None or self.best.latest_step() is None:
+                raise CheckpointError(f"{self.directory} has no best checkpoint (the run was trained without --val-split)")
+            return self.best
+        raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+
+    def latest_epoch(self) -> int | None:
+        return self.latest.latest_step()
+
+    def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict) -> None:
+        """Save the state after ``epoch``; also as the best if its val_acc beats every earlier epoch's.
+
+        Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails.
+        """
+        ocp = self._ocp
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_dict(state)),
+            meta=ocp.args.JsonSave({"epoch": epoch, "history": history, "log": log, "metadata": meta}),
+        )
+        val_acc = history[-1].get("val_acc") if history else None
+        earlier = [r["val_acc"] for r in history[:-1] if r.get("val_acc") is not None]
+        targets = [(self.latest, None)]
+        if self.best is not None and val_acc is not None and (not earlier or val_acc > max(earlier)):
+            targets.append((self.best, {"val_acc": val_acc}))
+        for manager, metrics in targets:
+            try:
+                manager.save(epoch, args=args, metrics=metrics, force=True)
+                manager.wait_until_finished()
+            except Exception as err:  # a full disk, a lost mount, a permission change...
+                kept = self.latest_epoch()
+                raise CheckpointError(
+                    f"could not save the checkpoint of epoch {epoch} in {manager.directory}: "
+                    f"{type(err).__name__}: {err}; "
+                    + (f"the checkpoint of epoch {kept} is intact" if kept is not None else "no earlier checkpoint")
+                ) from err
+
+    def read_meta(self, which: str = "latest") -> dict:
+        """The ``meta`` item of the latest (or best) checkpoint, without reading any array."""
+        manager = self._manager(which)
+        epoch = manager.latest_step() if which == "latest" else manager.best_step()
+        if epoch is None:
+            raise CheckpointError(f"no checkpoint in {manager.directory}")
+        try:
+            meta = manager.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta
+            if not isinstance(meta, dict) or not {"epoch", "history", "metadata"} <= set(meta):
+                raise ValueError("its meta item lacks epoch, history or metadata")
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {manager.directory / str(epoch)} is unreadable (corrupt or incomplete): "
+                f"{type(err).__name__}: {_first_line(err)}"
+            ) from err
+        return {**meta, "path": str(manager.directory / str(epoch))}
+
+    def restore(self, template_state, which: str = "latest", meta: dict | None = None) -> Checkpoint:
+        """The latest (or best) checkpoint's arrays into the structure of ``template_state``."""
+        from flax import serialization
+
+        meta = meta or self.read_meta(which)
+        manager = self._manager(which)
+        epoch, path = meta["epoch"], Path(meta["path"])
+        abstract = jax.eval_shape(lambda: _state_dict(template_state))
+        try:
+            restored = manager.restore(
+                epoch, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
+            ).state
+            state = serialization.from_state_dict(template_state, restored)
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {path} is unreadable (corrupt, incomplete, or its arrays do not match its "
+                f"metadata): {type(err).__name__}: {_first_line(err)}"
+            ) from err
+        return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoint:
+    """A checkpoint with its model rebuilt from its own metadata (for evaluate and predict)."""
+    from resnet_jax import training
+
+    directory = Path(directory)
+    if not (directory / "checkpoints").is_dir():
+        raise CheckpointError(f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR)")
+    ckpts = Checkpoints(directory, read_only=True)
+    meta = ckpts.read_meta(which)
+    m = meta["metadata"]
+    try:
+        config = Config(**m["config"])
+        model = training.make_model(config, m["num_classes"], m["input_channels"])
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {meta['path']} has unusable metadata: {type(err).__name__}: {err}") from err
+    if m["dtype"] != config.dtype:
+        raise CheckpointError(f"checkpoint {meta['path']} metadata disagrees: dtype {m['dtype']} vs config {config.dtype}")
+    template = jax.eval_shape(
+        lambda: training.create_train_state(model, training.make_optimizer(config), jax.random.key(0))
+    )
+    return ckpts.restore(template, which, meta)

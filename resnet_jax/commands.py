@@ -1,0 +1,190 @@
+"""``train.py evaluate`` and ``train.py predict``: a trained run's checkpoint at work.
+
+Both rebuild the model from the checkpoint's own metadata (dataset, classes,
+channels, dtype, resize, conv lowering), never from flags that could disagree
+with it, and run it through training.py's eval path: ``evaluate`` through
+:func:`resnet_jax.training.evaluate_split`, the very computation the training
+loop reports after each epoch, so its numbers are the loop's for the same
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from resnet_jax.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output directory")
+    p.add_argument("--which", choices=("latest", "best"), default="latest",
+                   help="the latest checkpoint (default), or the best by validation accuracy (runs trained with --val-split)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py evaluate",
+        description="Test loss and accuracy of a checkpoint, accuracy per class, and a confusion-matrix PNG. "
+        "The model and test set are the checkpoint's own (dataset, --test-limit); the data flags only say where the data is.",
+    )
+    _common(p)
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: the run's)")
+    p.add_argument("--manual-dir", default=None, help="folder with the dataset's official files (default: the run's)")
+    p.add_argument("--offline", action="store_true", help="never try to download")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N",
+                   help="only the first N test examples (default: as in training, so the numbers are the loop's)")
+    p.add_argument("--confusion-png", default=None, metavar="PATH",
+                   help="where the confusion matrix goes (default: RUN_DIR/confusion_<which>.png)")
+    return p
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py predict",
+        description="The top-k classes, with probabilities, of image files (PNG, JPEG... any size, grey or colour, "
+        "converted as the training data was) or .npy batches, by a trained checkpoint.",
+    )
+    _common(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files, or .npy arrays at the dataset's native size")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per input (default: 3)")
+    return p
+
+
+def _load(run_dir: str, which: str):
+    from resnet_jax.checkpoint import CheckpointError, load_for_inference
+
+    try:
+        return load_for_inference(run_dir, which)
+    except CheckpointError as err:
+        raise UserError(str(err)) from err
+
+
+def _describe(ckpt) -> str:
+    c = ckpt.config
+    return f"checkpoint {ckpt.path}: epoch {ckpt.epoch}, {c.dataset}, {c.resize}x{c.resize}, {c.dtype}"
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from resnet_jax import data as data_mod
+    from resnet_jax import metrics, plots, training
+
+    ckpt = _load(args.run_dir, args.which)
+    config = ckpt.config
+    spec = data_mod.DATASETS[config.dataset]
+    limit = args.test_limit if args.test_limit is not None else config.test_limit
+    if limit is not None and not 0 < limit <= spec.num_test:
+        raise UsageError(f"--test-limit must be in 1..{spec.num_test}, got {limit}")
+    out = sys.stderr if args.json else sys.stdout
+    print(_describe(ckpt), file=out, flush=True)
+    try:
+        _, test = data_mod.load(
+            spec, args.data_dir or config.data_dir, args.manual_dir or config.manual_dir, args.offline or config.offline,
+            log=lambda m: print(f"data: {m}", file=out, flush=True),
+        )
+    except data_mod.DataError as err:
+        raise UserError(str(err)) from err
+    test = test.take(limit)
+
+    result = training.evaluate_split(config, ckpt.state, test)
+    probs = training.predict(ckpt.state, test.images, config.resize, config.eval_batch_size)
+    cm = metrics.confusion_matrix(test.labels, probs.argmax(-1), spec.num_classes)
+    per_class = metrics.per_class_accuracy(cm)
+    png = Path(args.confusion_png) if args.confusion_png else Path(args.run_dir) / f"confusion_{args.which}.png"
+    try:
+        plots.plot_confusion_matrix(
+            cm, spec.class_names, png, title=f"{config.dataset} test, epoch {ckpt.epoch} ({args.which})"
+        )
+    except OSError as err:
+        raise UserError(f"could not write {png}: {err.strerror or err}") from err
+
+    report = {
+        "checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "dataset": config.dataset, "examples": result["count"],
+        "test_loss": result["loss"], "test_acc": result["acc"],
+        "per_class_acc": {name: (None if acc != acc else float(acc)) for name, acc in zip(spec.class_names, per_class)},
+        "confusion_matrix": cm.tolist(), "confusion_png": str(png),
+    }
+    if args.json:
+        print(json.dumps(report), flush=True)
+    else:
+        print(f"test: loss {result['loss']:.4f}, acc {result['acc']:.4f} on {result['count']} examples")
+        print("accuracy per class:")
+        width = max(map(len, spec.class_names))
+        for name, acc in report["per_class_acc"].items():
+            print(f"  {name:<{width}}  " + ("n/a (no examples)" if acc is None else f"{acc:.4f}"))
+        print(f"confusion matrix: {png}")
+    return EXIT_OK
+
+
+def predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from resnet_jax import data as data_mod
+    from resnet_jax import images, training
+
+    ckpt = _load(args.run_dir, args.which)
+    config = ckpt.config
+    spec = data_mod.DATASETS[config.dataset]
+    if not 1 <= args.top_k <= spec.num_classes:
+        raise UsageError(f"--top-k must be in 1..{spec.num_classes}, got {args.top_k}")
+    names, batches = [], []
+    try:
+        # Files in the order given; a .npy contributes one input per image in it.
+        for path in args.files:
+            if Path(path).suffix.lower() == ".npy":
+                batch = images.load_npy(path, spec)
+                names += [f"{path}[{i}]" for i in range(len(batch))]
+            else:
+                batch = images.load_images([path], spec)
+                names.append(path)
+            batches.append(batch)
+    except images.ImageError as err:
+        raise UserError(str(err)) from err
+    x = np.concatenate(batches)
+    if not len(x):
+        raise UserError("no images to predict (the .npy batches are empty)")
+    print(_describe(ckpt), file=sys.stderr, flush=True)  # not in stdout: it stays the predictions alone
+    probs = training.predict(ckpt.state, x, config.resize, config.eval_batch_size)
+
+    results = []
+    for name, p in zip(names, probs):
+        top = np.argsort(-p, kind="stable")[: args.top_k]
+        results.append({"input": name, "top_k": [
+            {"class": spec.class_names[i], "index": int(i), "prob": float(p[i])} for i in top
+        ]})
+    if args.json:
+        print(json.dumps({"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "predictions": results}), flush=True)
+    else:
+        for r in results:
+            print(f"{r['input']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top_k"]))
+    return EXIT_OK
+
+
+class UsageError(Exception):
+    """A flag value that cannot work (exit 2)."""
+
+
+COMMANDS = {"evaluate": (build_evaluate_parser, evaluate), "predict": (build_predict_parser, predict)}
+
+
+def main(command: str, argv: list[str]) -> int:
+    build, run = COMMANDS[command]
+    parser = build()
+    args = parser.parse_args(argv)  # exits 2 on malformed flags
+    # Orbax speaks through absl's logger (e.g. about read-only managers); a user sees one line or nothing.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        return run(args)
+    except UsageError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except UserError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,218 @@
+"""Checkpoints and exact resume, on tiny synthetic splits through training.fit (the CLI is tests/test_commands.py)."""
+
+import errno
+import hashlib
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoint, training
+from resnet_jax.checkpoint import CheckpointError, Checkpoints
+from resnet_jax.config import Config
+from resnet_jax.data import CIFAR10, FASHION_MNIST, Split
+
+# 72 = 2 x 32 + 8: two full batches and the smaller last one, so both step programs run.
+CONFIG = Config(resize=17, batch_size=32, eval_batch_size=32, epochs=3, seed=7, log_every=2, val_split=16)
+TIMINGS = ("epoch_train_s", "examples_per_sec")
+# A refused corrupt checkpoint leaves Orbax's pending reads to be collected; pytest would report each.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _split(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    # Learnable: brightness says the class, so the loss moves and the val accuracy changes.
+    images = np.clip(labels[:, None, None, None] * 25 + rng.integers(0, 30, (n, 20, 20, 1)), 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+TRAIN, VAL, TEST = _split(72, 0), _split(16, 1), _split(32, 2)
+
+
+def _fresh_state(config=CONFIG, num_classes=10, channels=1):
+    model = training.make_model(config, num_classes, channels)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    return training.create_train_state(model, training.make_optimizer(config), key)
+
+
+def _train(config, directory, state=None, history=None, log=None, stop_at=None, train=TRAIN):
+    """fit with a checkpoint after every epoch, as the CLI does; ``stop_at=(epoch, step)`` raises Ctrl-C there."""
+    ckpts = Checkpoints(directory, keep=2, track_best=True)
+    meta = checkpoint.metadata(config, FASHION_MNIST)
+    log = list(log or [])
+
+    def on_progress(done, total, last):
+        if stop_at and len(epochs_seen) + 1 == stop_at[0] and done >= stop_at[1]:
+            raise KeyboardInterrupt
+
+    epochs_seen = list(history or [])
+    hooks = training.Hooks(
+        on_progress=on_progress,
+        on_epoch=lambda rec: (epochs_seen.append(rec), log.append({"kind": "epoch", **rec})),
+        on_log=lambda rec: log.append({"kind": "steps", **rec}),
+        on_checkpoint=lambda state, hist: ckpts.save(state, hist[-1]["epoch"], hist, log, meta),
+    )
+    result = training.fit(config, train, TEST, state or _fresh_state(config), hooks, val=VAL, history=history)
+    return result, log
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb))
+
+
+def _without_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def _digest(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("straight")
+    result, log = _train(CONFIG, directory)
+    return directory, result, log
+
+
+@pytest.mark.parametrize("stop_at", [(2, 1), (3, 3)], ids=["mid-epoch-2", "end-of-epoch-3-before-save"])
+def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one(uninterrupted, tmp_path, stop_at):
+    _, straight, straight_log = uninterrupted
+    with pytest.raises(KeyboardInterrupt):
+        _train(CONFIG, tmp_path, stop_at=stop_at)
+    # What Ctrl-C leaves: the checkpoint of the last epoch completed.
+    ckpts = Checkpoints(tmp_path, keep=2)
+    assert ckpts.latest_epoch() == stop_at[0] - 1
+    restored = ckpts.restore(_fresh_state())  # a fresh process would build this template
+    assert restored.epoch == stop_at[0] - 1 and len(restored.history) == restored.epoch
+
+    resumed, log = _train(CONFIG, tmp_path, restored.state, restored.history, restored.log)
+    assert _leaves_equal(resumed.state.params, straight.state.params)
+    assert _leaves_equal(resumed.state.batch_stats, straight.state.batch_stats)
+    assert _leaves_equal(resumed.state.opt_state, straight.state.opt_state)
+    assert int(resumed.state.step) == int(straight.state.step) == 3 * 3
+    assert _without_timings(resumed.history) == _without_timings(straight.history)
+    assert _without_timings(log) == _without_timings(straight_log)
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_acc"):
+        assert resumed.final[key] == straight.final[key], key
+
+
+def test_latest_k_and_best_by_validation(uninterrupted):
+    directory, result, log = uninterrupted
+    ckpts = Checkpoints(directory, read_only=True)
+    assert ckpts.latest.all_steps() == [2, 3]  # keep=2
+    val = [r["val_acc"] for r in result.history]
+    best_epoch = 1 + val.index(max(val))  # the first epoch of the highest val accuracy
+    assert ckpts.best.all_steps() == [best_epoch]
+    best = ckpts.restore(_fresh_state(), which="best")
+    assert best.epoch == best_epoch and best.history == result.history[:best_epoch]
+    latest = ckpts.restore(_fresh_state())
+    assert _leaves_equal(latest.state, result.state)
+    assert latest.log == log and latest.metadata["num_classes"] == 10 and latest.metadata["input_channels"] == 1
+    assert latest.config == CONFIG
+
+
+def test_step_log_is_every_n_steps_within_each_epoch(uninterrupted):
+    _, _, log = uninterrupted
+    steps = [r["step"] for r in log if r["kind"] == "steps"]
+    # 3 steps per epoch, log every 2: a record when a multiple of 2 is crossed, reset at each epoch.
+    assert steps == [2, 4, 6, 8]
+    epoch2 = [r for r in log if r["kind"] == "steps" and r["epoch"] == 2]
+    assert [r["examples"] for r in epoch2] == [32, 40]  # step 4 alone; steps 5-6 (32 + 8 examples)
+
+
+def test_nan_loss_stops_with_its_step_and_keeps_the_good_checkpoint(uninterrupted, tmp_path):
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    before = _digest(directory)
+    ckpts = Checkpoints(directory, keep=2)
+    restored = ckpts.restore(_fresh_state())
+    assert restored.epoch == 3
+    # An out-of-range label makes that example's cross-entropy NaN.
+    bad = 5
+    labels = TRAIN.labels.copy()
+    labels[bad] = 99
+    poisoned = Split(TRAIN.images, labels)
+    with pytest.raises(training.NonFiniteLoss) as caught:
+        _train(CONFIG.replace(epochs=4), directory, restored.state, restored.history, restored.log, train=poisoned)
+    # Epoch 4 (index 3) draws its permutation from (seed, 3): the bad example's batch is the step.
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(CONFIG.seed), 1), 3)
+    position = int(np.flatnonzero(np.asarray(jax.random.permutation(key, len(TRAIN))) == bad)[0])
+    step = 9 + position // CONFIG.batch_size + 1
+    assert caught.value.first_step == caught.value.last_step == step  # one step per dispatch on CPU
+    assert f"step {step}" in str(caught.value) and "nan" in str(caught.value)
+    assert _digest(directory) == before
+    again = Checkpoints(directory, read_only=True).restore(_fresh_state())
+    assert again.epoch == 3 and _leaves_equal(again.state, restored.state)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    before = _digest(directory)
+    ckpts = Checkpoints(directory, keep=2)
+    restored = ckpts.restore(_fresh_state())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The arrays are written first; the disk fills up while the JSON item is written.
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", disk_full)
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*checkpoint of epoch 3 is intact"):
+        ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
+    monkeypatch.undo()
+    reopened = Checkpoints(directory, keep=2)  # as the next run would: leftovers of the failed save are cleaned
+    assert reopened.latest.all_steps() == [2, 3]
+    assert _digest(directory) == before
+    assert _leaves_equal(reopened.restore(_fresh_state()).state, restored.state)
+
+
+def _garble(path: Path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data), 97):
+        data[i] ^= 0xFF
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "meta", "delete"])
+def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    step = directory / "checkpoints" / "3"
+    biggest = max((p for p in (step / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if damage == "truncate":
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    elif damage == "garble":
+        _garble(biggest)
+    elif damage == "meta":
+        (step / "meta" / "metadata").write_text('{"epoch": 3, "hist')
+    else:
+        biggest.unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 is unreadable \(corrupt"):
+        checkpoint.load_for_inference(directory)
+
+
+def test_a_checkpoint_of_another_model_is_refused(uninterrupted):
+    directory = uninterrupted[0]
+    saved = checkpoint.Checkpoints(directory, read_only=True).read_meta()["metadata"]
+    assert checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(epochs=10), FASHION_MNIST)) == []
+    cifar = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(dataset="cifar10"), CIFAR10))
+    assert cifar == ["input_channels (checkpoint 1, now 3)", "dataset (checkpoint 'fashion_mnist', now 'cifar10')"]
+    bf16 = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(dtype="bfloat16"), FASHION_MNIST))
+    assert bf16[0] == "dtype (checkpoint 'float32', now 'bfloat16')"
+    lr = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(lr=0.1, batch_size=16), FASHION_MNIST))
+    assert lr == ["batch_size (checkpoint 32, now 16)", "lr (checkpoint 0.05, now 0.1)"]
+    # The arrays themselves: restoring into a model of another shape is refused, not reshaped.
+    with pytest.raises(CheckpointError, match="do not match"):
+        Checkpoints(directory, read_only=True).restore(_fresh_state(num_classes=5))
+    with pytest.raises(CheckpointError, match="do not match"):
+        Checkpoints(directory, read_only=True).restore(_fresh_state(channels=3))

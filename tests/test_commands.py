@@ -1,0 +1,242 @@
+"""train.py with --output/--resume, and the evaluate and predict commands, as a user runs them.
+
+In-process through cli.main (what train.py calls) on a few hundred Fashion-MNIST
+examples at 17x17; one subprocess checks the real entry point.
+"""
+
+import contextlib
+import errno
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resnet_jax import cli, data, training
+from resnet_jax.checkpoint import Checkpoints, load_for_inference
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _train_args(data_dir, output, *extra):
+    return ["--data-dir", str(data_dir), "--offline", "--train-limit", "96", "--test-limit", "48", "--epochs", "2",
+            "--resize", "17", "--batch-size", "32", "--eval-batch-size", "32", "--val-split", "32",
+            "--output", str(output), "--json", *map(str, extra)]
+
+
+def _main(*argv):
+    """cli.main's exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(list(map(str, argv)))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(prepared_data_dir, tmp_path_factory):
+    """A 2-epoch run with a validation split: its directory and its final JSON line."""
+    output = tmp_path_factory.mktemp("run") / "out"
+    rc, out, err = _main(*_train_args(prepared_data_dir, output))
+    assert rc == 0, err
+    return output, json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_run_leaves_checkpoints_metrics_and_curves(run):
+    output, final = run
+    assert Checkpoints(output, read_only=True).latest.all_steps() == [1, 2]
+    assert len(list((output / "best").iterdir())) == 1
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert records[-1]["test_acc"] == final["test_acc"] and "val_acc" in records[-1]
+    with Image.open(output / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+
+
+def test_evaluate_gives_the_training_loops_final_test_metrics(run):
+    output, final = run
+    rc, out, err = _main("evaluate", output, "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["epoch"] == 2 and report["examples"] == 48
+    assert report["test_loss"] == final["test_loss"] and report["test_acc"] == final["test_acc"]
+    cm = np.array(report["confusion_matrix"])
+    assert cm.sum() == 48 and np.trace(cm) / 48 == final["test_acc"]
+    assert list(report["per_class_acc"]) == list(data.FASHION_MNIST.class_names)
+    with Image.open(report["confusion_png"]) as png:
+        assert png.format == "PNG"
+
+    # The best checkpoint is the epoch of highest val accuracy, and evaluates to that epoch's test metrics.
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in history if r["kind"] == "epoch"]
+    best = max(epochs, key=lambda r: (r["val_acc"], -r["epoch"]))
+    rc, out, err = _main("evaluate", output, "--which", "best", "--confusion-png", output / "b.png")
+    assert rc == 0, err
+    assert f"epoch {best['epoch']}" in out and f"acc {best['test_acc']:.4f} on 48 examples" in out
+    assert "Ankle boot" in out and (output / "b.png").is_file()
+
+
+def test_predict_on_png_files(run, prepared_data_dir, tmp_path):
+    output, _ = run
+    _, test = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
+    files = []
+    for i in range(3):  # grey, at the native size: exactly the test images
+        files.append(tmp_path / f"test{i}.png")
+        Image.fromarray(test.images[i, :, :, 0], "L").save(files[-1])
+    colour = tmp_path / "big_colour.png"  # colour and another size: converted like the training data
+    Image.fromarray(np.repeat(test.images[0], 3, axis=-1), "RGB").resize((70, 70), Image.BILINEAR).save(colour)
+    files.append(colour)
+
+    rc, out, err = _main("predict", output, *files, "--top-k", 3, "--json")
+    assert rc == 0, err
+    preds = json.loads(out)["predictions"]
+    assert [p["input"] for p in preds] == list(map(str, files))
+    ckpt = load_for_inference(output)
+    probs = training.predict(ckpt.state, test.images[:3], ckpt.config.resize)
+    for p, want in zip(preds, probs):
+        top = p["top_k"]
+        assert [t["index"] for t in top] == list(np.argsort(-want, kind="stable")[:3])
+        # Another batch size (4 here, 3 there) may sum the convolutions in another order: close, not equal.
+        np.testing.assert_allclose([t["prob"] for t in top], [want[t["index"]] for t in top], rtol=1e-5)
+        assert [t["class"] for t in top] == [data.FASHION_MNIST.class_names[t["index"]] for t in top]
+    assert preds[3]["top_k"][0]["index"] == preds[0]["top_k"][0]["index"]
+
+    np.save(tmp_path / "batch.npy", test.images[:2, :, :, 0])
+    rc, out, err = _main("predict", output, files[0], tmp_path / "batch.npy", "--top-k", 1)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith(f"{tmp_path / 'batch.npy'}[0]: ")
+    assert lines[0].split(": ")[1] == lines[1].split(": ")[1]  # the same image, as a PNG and in a .npy
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_same_run(run, prepared_data_dir, tmp_path, monkeypatch):
+    _, final = run
+    output = tmp_path / "out"
+    real_fit = training.fit
+
+    def fit_interrupted_in_epoch_2(config, train, test, state, hooks, **kw):
+        def on_progress(done, total, last):
+            raise KeyboardInterrupt
+
+        epoch_hook = hooks.on_epoch
+        hooks.on_epoch = lambda rec: (epoch_hook(rec), setattr(hooks, "on_progress", on_progress))
+        return real_fit(config, train, test, state, hooks, **kw)
+
+    monkeypatch.setattr(training, "fit", fit_interrupted_in_epoch_2)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output))
+    assert rc == 130 and err.strip().splitlines()[-1] == f"train.py: interrupted; the checkpoint of epoch 1 is in {output}: continue with --resume"
+    monkeypatch.setattr(training, "fit", real_fit)
+
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume"))
+    assert rc == 0, err
+    assert "resuming from" in err
+    resumed = json.loads(out.strip().splitlines()[-1])
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_acc"):
+        assert resumed[key] == final[key], key
+
+
+def test_a_full_disk_during_a_save_ends_clearly_and_keeps_the_last_checkpoint(run, prepared_data_dir, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    output = tmp_path / "out"
+    shutil.copytree(run[0], output)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", disk_full)
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "save", disk_full)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume", "--epochs", 3))
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and "could not save the checkpoint of epoch 3" in last and "epoch 2 is intact" in last
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    assert Checkpoints(output).latest.all_steps() == [1, 2]
+
+
+def _copy_without_best(src, dst):
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "best")
+    return dst
+
+
+def _garbled(src, dst):
+    shutil.copytree(src, dst)
+    files = [p for p in (dst / "checkpoints" / "2" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    return dst
+
+
+def _text_as_png(tmp):
+    (tmp / "notes.png").write_text("not an image")
+    return tmp / "notes.png"
+
+
+# (argv builder, exit code, text in the one line on stderr)
+ERRORS = {
+    "evaluate-missing-dir": (lambda run, d, t: ["evaluate", t / "nowhere"], 1, "holds no checkpoints"),
+    "evaluate-corrupt": (lambda run, d, t: ["evaluate", _garbled(run, t / "c")], 1, "unreadable (corrupt"),
+    "evaluate-no-best": (lambda run, d, t: ["evaluate", _copy_without_best(run, t / "c"), "--which", "best"], 1,
+                         "has no best checkpoint"),
+    "predict-missing-image": (lambda run, d, t: ["predict", run, t / "nope.png"], 1, "nope.png"),
+    "predict-not-an-image": (lambda run, d, t: ["predict", run, _text_as_png(t)], 1, "notes.png"),
+    "predict-top-k-0": (lambda run, d, t: ["predict", run, t / "x.png", "--top-k", 0], 2, "--top-k must be in 1..10"),
+    "resume-without-checkpoint": (lambda run, d, t: [*_train_args(d, t / "empty"), "--resume"], 1,
+                                  "--resume: no checkpoint in"),
+    "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
+                        "lr (checkpoint 0.05, now 0.1)"),
+    "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
+                            "has trained 2 epochs, more than --epochs 1"),
+    "output-holds-a-run": (lambda run, d, t: _train_args(d, run), 1, "already holds a run"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tmp_path, case):
+    build, code, text = ERRORS[case]
+    before = sorted(p.name for p in run[0].rglob("*"))
+    rc, out, err = _main(*build(run[0], prepared_data_dir, tmp_path))
+    lines = err.strip().splitlines()
+    assert rc == code and len(lines) == 1 and text in lines[0], err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in run[0].rglob("*")) == before  # nothing of the run was touched
+
+
+def test_resume_without_output_is_a_bad_flag(capsys):
+    assert cli.main(["--resume"]) == 2
+    assert "--resume needs --output DIR" in capsys.readouterr().err
+
+
+def test_the_real_entry_point_documents_and_refuses():
+    def train_py(*args):
+        return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+
+    r = train_py("--help")
+    assert r.returncode == 0 and "--resume" in r.stdout and "--val-split" in r.stdout and "train.py evaluate" in r.stdout
+    for command, flags in (("evaluate", ("--which", "--confusion-png", "--json")), ("predict", ("--top-k", "FILE"))):
+        r = train_py(command, "--help")
+        assert r.returncode == 0 and all(f in r.stdout for f in flags), r.stdout
+    r = train_py("evaluate", REPO / "no_such_run")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_nan_loss_is_one_line_naming_the_step_and_the_kept_checkpoint(run, prepared_data_dir, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    shutil.copytree(run[0], output)
+
+    def fit_that_diverges(*args, **kwargs):  # what fit raises when a step's loss is NaN (tests/test_checkpoint.py)
+        raise training.NonFiniteLoss(7, 7, 3, float("nan"))
+
+    monkeypatch.setattr(training, "fit", fit_that_diverges)
+    args = [a for a in _train_args(prepared_data_dir, output, "--resume", "--epochs", 3) if a != "--json"]
+    rc, out, err = _main(*args)
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "loss became nan at step 7 (epoch 3)" in err and "last good checkpoint (epoch 2)" in err
+    assert Checkpoints(output).latest.all_steps() == [1, 2]
