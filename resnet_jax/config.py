@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
+from resnet_jax.recipes import D2L, Recipe, problem as recipe_problem
 
 DTYPES = ("float32", "bfloat16")
 NUM_STRIDE2 = 5  # b1 conv, b1 max-pool, first residual of b3, b4, b5
@@ -44,6 +45,7 @@ class Config:
     steps_per_dispatch: int | None = None  # training steps per jitted call; None: best for the backend
     eval_batch_size: int = 1000
     conv_impl: str = "auto"  # see resnet_jax.ops
+    recipe: Recipe = D2L  # the training ingredients beyond plain SGD (resnet_jax.recipes); d2l: none
 
     def __post_init__(self):
         validate(self)
@@ -93,3 +95,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
     if c.conv_impl not in IMPLS:
         raise ConfigError(f"--conv-impl must be one of {', '.join(IMPLS)}, got {c.conv_impl!r}")
+    if not isinstance(c.recipe, Recipe):
+        raise ConfigError(f"recipe must be a resnet_jax.recipes.Recipe, got {c.recipe!r}")
+    if (message := recipe_problem(c.recipe)) is not None:
+        raise ConfigError(message)
