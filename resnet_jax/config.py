@@ -48,6 +48,8 @@ class Config:
     recipe: Recipe = D2L  # the training ingredients beyond plain SGD (resnet_jax.recipes); d2l: none
 
     def __post_init__(self):
+        if isinstance(self.recipe, dict):  # as to_dict() wrote it, e.g. read back from results.json
+            object.__setattr__(self, "recipe", Recipe(**self.recipe))
         validate(self)
 
     def replace(self, **changes) -> "Config":

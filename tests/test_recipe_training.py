@@ -116,10 +116,12 @@ def test_best_step_augments_reproducibly_and_follows_the_ema_rule():
 def test_recipe_best_flags_train_end_to_end_and_lower_the_loss():
     args = cli.build_parser().parse_args([
         "--recipe", "best", "--resize", str(RESIZE), "--batch-size", "16", "--epochs", "6", "--ema-decay", "0.9",
+        "--steps-per-dispatch", "4",  # the GPU's path: steps in a device loop
     ])
     config = cli.config_from_args(args)
     assert config.recipe.name == "best" and config.recipe.ema_decay == 0.9 and config.recipe.flip
     assert config.lr == pytest.approx(0.4 * 16 / 512)  # scaled to the batch
+    assert Config(**config.to_dict()) == config  # the recipe survives a round trip through JSON-able data
     train, test = _learnable(64), _learnable(32, seed=1)
     state = _state(config, steps_per_epoch=4)
     result = training.fit(config, train, test, state)
