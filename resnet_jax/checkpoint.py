@@ -243,7 +243,11 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
         raise CheckpointError(f"checkpoint {meta['path']} has unusable metadata: {type(err).__name__}: {err}") from err
     if m["dtype"] != config.dtype:
         raise CheckpointError(f"checkpoint {meta['path']} metadata disagrees: dtype {m['dtype']} vs config {config.dtype}")
+    # Only the structure matters here (shapes of params, EMA copies, optimizer state),
+    # so any steps_per_epoch gives the right template.
     template = jax.eval_shape(
-        lambda: training.create_train_state(model, training.make_optimizer(config), jax.random.key(0))
+        lambda: training.create_train_state(
+            model, training.make_optimizer(config, steps_per_epoch=1), jax.random.key(0), recipe=config.recipe
+        )
     )
     return ckpts.restore(template, which, meta)

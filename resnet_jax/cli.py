@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,6 +23,13 @@ from pathlib import Path
 from resnet_jax.config import DTYPES, MIN_RESIZE, Config, ConfigError
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
+from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES, resolve
+
+# Flags that override one ingredient of --recipe; None (not given) keeps the recipe's value.
+INGREDIENT_FLAGS = (
+    "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing",
+    "ema_decay", "tta_flip", "crop_pad", "flip", "erase_prob",
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
@@ -31,6 +39,21 @@ class UserError(Exception):
     """Something the user can fix; printed as one line, exit 1."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except a None one: there the help says what decides."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _recipe_default(key: str) -> str:
+    return "default: the recipe's (" + ", ".join(f"{n} {RUN_DEFAULTS[n][key]}" for n in RECIPES) + ")"
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(
@@ -38,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the chapter's ResNet-18 on Fashion-MNIST (defaults: the d2l recipe, lr 0.05).",
         epilog="Other commands: 'train.py evaluate RUN_DIR' (test metrics, per-class accuracy, confusion matrix) "
         "and 'train.py predict RUN_DIR FILES...' (top-k classes of images); see their --help.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per SGD step")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
-    p.add_argument("--resize", type=int, default=d.resize, help=f"image side after bilinear resize (>= {MIN_RESIZE})")
+    p.add_argument("--recipe", default="d2l", choices=sorted(RECIPES),
+                   help="d2l: the chapter's train_ch6; best: the recipe below (resnet_jax/recipes.py)")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training set; {_recipe_default('epochs')}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per SGD step; {_recipe_default('batch_size')}")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak SGD learning rate; {_recipe_default('lr')}, best's scaled linearly with --batch-size")
+    p.add_argument("--resize", type=int, default=None,
+                   help=f"image side after bilinear resize (>= {MIN_RESIZE}); {_recipe_default('resize')}")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and the epoch shuffles")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="TFDS dataset")
@@ -67,16 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation batch")
     g.add_argument("--conv-impl", default=d.conv_impl, choices=IMPLS, help="convolution lowering (see resnet_jax/ops.py)")
+    g = p.add_argument_group("recipe ingredients (default: the --recipe's value; d2l has them all off)")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (best {BEST.momentum})")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help=f"Nesterov momentum (best {_on(BEST.nesterov)})")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"L2 weight decay on conv/dense kernels, not BatchNorm or biases (best {BEST.weight_decay})")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help=f"learning-rate schedule (best {BEST.schedule})")
+    g.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warmup from 0, in epochs (best {BEST.warmup_epochs})")
+    g.add_argument("--label-smoothing", type=float, default=None, help=f"label smoothing of the loss (best {BEST.label_smoothing})")
+    g.add_argument("--ema-decay", type=float, default=None, help=f"EMA of weights and BatchNorm statistics, used for evaluation; 0 off (best {BEST.ema_decay})")
+    g.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None, help=f"average test logits over a left-right flip (best {_on(BEST.tta_flip)})")
+    g.add_argument("--crop-pad", type=int, default=None, help=f"random translation by up to N pixels (zero-padded crop) of the 28x28 image (best {BEST.crop_pad})")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=f"random left-right flips (best {_on(BEST.flip)})")
+    g.add_argument("--erase-prob", type=float, default=None, help=f"probability of random erasing (best {BEST.erase_prob})")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    recipe, run = resolve(
+        args.recipe, {k: getattr(args, k) for k in INGREDIENT_FLAGS},
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, resize=args.resize,
+    )
     return Config(
+        recipe=recipe,
         dataset=args.dataset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        resize=args.resize,
+        epochs=run["epochs"],
+        batch_size=run["batch_size"],
+        lr=run["lr"],
+        resize=run["resize"],
         seed=args.seed,
         train_limit=args.train_limit,
         test_limit=args.test_limit,
@@ -237,7 +281,8 @@ def run(config: Config, json_line: bool = False) -> int:
 
     model = training.make_model(config, spec.num_classes, spec.channels)
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = training.create_train_state(model, training.make_optimizer(config), init_key, init[0] if init else None)
+    tx = training.make_optimizer(config, steps_per_epoch=math.ceil(len(train) / config.batch_size))
+    state = training.create_train_state(model, tx, init_key, init[0] if init else None, recipe=config.recipe)
     if init:
         # PyTorch's BatchNorm counters are the number of training steps the weights have had
         # (resnet_jax/convert.py); continuing that count keeps --export-torch's counters true.
@@ -272,7 +317,8 @@ def run(config: Config, json_line: bool = False) -> int:
         say(
             f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
             f"{config.epochs} epochs x {info['steps_per_epoch']} steps of {config.batch_size}, "
-            f"{config.resize}x{config.resize}, lr {config.lr}, {config.dtype}; compiled in {info['compile_s']:.1f} s"
+            f"{config.resize}x{config.resize}, lr {config.lr:g}, {config.dtype}, recipe {config.recipe.name}; "
+            f"compiled in {info['compile_s']:.1f} s"
         )
 
     def on_progress(done, total, last):

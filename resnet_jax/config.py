@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
+from resnet_jax.recipes import D2L, Recipe, problem as recipe_problem
 
 DTYPES = ("float32", "bfloat16")
 NUM_STRIDE2 = 5  # b1 conv, b1 max-pool, first residual of b3, b4, b5
@@ -50,8 +51,11 @@ class Config:
     conv_impl: str = "auto"  # see resnet_jax.ops
     init_from_torch: str | None = None  # start from this PyTorch state_dict (.pt) of the chapter's net
     export_torch: str | None = None  # write the trained model here as a PyTorch state_dict (.pt)
+    recipe: Recipe = D2L  # the training ingredients beyond plain SGD (resnet_jax.recipes); d2l: none
 
     def __post_init__(self):
+        if isinstance(self.recipe, dict):  # as to_dict() wrote it, e.g. read back from results.json
+            object.__setattr__(self, "recipe", Recipe(**self.recipe))
         validate(self)
 
     def replace(self, **changes) -> "Config":
@@ -111,3 +115,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
     if c.conv_impl not in IMPLS:
         raise ConfigError(f"--conv-impl must be one of {', '.join(IMPLS)}, got {c.conv_impl!r}")
+    if not isinstance(c.recipe, Recipe):
+        raise ConfigError(f"recipe must be a resnet_jax.recipes.Recipe, got {c.recipe!r}")
+    if (message := recipe_problem(c.recipe)) is not None:
+        raise ConfigError(message)

@@ -31,20 +31,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnet_jax import recipes
+from resnet_jax.augment import augment
 from resnet_jax.config import Config
 from resnet_jax.data import Split, preprocess
 from resnet_jax.model import ResNet18, init_variables
+from resnet_jax.recipes import D2L, Recipe
 
 Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, tx, opt_state) plus BatchNorm running statistics."""
+    """Flax's TrainState (step, params, tx, opt_state) plus BatchNorm running statistics.
+
+    With a recipe (resnet_jax.recipes) it also carries what the recipe needs,
+    so that the step functions and fit() keep their signatures: the recipe
+    itself (static, like ``apply_fn``), the augmentation key (raw key data;
+    step t uses ``fold_in(aug_key, t)``, so a run is reproducible and a resumed
+    one continues the same stream) and the EMA of the weights and statistics.
+    Each stays None when its ingredient is off, as everything is for d2l.
+    """
 
     batch_stats: Any = None
+    recipe: Recipe = struct.field(pytree_node=False, default=D2L)
+    aug_key: jax.Array | None = None
+    ema_params: Any = None
+    ema_batch_stats: Any = None
 
 
 def make_model(config: Config, num_classes: int = 10, input_channels: int = 1) -> ResNet18:
@@ -56,17 +72,38 @@ def make_model(config: Config, num_classes: int = 10, input_channels: int = 1) -
     )
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    # The recipe's torch.optim.SGD(lr): no momentum, no weight decay.
-    return optax.sgd(config.lr)
+def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.GradientTransformation:
+    """The recipe's optimizer; d2l's is the chapter's torch.optim.SGD(lr): no momentum, no weight decay.
+
+    A learning-rate schedule needs ``steps_per_epoch`` (ceil(train examples / batch size)).
+    """
+    if steps_per_epoch is None:
+        if config.recipe.schedule != "constant" or config.recipe.warmup_epochs:
+            raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
+        steps_per_epoch = 1
+    return recipes.make_optimizer(config.recipe, config.lr, steps_per_epoch, config.epochs)
 
 
-def create_train_state(model: ResNet18, tx, rng: jax.Array, variables: dict | None = None) -> TrainState:
-    """A fresh state (PyTorch's init in distribution), or one from given variables."""
+def create_train_state(
+    model: ResNet18, tx, rng: jax.Array, variables: dict | None = None, recipe: Recipe = D2L
+) -> TrainState:
+    """A fresh state (PyTorch's init in distribution), or one from given variables.
+
+    ``recipe`` adds its augmentation key (from ``rng``) and EMA copies, when it uses them.
+    """
     if variables is None:
         variables = init_variables(model, rng)
+    extra = {}
+    if recipe.augments:
+        key = jax.random.fold_in(rng, 1)
+        extra["aug_key"] = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    if recipe.ema_decay:
+        # Copies: the EMA must not alias the live arrays the steps donate.
+        extra["ema_params"] = jax.tree_util.tree_map(jnp.copy, variables["params"])
+        extra["ema_batch_stats"] = jax.tree_util.tree_map(jnp.copy, variables["batch_stats"])
     return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],
+        recipe=recipe, **extra,
     )
 
 
@@ -87,30 +124,54 @@ def _sums(losses, logits, labels, mask=None) -> Metrics:
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: int) -> tuple[TrainState, Metrics]:
-    """One SGD step on one batch of uint8 images. Pure: state in, state and metric sums out."""
+    """One SGD step on one batch of uint8 images. Pure: state in, state and metric sums out.
+
+    The recipe's ingredients that are off add nothing to the computation: for
+    d2l this is the chapter's step, operation for operation. With label
+    smoothing the reported loss is the smoothed loss that is minimised.
+    """
+    r = state.recipe
+    if r.augments:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.aug_key), state.step)
+        images = augment(key, images, r.crop_pad, r.flip, r.erase_prob)
     x = preprocess(images, resize)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
         )
-        losses = cross_entropy(logits, labels)
+        losses = recipes.loss(logits, labels, r.label_smoothing)
         return jnp.mean(losses), (losses, logits, updates["batch_stats"])
 
     grads, (losses, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if r.ema_decay:
+        # state.step now counts this update: the EMA's decay ramp is a function of updates done.
+        state = state.replace(
+            ema_params=recipes.ema_update(state.ema_params, state.params, r.ema_decay, state.step),
+            ema_batch_stats=recipes.ema_update(state.ema_batch_stats, state.batch_stats, r.ema_decay, state.step),
+        )
     return state, _sums(losses, logits, labels)
 
 
 def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
-    """The model in eval mode (running statistics) on a batch of uint8 images."""
-    return state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, preprocess(images, resize), train=False
-    )
+    """The model in eval mode (running statistics) on a batch of uint8 images.
+
+    With EMA on, the averaged weights and statistics are evaluated; with
+    ``tta_flip`` the logits are averaged over each image and its mirror image.
+    """
+    if state.ema_params is not None:
+        variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    else:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return recipes.predict(state.apply_fn, variables, preprocess(images, resize), state.recipe.tta_flip)
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int) -> Metrics:
-    """Metric sums of the model in eval mode (running statistics) over the examples where ``mask``."""
+    """Metric sums of the model in eval mode over the examples where ``mask``.
+
+    The loss is the plain cross-entropy, whatever the training loss.
+    """
     logits = eval_logits(state, images, resize)
     return _sums(cross_entropy(logits, labels), logits, labels, mask)
 

@@ -1,0 +1,86 @@
+"""Augmentations: shape, dtype, value range, reproducibility, and real per-example randomness."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import augment
+
+
+def _images(dtype=np.uint8, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, 256, (n, 28, 28, 1), dtype=np.uint8)  # no zeros: padding shows as 0
+    return jnp.asarray(x if dtype == np.uint8 else x / 255.0, dtype)
+
+
+AUGS = {
+    "crop": lambda k, x: augment.random_crop(k, x, 4),
+    "flip": lambda k, x: augment.random_flip(k, x),
+    "erase": lambda k, x: augment.random_erasing(k, x, 1.0),
+    "all": lambda k, x: augment.augment(k, x, crop_pad=4, flip=True, erase_prob=0.5),
+}
+
+
+@pytest.mark.parametrize("name", AUGS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_shape_dtype_range_and_reproducible(name, dtype):
+    f = jax.jit(AUGS[name])
+    x = _images(dtype)
+    key = jax.random.key(3)
+    y = f(key, x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    hi = 255 if dtype == np.uint8 else 1.0
+    assert float(jnp.min(y)) >= 0 and float(jnp.max(y)) <= hi
+    np.testing.assert_array_equal(np.asarray(f(key, x)), np.asarray(y))  # same key, same batch
+    assert not np.array_equal(np.asarray(f(jax.random.key(4), x)), np.asarray(y))  # another key, another batch
+
+
+@pytest.mark.parametrize("name", AUGS)
+def test_examples_get_different_transformations(name):
+    # One image repeated: any difference between the outputs comes from per-example randomness.
+    x = jnp.repeat(_images(n=1), 16, axis=0)
+    y = np.asarray(AUGS[name](jax.random.key(0), x))
+    assert len({row.tobytes() for row in y}) > 1
+
+
+def test_crop_is_a_translation_with_zero_fill():
+    x = _images(n=64)
+    y = np.asarray(augment.random_crop(jax.random.key(1), x, 4))
+    x = np.asarray(x)
+    for xi, yi in zip(x, y):
+        padded = np.pad(xi, ((4, 4), (4, 4), (0, 0)))
+        hits = [(dy, dx) for dy in range(9) for dx in range(9) if np.array_equal(padded[dy:dy + 28, dx:dx + 28], yi)]
+        assert hits, "output is not a crop of the zero-padded image"
+    # All 81 offsets are reachable; over 64 images at least the extremes of each axis should show.
+    assert (y[:, :4] == 0).all(axis=(1, 2, 3)).any() and (y[:, -4:] == 0).all(axis=(1, 2, 3)).any()
+
+
+def test_flip_mirrors_about_half():
+    x = _images(n=256)
+    y = np.asarray(augment.random_flip(jax.random.key(2), x))
+    x = np.asarray(x)
+    flipped = np.array([np.array_equal(a[:, ::-1], b) for a, b in zip(x, y)])
+    kept = np.array([np.array_equal(a, b) for a, b in zip(x, y)])
+    assert (flipped | kept).all()
+    assert 0.35 < flipped.mean() < 0.65
+
+
+def test_erasing_changes_one_rectangle_with_the_given_probability():
+    x = _images(n=256)
+    y = np.asarray(augment.random_erasing(jax.random.key(5), x, 0.5))
+    x = np.asarray(x)
+    changed = (x != y)[..., 0]
+    erased = changed.any(axis=(1, 2))
+    assert 0.35 < erased.mean() < 0.65
+    for m in changed[erased]:
+        rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        box = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        # Noise can equal the original value by chance (1/255 per pixel), so "almost all" of the box.
+        assert box.mean() > 0.9 and box.size <= 0.4 * 28 * 28 + 2 * 28
+    np.testing.assert_array_equal(np.asarray(augment.random_erasing(jax.random.key(5), jnp.asarray(x), 0.0)), x)
+
+
+def test_off_is_identity():
+    x = _images()
+    np.testing.assert_array_equal(np.asarray(augment.augment(jax.random.key(0), x)), np.asarray(x))
