@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("PyTorch weights", "state_dicts of the chapter's nn.Sequential net (needs torch)")
     g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from this state_dict; the step count continues from its num_batches_tracked")
     g.add_argument("--export-torch", default=None, metavar="FILE.pt", help="write the final model as a state_dict that load_state_dict(strict=True) accepts")
+    g = p.add_argument_group(
+        "several hosts (jax.distributed)",
+        "start the same command on every host; all devices of all hosts form one mesh; process 0 prints and writes",
+    )
+    g.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with the cluster's own settings (SLURM, TPU pods, ...)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0 (with --num-processes and --process-id)")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in all")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1")
     g = p.add_argument_group("performance (same math)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="computation dtype; parameters stay float32")
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
@@ -239,7 +247,27 @@ def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def run(config: Config, json_line: bool = False) -> int:
+def distributed_settings(args: argparse.Namespace) -> dict | None:
+    """jax.distributed.initialize()'s arguments from the flags; None for a one-process run.
+
+    Launch settings, not training math: they stay out of Config (and out of --resume's checks).
+    """
+    explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if args.distributed and given:
+        raise ConfigError("--distributed detects the cluster's settings; do not combine it with --coordinator/--num-processes/--process-id")
+    if args.distributed:
+        return {}
+    if not given:
+        return None
+    if len(given) < 3:
+        raise ConfigError("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise ConfigError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+    return explicit
+
+
+def run(config: Config, json_line: bool = False, distributed: dict | None = None) -> int:
     """The whole job for a validated config. Returns the exit code."""
     out = sys.stderr if json_line else sys.stdout
     say = lambda msg: print(msg, file=out, flush=True)
@@ -249,6 +277,16 @@ def run(config: Config, json_line: bool = False) -> int:
     # flags answer at once.
     import jax
     from tqdm import tqdm
+
+    if distributed is not None:
+        try:
+            jax.distributed.initialize(**distributed)
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"jax.distributed.initialize failed: {err}") from err
+    # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
+    main_process = jax.process_index() == 0
+    if not main_process:
+        say = lambda msg: None
 
     from resnet_jax import checkpoint as ckpt_mod
     from resnet_jax import data as data_mod
@@ -297,7 +335,7 @@ def run(config: Config, json_line: bool = False) -> int:
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
 
     metrics_file = None
-    if config.output:
+    if config.output and main_process:
         out_dir = Path(config.output)
         # A resumed run's metrics are the checkpoint's records, then its own: anything
         # logged after the checkpoint (an epoch that did not finish) is rewritten.
@@ -324,7 +362,7 @@ def run(config: Config, json_line: bool = False) -> int:
     def on_progress(done, total, last):
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+            bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None if main_process else True)
         bar.update(done - bar.n)
         if last is not None:
             bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.3f}", refresh=False)
@@ -382,7 +420,7 @@ def run(config: Config, json_line: bool = False) -> int:
     say(f"loss {_fmt(f['train_loss'])}, train acc {_fmt(f['train_acc'])}, test acc {_fmt(f['test_acc'])}")
     say(f"{_fmt(f['examples_per_sec'], '.1f')} examples/sec on {f['device']}")
 
-    if config.export_torch:
+    if config.export_torch and main_process:
         from resnet_jax import convert
 
         final = result.state
@@ -395,7 +433,7 @@ def run(config: Config, json_line: bool = False) -> int:
         say(f"exported a PyTorch state_dict to {config.export_torch}")
 
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
-    if config.output:
+    if config.output and main_process:
         _write_json_atomically(Path(config.output) / "results.json", report)
         # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
         spe = -(-len(train) // config.batch_size)  # steps per epoch, the last batch included
@@ -407,7 +445,7 @@ def run(config: Config, json_line: bool = False) -> int:
         say(f"checkpoints in {config.output}/checkpoints"
             + (f" and {config.output}/best" if config.val_split else "")
             + f"; metrics in metrics.jsonl, results.json, curves.png")
-    if json_line:
+    if json_line and main_process:
         print(json.dumps(report), flush=True)
     return EXIT_OK
 
@@ -422,12 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 with argparse's message on malformed flags
     try:
         config = config_from_args(args)
+        distributed = distributed_settings(args)
     except ConfigError as err:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return run(config, json_line=args.json)
+        return run(config, json_line=args.json, distributed=distributed)
     except UserError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -59,6 +59,9 @@ BAD_FLAGS = [
     (["--batch-size", "abc"], "invalid int value"),
     (["--dtype", "float16"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id go together"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, --num-processes)"),
+    (["--distributed", "--process-id", "0"], "--distributed detects the cluster's settings"),
 ]
 
 
