@@ -280,23 +280,23 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
     # Always compiled: XLA's cost analysis of one step is the FLOP cross-check (of a
     # fori_loop it would count the body once, whatever the trip count).
     step_lowered, one_step = compile_(
-        jax.jit(lambda s, x, y, i: training.train_step(s, x[i], y[i], r), donate_argnums=0),
+        training.jit(lambda s, x, y, i: training.train_step(s, x[i], y[i], r), donate_argnums=0),
         state, train_x, train_y, idx(bs), counted=K == 1,
     )
     if K > 1:
         _, chunk = compile_(
-            jax.jit(functools.partial(training.train_chunk, resize=r), donate_argnums=0),
+            training.jit(functools.partial(training.train_chunk, resize=r), donate_argnums=0),
             state, train_x, train_y, idx(K, bs), jax.ShapeDtypeStruct((), jnp.int32),
         )
         run = lambda s, rows: chunk(s, train_x, train_y, rows, jnp.int32(K))
     else:
         run = lambda s, rows: one_step(s, train_x, train_y, rows[0])
     eval_lowered, one_eval = compile_(
-        jax.jit(lambda s, x, y, m: training.eval_step(s, x, y, m, r)),
+        training.jit(lambda s, x, y, m: training.eval_step(s, x, y, m, r)),
         state, test_x[0], test_y[0], test_m[0], counted=backend == "cpu",
     )
     if backend != "cpu":
-        _, evaluate = compile_(jax.jit(functools.partial(training.evaluate, resize=r)), state, test_x, test_y, test_m)
+        _, evaluate = compile_(training.jit(functools.partial(training.evaluate, resize=r)), state, test_x, test_y, test_m)
     else:  # as fit: no device loop on XLA:CPU, one call per batch
         def evaluate(s, xs, ys, ms):
             return functools.reduce(training._add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0])))

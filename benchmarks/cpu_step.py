@@ -29,7 +29,7 @@ def jax_step_ms(batch, resize, impl, repeats=5):
     labels = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
     cfg = Config(resize=resize, conv_impl=impl, batch_size=batch)
     st = training.create_train_state(training.make_model(cfg), training.make_optimizer(cfg), jax.random.key(0))
-    step = jax.jit(training.train_step, static_argnums=3, donate_argnums=0)
+    step = training.jit(training.train_step, static_argnums=3, donate_argnums=0)
     st, m = step(st, imgs, labels, resize)
     jax.block_until_ready(m)
     ts = []

@@ -13,9 +13,12 @@ symmetric zero padding) in NHWC/HWIO. Two lowerings:
   such small maps with many channels at a few GFLOP/s, while the matmul goes
   through its fast GEMM (BENCHMARKS.md, "CPU conv lowering", has the numbers).
 
-``"auto"`` picks "patches" on CPU for maps up to :data:`CPU_PATCHES_MAX_HW`
-pixels and "xla" everywhere else. Both are tested against each other
-(tests/test_ops.py).
+``"auto"`` picks "patches" on CPU where XLA's convolution is slow (see
+:func:`cpu_prefers_patches`) and "xla" everywhere else. Both are tested against
+each other (tests/test_ops.py).
+
+On CPU the convolutions themselves also depend on a compiler option:
+:func:`compiler_options` (every jitted program of the package passes it).
 """
 
 from __future__ import annotations
@@ -28,10 +31,44 @@ from jax import lax
 
 IMPLS = ("auto", "xla", "patches")
 
-# Largest input map (H * W) for which "auto" uses patches on CPU. Measured on the
-# 2-core development machine (benchmarks/conv_lowering.py): patches win at 1x1,
-# 2x2 and 4x4 maps; from 7x7 upwards XLA's convolution is as fast or faster.
-CPU_PATCHES_MAX_HW = 16
+# The largest output map (Ho * Wo) for which "auto" uses patches on CPU for a
+# k x k conv (k > 1). Measured with benchmarks/cpu_conv.py, batch 64, 2 cores,
+# under compiler_options("cpu"): XLA's convolution takes 19-86 ms (forward and
+# backward) for outputs of 2x2 and 1x1 where patches take 0.6-2.8 ms, and is as
+# fast or faster from 3x3 outputs up (BENCHMARKS.md, "CPU conv lowering").
+CPU_PATCHES_MAX_OUT = 4
+
+# XLA:CPU hands convolutions, dots and some reductions to YNNPACK by default
+# (jaxlib 0.10). For this network's convolutions YNNPACK is 1.5-2x slower than
+# XLA's own (Eigen) convolution, forward and backward (BENCHMARKS.md, "CPU conv
+# lowering"); dots and reductions are faster with it. So on CPU we keep the
+# default set minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION. The option only
+# chooses which kernel library computes the same convolution.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options(platform: str) -> dict | None:
+    """XLA options for programs that run the network on ``platform`` (pass to ``jax.jit``).
+
+    ``None`` on GPU and TPU, and on a jaxlib that does not know the CPU option
+    (it is experimental): such a jaxlib keeps its own defaults.
+    """
+    if platform != "cpu":
+        return None
+    try:
+        cpu = jax.devices("cpu")[0]
+        jax.jit(lambda a: a + 1, compiler_options=_CPU_OPTIONS).lower(jax.device_put(jnp.float32(0), cpu)).compile()
+    except Exception:  # an unknown option or enum value: keep XLA's defaults
+        return None
+    return dict(_CPU_OPTIONS)
+
+
+def cpu_prefers_patches(in_hw: tuple[int, int], kernel: int, stride: int, padding: int) -> bool:
+    """Whether "auto" lowers this conv as patches + matmul on CPU (measured; see CPU_PATCHES_MAX_OUT)."""
+    ho = output_size(in_hw[0], kernel, stride, padding)
+    wo = output_size(in_hw[1], kernel, stride, padding)
+    return kernel > 1 and ho * wo <= CPU_PATCHES_MAX_OUT
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -44,8 +81,8 @@ def conv2d(x, kernel, *, strides: int = 1, padding: int = 0, impl: str = "auto")
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        small = x.shape[1] * x.shape[2] <= CPU_PATCHES_MAX_HW
-        impl = "patches" if (small and jax.default_backend() == "cpu") else "xla"
+        on_cpu = jax.default_backend() == "cpu"
+        impl = "patches" if on_cpu and cpu_prefers_patches(x.shape[1:3], kernel.shape[0], strides, padding) else "xla"
     if impl == "xla":
         return lax.conv_general_dilated(
             x,

@@ -35,12 +35,23 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import recipes
+from resnet_jax import ops, recipes
 from resnet_jax.augment import augment
 from resnet_jax.config import Config
 from resnet_jax.data import Split, preprocess
 from resnet_jax.model import ResNet18, init_variables
 from resnet_jax.recipes import D2L, Recipe
+
+def jit(fn: Callable, devices=None, **kwargs):
+    """``jax.jit`` with the package's XLA options for the platform of ``devices``.
+
+    On CPU these pick XLA's faster convolution kernels (ops.compiler_options);
+    on GPU and TPU there are none. Every program that runs the network goes
+    through here, so a benchmark measures what training runs.
+    """
+    platform = (devices[0] if devices else jax.devices()[0]).platform
+    return jax.jit(fn, compiler_options=ops.compiler_options(platform), **kwargs)
+
 
 Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count
 
@@ -182,7 +193,7 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     Batches of ``batch_size`` (the last one padded), so one compiled program serves any N.
     """
     batch_size = max(1, min(batch_size, len(images)))
-    probs_fn = jax.jit(lambda s, x: jax.nn.softmax(eval_logits(s, x, resize).astype(jnp.float32), axis=-1))
+    probs_fn = jit(lambda s, x: jax.nn.softmax(eval_logits(s, x, resize).astype(jnp.float32), axis=-1))
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -372,13 +383,13 @@ def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_
     x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), n_dev)))
     if jax.default_backend() != "cpu":
         fn = (
-            jax.jit(functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding))
+            jit(functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding))
             .lower(state, x, y, m)
             .compile()
         )
         return lambda s: _to_host(fn(s, x, y, m))
     # No device loop on XLA:CPU (see steps_per_dispatch): one call per batch.
-    one = jax.jit(lambda s, x, y, m: eval_step(s, x, y, m, config.resize)).lower(state, x[0], y[0], m[0]).compile()
+    one = jit(lambda s, x, y, m: eval_step(s, x, y, m, config.resize)).lower(state, x[0], y[0], m[0]).compile()
     return lambda s: _to_host(functools.reduce(_add, (one(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
 
 
@@ -449,7 +460,7 @@ def fit(
     # Every input and output sharding is explicit: indices, like the data, are replicated.
     scalar = lambda v: put(np.int32(v))
     plan_fn = (
-        jax.jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), out_shardings=replicated)
+        jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), devices, out_shardings=replicated)
         .lower(scalar(0))
         .compile()
     )
@@ -458,8 +469,9 @@ def fit(
     def compile_step(batch: int, sharding):
         """One step on rows ``idx`` of the on-device split."""
         return (
-            jax.jit(
+            jit(
                 lambda s, x, y, idx: train_step(s, _constrain(x[idx], sharding), _constrain(y[idx], sharding), config.resize),
+                devices,
                 donate_argnums=0,
             )
             .lower(state, train_x, train_y, idx_spec((batch,)))
@@ -469,8 +481,9 @@ def fit(
     chunk_fn = step_fn = None
     if full and K > 1:
         chunk_fn = (
-            jax.jit(
+            jit(
                 functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
+                devices,
                 donate_argnums=0,
             )
             .lower(state, train_x, train_y, idx_spec((K, bs)), scalar(0))

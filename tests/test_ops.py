@@ -62,3 +62,35 @@ def test_slice_max_pool_equals_reduce_window_with_first_max_gradient(shape):
     np.testing.assert_allclose(gb, ga, rtol=0, atol=1e-6)
     # Each window's gradient lands on exactly one position: the totals agree exactly per window count.
     np.testing.assert_allclose(float(jnp.sum(gb)), float(jnp.sum(g)), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "hw,k,s,p,want",
+    [
+        ((1, 1), 3, 1, 1, True),  # b5 at 28x28
+        ((2, 2), 3, 1, 1, True),
+        ((2, 2), 3, 2, 1, True),
+        ((4, 4), 3, 2, 1, True),  # 2x2 output
+        ((4, 4), 3, 1, 1, False),  # 4x4 output: XLA's convolution is faster
+        ((3, 3), 3, 1, 1, False),  # b5 at 96x96
+        ((2, 2), 1, 2, 0, False),  # a 1x1 conv is one matmul either way
+        ((24, 24), 3, 1, 1, False),
+    ],
+)
+def test_cpu_lowering_rule(hw, k, s, p, want):
+    assert ops.cpu_prefers_patches(hw, k, s, p) is want
+
+
+def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack():
+    opts = ops.compiler_options("cpu")
+    assert ops.compiler_options("gpu") is None and ops.compiler_options("tpu") is None
+    if opts is None:
+        pytest.skip("this jaxlib does not know xla_cpu_experimental_ynn_fusion_type")
+    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 8))
+    f = lambda x, w: ops.conv2d(x, w, strides=1, padding=1, impl="xla")
+
+    with_opts = jax.jit(f, compiler_options=opts).lower(x, w).compile().as_text()
+    # The program is one convolution: with the options it is XLA's own, not a YNNPACK fusion.
+    assert " convolution(" in with_opts and "__ynn_fusion" not in with_opts
+    # Same numbers as the default program.
+    np.testing.assert_allclose(jax.jit(f, compiler_options=opts)(x, w), jax.jit(f)(x, w), rtol=1e-6)
