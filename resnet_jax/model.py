@@ -31,6 +31,7 @@ tests compare runs in float64, where rounding cannot hide or mimic a real differ
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -98,6 +99,63 @@ class Conv2d(nn.Module):
         return y + bias.astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+    """Training-mode BatchNorm over the last axis: ``(y, batch mean, biased batch variance)``.
+
+    Forward: ``(x - mean) * (scale / sqrt(var + eps)) + bias`` with the two-pass
+    variance E[(x - mean)^2], statistics in float32 (or ``scale``'s dtype if wider)
+    whatever ``x``'s dtype. Centring first matters for the gradient: the folded
+    form ``x * mul + (bias - mean * mul)`` makes the gradient compute
+    sum(dy * x) - mean * sum(dy), which cancels catastrophically when
+    |mean| >> std (a conv of post-ReLU, all-positive inputs); at 96x96 that put
+    1e-3 relative errors into every gradient below b4 (tests/test_convert.py).
+
+    Backward: the closed form PyTorch's batch_norm_backward uses,
+    ``dx = scale/std * (dy - mean(dy) - xhat * mean(dy * xhat))`` (plus the
+    mean's and variance's own cotangents), rather than autodiff's transpose of
+    the forward. Same math, same centred sums; XLA gets two reductions and one
+    elementwise pass per BatchNorm instead of a chain it recomputed inside
+    every consumer (BENCHMARKS.md, "CPU training step").
+    """
+    y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.promote_types(jnp.float32, scale.dtype))
+    mean = jnp.mean(xf, axes)
+    var = jnp.mean(jnp.square(xf - mean), axes)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    mul = scale * inv_std
+    y = (x - mean.astype(x.dtype)) * mul.astype(x.dtype) + bias.astype(x.dtype)
+    return y, mean, var, inv_std
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    y, mean, var, inv_std = _batch_norm_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, inv_std)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+    x, scale, mean, inv_std = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    xc = x.astype(mean.dtype) - mean  # centred, in the statistics' dtype
+    dyf = dy.astype(mean.dtype)
+    dbias = jnp.sum(dyf, axes)
+    dscale = jnp.sum(dyf * xc, axes) * inv_std  # sum(dy * xhat)
+    k = scale * inv_std
+    # dx = k * dy + (dmean - k * dbias) / n + xc * (2 * dvar - k * inv_std * dscale) / n
+    dx = dyf * k + (dmean - k * dbias) / n + xc * ((2.0 * dvar - k * inv_std * dscale) / n)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 class BatchNorm(nn.Module):
     """``torch.nn.BatchNorm2d`` with its defaults, over the last (channel) axis.
 
@@ -127,11 +185,9 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), pdt)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), pdt)
 
+        dtype = self.dtype or x.dtype
         if train:
-            axes = tuple(range(x.ndim - 1))
-            xf = x.astype(jnp.promote_types(jnp.float32, pdt))
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon)
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
                 # PyTorch refuses n == 1 in training; we keep the biased value then
@@ -140,18 +196,9 @@ class BatchNorm(nn.Module):
                 m = self.momentum
                 running_mean.value = (1.0 - m) * running_mean.value + m * mean
                 running_var.value = (1.0 - m) * running_var.value + m * unbiased
-        else:
-            mean, var = running_mean.value, running_var.value
-
-        # Centre first, as PyTorch does: (x - mean) * mul + bias. Folding the mean into the
-        # offset (x * mul + (bias - mean * mul)) is one op fewer, but its gradient computes
-        # sum(dy * x) - mean * sum(dy), which cancels catastrophically when |mean| >> std
-        # (a conv of post-ReLU, all-positive inputs): at 96x96 that put 1e-3 relative
-        # errors into every gradient below b4, where PyTorch and float64 agree to 1e-5
-        # (tests/test_convert.py). XLA fuses the extra subtraction; it costs no memory pass.
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        dtype = self.dtype or x.dtype
-        return (x.astype(dtype) - mean.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)
+            return y
+        mul = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
+        return (x.astype(dtype) - running_mean.value.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)
 
 
 class Residual(nn.Module):

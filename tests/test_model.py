@@ -132,3 +132,33 @@ def test_padding_is_symmetric_like_pytorch():
         x, conv["kernel"], (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     ) + conv["bias"]
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _batch_norm_by_autodiff(x, scale, bias, eps):
+    """The textbook forward, differentiated by JAX: what batch_norm_train's closed-form VJP must equal."""
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + eps)) + bias, mean, var
+
+
+def test_batch_norm_closed_form_gradient_equals_autodiff_in_float64():
+    from resnet_jax.model import batch_norm_train
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(0), 6)
+        # A large mean against a small spread: the case where an uncentred formula cancels.
+        x = 3.0 + 0.1 * jax.random.normal(k[0], (4, 5, 5, 6), jnp.float64)
+        scale = jax.random.normal(k[1], (6,), jnp.float64)
+        bias = jax.random.normal(k[2], (6,), jnp.float64)
+        # Cotangents for all three outputs, so the mean's and variance's own terms are checked too.
+        cots = (
+            jax.random.normal(k[3], x.shape, jnp.float64),
+            jax.random.normal(k[4], (6,), jnp.float64),
+            jax.random.normal(k[5], (6,), jnp.float64),
+        )
+        outs, vjp = jax.vjp(lambda *a: batch_norm_train(*a, BN_EPSILON), x, scale, bias)
+        ref_outs, ref_vjp = jax.vjp(lambda *a: _batch_norm_by_autodiff(*a, BN_EPSILON), x, scale, bias)
+        for a, b in zip(outs, ref_outs):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        for a, b in zip(vjp(cots), ref_vjp(cots)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(b))))
