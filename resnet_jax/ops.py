@@ -33,15 +33,15 @@ IMPLS = ("auto", "xla", "patches")
 
 # The largest output map (Ho * Wo) for which "auto" uses patches on CPU for a
 # k x k conv (k > 1). Measured with benchmarks/cpu_conv.py, batch 64, 2 cores,
-# under compiler_options("cpu"): XLA's convolution takes 19-86 ms (forward and
-# backward) for outputs of 2x2 and 1x1 where patches take 0.6-2.8 ms, and is as
+# under compiler_options("cpu"): XLA's convolution takes 20-92 ms (forward and
+# backward) for outputs of 2x2 and 1x1 where patches take 0.7-3.2 ms, and is as
 # fast or faster from 3x3 outputs up (BENCHMARKS.md, "CPU conv lowering").
 CPU_PATCHES_MAX_OUT = 4
 
 # XLA:CPU hands convolutions, dots and some reductions to YNNPACK by default
-# (jaxlib 0.10). For this network's convolutions YNNPACK is 1.5-2x slower than
-# XLA's own (Eigen) convolution, forward and backward (BENCHMARKS.md, "CPU conv
-# lowering"); dots and reductions are faster with it. So on CPU we keep the
+# (jaxlib 0.10). For this network's convolutions at 96x96 YNNPACK is 1.2-3.5x
+# slower than XLA's own (Eigen) convolution, forward and backward (BENCHMARKS.md,
+# "CPU conv lowering"); dots and reductions are faster with it. So on CPU we keep the
 # default set minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION. The option only
 # chooses which kernel library computes the same convolution.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
