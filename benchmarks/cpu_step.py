@@ -78,7 +78,7 @@ def main():
     p.add_argument("--resize", type=int, nargs="+", default=[28, 96])
     p.add_argument("--impls", nargs="+", default=["auto", "xla"])
     a = p.parse_args()
-    print(f"| resize | implementation | ms/step (median of 5) | spread ms | images/s |")
+    print("| resize | implementation | ms/step (median of 5) | spread ms | images/s |")
     print("|---|---|---|---|---|")
     for r in a.resize:
         rows = [(f"JAX conv_impl={i}", *jax_step_ms(a.batch, r, i)) for i in a.impls]

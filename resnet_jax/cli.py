@@ -444,7 +444,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
             raise UserError(f"could not write {config.output}/curves.png: {err}") from err
         say(f"checkpoints in {config.output}/checkpoints"
             + (f" and {config.output}/best" if config.val_split else "")
-            + f"; metrics in metrics.jsonl, results.json, curves.png")
+            + "; metrics in metrics.jsonl, results.json, curves.png")
     if json_line and main_process:
         print(json.dumps(report), flush=True)
     return EXIT_OK
@@ -465,14 +465,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    return report_errors(parser.prog, lambda: run(config, json_line=args.json, distributed=distributed))
+
+
+def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ()) -> int:
+    """``fn()``'s exit code, with a user's mistake or Ctrl-C as one line on stderr instead of a trace.
+
+    ``usage_errors``: exceptions that mean a flag value cannot work (exit 2);
+    :class:`UserError` means the run could not be done (exit 1). Shared by
+    training and train.py's other commands, so every command exits alike.
+    """
     try:
-        return run(config, json_line=args.json, distributed=distributed)
+        return fn()
+    except usage_errors as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except UserError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except Interrupted as err:
-        print(f"{parser.prog}: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

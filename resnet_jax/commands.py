@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet_jax.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
+from resnet_jax.cli import EXIT_OK, UserError, report_errors
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -177,14 +177,4 @@ def main(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)  # exits 2 on malformed flags
     # Orbax speaks through absl's logger (e.g. about read-only managers); a user sees one line or nothing.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        return run(args)
-    except UsageError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except UserError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return report_errors(parser.prog, lambda: run(args), usage_errors=(UsageError,))
