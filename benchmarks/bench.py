@@ -373,6 +373,21 @@ def set_torch_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def _time_torch(train_steps, steps: int, evaluate, repeats: int, device):
+    """Seconds of ``repeats`` timed calls of train_steps(steps) (synced) and of evaluate(), after the caller's warm-up."""
+    train_s, eval_s = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        train_steps(steps)
+        _torch_sync(device)
+        train_s.append(time.perf_counter() - t)
+    for _ in range(repeats):
+        t = time.perf_counter()
+        evaluate()
+        eval_s.append(time.perf_counter() - t)
+    return train_s, eval_s
+
+
 def _torch_sync(device):
     import torch
 
@@ -486,16 +501,7 @@ def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repe
 
     train_steps(1)  # warm-up: worker start-up, cuDNN autotuning
     evaluate()
-    train_s, eval_s = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        train_steps(steps)
-        _torch_sync(device)
-        train_s.append(time.perf_counter() - t)
-    for _ in range(repeats):
-        t = time.perf_counter()
-        evaluate()
-        eval_s.append(time.perf_counter() - t)
+    train_s, eval_s = _time_torch(train_steps, steps, evaluate, repeats, device)
     if not math.isfinite(metric[0]):
         raise RuntimeError("the chapter's PyTorch loop diverged")
     return make_row(
@@ -611,16 +617,7 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     _torch_sync(device)
     evaluate()
     warmup_s = time.perf_counter() - t0
-    train_s, eval_s = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        train_steps(steps)
-        _torch_sync(device)
-        train_s.append(time.perf_counter() - t)
-    for _ in range(repeats):
-        t = time.perf_counter()
-        evaluate()
-        eval_s.append(time.perf_counter() - t)
+    train_s, eval_s = _time_torch(train_steps, steps, evaluate, repeats, device)
     if not math.isfinite(float(sums[0])):
         raise RuntimeError("the tuned PyTorch loop diverged")
     tricks = ["data on device", "channels_last"]
