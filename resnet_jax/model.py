@@ -116,7 +116,7 @@ def batch_norm_train(x, scale, bias, epsilon: float):
     mean's and variance's own cotangents), rather than autodiff's transpose of
     the forward. Same math, same centred sums; XLA gets two reductions and one
     elementwise pass per BatchNorm instead of a chain it recomputed inside
-    every consumer (BENCHMARKS.md, "CPU training step").
+    every consumer (BENCHMARKS.md, "CPU: bench.py, batch 64").
     """
     y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon)
     return y, mean, var
@@ -220,13 +220,21 @@ class Residual(nn.Module):
     def __call__(self, x, train: bool):
         conv = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         bn = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = Conv2d(self.num_channels, 3, strides=self.strides, padding=1, name="conv1", **conv)(x)
-        y = nn.relu(BatchNorm(name="bn1", **bn)(y, train))
+        conv1 = Conv2d(self.num_channels, 3, strides=self.strides, padding=1, name="conv1", **conv)
+        y = nn.relu(BatchNorm(name="bn1", **bn)(conv1(x), train))
+        y = _stored(y, conv1, train)
         y = Conv2d(self.num_channels, 3, padding=1, name="conv2", **conv)(y)
         y = BatchNorm(name="bn2", **bn)(y, train)
         if self.use_1x1conv:
             x = Conv2d(self.num_channels, 1, strides=self.strides, name="conv3", **conv)(x)
-        return nn.relu(y + x.astype(y.dtype))
+        return _stored(nn.relu(y + x.astype(y.dtype)), conv1, train)
+
+
+def _stored(y, conv: Conv2d, train: bool):
+    """A ReLU output that the next convolution's weight gradient reads: on XLA:CPU,
+    stored once instead of recomputed inside that gradient's transpose
+    (:func:`resnet_jax.ops.materialize`, exact). ``conv``'s bias anchors the trick."""
+    return ops.materialize(y, conv.variables["params"]["bias"]) if train else y
 
 
 def resnet_block(
@@ -263,8 +271,9 @@ class Stem(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         pdt = self.param_dtype
-        x = Conv2d(64, 7, strides=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=pdt, name="conv")(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=pdt, name="bn")(x, train))
+        conv = Conv2d(64, 7, strides=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=pdt, name="conv")
+        x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=pdt, name="bn")(conv(x), train))
+        x = _stored(x, conv, train)
         # Pads with -inf, as nn.MaxPool2d(padding=1) does; the gradient goes to the
         # first maximum of each window, as in PyTorch. "patches" selects the
         # slice-based pool that goes with the patch convolutions.

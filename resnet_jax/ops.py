@@ -64,6 +64,36 @@ def compiler_options(platform: str) -> dict | None:
     return dict(_CPU_OPTIONS)
 
 
+def materialize(x, anchor):
+    """``x``, bit for bit, but computed once and kept in memory by XLA:CPU.
+
+    XLA:CPU copies cheap elementwise chains (BatchNorm, residual add, ReLU) into
+    every consumer. In a training step one consumer of each activation is the
+    transpose XLA inserts for the weight gradient of the next convolution, and
+    inside it the copied chain reads its inputs with large strides: at 96x96 one
+    such fusion recomputed two whole residual blocks and took 49 ms of a 490 ms
+    step (BENCHMARKS.md, "CPU: bench.py, batch 64"). XLA's fusion heuristic does not
+    duplicate a floating-point division into several consumers, so dividing by a
+    one the compiler cannot fold makes it compute the value once and store it.
+    ``x / 1`` is ``x`` exactly in IEEE arithmetic (NaN, infinities and -0
+    included; subnormals go to zero, as in every XLA:CPU arithmetic op, the
+    ReLU's max among them) and the gradient ``g / 1`` is ``g``: the math is unchanged, and a
+    compiler that saw through the trick would only lose the speed.
+    (``lax.optimization_barrier`` would say this directly, but XLA:CPU drops it
+    before fusion; measured.)
+
+    ``anchor`` is any small replicated array, a parameter in practice: the one
+    is ``(bits | 1) & 1`` of its first element, so a batch-sharded ``x`` needs no
+    communication. The identity on GPU and TPU, whose fusion is not affected.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    probe = lax.stop_gradient(anchor.reshape(-1)[0])
+    bits = lax.bitcast_convert_type(probe, jnp.dtype(f"uint{8 * probe.dtype.itemsize}"))
+    one = ((bits | 1) & 1).astype(x.dtype)
+    return x / one
+
+
 def cpu_prefers_patches(in_hw: tuple[int, int], kernel: int, stride: int, padding: int) -> bool:
     """Whether "auto" lowers this conv as patches + matmul on CPU (measured; see CPU_PATCHES_MAX_OUT)."""
     ho = output_size(in_hw[0], kernel, stride, padding)

@@ -273,21 +273,27 @@ def test_same_function_same_gradients_same_step(size, conv_impl, batch, monkeypa
     params_before = leaves(variables["params"])
     for name, g in leaves(grads_ours).items():
         if _before_bn(name):
-            # Compared on the parameter's scale (as tests/test_training.py does): the
-            # step either library takes along this noise moves the bias by less than
-            # 1e-5 of its size, the tolerance of the one-step comparison below.
+            # Compared on the parameter's scale (as tests/test_training.py does). Ours
+            # moves the bias by less than 1e-5 of its size. PyTorch's own noise is
+            # larger and follows its rounding: at 96x96 its b1 step has measured
+            # 4.5e-6 and 1.6e-5 of |bias| with our ReLU branches from two equally
+            # exact compilations of our forward. Real gradient steps are 1e-3 to
+            # 1e-2 of a parameter's size, so 1e-4 still tells noise from signal.
             scale = np.linalg.norm(params_before[name])
-            noise = LR * max(np.linalg.norm(g), np.linalg.norm(grads_ref[name])) / scale
-            assert record(f"pre-BN conv-bias step / |bias| ({tag})", noise) <= 1e-5, name
+            assert record(f"pre-BN conv-bias step / |bias|, ours ({tag})", LR * np.linalg.norm(g) / scale) <= 1e-5, name
+            noise_ref = LR * np.linalg.norm(grads_ref[name]) / scale
+            assert record(f"pre-BN conv-bias step / |bias|, PyTorch ({tag})", noise_ref) <= 1e-4, name
             continue
         assert record(f"gradients ({tag})", rel(g, grads_ref[name])) <= 1e-4, name
 
     # After one SGD step (our real train_step): the parameters, the running statistics, the counters.
+    # A pre-BN conv bias moves only by the noise above, so it agrees to that noise's bound.
     want = convert.torch_to_flax(after_ref)
     for collection in ("params", "batch_stats"):
         ours = leaves(getattr(new_state, collection))
         for name, ref in leaves(want[collection]).items():
-            assert record(f"after one step, {collection} ({tag})", rel(ours[name], ref)) <= 1e-5, name
+            tol = 1e-4 if collection == "params" and _before_bn(name) else 1e-5
+            assert record(f"after one step, {collection} ({tag})", rel(ours[name], ref)) <= tol, name
     assert convert.batches_tracked(after_ref) == 4 and int(new_state.step) == 1  # 3 before, one step each
 
 
