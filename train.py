@@ -3,7 +3,13 @@
 
 import sys
 
-from resnet_jax.cli import main
-
 if __name__ == "__main__":
+    # Host memory in 2 MiB pages (Linux/glibc; RESNET_JAX_HUGE_PAGES=0 opts out):
+    # restarts this command once, before JAX is imported. resnet_jax/hugepages.py says why.
+    from resnet_jax.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
+    from resnet_jax.cli import main
+
     sys.exit(main())

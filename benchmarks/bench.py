@@ -32,6 +32,10 @@ per image at 96x96. It is exact for every size (the feature maps shrink with
 ceil-rounding, so (resize/96)^2 is only approximately right). XLA's own count
 (``cost_analysis()`` of the compiled step, which also counts BatchNorm and
 elementwise work) is printed beside it as a cross-check.
+
+Host memory: like train.py, the script restarts itself once with glibc asked for
+2 MiB pages (``resnet_jax/hugepages.py``), so JAX and PyTorch both run with them;
+``RESNET_JAX_HUGE_PAGES=0`` keeps 4 KiB pages. The report says which.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from resnet_jax import hugepages  # noqa: E402  (imports no JAX)
+
+if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before JAX and torch load: see the module doc
 
 # torch runs in the same process as JAX: without this JAX would reserve 75% of
 # the GPU's memory at start-up and leave torch the rest. Set it yourself to
@@ -682,6 +691,7 @@ def environment(argv: list[str]) -> dict:
         "jax_device": d.device_kind if d.platform != "cpu" else cpu_name(),
         "jax_backend": d.platform,
         "cpu_count": os.cpu_count(),
+        "host_pages": "2 MiB (glibc.malloc.hugetlb=1)" if hugepages.active() else "default (4 KiB unless the kernel says always)",
         "versions": versions,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + shlex.join(argv),
@@ -726,7 +736,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Device: {env['jax_device']} ({env['jax_backend']} backend, {env['cpu_count']} CPUs); "
         f"JAX {v['jax']}, jaxlib {v['jaxlib']}, Flax {v['flax']}, Optax {v['optax']}, PyTorch {v['torch'] or 'not installed'}, "
-        f"Python {v['python']}; {env['date']}.",
+        f"Python {v['python']}; {env['date']}; host memory pages: {env.get('host_pages', 'not recorded')}.",
         f"Data: {report['data']}.",
         f"Command: `{env['command']}`",
         "",
