@@ -233,6 +233,7 @@ def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings
         "step_ms_median": median_ms,
         "step_ms_spread": max(step_ms) - min(step_ms),
         "step_ms_all": step_ms,
+        "eval_s_all": list(t.eval_s),
         "steps_per_repeat": t.steps,
         "eval_images": n_eval,
         "compile_s": compile_s,
@@ -761,6 +762,11 @@ def markdown(report: dict) -> str:
             )
     peak_rss = max((r["peak_rss_bytes"] for r in report["rows"]), default=_peak_rss_bytes())
     lines += ["", f"Process peak RSS (host memory, not device memory; whole run): {_gib(peak_rss)}."]
+    rounds = max((r.get("rounds", 1) for r in report["rows"]), default=1)
+    if rounds > 1:
+        lines.append(f"Step and evaluation times pooled over {rounds} interleaved rounds "
+                     f"(each implementation measured in turn, {len(report['rows'][0]['step_ms_all']) // rounds} "
+                     "timed repeats per round).")
     for r in report["rows"]:
         if r["notes"]:
             lines.append(f"- {r['label']}, {r['resize']}x{r['resize']} {r['dtype']}: {r['notes']}")
@@ -785,6 +791,33 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
+def merge_rounds(rows: list[dict]) -> dict:
+    """One row from the same measurement taken in several interleaved rounds (``--rounds``).
+
+    Step and evaluation times are pooled; every statistic is recomputed from the
+    pool. Compile time and FLOP counts are the first round's (later rounds reuse
+    the caches); device and host peaks are the highest seen.
+    """
+    if len(rows) == 1:
+        return rows[0]
+    row = dict(rows[0])
+    step_ms = [ms for r in rows for ms in r["step_ms_all"]]
+    eval_s = [t for r in rows for t in r["eval_s_all"]]
+    row["step_ms_all"], row["eval_s_all"] = step_ms, eval_s
+    row["step_ms_median"] = statistics.median(step_ms)
+    row["step_ms_spread"] = max(step_ms) - min(step_ms)
+    row["train_images_per_s"] = row["batch"] / (row["step_ms_median"] / 1000)
+    row["eval_images_per_s"] = row["eval_images"] / statistics.median(eval_s)
+    row["train_tflops"] = row["train_images_per_s"] * row["counted_gflop_per_train_image"] / 1e3
+    row["eval_tflops"] = row["eval_images_per_s"] * row["counted_gflop_per_eval_image"] / 1e3
+    row["mfu"] = row["train_tflops"] / row["peak_tflops"] if row["peak_tflops"] else None
+    peaks = [r["peak_device_bytes"] for r in rows if r["peak_device_bytes"] is not None]
+    row["peak_device_bytes"] = max(peaks) if peaks else None
+    row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rows)
+    row["rounds"] = len(rows)
+    return row
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/bench.py",
@@ -795,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, nargs="+", default=[96, 28], help="image sides to measure")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="computation dtypes (JAX and tuned PyTorch)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up")
+    p.add_argument("--rounds", type=int, default=1, help="measure every implementation this many times in turn (JAX, tuned, chapter, JAX, ...) and pool the repeats, so that a drift of the machine's speed hits all of them alike")
     p.add_argument("--steps", type=int, default=None, help="training steps per timed repeat (default: fit's steps per dispatch: 32 on GPU/TPU, 1 on CPU)")
     p.add_argument("--train-examples", type=int, default=60_000, help="synthetic training set size")
     p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluation pass (default: the 10,000 test images on GPU/TPU, 4 batches on CPU)")
@@ -842,19 +876,25 @@ def run(args, argv: list[str], say=print) -> dict:
             "network took about a minute even at batch 8, 28x28, on the 2-core machine); --torch-compile on to include it")
     # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
     for resize in sorted(set(args.resize)):
-        for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
-            config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
-                            eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
-            say(f"JAX {resize}x{resize} {dtype} ...")
-            report["rows"].append(bench_jax(config, train, test, args.repeats, steps))
+        rounds: list[list[dict]] = []
+        for r in range(args.rounds):
+            tag = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
+            rows = []
+            for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
+                config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
+                                eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
+                say(f"JAX {resize}x{resize} {dtype}{tag} ...")
+                rows.append(bench_jax(config, train, test, args.repeats, steps))
+                if use_torch:
+                    say(f"PyTorch tuned {resize}x{resize} {dtype}{tag} ...")
+                    rows.append(bench_torch_tuned(
+                        train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch, args.eval_batch))
             if use_torch:
-                say(f"PyTorch tuned {resize}x{resize} {dtype} ...")
-                report["rows"].append(bench_torch_tuned(
-                    train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch, args.eval_batch))
-        if use_torch:
-            say(f"PyTorch chapter's loop {resize}x{resize} ...")
-            report["rows"].append(bench_torch_chapter(
-                train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers))
+                say(f"PyTorch chapter's loop {resize}x{resize}{tag} ...")
+                rows.append(bench_torch_chapter(
+                    train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers))
+            rounds.append(rows)
+        report["rows"] += [merge_rounds(list(same)) for same in zip(*rounds)]
     if args.full_recipe:
         config = Config(epochs=args.recipe_epochs, dtype=args.dtype[0], conv_impl=args.conv_impl)
         say(f"full recipe: {config.epochs} epochs, batch {config.batch_size}, {config.resize}x{config.resize}, {config.dtype} ...")
@@ -881,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv[1:])
     try:
-        for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--train-examples", args.train_examples),
+        for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--rounds", args.rounds), ("--train-examples", args.train_examples),
                             ("--eval-batch", args.eval_batch), ("--recipe-epochs", args.recipe_epochs)):
             if value < 1:
                 raise ConfigError(f"{flag} must be a positive integer, got {value}")

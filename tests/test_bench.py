@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,20 @@ def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
     assert len(table) == 1 + len(report["rows"])  # header + one line per row
     assert f"`{env['command']}`" in md and "JAX " + env["versions"]["jax"] in md
     assert md in capsys.readouterr().out
+
+
+def test_rounds_interleave_and_pool(tmp_path):
+    argv = ["--batch", "4", "--resize", "17", "--repeats", "2", "--rounds", "2", "--train-examples", "8",
+            "--eval-examples", "8", "--torch-workers", "0", "--torch-threads", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    expected = ["jax", "torch_tuned", "torch_chapter"] if bench.torch_available() else ["jax"]
+    assert [r["impl"] for r in report["rows"]] == expected  # one row per implementation, not per round
+    for row in report["rows"]:
+        assert row["rounds"] == 2 and len(row["step_ms_all"]) == 4 and len(row["eval_s_all"]) == 4
+        assert row["step_ms_median"] == statistics.median(row["step_ms_all"])
+        assert row["train_images_per_s"] == row["batch"] / (row["step_ms_median"] / 1000)
+    assert "pooled over 2 interleaved rounds" in (tmp_path / "bench.md").read_text()
 
 
 def test_full_recipe_times_fit_end_to_end():
