@@ -16,7 +16,7 @@ from resnet_jax.data import CIFAR10, FASHION_MNIST, Split
 
 # 72 = 2 x 32 + 8: two full batches and the smaller last one, so both step programs run.
 CONFIG = Config(resize=17, batch_size=32, eval_batch_size=32, epochs=3, seed=7, log_every=2, val_split=16)
-TIMINGS = ("epoch_train_s", "examples_per_sec")
+TIMINGS = ("epoch_train_s", "examples_per_sec", "wall_s")
 # A refused corrupt checkpoint leaves Orbax's pending reads to be collected; pytest would report each.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

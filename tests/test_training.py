@@ -132,6 +132,10 @@ def test_fit_runs_epochs_and_reports(state):
     # 70 = 4 x 16 + 6: five steps an epoch, the last one on 6 examples.
     assert int(result.state.step) == 10 and result.history[-1]["step"] == 10
     f = result.final
+    # wall_s: the clock since fit began (compile and evaluation included), for "accuracy X after Y s".
+    walls = [r["wall_s"] for r in result.history]
+    assert walls[0] >= f["compile_s"] + result.history[0]["epoch_train_s"]
+    assert walls[1] >= walls[0] + result.history[1]["epoch_train_s"] and walls[1] <= f["wall_time_s"]
     assert 0 <= f["test_acc"] <= 1 and np.isfinite(f["train_loss"]) and f["examples_per_sec"] > 0
     # The test metrics equal a direct evaluation of the final state.
     direct = training.eval_step(result.state, test.images, test.labels, jnp.ones(30, bool), RESIZE)
