@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from resnet_jax import hugepages  # noqa: E402  (imports no JAX)
+from resnet_jax import hugepages  # imports no JAX
 
 if __name__ == "__main__":
     hugepages.reexec_with_huge_pages()  # before JAX and torch load: see the module doc
@@ -213,14 +213,8 @@ def _peak_rss_bytes() -> int:
 def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings, n_eval, compile_s,
              peak_device_bytes, xla_train=None, xla_eval=None, notes="") -> dict:
     """One result row: throughput, step-time statistics, FLOP/s and MFU from the raw timings."""
-    step_ms = [1000 * s / t.steps for s in t.train_s]
-    median_ms = statistics.median(step_ms)
-    train_ips = batch / (median_ms / 1000)
-    eval_ips = n_eval / statistics.median(t.eval_s)
     gf_train, gf_eval = counted_gflop(resize)
-    peak = peak_tflops(device_name, dtype)
-    train_tflops = train_ips * gf_train / 1e3
-    return {
+    row = {
         "impl": impl,
         "label": label,
         "resize": resize,
@@ -228,11 +222,7 @@ def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings
         "batch": batch,
         "device": device_name,
         "backend": backend,
-        "train_images_per_s": train_ips,
-        "eval_images_per_s": eval_ips,
-        "step_ms_median": median_ms,
-        "step_ms_spread": max(step_ms) - min(step_ms),
-        "step_ms_all": step_ms,
+        "step_ms_all": [1000 * s / t.steps for s in t.train_s],
         "eval_s_all": list(t.eval_s),
         "steps_per_repeat": t.steps,
         "eval_images": n_eval,
@@ -243,12 +233,23 @@ def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings
         "counted_gflop_per_eval_image": gf_eval,
         "xla_gflop_per_train_image": xla_train,
         "xla_gflop_per_eval_image": xla_eval,
-        "train_tflops": train_tflops,
-        "eval_tflops": eval_ips * gf_eval / 1e3,
-        "peak_tflops": peak,
-        "mfu": train_tflops / peak if peak else None,
+        "peak_tflops": peak_tflops(device_name, dtype),
         "notes": notes,
     }
+    return _with_statistics(row)
+
+
+def _with_statistics(row: dict) -> dict:
+    """``row`` with every figure derived from its raw times (step_ms_all, eval_s_all) filled in."""
+    step_ms = row["step_ms_all"]
+    row["step_ms_median"] = statistics.median(step_ms)
+    row["step_ms_spread"] = max(step_ms) - min(step_ms)
+    row["train_images_per_s"] = row["batch"] / (row["step_ms_median"] / 1000)
+    row["eval_images_per_s"] = row["eval_images"] / statistics.median(row["eval_s_all"])
+    row["train_tflops"] = row["train_images_per_s"] * row["counted_gflop_per_train_image"] / 1e3
+    row["eval_tflops"] = row["eval_images_per_s"] * row["counted_gflop_per_eval_image"] / 1e3
+    row["mfu"] = row["train_tflops"] / row["peak_tflops"] if row["peak_tflops"] else None
+    return row
 
 
 def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: int | None = None) -> dict:
@@ -794,28 +795,20 @@ def markdown(report: dict) -> str:
 def merge_rounds(rows: list[dict]) -> dict:
     """One row from the same measurement taken in several interleaved rounds (``--rounds``).
 
-    Step and evaluation times are pooled; every statistic is recomputed from the
-    pool. Compile time and FLOP counts are the first round's (later rounds reuse
+    Step and evaluation times are pooled and every statistic is derived again from
+    the pool. Compile time and FLOP counts are the first round's (later rounds reuse
     the caches); device and host peaks are the highest seen.
     """
     if len(rows) == 1:
         return rows[0]
     row = dict(rows[0])
-    step_ms = [ms for r in rows for ms in r["step_ms_all"]]
-    eval_s = [t for r in rows for t in r["eval_s_all"]]
-    row["step_ms_all"], row["eval_s_all"] = step_ms, eval_s
-    row["step_ms_median"] = statistics.median(step_ms)
-    row["step_ms_spread"] = max(step_ms) - min(step_ms)
-    row["train_images_per_s"] = row["batch"] / (row["step_ms_median"] / 1000)
-    row["eval_images_per_s"] = row["eval_images"] / statistics.median(eval_s)
-    row["train_tflops"] = row["train_images_per_s"] * row["counted_gflop_per_train_image"] / 1e3
-    row["eval_tflops"] = row["eval_images_per_s"] * row["counted_gflop_per_eval_image"] / 1e3
-    row["mfu"] = row["train_tflops"] / row["peak_tflops"] if row["peak_tflops"] else None
+    row["step_ms_all"] = [ms for r in rows for ms in r["step_ms_all"]]
+    row["eval_s_all"] = [t for r in rows for t in r["eval_s_all"]]
     peaks = [r["peak_device_bytes"] for r in rows if r["peak_device_bytes"] is not None]
     row["peak_device_bytes"] = max(peaks) if peaks else None
     row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rows)
     row["rounds"] = len(rows)
-    return row
+    return _with_statistics(row)
 
 
 def build_parser() -> argparse.ArgumentParser:

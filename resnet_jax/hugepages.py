@@ -30,14 +30,20 @@ TUNABLE = "glibc.malloc.hugetlb"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def _tunables() -> dict[str, str]:
+    """``GLIBC_TUNABLES`` as name -> value (its syntax: ``name=value:name=value``)."""
+    pairs = (t.partition("=") for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t)
+    return {name: value for name, _, value in pairs}
+
+
 def active() -> bool:
     """Whether this process was started with glibc asked for huge pages."""
-    return f"{TUNABLE}=" in os.environ.get("GLIBC_TUNABLES", "") and f"{TUNABLE}=0" not in os.environ["GLIBC_TUNABLES"]
+    return _tunables().get(TUNABLE, "0") != "0"
 
 
 def wanted() -> bool:
     """Whether :func:`reexec_with_huge_pages` would restart this process."""
-    if os.environ.get(OPT_OUT, "1") == "0" or TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+    if os.environ.get(OPT_OUT, "1") == "0" or TUNABLE in _tunables():
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
