@@ -701,7 +701,7 @@ def environment(argv: list[str]) -> dict:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """JAX's training images/s over each PyTorch row's, per (resize, dtype): the issue's targets are ratios.
+    """JAX's training images/s over each PyTorch row's, per (resize, dtype): the project's targets are ratios.
 
     The chapter's loop runs float32 only (it is the chapter's code); every JAX
     dtype is compared with it.

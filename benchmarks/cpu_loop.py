@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_loop.py
 """
-import time, functools
+import time
 import numpy as np, jax, jax.numpy as jnp
 from resnet_jax import training
 from resnet_jax.config import Config

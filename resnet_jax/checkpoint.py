@@ -44,7 +44,8 @@ from resnet_jax.data import DatasetSpec
 # What fixes the model's shapes and types: a checkpoint is only ever loaded into a model
 # that agrees on all of these.
 MODEL_KEYS = ("num_classes", "input_channels", "dtype")
-# Config fields a resumed run may change: where files are and how long to train.
+# Config fields a resumed run may change: where files are and how long to train (epochs
+# only where the learning rate does not depend on them: cli.open_checkpoints checks).
 # Every other field changes the training math, or its bits (conv lowering, steps per
 # dispatch, eval batch), and would break the promise of an exact resume.
 RESUMABLE_FIELDS = frozenset(
@@ -128,21 +129,24 @@ class Checkpoints:
         self._ocp = ocp
         self.directory = Path(directory)
         common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
-        self.latest = ocp.CheckpointManager(
-            self.directory / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=not read_only, **common),
-            item_names=("state", "meta"),
-        )
-        self.best = None
-        if track_best or (self.directory / "best").is_dir():
-            self.best = ocp.CheckpointManager(
-                self.directory / "best",
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1, best_fn=lambda metrics: metrics["val_acc"], best_mode="max",
-                    keep_checkpoints_without_metrics=False, cleanup_tmp_directories=not read_only, **common,
-                ),
+        try:
+            self.latest = ocp.CheckpointManager(
+                self.directory / "checkpoints",
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=not read_only, **common),
                 item_names=("state", "meta"),
             )
+            self.best = None
+            if track_best or (self.directory / "best").is_dir():
+                self.best = ocp.CheckpointManager(
+                    self.directory / "best",
+                    options=ocp.CheckpointManagerOptions(
+                        max_to_keep=1, best_fn=lambda metrics: metrics["val_acc"], best_mode="max",
+                        keep_checkpoints_without_metrics=False, cleanup_tmp_directories=not read_only, **common,
+                    ),
+                    item_names=("state", "meta"),
+                )
+        except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {_first_line(err)}") from err
 
     def _manager(self, which: str):
         if which == "latest":

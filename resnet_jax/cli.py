@@ -111,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=None, help=f"label smoothing of the loss (best {BEST.label_smoothing})")
     g.add_argument("--ema-decay", type=float, default=None, help=f"EMA of weights and BatchNorm statistics, used for evaluation; 0 off (best {BEST.ema_decay})")
     g.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None, help=f"average test logits over a left-right flip (best {_on(BEST.tta_flip)})")
-    g.add_argument("--crop-pad", type=int, default=None, help=f"random translation by up to N pixels (zero-padded crop) of the 28x28 image (best {BEST.crop_pad})")
+    g.add_argument("--crop-pad", type=int, default=None, help=f"random translation by up to N pixels (zero-padded crop) of the stored image, 28x28 for Fashion-MNIST (best {BEST.crop_pad})")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=f"random left-right flips (best {_on(BEST.flip)})")
     g.add_argument("--erase-prob", type=float, default=None, help=f"probability of random erasing (best {BEST.erase_prob})")
     return p
+
+
+def _path(value: str | None) -> str | None:
+    """A path flag with ``~`` expanded (the shell does not expand ``--flag=~/x``), once, for every use."""
+    return None if value is None else os.path.expanduser(value)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -132,10 +137,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         seed=args.seed,
         train_limit=args.train_limit,
         test_limit=args.test_limit,
-        data_dir=args.data_dir,
-        manual_dir=args.manual_dir,
+        data_dir=_path(args.data_dir),
+        manual_dir=_path(args.manual_dir),
         offline=args.offline,
-        output=args.output,
+        output=_path(args.output),
         resume=args.resume,
         keep=args.keep,
         val_split=args.val_split,
@@ -144,8 +149,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         steps_per_dispatch=args.steps_per_dispatch,
         eval_batch_size=args.eval_batch_size,
         conv_impl=args.conv_impl,
-        init_from_torch=args.init_from_torch,
-        export_torch=args.export_torch,
+        init_from_torch=_path(args.init_from_torch),
+        export_torch=_path(args.export_torch),
     )
 
 
@@ -162,27 +167,32 @@ def check_paths(config: Config) -> None:
     """Everything about files that can be checked before any work."""
     if config.output:
         _check_writable_dir(Path(config.output), "--output")
-    if config.manual_dir and not Path(config.manual_dir).expanduser().is_dir():
+        for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
+            if (Path(config.output) / sub).exists() and not (Path(config.output) / sub).is_dir():
+                raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
+    if config.manual_dir and not Path(config.manual_dir).is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
     _check_torch_paths(config)
 
 
 def _check_torch_paths(config: Config) -> None:
     """--init-from-torch must be a file, --export-torch's folder writable, and torch importable."""
-    if config.init_from_torch and not Path(config.init_from_torch).expanduser().is_file():
+    # On --resume the checkpoint holds the weights: the file is not read again.
+    loads = config.init_from_torch and not config.resume
+    if loads and not Path(config.init_from_torch).is_file():
         raise UserError(f"--init-from-torch {config.init_from_torch}: no such file")
     if config.export_torch:
-        target = Path(config.export_torch).expanduser()
+        target = Path(config.export_torch)
         if target.is_dir():
             raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
         _check_writable_dir(target.resolve().parent, "--export-torch's folder")
-    if config.init_from_torch or config.export_torch:
+    if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
 
         try:
             import_torch()
         except ConversionError as err:
-            flag = "--init-from-torch" if config.init_from_torch else "--export-torch"
+            flag = "--init-from-torch" if loads else "--export-torch"
             raise UserError(f"{flag}: {err}") from err
 
 
@@ -231,7 +241,15 @@ def open_checkpoints(config: Config, meta: dict):
             if diffs:
                 raise UserError(
                     f"--resume: the checkpoint in {config.output} was trained with another configuration: "
-                    + "; ".join(diffs) + " (only --epochs and file locations may change)"
+                    + "; ".join(diffs) + " (only --epochs, --keep, --log-every and file locations may change)"
+                )
+            planned = saved["metadata"]["config"].get("epochs")
+            r = config.recipe
+            if planned != config.epochs and (r.schedule != "constant" or r.warmup_epochs):
+                raise UserError(
+                    f"--resume: the run was planned for {planned} epochs and its learning-rate schedule "
+                    f"({r.schedule}, warmup {r.warmup_epochs:g} epochs) spans them; --epochs {config.epochs} "
+                    "would change the rates of steps already taken. Resume with the same --epochs, or train a new run"
                 )
         elif latest is not None:
             raise UserError(
@@ -292,9 +310,14 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     from resnet_jax import data as data_mod
     from resnet_jax import plots, training
 
+    n_dev = jax.device_count()
+    if config.batch_size % n_dev:
+        raise UserError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
+                        f"use a multiple of {n_dev}")
+
     spec = DATASETS[config.dataset]
     init = None
-    if config.init_from_torch:  # read and check the whole checkpoint before the data: fail early
+    if config.init_from_torch and not config.resume:  # read and check it all before the data: fail early
         from resnet_jax import convert
 
         try:
@@ -330,7 +353,10 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record
     if config.resume:
-        restored = ckpts.restore(state)
+        try:
+            restored = ckpts.restore(state)
+        except ckpt_mod.CheckpointError as err:
+            raise UserError(f"--resume: {err}") from err
         state, history, log = restored.state, restored.history, restored.log
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
 
@@ -339,9 +365,12 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         out_dir = Path(config.output)
         # A resumed run's metrics are the checkpoint's records, then its own: anything
         # logged after the checkpoint (an epoch that did not finish) is rewritten.
-        with open(out_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in log)
-        metrics_file = open(out_dir / "metrics.jsonl", "a")
+        try:
+            with open(out_dir / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in log)
+            metrics_file = open(out_dir / "metrics.jsonl", "a")
+        except OSError as err:
+            raise UserError(f"cannot write {out_dir / 'metrics.jsonl'}: {err.strerror or err}") from err
 
     def write_record(rec):
         log.append(rec)
@@ -420,6 +449,22 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     say(f"loss {_fmt(f['train_loss'])}, train acc {_fmt(f['train_acc'])}, test acc {_fmt(f['test_acc'])}")
     say(f"{_fmt(f['examples_per_sec'], '.1f')} examples/sec on {f['device']}")
 
+    report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
+    if config.output and main_process:
+        try:
+            _write_json_atomically(Path(config.output) / "results.json", report)
+        except OSError as err:
+            raise UserError(f"could not write {config.output}/results.json: {err.strerror or err}") from err
+        # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
+        spe = -(-len(train) // config.batch_size)  # steps per epoch, the last batch included
+        try:
+            plots.plot_curves(plots.epoch_axis(log, spe), Path(config.output) / "curves.png")
+        except OSError as err:
+            raise UserError(f"could not write {config.output}/curves.png: {err}") from err
+        say(f"checkpoints in {config.output}/checkpoints"
+            + (f" and {config.output}/best" if config.val_split else "")
+            + "; metrics in metrics.jsonl, results.json, curves.png")
+    # After the results: a failed export loses nothing of the run.
     if config.export_torch and main_process:
         from resnet_jax import convert
 
@@ -432,19 +477,6 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
             raise UserError(f"--export-torch {config.export_torch}: {err.strerror or err}") from err
         say(f"exported a PyTorch state_dict to {config.export_torch}")
 
-    report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
-    if config.output and main_process:
-        _write_json_atomically(Path(config.output) / "results.json", report)
-        # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
-        spe = -(-len(train) // config.batch_size)  # steps per epoch, the last batch included
-        points = [{**r, "epoch": r["step"] / spe} if r["kind"] == "steps" else r for r in log]
-        try:
-            plots.plot_curves(points, Path(config.output) / "curves.png")
-        except OSError as err:
-            raise UserError(f"could not write {config.output}/curves.png: {err}") from err
-        say(f"checkpoints in {config.output}/checkpoints"
-            + (f" and {config.output}/best" if config.val_split else "")
-            + "; metrics in metrics.jsonl, results.json, curves.png")
     if json_line and main_process:
         print(json.dumps(report), flush=True)
     return EXIT_OK

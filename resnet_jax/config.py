@@ -65,7 +65,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _positive_int(name: str, value, flag: str) -> None:
+def _positive_int(value, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
 
@@ -77,10 +77,10 @@ def validate(c: Config) -> None:
     spec = DATASETS[c.dataset]
     if isinstance(c.epochs, bool) or not isinstance(c.epochs, int) or c.epochs < 0:
         raise ConfigError(f"--epochs must be a non-negative integer, got {c.epochs!r}")
-    _positive_int("batch_size", c.batch_size, "--batch-size")
+    _positive_int(c.batch_size, "--batch-size")
     if c.steps_per_dispatch is not None:
-        _positive_int("steps_per_dispatch", c.steps_per_dispatch, "--steps-per-dispatch")
-    _positive_int("eval_batch_size", c.eval_batch_size, "--eval-batch-size")
+        _positive_int(c.steps_per_dispatch, "--steps-per-dispatch")
+    _positive_int(c.eval_batch_size, "--eval-batch-size")
     if not isinstance(c.lr, (int, float)) or isinstance(c.lr, bool) or not math.isfinite(c.lr) or c.lr <= 0:
         raise ConfigError(f"--lr must be a finite number > 0, got {c.lr!r}")
     if isinstance(c.resize, bool) or not isinstance(c.resize, int) or c.resize < MIN_RESIZE:
@@ -96,16 +96,16 @@ def validate(c: Config) -> None:
     ):
         if value is None:
             continue
-        _positive_int(flag, value, flag)
+        _positive_int(value, flag)
         if value > size:
             raise ConfigError(f"{flag} {value} is larger than the {spec.tfds_name} split ({size} examples)")
-    _positive_int("keep", c.keep, "--keep")
+    _positive_int(c.keep, "--keep")
     if c.log_every is not None:
-        _positive_int("log_every", c.log_every, "--log-every")
+        _positive_int(c.log_every, "--log-every")
     if c.resume and not c.output:
         raise ConfigError("--resume needs --output DIR (the run directory to continue)")
     if c.val_split is not None:
-        _positive_int("val_split", c.val_split, "--val-split")
+        _positive_int(c.val_split, "--val-split")
         available = c.train_limit if c.train_limit is not None else spec.num_train
         if c.val_split >= available:
             raise ConfigError(

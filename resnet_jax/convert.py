@@ -333,7 +333,10 @@ def load_torch_checkpoint(path, num_classes: int | None = None, input_channels: 
         raise ConversionError(
             f"holds a {type(obj).__name__}, not a state_dict of tensors (save it with torch.save(net.state_dict(), path))"
         )
-    state_dict = {k: v.detach().cpu().numpy() for k, v in obj.items()}
+    # NumPy has no bfloat16: reduced-precision floats widen to float32 here (exactly), as
+    # torch_to_flax would make them anyway; everything else keeps its dtype for the checks.
+    widen = lambda t: t.float() if t.is_floating_point() and t.element_size() < 4 else t
+    state_dict = {k: widen(v.detach().cpu()).numpy() for k, v in obj.items()}
     variables = torch_to_flax(state_dict, num_classes, input_channels)
     return variables, batches_tracked(state_dict)
 

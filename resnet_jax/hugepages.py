@@ -6,7 +6,7 @@ CHWN first. That transpose reads with a stride of H*W*C floats (147 KiB at
 b2's 24x24x64), so with 4 KiB pages nearly every read misses the TLB: one such
 transpose of a 9.4 MB activation takes 3.3 ms on either one core or two, and
 1.6 ms with 2 MiB pages. Over the whole step (batch 64, 96x96, 2 cores) huge
-pages took the JAX training step from about 450 ms to about 370 ms
+pages took the JAX training step from about 455 ms to about 375-410 ms
 (BENCHMARKS.md, "CPU: bench.py, batch 64"). PyTorch gains from them too.
 
 How. Linux hands a process huge pages only where it asks (``madvise``), unless

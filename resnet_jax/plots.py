@@ -30,6 +30,18 @@ _CURVES = (
 )
 
 
+def epoch_axis(log: list[dict], steps_per_epoch: int) -> list[dict]:
+    """metrics.jsonl's records for :func:`plot_curves`: step records (--log-every) at their fraction of an epoch.
+
+    A step record carries the global step, which a run started from a PyTorch
+    checkpoint counts on from the file's; the run's first step is found from
+    its epoch records (epoch e ends at step first + e * steps_per_epoch).
+    """
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    step0 = epochs[0]["step"] - epochs[0]["epoch"] * steps_per_epoch if epochs else 0
+    return [{**r, "epoch": (r["step"] - step0) / steps_per_epoch} if r["kind"] == "steps" else r for r in log]
+
+
 def plot_curves(history: list[dict], path: str | Path) -> None:
     """The chapter's training plot: train loss, train acc and test acc against epochs, in one axis.
 

@@ -51,7 +51,7 @@ class Recipe:
     ema_decay: float = 0.0
     # Average the logits of each test image and its mirror image.
     tta_flip: bool = False
-    # Augmentation, on the device (resnet_jax.augment), in the stored 28x28 pixels.
+    # Augmentation, on the device (resnet_jax.augment), in the stored image's pixels (28x28 for Fashion-MNIST).
     crop_pad: int = 0
     flip: bool = False
     erase_prob: float = 0.0

@@ -190,7 +190,8 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
 def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, num_classes) of uint8 images (N, H, W, C), in eval mode.
 
-    Batches of ``batch_size`` (the last one padded), so one compiled program serves any N.
+    Batches of ``min(batch_size, N)`` images, the last one padded, so the
+    call compiles one program of one shape however many batches N makes.
     """
     batch_size = max(1, min(batch_size, len(images)))
     probs_fn = jit(lambda s, x: jax.nn.softmax(eval_logits(s, x, resize).astype(jnp.float32), axis=-1))
@@ -221,7 +222,7 @@ def steps_per_dispatch(config: Config, backend: str) -> int:
 
     On GPU and TPU a device-side loop over many steps removes the host from the
     critical path. XLA:CPU runs a step inside any while loop (lax.scan or
-    fori_loop) about 6x slower than the same step dispatched on its own
+    fori_loop) about 6.8x slower than the same step dispatched on its own
     (BENCHMARKS.md, "Steps per dispatch on CPU"), and a dispatch costs nothing
     next to a CPU step, so there it is one step per call.
     """
@@ -275,12 +276,22 @@ def epoch_plan(epoch, seed: int, n: int, batch_size: int, chunk: int):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The training loss became NaN or infinite; training stopped before saving anything of it."""
+    """A loss became NaN or infinite; training stopped before saving anything of it.
 
-    def __init__(self, first_step: int, last_step: int, epoch: int, loss: float):
-        where = f"step {last_step}" if first_step == last_step else f"steps {first_step}..{last_step}"
-        super().__init__(f"the training loss became {loss} at {where} (epoch {epoch}); training stopped")
-        self.first_step, self.last_step, self.epoch = first_step, last_step, epoch
+    ``split`` "training": the loss of steps ``first_step..last_step``. "test" or
+    "validation": the evaluation after an epoch, whose training loss was still
+    finite (the last step made the weights or BatchNorm statistics non-finite).
+    """
+
+    def __init__(self, first_step: int, last_step: int, epoch: int, loss: float, split: str = "training"):
+        if split == "training":
+            where = f"step {last_step}" if first_step == last_step else f"steps {first_step}..{last_step}"
+            msg = f"the training loss became {loss} at {where} (epoch {epoch}); training stopped"
+        else:
+            msg = (f"the {split} loss became {loss} after epoch {epoch} (step {last_step}): the weights or "
+                   "BatchNorm statistics are no longer finite; training stopped")
+        super().__init__(msg)
+        self.first_step, self.last_step, self.epoch, self.split = first_step, last_step, epoch, split
 
 
 @dataclass
@@ -393,11 +404,15 @@ def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_
     return lambda s: _to_host(functools.reduce(_add, (one(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
 
 
-def _mesh(devices, batch_size: int):
-    """(replicated sharding, batch sharding or None, number of devices) over a 1-D mesh of ``devices``."""
+def _mesh(devices, batch_size: int | None = None):
+    """(replicated sharding, batch sharding or None, number of devices) over a 1-D mesh of ``devices``.
+
+    ``batch_size``, for training: it must split evenly over the devices
+    (evaluation pads its own batches to a multiple of the device count).
+    """
     mesh = Mesh(np.asarray(devices), ("data",))
     n_dev = len(devices)
-    if batch_size % n_dev:
+    if batch_size is not None and batch_size % n_dev:
         raise ValueError(f"--batch-size {batch_size} is not divisible by the {n_dev} devices")
     return NamedSharding(mesh, P()), (NamedSharding(mesh, P("data")) if n_dev > 1 else None), n_dev
 
@@ -405,7 +420,7 @@ def _mesh(devices, batch_size: int):
 def evaluate_split(config: Config, state: TrainState, split: Split, devices=None) -> dict:
     """Loss and accuracy of ``state`` on ``split``, computed exactly as :func:`fit` measures the test set."""
     devices = devices or jax.devices()
-    replicated, batch_sharding, n_dev = _mesh(devices, config.batch_size)
+    replicated, batch_sharding, n_dev = _mesh(devices)
     put = lambda a: to_global(a, replicated)
     state = jax.tree_util.tree_map(put, jax.device_get(state))
     return _make_evaluator(config, state, split, put, batch_sharding, n_dev)(state)
@@ -433,8 +448,9 @@ def fit(
     the next epoch, exactly as an uninterrupted run would, because every
     random stream below derives from (config.seed, epoch) alone.
 
-    Raises :class:`NonFiniteLoss` when the loss becomes NaN or infinite; the
-    epoch in which it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
+    Raises :class:`NonFiniteLoss` when the training loss, or the test or
+    validation loss after an epoch, becomes NaN or infinite; the epoch in which
+    it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
     """
     hooks = hooks or Hooks()
     history = list(history or [])
@@ -518,7 +534,7 @@ def fit(
         monitor.new_epoch()
         rows, rem_idx = plan_fn(scalar(epoch))
         sums, pending, done = _zeros(), None, 0
-        for c in range(rows.shape[0]):
+        for c in range(-(-full // K)):  # none when the split is smaller than one batch
             steps = min(K, full - c * K)
             state, m = chunk_fn(state, train_x, train_y, rows[c], scalar(steps))
             sums = _add(sums, m)
@@ -554,6 +570,13 @@ def fit(
         if eval_val is not None:
             val_metrics = eval_val(state)
             last.update(val_loss=val_metrics["loss"], val_acc=val_metrics["acc"])
+        # A last step can leave the weights or running statistics non-finite with its own
+        # loss still finite: such a state must not be reported or saved as an epoch.
+        for split in ("test", "val"):
+            loss = last.get(f"{split}_loss")
+            if loss is not None and not math.isfinite(loss):
+                name = "validation" if split == "val" else split
+                raise NonFiniteLoss(monitor.step, monitor.step, epoch + 1, loss, split=name)
         # Since fit() began: compile, training, evaluation and earlier checkpoints included
         # (the clock of "test accuracy X after Y seconds").
         last["wall_s"] = time.perf_counter() - t_start

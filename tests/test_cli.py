@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from resnet_jax import cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -73,6 +75,17 @@ def test_bad_flags_are_refused_before_any_work(args, message, tmp_path):
     assert message in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not out.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_path_flags_expand_the_home_folder_once_for_every_use():
+    # The shell does not expand "~" after "=": the flag's value must mean the same path
+    # where it is checked and where it is used.
+    home = os.path.expanduser("~")
+    args = cli.build_parser().parse_args(
+        ["--output=~/r", "--data-dir=~/d", "--manual-dir=~/m", "--init-from-torch=~/i.pt", "--export-torch=~/e.pt"])
+    c = cli.config_from_args(args)
+    assert (c.output, c.data_dir, c.manual_dir, c.init_from_torch, c.export_torch) == tuple(
+        os.path.join(home, p) for p in ("r", "d", "m", "i.pt", "e.pt"))
 
 
 def test_no_data_offline_exits_1_with_instructions(tmp_path):

@@ -6,6 +6,7 @@ examples at 17x17; one subprocess checks the real entry point.
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import shutil
@@ -174,6 +175,18 @@ def _garbled(src, dst):
     return dst
 
 
+def _checkpoints_as_a_file(tmp):
+    (tmp / "o").mkdir()
+    (tmp / "o" / "checkpoints").write_text("not a folder")
+    return tmp / "o"
+
+
+def _digest(directory: Path) -> dict:
+    """Every file under ``directory`` with its content hash: "untouched" means byte for byte."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -190,6 +203,10 @@ ERRORS = {
     "predict-top-k-0": (lambda run, d, t: ["predict", run, t / "x.png", "--top-k", 0], 2, "--top-k must be in 1..10"),
     "resume-without-checkpoint": (lambda run, d, t: [*_train_args(d, t / "empty"), "--resume"], 1,
                                   "--resume: no checkpoint in"),
+    "resume-corrupt": (lambda run, d, t: [*_train_args(d, _garbled(run, t / "c")), "--resume", "--epochs", 3], 1,
+                       "--resume: checkpoint"),
+    "checkpoints-is-a-file": (lambda run, d, t: _train_args(d, _checkpoints_as_a_file(t)), 1,
+                              "checkpoints is not a folder"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
                         "lr (checkpoint 0.05, now 0.1)"),
     "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
@@ -201,12 +218,39 @@ ERRORS = {
 @pytest.mark.parametrize("case", ERRORS)
 def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tmp_path, case):
     build, code, text = ERRORS[case]
-    before = sorted(p.name for p in run[0].rglob("*"))
-    rc, out, err = _main(*build(run[0], prepared_data_dir, tmp_path))
-    lines = err.strip().splitlines()
+    before = _digest(run[0])
+    argv = build(run[0], prepared_data_dir, tmp_path)
+    copies = {t: _digest(t) for t in tmp_path.iterdir() if t.is_dir()}  # what a case copied to act on
+    rc, out, err = _main(*argv)
+    # One line, after at most the data report (a corrupt checkpoint shows once the data are loaded).
+    lines = [line for line in err.strip().splitlines() if not line.startswith("data: ")]
     assert rc == code and len(lines) == 1 and text in lines[0], err
     assert "Traceback" not in err
-    assert sorted(p.name for p in run[0].rglob("*")) == before  # nothing of the run was touched
+    assert _digest(run[0]) == before  # nothing of the run was touched, byte for byte
+    assert {t: _digest(t) for t in copies} == copies
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(prepared_data_dir, tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    rc, out, err = _main(*_train_args(prepared_data_dir, tmp_path / "out"))
+    assert rc == 1 and err.strip() == ("train.py: error: --batch-size 32 does not split evenly over the 3 devices; "
+                                       "use a multiple of 3")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_refuses_more_epochs_when_the_schedule_spans_the_planned_ones(prepared_data_dir, tmp_path):
+    output = tmp_path / "cos"
+    args = [*_train_args(prepared_data_dir, output, "--schedule", "cosine"), "--epochs", 1]
+    rc, out, err = _main(*args)
+    assert rc == 0, err
+    before = _digest(output)
+    rc, out, err = _main(*args, "--resume", "--epochs", 2)
+    assert rc == 1 and "planned for 1 epochs" in err and "cosine" in err and err.count("\n") == 1
+    assert _digest(output) == before
+    rc, out, err = _main(*args, "--resume")  # the same plan: nothing left to train, and that is fine
+    assert rc == 0, err
 
 
 def test_resume_without_output_is_a_bad_flag(capsys):

@@ -386,6 +386,18 @@ def test_pt_file_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]  # no temporary file left behind
 
 
+def test_a_half_precision_pt_file_is_read_as_the_same_values_in_float32(tmp_path):
+    # NumPy has no bfloat16: such a file must still load, each value widened exactly.
+    for dtype in (torch.bfloat16, torch.float16):
+        sd = torch_reference.make_initialised_net(seed=3).to(dtype).state_dict()
+        torch.save(sd, tmp_path / "half.pt")
+        variables, counts = convert.load_torch_checkpoint(tmp_path / "half.pt")
+        again = convert.flax_to_torch(variables, counts)
+        for k, v in sd.items():
+            want = v.float().numpy() if v.is_floating_point() else v.numpy()
+            assert again[k].dtype == want.dtype and np.array_equal(again[k], want), (dtype, k)
+
+
 # --- initial distribution ----------------------------------------------------------------
 
 

@@ -55,6 +55,15 @@ def test_curves_of_one_epoch_and_of_none(tmp_path):
     assert _png(tmp_path / "one.png").shape == _png(tmp_path / "none.png").shape
 
 
+def test_step_records_sit_at_their_fraction_of_the_run_even_from_a_torch_checkpoint():
+    # A run imported at step 5 (--init-from-torch), 8 steps an epoch, --log-every 4.
+    log = [{"kind": "steps", "step": 9}, {"kind": "steps", "step": 13}, {"kind": "epoch", "epoch": 1, "step": 13},
+           {"kind": "steps", "step": 17}, {"kind": "epoch", "epoch": 2, "step": 21}]
+    assert [r["epoch"] for r in plots.epoch_axis(log, 8)] == [0.5, 1.0, 1, 1.5, 2]
+    fresh = [{"kind": "steps", "step": 4}, {"kind": "epoch", "epoch": 1, "step": 8}]
+    assert [r["epoch"] for r in plots.epoch_axis(fresh, 8)] == [0.5, 1]
+
+
 def test_confusion_matrix_png(tmp_path):
     rng = np.random.default_rng(0)
     cm = rng.integers(0, 50, (10, 10)) + np.diag(rng.integers(500, 1000, 10))

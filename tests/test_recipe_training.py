@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import cli, recipes, training
+from resnet_jax import cli, training
 from resnet_jax.config import Config
 from resnet_jax.data import Split, preprocess
 from resnet_jax.recipes import BEST, D2L

@@ -143,6 +143,31 @@ def test_fit_runs_epochs_and_reports(state):
     assert f["test_acc"] == int(direct["correct"]) / 30
 
 
+def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
+    images, labels = _batch(20, seed=6)
+    config = Config(epochs=2, batch_size=32, resize=RESIZE, eval_batch_size=8)
+    result = training.fit(config, Split(images[:12], labels[:12]), Split(images[12:], labels[12:]), state)
+    # As a DataLoader without drop_last: each epoch is one step on all 12 examples.
+    assert [r["step"] for r in result.history] == [1, 2] and int(result.state.step) == 2
+    assert np.isfinite(result.final["train_loss"])
+
+
+def test_non_finite_running_statistics_stop_fit_before_the_epoch_is_reported(state):
+    # A NaN running variance leaves the training loss finite (training normalises with the
+    # batch's statistics) but makes every test logit NaN: the epoch must not count.
+    stats = jax.tree_util.tree_map(lambda a: a, state.batch_stats)
+    stats["b1"]["bn"]["var"] = stats["b1"]["bn"]["var"].at[0].set(jnp.nan)
+    images, labels = _batch(24, seed=7)
+    config = Config(epochs=2, batch_size=8, resize=RESIZE, eval_batch_size=8)
+    seen = []
+    hooks = training.Hooks(on_epoch=seen.append, on_checkpoint=lambda s, h: seen.append("saved"))
+    with pytest.raises(training.NonFiniteLoss) as caught:
+        training.fit(config, Split(images[:16], labels[:16]), Split(images[16:], labels[16:]),
+                     state.replace(batch_stats=stats), hooks)
+    assert seen == [] and caught.value.split == "test" and caught.value.epoch == 1
+    assert "test loss became nan after epoch 1 (step 2)" in str(caught.value)
+
+
 def test_same_seed_same_run(state):
     images, labels = _batch(40, seed=5)
     train, test = Split(images[:32], labels[:32]), Split(images[32:], labels[32:])

@@ -2,7 +2,7 @@
 
 Used only by the parity tests (tests/test_convert.py) and the benchmarks; the
 package itself never imports torch. ``Residual``, ``resnet_block`` and the
-``b1``..``b5`` / ``net`` layout are the chapter's (../shared/seed/), with the
+``b1``..``b5`` / ``net`` layout are the chapter's (d2l, "ResNet", the PyTorch version), with the
 input channels and class count as parameters. ``init_weights`` is d2l's
 ``train_ch6`` initialisation ("the rest of the training unchanged"): Xavier-
 uniform for every Conv2d and Linear weight, biases left at PyTorch's default.
