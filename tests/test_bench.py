@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -110,8 +111,10 @@ def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, capsys, tmp
 
 def test_chapter_transform_is_resize_then_to_tensor():
     """The chapter's per-item transform equals resnet_jax's preprocess to PIL's uint8 rounding (1/255)."""
-    np = pytest.importorskip("numpy")
-    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    # In CI (test extras installed) a missing torch fails here rather than skipping.
+    torch = __import__("torch") if os.environ.get("CI") else pytest.importorskip("torch")
     from PIL import Image
 
     from resnet_jax.data import preprocess
