@@ -70,7 +70,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from resnet_jax import data, training  # noqa: E402
-from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, _check_writable_dir, _write_json_atomically  # noqa: E402
+from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, _check_writable_dir  # noqa: E402
+from resnet_jax.files import write_json  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402
 from resnet_jax.ops import IMPLS, output_size  # noqa: E402
@@ -903,7 +904,7 @@ def run(args, argv: list[str], say=print) -> dict:
     md = markdown(report)
     if args.out:
         out = Path(args.out)
-        _write_json_atomically(out / "bench.json", report)
+        write_json(out / "bench.json", report)
         (out / "bench.md").write_text(md)
     say(md)
     return report

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from resnet_jax import files
 from resnet_jax.config import DTYPES, MIN_RESIZE, Config, ConfigError
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
@@ -194,18 +195,6 @@ def _check_torch_paths(config: Config) -> None:
         except ConversionError as err:
             flag = "--init-from-torch" if loads else "--export-torch"
             raise UserError(f"{flag}: {err}") from err
-
-
-def _write_json_atomically(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Interrupted(Exception):
@@ -452,7 +441,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
     if config.output and main_process:
         try:
-            _write_json_atomically(Path(config.output) / "results.json", report)
+            files.write_json(Path(config.output) / "results.json", report)
         except OSError as err:
             raise UserError(f"could not write {config.output}/results.json: {err.strerror or err}") from err
         # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.

@@ -41,14 +41,13 @@ imports torch, and says how to install it when it is missing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from resnet_jax.files import atomic_write
 from resnet_jax.model import STAGES
 
 # Axis orders. Conv: OIHW (PyTorch) <-> HWIO (Flax, lax.conv's "HWIO"). Dense: (out, in) <-> (in, out).
@@ -351,12 +350,5 @@ def save_torch_checkpoint(path, variables: Variables, num_batches_tracked: int |
     torch = import_torch()
     state_dict = flax_to_torch(variables, num_batches_tracked)
     tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensors, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(tensors, f)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnet_jax.files import atomic_write
 
 
 class DataError(Exception):
@@ -306,18 +307,12 @@ def _check(spec: DatasetSpec, train: Split, test: Split) -> None:
 
 def _save_atomically(path: Path, train: Split, test: Split) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                train_images=train.images, train_labels=train.labels,
-                test_images=test.images, test_labels=test.labels,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez(
+            f,
+            train_images=train.images, train_labels=train.labels,
+            test_images=test.images, test_labels=test.labels,
+        )
 
 
 def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:

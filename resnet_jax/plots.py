@@ -14,12 +14,12 @@ previous picture in place and no temporary file behind.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from resnet_jax.files import atomic_write
 
 # The chapter's d2l.Animator: one axis, the three curves with these styles.
 _CURVES = (
@@ -123,12 +123,5 @@ def _finite(x) -> bool:
 
 
 def _save_atomically(fig, path: str | Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")

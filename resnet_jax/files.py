@@ -1,0 +1,41 @@
+"""Files written whole or not at all.
+
+Every file the package writes for a user (results.json, curves and confusion
+PNGs, the array cache, exported PyTorch weights, bench.json) goes through
+:func:`atomic_write`: a reader never sees half a file, and a failure (a full
+disk, Ctrl-C) leaves the previous file in place and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb"):
+    """Yield a file object to write ``path``'s new content to; ``path`` changes only once it is complete.
+
+    The content goes to a temporary file in the same folder (so the final
+    ``os.replace`` is a rename on one file system), which replaces ``path``
+    when the ``with`` block ends without an exception and is deleted otherwise.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    """``obj`` as indented JSON with a final newline, atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
