@@ -8,7 +8,7 @@
 #   mkdir -p .gpu_data/resnet_jax_cache && cp ~/tensorflow_datasets/resnet_jax_cache/fashion_mnist-3.0.1.npz .gpu_data/resnet_jax_cache/
 # Then, with the device tool, carry ".gpu_data" and run, one call each:
 #   bash benchmarks/gpu_session.sh bench .gpu_data   # issue 4: JAX vs the chapter's loop vs tuned PyTorch; full recipe
-#   bash benchmarks/gpu_session.sh best  .gpu_data   # issue 6: --recipe best, seed 0; time to 0.93/0.94/0.95
+#   bash benchmarks/gpu_session.sh best  .gpu_data   # issue 6: --recipe best, seed 0, bf16; time to 0.93/0.94/0.95
 #   bash benchmarks/gpu_session.sh d2l   .gpu_data   # issue 6: --recipe d2l, seeds 0, 1, 2; their median
 # EXTRA adds flags to every train.py run (a CPU dry run: EXTRA="--train-limit 512 --test-limit 256 --epochs 1 --resize 28").
 set -euo pipefail
@@ -35,7 +35,7 @@ case $step in
     $py benchmarks/bench.py --batch 256 --resize 96 28 --dtype bfloat16 float32 --full-recipe \
       --data "$npz" --out "$out/bench-gpu" 2>&1 | tee "$out/bench.log" ;;
   best)
-    train best --recipe best --seed 0
+    train best --recipe best --seed 0 --dtype bfloat16  # the fast path README recommends on a GPU
     # Seconds since fit began (compile included) at the first epoch reaching each accuracy.
     $py - "$out/best/metrics.jsonl" <<'PY' | tee "$out/best-thresholds.txt"
 import json, sys
