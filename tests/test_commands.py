@@ -253,6 +253,13 @@ def test_resume_refuses_more_epochs_when_the_schedule_spans_the_planned_ones(pre
     assert rc == 0, err
 
 
+def test_train_py_routes_exactly_the_commands_that_exist():
+    from resnet_jax import commands
+
+    # cli keeps the names without importing commands (a training run never loads it).
+    assert set(cli.COMMANDS) == set(commands.COMMANDS)
+
+
 def test_resume_without_output_is_a_bad_flag(capsys):
     assert cli.main(["--resume"]) == 2
     assert "--resume needs --output DIR" in capsys.readouterr().err
