@@ -169,7 +169,7 @@ def check_paths(config: Config) -> None:
     if config.output:
         _check_writable_dir(Path(config.output), "--output")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
-            if (Path(config.output) / sub).exists() and not (Path(config.output) / sub).is_dir():
+            if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
     if config.manual_dir and not Path(config.manual_dir).is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")

@@ -572,11 +572,9 @@ def fit(
             last.update(val_loss=val_metrics["loss"], val_acc=val_metrics["acc"])
         # A last step can leave the weights or running statistics non-finite with its own
         # loss still finite: such a state must not be reported or saved as an epoch.
-        for split in ("test", "val"):
-            loss = last.get(f"{split}_loss")
-            if loss is not None and not math.isfinite(loss):
-                name = "validation" if split == "val" else split
-                raise NonFiniteLoss(monitor.step, monitor.step, epoch + 1, loss, split=name)
+        for split, key in (("test", "test_loss"), ("validation", "val_loss")):
+            if key in last and not math.isfinite(last[key]):
+                raise NonFiniteLoss(monitor.step, monitor.step, epoch + 1, last[key], split=split)
         # Since fit() began: compile, training, evaluation and earlier checkpoints included
         # (the clock of "test accuracy X after Y seconds").
         last["wall_s"] = time.perf_counter() - t_start

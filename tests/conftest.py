@@ -1,6 +1,7 @@
 """Shared fixtures: the official Fashion-MNIST files and a TFDS data_dir prepared from them once."""
 
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +22,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data/fashion_mnist beside the clone (as in CI), or wherever $FASHION_MNIST_DIR says.
 MANUAL_DIR = Path(os.environ.get("FASHION_MNIST_DIR", REPO.parent / "shared" / "data" / "fashion_mnist"))
+
+
+def tree_digest(directory: Path) -> dict:
+    """Every file under ``directory`` with its content hash: "untouched" means byte for byte."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")

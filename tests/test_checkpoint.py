@@ -1,7 +1,6 @@
 """Checkpoints and exact resume, on tiny synthetic splits through training.fit (the CLI is tests/test_commands.py)."""
 
 import errno
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tree_digest
 from resnet_jax import checkpoint, training
 from resnet_jax.checkpoint import CheckpointError, Checkpoints
 from resnet_jax.config import Config
@@ -69,11 +69,6 @@ def _without_timings(records):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
 
 
-def _digest(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     directory = tmp_path_factory.mktemp("straight")
@@ -130,7 +125,7 @@ def test_step_log_is_every_n_steps_within_each_epoch(uninterrupted):
 def test_nan_loss_stops_with_its_step_and_keeps_the_good_checkpoint(uninterrupted, tmp_path):
     directory = tmp_path / "run"
     shutil.copytree(uninterrupted[0], directory)
-    before = _digest(directory)
+    before = tree_digest(directory)
     ckpts = Checkpoints(directory, keep=2)
     restored = ckpts.restore(_fresh_state())
     assert restored.epoch == 3
@@ -147,7 +142,7 @@ def test_nan_loss_stops_with_its_step_and_keeps_the_good_checkpoint(uninterrupte
     step = 9 + position // CONFIG.batch_size + 1
     assert caught.value.first_step == caught.value.last_step == step  # one step per dispatch on CPU
     assert f"step {step}" in str(caught.value) and "nan" in str(caught.value)
-    assert _digest(directory) == before
+    assert tree_digest(directory) == before
     again = Checkpoints(directory, read_only=True).restore(_fresh_state())
     assert again.epoch == 3 and _leaves_equal(again.state, restored.state)
 
@@ -157,7 +152,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, mo
 
     directory = tmp_path / "run"
     shutil.copytree(uninterrupted[0], directory)
-    before = _digest(directory)
+    before = tree_digest(directory)
     ckpts = Checkpoints(directory, keep=2)
     restored = ckpts.restore(_fresh_state())
 
@@ -172,7 +167,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, mo
     monkeypatch.undo()
     reopened = Checkpoints(directory, keep=2)  # as the next run would: leftovers of the failed save are cleaned
     assert reopened.latest.all_steps() == [2, 3]
-    assert _digest(directory) == before
+    assert tree_digest(directory) == before
     assert _leaves_equal(reopened.restore(_fresh_state()).state, restored.state)
 
 

@@ -6,7 +6,6 @@ examples at 17x17; one subprocess checks the real entry point.
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tree_digest
 from resnet_jax import cli, data, training
 from resnet_jax.checkpoint import Checkpoints, load_for_inference
 
@@ -181,12 +181,6 @@ def _checkpoints_as_a_file(tmp):
     return tmp / "o"
 
 
-def _digest(directory: Path) -> dict:
-    """Every file under ``directory`` with its content hash: "untouched" means byte for byte."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -218,16 +212,16 @@ ERRORS = {
 @pytest.mark.parametrize("case", ERRORS)
 def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tmp_path, case):
     build, code, text = ERRORS[case]
-    before = _digest(run[0])
+    before = tree_digest(run[0])
     argv = build(run[0], prepared_data_dir, tmp_path)
-    copies = {t: _digest(t) for t in tmp_path.iterdir() if t.is_dir()}  # what a case copied to act on
+    copies = {t: tree_digest(t) for t in tmp_path.iterdir() if t.is_dir()}  # what a case copied to act on
     rc, out, err = _main(*argv)
     # One line, after at most the data report (a corrupt checkpoint shows once the data are loaded).
     lines = [line for line in err.strip().splitlines() if not line.startswith("data: ")]
     assert rc == code and len(lines) == 1 and text in lines[0], err
     assert "Traceback" not in err
-    assert _digest(run[0]) == before  # nothing of the run was touched, byte for byte
-    assert {t: _digest(t) for t in copies} == copies
+    assert tree_digest(run[0]) == before  # nothing of the run was touched, byte for byte
+    assert {t: tree_digest(t) for t in copies} == copies
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(prepared_data_dir, tmp_path, monkeypatch):
@@ -245,10 +239,10 @@ def test_resume_refuses_more_epochs_when_the_schedule_spans_the_planned_ones(pre
     args = [*_train_args(prepared_data_dir, output, "--schedule", "cosine"), "--epochs", 1]
     rc, out, err = _main(*args)
     assert rc == 0, err
-    before = _digest(output)
+    before = tree_digest(output)
     rc, out, err = _main(*args, "--resume", "--epochs", 2)
     assert rc == 1 and "planned for 1 epochs" in err and "cosine" in err and err.count("\n") == 1
-    assert _digest(output) == before
+    assert tree_digest(output) == before
     rc, out, err = _main(*args, "--resume")  # the same plan: nothing left to train, and that is fine
     assert rc == 0, err
 
