@@ -212,6 +212,11 @@ class Checkpoints:
         manager = self._manager(which)
         epoch, path = meta["epoch"], Path(meta["path"])
         abstract = jax.eval_shape(lambda: _state_dict(template_state))
+        # Compare shapes before reading: a mismatch found by Orbax mid-read leaves
+        # its pending reads to be garbage-collected, each printing a traceback.
+        mismatch = self._mismatch(path / "state", abstract)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {mismatch}")
         try:
             restored = manager.restore(
                 epoch, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
@@ -220,12 +225,52 @@ class Checkpoints:
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint {path} is unreadable (corrupt, incomplete, or its arrays do not match its "
-                f"metadata): {type(err).__name__}: {_first_line(err)}"
+                f"metadata): {_root_cause(err)}"
             ) from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
 
+    def _mismatch(self, state_dir: Path, abstract) -> str | None:
+        """The first array of ``abstract`` whose name, shape or dtype the checkpoint lacks; None if all match."""
+        try:
+            saved = self._ocp.handlers.StandardCheckpointHandler().metadata(state_dir)
+            saved = {_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {state_dir.parent} is unreadable (corrupt or incomplete): {_root_cause(err)}") from err
+        wanted = {_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+        if missing := sorted(wanted.keys() - saved.keys()):
+            return f"it has no array {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        if extra := sorted(saved.keys() - wanted.keys()):
+            return f"it has an array this model lacks, {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        for name, want in wanted.items():
+            have = saved[name]
+            if tuple(have.shape) != tuple(want.shape) or jax.numpy.dtype(have.dtype) != jax.numpy.dtype(want.dtype):
+                return (
+                    f"{name} is {have.dtype}{list(have.shape)} in the checkpoint, "
+                    f"{want.dtype}{list(want.shape)} in this model"
+                )
+        return None
 
-def _first_line(err: Exception, limit: int = 200) -> str:
+
+def _name(key_path) -> str:
+    """'params/dense/kernel' for a state-dict key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception of ``err``'s chain, as 'Type: first line'.
+
+    Orbax wraps TensorStore's error (which names the array and what is wrong
+    with it, e.g. 'ZSTD_decompressStream() failed: Data corruption detected')
+    in a generic Exception whose text is a repr of the TensorStore spec.
+    """
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return text if len(text) <= limit else text[:limit] + "..."
 
