@@ -10,7 +10,9 @@ Each checkpoint holds two Orbax items:
 
 - ``state``: the TrainState as Flax's state dict (params, batch_stats, opt_state,
   step), written by Orbax's StandardSave (tensorstore arrays, compressed and
-  checked when read, so a truncated or garbled file is detected).
+  checked when read, so a truncated or garbled file is detected). Before a
+  restore, :func:`arrays_problem` checks each array's name, shape and
+  contents, so a damaged checkpoint, or one of another model, is one message.
 - ``meta``: JSON with the epoch completed, the per-epoch history, the
   metrics.jsonl records so far, and the metadata that rebuilds the model
   (the Config as a dict, dataset, class names, num_classes, input_channels,
@@ -212,43 +214,75 @@ class Checkpoints:
         manager = self._manager(which)
         epoch, path = meta["epoch"], Path(meta["path"])
         abstract = jax.eval_shape(lambda: _state_dict(template_state))
-        # Compare shapes before reading: a mismatch found by Orbax mid-read leaves
-        # its pending reads to be garbage-collected, each printing a traceback.
-        mismatch = self._mismatch(path / "state", abstract)
-        if mismatch:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {mismatch}")
+        # Check before Orbax reads: its restore reads all arrays at once and, at the first
+        # failure, abandons the other reads, which print a traceback each when collected.
+        problem = arrays_problem(path / "state", abstract)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} {problem}")
         try:
             restored = manager.restore(
                 epoch, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
             ).state
             state = serialization.from_state_dict(template_state, restored)
         except Exception as err:
-            raise CheckpointError(
-                f"checkpoint {path} is unreadable (corrupt, incomplete, or its arrays do not match its "
-                f"metadata): {_root_cause(err)}"
-            ) from err
+            raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
 
-    def _mismatch(self, state_dir: Path, abstract) -> str | None:
-        """The first array of ``abstract`` whose name, shape or dtype the checkpoint lacks; None if all match."""
+
+def arrays_problem(state_dir: Path, abstract) -> str | None:
+    """Why the arrays in ``state_dir`` cannot restore ``abstract`` ('does not fit ...', 'is unreadable ...'); None if they can.
+
+    Orbax's restore reads all arrays at once and, at the first failure, abandons
+    the other reads, which later print a traceback each (with a TensorStore
+    spec, tens of lines) when collected or at exit. So the arrays are checked
+    first, one at a time, through TensorStore's synchronous API: their names
+    (Orbax stores ``params/dense/kernel`` as ``params.dense.kernel`` in one
+    OCDBT database), shapes and dtypes, then one full read, where zstd and
+    OCDBT detect a truncated, garbled or missing file. The read costs about
+    0.5 s for the largest state (the best recipe's, with EMA copies).
+    """
+    import tensorstore as ts
+
+    database = {"driver": "ocdbt", "base": f"file://{state_dir}/"}
+    try:
+        stored = {key.decode().split("/")[0] for key in ts.KvStore.open(database).result().list().result()}
+    except Exception as err:
+        return f"is unreadable (corrupt or incomplete): {_root_cause(err)}"
+    wanted = {_name(k): leaf for k, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    if missing := sorted(n for n in wanted if n.replace("/", ".") not in stored):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"does not fit this model: it has no array {missing[0]}{more}"
+    if extra := sorted(stored - {n.replace("/", ".") for n in wanted}):
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"does not fit this model: it has an array this model lacks, {extra[0].replace('.', '/')}{more}"
+    arrays = {}
+    for name, want in wanted.items():
         try:
-            saved = self._ocp.handlers.StandardCheckpointHandler().metadata(state_dir)
-            saved = {_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+            arrays[name] = array = _open_array(ts, {**database, "path": name.replace("/", ".") + "/"})
         except Exception as err:
-            raise CheckpointError(f"checkpoint {state_dir.parent} is unreadable (corrupt or incomplete): {_root_cause(err)}") from err
-        wanted = {_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
-        if missing := sorted(wanted.keys() - saved.keys()):
-            return f"it has no array {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        if extra := sorted(saved.keys() - wanted.keys()):
-            return f"it has an array this model lacks, {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        for name, want in wanted.items():
-            have = saved[name]
-            if tuple(have.shape) != tuple(want.shape) or jax.numpy.dtype(have.dtype) != jax.numpy.dtype(want.dtype):
-                return (
-                    f"{name} is {have.dtype}{list(have.shape)} in the checkpoint, "
-                    f"{want.dtype}{list(want.shape)} in this model"
-                )
-        return None
+            return f"is unreadable (corrupt or incomplete): array {name}: {_root_cause(err)}"
+        have = (tuple(array.shape), jax.numpy.dtype(array.dtype.numpy_dtype))
+        if have != (tuple(want.shape), jax.numpy.dtype(want.dtype)):
+            return (
+                f"does not fit this model: {name} is {have[1]}{list(have[0])} in the checkpoint, "
+                f"{jax.numpy.dtype(want.dtype)}{list(want.shape)} in this model"
+            )
+    for name, array in arrays.items():
+        try:
+            array.read().result()
+        except Exception as err:
+            return f"is unreadable (corrupt or incomplete): array {name}: {_root_cause(err)}"
+    return None
+
+def _open_array(ts, kvstore):
+    """The TensorStore array at ``kvstore``: zarr v2 (Orbax's default format), else zarr v3."""
+    try:
+        return ts.open({"driver": "zarr", "kvstore": kvstore}, open=True, read=True).result()
+    except Exception as v2_error:
+        try:
+            return ts.open({"driver": "zarr3", "kvstore": kvstore}, open=True, read=True).result()
+        except Exception:
+            raise v2_error from None
 
 
 def _name(key_path) -> str:

@@ -2,9 +2,12 @@
 
 import errno
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -194,6 +197,46 @@ def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
         biggest.unlink()
     with pytest.raises(CheckpointError, match=r"checkpoints/3 is unreadable \(corrupt"):
         checkpoint.load_for_inference(directory)
+
+
+def test_a_refused_checkpoint_leaves_nothing_to_print_later(uninterrupted, tmp_path):
+    # Orbax reads all arrays at once and abandons the rest at the first failure; each
+    # abandoned read printed a traceback with a TensorStore spec later (tens of lines
+    # per array), at garbage collection or exit. Arrays are now checked before Orbax reads.
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    for f in sorted((directory / "checkpoints" / "3" / "state" / "d").iterdir())[:3]:
+        _garble(f)
+    script = (
+        "import gc, sys, time\n"
+        "from resnet_jax import checkpoint\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        checkpoint.load_for_inference(sys.argv[1])\n"
+        "    except checkpoint.CheckpointError as err:\n"
+        "        print(err)\n"
+        "gc.collect(); time.sleep(1); gc.collect()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("is unreadable (corrupt or incomplete)") == 3, run.stdout
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr[-3000:]
+
+
+def test_the_array_check_reads_zarr3_and_finds_its_damage(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tree = {"params": {"w": jnp.arange(12.0).reshape(3, 4)}, "step": jnp.array(2)}
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)).save(tmp_path / "state", args=ocp.args.PyTreeSave(tree))
+    abstract = jax.eval_shape(lambda: tree)
+    assert checkpoint.arrays_problem(tmp_path / "state", abstract) is None
+    wide = {**abstract, "params": {"w": jax.ShapeDtypeStruct((3, 5), jnp.float32)}}
+    assert checkpoint.arrays_problem(tmp_path / "state", wide) == (
+        "does not fit this model: params/w is float32[3, 4] in the checkpoint, float32[3, 5] in this model"
+    )
+    for f in (tmp_path / "state" / "d").iterdir():
+        _garble(f)
+    assert checkpoint.arrays_problem(tmp_path / "state", abstract).startswith("is unreadable (corrupt or incomplete): ")
 
 
 def test_a_checkpoint_of_another_model_is_refused(uninterrupted):
