@@ -10,6 +10,13 @@ if __name__ == "__main__":
 
     reexec_with_huge_pages()
 
-    from resnet_jax.cli import main
+    import signal
 
-    sys.exit(main())
+    from resnet_jax.cli import EXIT_INTERRUPTED, main
+
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        # Ctrl-C was handled (the message is out, the checkpoint safe). Another one now
+        # would only break JAX's exit handlers: a traceback, or once in a while a crash.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

@@ -70,7 +70,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from resnet_jax import data, training  # noqa: E402
-from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, _check_writable_dir  # noqa: E402
+from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, check_writable_dir  # noqa: E402
 from resnet_jax.files import write_json  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402
@@ -842,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args, argv: list[str], say=print) -> dict:
     """Everything the command line asks for; returns the report (also written to --out)."""
     if args.out:
-        _check_writable_dir(Path(args.out), "--out")
+        check_writable_dir(Path(args.out), "--out")
     backend = jax.default_backend()
     n_eval = args.eval_examples or (10_000 if backend != "cpu" else 4 * args.batch)
     if args.data:

@@ -155,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-def _check_writable_dir(path: Path, flag: str) -> None:
+def check_writable_dir(path: Path, flag: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -167,7 +167,7 @@ def _check_writable_dir(path: Path, flag: str) -> None:
 def check_paths(config: Config) -> None:
     """Everything about files that can be checked before any work."""
     if config.output:
-        _check_writable_dir(Path(config.output), "--output")
+        check_writable_dir(Path(config.output), "--output")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
@@ -186,7 +186,7 @@ def _check_torch_paths(config: Config) -> None:
         target = Path(config.export_torch)
         if target.is_dir():
             raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
-        _check_writable_dir(target.resolve().parent, "--export-torch's folder")
+        check_writable_dir(target.resolve().parent, "--export-torch's folder")
     if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
 
@@ -210,12 +210,21 @@ class Interrupted(Exception):
         super().__init__(msg)
 
 
+# What a run leaves in --output besides checkpoints/: a new run must not overwrite another's.
+# (metrics.jsonl is not among them: a run stopped before its first checkpoint leaves one,
+# and the same command run again must simply start over.)
+RUN_FILES = ("results.json", "curves.png", "best")
+
+
 def open_checkpoints(config: Config, meta: dict):
     """The run directory's checkpoints, after checking that --resume (or its absence) fits what is there."""
     if not config.output:
         return None
     from resnet_jax import checkpoint as ckpt_mod
 
+    out = Path(config.output)
+    # Before Checkpoints() creates its (empty) folders: what another run left here.
+    found = [name for name in RUN_FILES if (out / name).is_file() or ((out / name).is_dir() and any((out / name).iterdir()))]
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
         latest = ckpts.latest_epoch()
@@ -245,9 +254,30 @@ def open_checkpoints(config: Config, meta: dict):
                 f"--output {config.output} already holds a run (checkpoint of epoch {latest}); "
                 "pass --resume to continue it, or choose another --output"
             )
+        elif found:  # no checkpoint, but another run's results (its checkpoints deleted, or --epochs 0)
+            raise UserError(
+                f"--output {config.output} already holds another run's {', '.join(found)}; "
+                "choose another --output (or remove them)"
+            )
     except ckpt_mod.CheckpointError as err:
         raise UserError(str(err)) from err
     return ckpts
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ctrl-C ignored inside (main thread only; elsewhere signals cannot be set, nor arrive)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -347,6 +377,15 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         except ckpt_mod.CheckpointError as err:
             raise UserError(f"--resume: {err}") from err
         state, history, log = restored.state, restored.history, restored.log
+        if restored.epoch == config.epochs:  # a finished run: its results.json is already the right one
+            say(f"{config.output} has trained all {config.epochs} epochs (checkpoint {restored.path}): nothing to do; "
+                "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
+            if json_line and main_process:
+                try:
+                    print(json.dumps(json.loads((Path(config.output) / "results.json").read_text())), flush=True)
+                except (OSError, ValueError) as err:
+                    raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
+            return EXIT_OK
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
 
     metrics_file = None
@@ -416,7 +455,9 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
             bar.close()
             bar = None
         if unsaved is not None:  # interrupted while saving: the state is whole, save it again
-            with contextlib.suppress(ckpt_mod.CheckpointError):  # else the previous checkpoint stands
+            # ... without a second Ctrl-C breaking that save too (train.py then ignores
+            # Ctrl-C while JAX's exit handlers run).
+            with _sigint_ignored(), contextlib.suppress(ckpt_mod.CheckpointError):  # else the previous checkpoint stands
                 ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
         raise Interrupted(ckpts.latest_epoch() if ckpts else None, config.output) from None
     except training.NonFiniteLoss as err:

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet_jax.cli import EXIT_OK, UserError, report_errors
+from resnet_jax.cli import EXIT_OK, UserError, check_writable_dir, report_errors
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -80,6 +80,22 @@ def evaluate(args: argparse.Namespace) -> int:
     if limit is not None and not 0 < limit <= spec.num_test:
         raise UsageError(f"--test-limit must be in 1..{spec.num_test}, got {limit}")
     out = sys.stderr if args.json else sys.stdout
+    # Where the PNG goes is checked before the work: a path that fails afterwards would
+    # throw the evaluation away. The default sits in the run directory, which may be
+    # read-only (a shared or archived run): then there is no PNG, and a note says so.
+    if args.confusion_png:
+        png = Path(args.confusion_png)
+        if png.is_dir():
+            raise UserError(f"--confusion-png {png} is a directory, not a file name")
+        check_writable_dir(png.resolve().parent, "--confusion-png's folder")
+    else:
+        png = Path(args.run_dir) / f"confusion_{args.which}.png"
+        try:
+            check_writable_dir(png.parent, "RUN_DIR")
+        except UserError:
+            print(f"note: {png.parent} is read-only, so no confusion-matrix PNG (give --confusion-png PATH for one)",
+                  file=sys.stderr, flush=True)
+            png = None
     print(_describe(ckpt), file=out, flush=True)
     try:
         _, test = data_mod.load(
@@ -94,19 +110,19 @@ def evaluate(args: argparse.Namespace) -> int:
     probs = training.predict(ckpt.state, test.images, config.resize, config.eval_batch_size)
     cm = metrics.confusion_matrix(test.labels, probs.argmax(-1), spec.num_classes)
     per_class = metrics.per_class_accuracy(cm)
-    png = Path(args.confusion_png) if args.confusion_png else Path(args.run_dir) / f"confusion_{args.which}.png"
-    try:
-        plots.plot_confusion_matrix(
-            cm, spec.class_names, png, title=f"{config.dataset} test, epoch {ckpt.epoch} ({args.which})"
-        )
-    except OSError as err:
-        raise UserError(f"could not write {png}: {err.strerror or err}") from err
+    if png is not None:
+        try:
+            plots.plot_confusion_matrix(
+                cm, spec.class_names, png, title=f"{config.dataset} test, epoch {ckpt.epoch} ({args.which})"
+            )
+        except OSError as err:
+            raise UserError(f"could not write {png}: {err.strerror or err}") from err
 
     report = {
         "checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "dataset": config.dataset, "examples": result["count"],
         "test_loss": result["loss"], "test_acc": result["acc"],
         "per_class_acc": {name: (None if acc != acc else float(acc)) for name, acc in zip(spec.class_names, per_class)},
-        "confusion_matrix": cm.tolist(), "confusion_png": str(png),
+        "confusion_matrix": cm.tolist(), "confusion_png": None if png is None else str(png),
     }
     if args.json:
         print(json.dumps(report), flush=True)
@@ -116,7 +132,8 @@ def evaluate(args: argparse.Namespace) -> int:
         width = max(map(len, spec.class_names))
         for name, acc in report["per_class_acc"].items():
             print(f"  {name:<{width}}  " + ("n/a (no examples)" if acc is None else f"{acc:.4f}"))
-        print(f"confusion matrix: {png}")
+        if png is not None:
+            print(f"confusion matrix: {png}")
     return EXIT_OK
 
 

@@ -65,9 +65,13 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Counts above this are typos (and overflow the int32/C long they become in XLA and NumPy).
+MAX_COUNT = 2**31 - 1
+
+
 def _positive_int(value, flag: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise ConfigError(f"{flag} must be a positive integer (at most 2**31 - 1), got {value!r}")
 
 
 def validate(c: Config) -> None:
@@ -75,7 +79,11 @@ def validate(c: Config) -> None:
     if c.dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {c.dataset!r}")
     spec = DATASETS[c.dataset]
-    if isinstance(c.epochs, bool) or not isinstance(c.epochs, int) or c.epochs < 0:
+    for flag, value in (("--data-dir", c.data_dir), ("--manual-dir", c.manual_dir), ("--output", c.output),
+                        ("--init-from-torch", c.init_from_torch), ("--export-torch", c.export_torch)):
+        if value is not None and not str(value).strip():  # "--output $RUN" with RUN unset
+            raise ConfigError(f"{flag} is empty; give a path, or leave the flag out")
+    if isinstance(c.epochs, bool) or not isinstance(c.epochs, int) or not 0 <= c.epochs <= MAX_COUNT:
         raise ConfigError(f"--epochs must be a non-negative integer, got {c.epochs!r}")
     _positive_int(c.batch_size, "--batch-size")
     if c.steps_per_dispatch is not None:
@@ -119,3 +127,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"recipe must be a resnet_jax.recipes.Recipe, got {c.recipe!r}")
     if (message := recipe_problem(c.recipe)) is not None:
         raise ConfigError(message)
+    if c.epochs and c.recipe.warmup_epochs > c.epochs:
+        raise ConfigError(
+            f"--warmup-epochs {c.recipe.warmup_epochs:g} is longer than the run (--epochs {c.epochs}): "
+            "the learning rate would never reach its peak"
+        )

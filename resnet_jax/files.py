@@ -15,6 +15,15 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the portable way to read it is to set it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb"):
     """Yield a file object to write ``path``'s new content to; ``path`` changes only once it is complete.
@@ -26,6 +35,8 @@ def atomic_write(path: str | Path, mode: str = "wb"):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)

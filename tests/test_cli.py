@@ -64,6 +64,11 @@ BAD_FLAGS = [
     (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id go together"),
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, --num-processes)"),
     (["--distributed", "--process-id", "0"], "--distributed detects the cluster's settings"),
+    (["--batch-size", str(10**30)], "--batch-size must be a positive integer (at most 2**31 - 1)"),
+    (["--recipe", "best", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 is longer than the run (--epochs 2)"),
+    (["--manual-dir", ""], "--manual-dir is empty"),
+    (["--init-from-torch", ""], "--init-from-torch is empty"),
+    (["--export-torch", " "], "--export-torch is empty"),
 ]
 
 
@@ -75,6 +80,13 @@ def test_bad_flags_are_refused_before_any_work(args, message, tmp_path):
     assert message in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not out.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_an_empty_output_is_refused_not_taken_for_no_output(tmp_path):
+    # "--output $RUN" with RUN unset: a run that trains for hours and saves nothing.
+    r = train_py("--output", "", "--data-dir", tmp_path / "tfds", "--offline")
+    assert r.returncode == 2 and "--output is empty; give a path, or leave the flag out" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "tfds").exists()
 
 
 def test_path_flags_expand_the_home_folder_once_for_every_use():

@@ -22,7 +22,6 @@ from resnet_jax import cli, data, training
 from resnet_jax.checkpoint import Checkpoints, load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def _train_args(data_dir, output, *extra):
@@ -181,6 +180,12 @@ def _checkpoints_as_a_file(tmp):
     return tmp / "o"
 
 
+def _without_checkpoints(src, dst):
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints")
+    return dst
+
+
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -206,6 +211,10 @@ ERRORS = {
     "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
                             "has trained 2 epochs, more than --epochs 1"),
     "output-holds-a-run": (lambda run, d, t: _train_args(d, run), 1, "already holds a run"),
+    "output-holds-a-runs-results": (lambda run, d, t: _train_args(d, _without_checkpoints(run, t / "c")), 1,
+                                    "already holds another run's results.json, curves.png, best"),
+    "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
+                                  "--confusion-png's folder"),
 }
 
 
@@ -222,6 +231,39 @@ def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tm
     assert "Traceback" not in err
     assert tree_digest(run[0]) == before  # nothing of the run was touched, byte for byte
     assert {t: tree_digest(t) for t in copies} == copies
+
+
+def test_resuming_a_finished_run_changes_nothing_and_reports_its_results(run, prepared_data_dir, tmp_path):
+    output = tmp_path / "done"
+    shutil.copytree(run[0], output)
+    before = tree_digest(output)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume"))
+    assert rc == 0, err
+    assert "has trained all 2 epochs" in err and "nothing to do" in err
+    assert json.loads(out) == json.loads((output / "results.json").read_text())  # --json: the run's own results
+    assert tree_digest(output) == before  # results.json kept its timings; metrics.jsonl not rewritten
+
+
+def test_evaluate_in_a_read_only_run_directory_reports_without_the_png(run, tmp_path, monkeypatch):
+    from resnet_jax import commands
+
+    output = tmp_path / "ro"
+    shutil.copytree(run[0], output)
+    real = commands.check_writable_dir
+
+    def read_only(path, flag):  # as on a read-only mount (root writes through chmod, so it is simulated)
+        if Path(path).resolve() == output.resolve():
+            raise cli.UserError(f"{flag} {path} is not a writable directory: Read-only file system")
+        real(path, flag)
+
+    monkeypatch.setattr(commands, "check_writable_dir", read_only)
+    before = tree_digest(output)
+    rc, out, err = _main("evaluate", output, "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["test_acc"] == run[1]["test_acc"] and report["confusion_png"] is None
+    assert "is read-only, so no confusion-matrix PNG" in err
+    assert tree_digest(output) == before
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(prepared_data_dir, tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """resnet_jax.files: a file is replaced whole or not at all."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -22,3 +24,10 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             raise KeyboardInterrupt  # Ctrl-C mid-write
     assert (tmp_path / "w.bin").read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
+
+
+def test_a_written_file_has_the_mode_open_would_give(tmp_path):
+    # mkstemp's files are private (0600): results.json and curves.png would be unreadable to others.
+    files.write_json(tmp_path / "r.json", {})
+    (tmp_path / "plain").write_text("")
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
