@@ -35,6 +35,7 @@ landed in its save); the steps of the interrupted epoch are redone by
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,16 +179,39 @@ class Checkpoints:
         if self.best is not None and val_acc is not None and (not earlier or val_acc > max(earlier)):
             targets.append((self.best, {"val_acc": val_acc}))
         for manager, metrics in targets:
+            # A full disk is the usual failure: found here, it is one clean message. Found by
+            # Orbax mid-write, it also leaves its writer threads printing tracebacks.
+            if problem := self.room_problem(state):
+                raise CheckpointError(self._not_saved(epoch, manager, problem))
             try:
-                manager.save(epoch, args=args, metrics=metrics, force=True)
-                manager.wait_until_finished()
-            except Exception as err:  # a full disk, a lost mount, a permission change...
-                kept = self.latest_epoch()
-                raise CheckpointError(
-                    f"could not save the checkpoint of epoch {epoch} in {manager.directory}: "
-                    f"{type(err).__name__}: {err}; "
-                    + (f"the checkpoint of epoch {kept} is intact" if kept is not None else "no earlier checkpoint")
-                ) from err
+                with _absl_quiet():  # Orbax's threads log each failure with a traceback; the error below says it once
+                    manager.save(epoch, args=args, metrics=metrics, force=True)
+                    manager.wait_until_finished()
+            except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
+                raise CheckpointError(self._not_saved(epoch, manager, f"{type(err).__name__}: {err}")) from err
+
+    def _not_saved(self, epoch: int, manager, why: str) -> str:
+        kept = self.latest_epoch()
+        return (
+            f"could not save the checkpoint of epoch {epoch} in {manager.directory}: {why}; "
+            + (f"the checkpoint of epoch {kept} is intact" if kept is not None else "no earlier checkpoint")
+        )
+
+    def room_problem(self, state, copies: int = 1) -> str | None:
+        """'only N MB free ...' when the run directory's disk cannot take ``copies`` more checkpoints of ``state``; else None.
+
+        A checkpoint takes at most the state's raw bytes (zstd shrinks float
+        weights little), plus its small JSON and Orbax's metadata.
+        """
+        import shutil
+
+        leaves = jax.tree_util.tree_leaves(_state_dict(state))
+        raw = sum(x.size * x.dtype.itemsize if hasattr(x, "dtype") else 8 for x in leaves)  # 8: a Python step count
+        need = copies * raw + (4 << 20)
+        free = shutil.disk_usage(self.directory).free
+        if free >= need:
+            return None
+        return f"only {free / 1e6:.0f} MB free on its disk, and {'a checkpoint takes' if copies == 1 else f'{copies} checkpoints take'} about {need / 1e6:.0f} MB"
 
     def read_meta(self, which: str = "latest") -> dict:
         """The ``meta`` item of the latest (or best) checkpoint, without reading any array."""
@@ -273,6 +297,20 @@ def arrays_problem(state_dir: Path, abstract) -> str | None:
         except Exception as err:
             return f"is unreadable (corrupt or incomplete): array {name}: {_root_cause(err)}"
     return None
+
+@contextlib.contextmanager
+def _absl_quiet():
+    """absl's logger (Orbax's) silent below CRITICAL inside, as it was after."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 
 def _open_array(ts, kvstore):
     """The TensorStore array at ``kvstore``: zarr v2 (Orbax's default format), else zarr v3."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -387,6 +388,10 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
                     raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
             return EXIT_OK
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
+    # Room for the next checkpoint (and a best one) now, rather than after an epoch's work;
+    # each save checks again (checkpoint.Checkpoints.save).
+    if ckpts is not None and (problem := ckpts.room_problem(state, copies=2 if config.val_split else 1)):
+        raise UserError(f"--output {config.output}: {problem}; free some space, or choose another --output")
 
     metrics_file = None
     if config.output and main_process:
@@ -451,6 +456,9 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     try:
         result = training.fit(config, train, test, state, hooks, val=val, history=history)
     except KeyboardInterrupt:
+        # The writer threads of a save that Ctrl-C cut short log their failure with a
+        # traceback on the way out; this run is ending and its message says what is kept.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
         if bar is not None:
             bar.close()
             bar = None

@@ -174,6 +174,22 @@ def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, mo
     assert _leaves_equal(reopened.restore(_fresh_state()).state, restored.state)
 
 
+def test_a_disk_without_room_for_the_checkpoint_is_found_before_writing(uninterrupted, tmp_path, monkeypatch):
+    import collections
+
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    before = tree_digest(directory)
+    ckpts = Checkpoints(directory, keep=2)
+    restored = ckpts.restore(_fresh_state())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+    with pytest.raises(CheckpointError, match=r"epoch 4 .*: only 1 MB free on its disk, and a checkpoint takes about "
+                                              r"\d+ MB; the checkpoint of epoch 3 is intact"):
+        ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
+    assert tree_digest(directory) == before  # nothing written, not even a temporary folder
+
+
 def _garble(path: Path):
     data = bytearray(path.read_bytes())
     for i in range(len(data) // 3, len(data), 97):
