@@ -41,6 +41,7 @@ imports torch, and says how to install it when it is missing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -326,8 +327,19 @@ def load_torch_checkpoint(path, num_classes: int | None = None, input_channels: 
     torch = import_torch()
     try:
         obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds (pickle, zip, RuntimeError) for a bad file
-        raise ConversionError(f"cannot read it as a PyTorch file: {err}".splitlines()[0]) from err
+    except Exception as err:  # torch raises many kinds (pickle, zip, KeyError, RuntimeError) for a bad file
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's messages carry terminal bold codes
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):  # weights_only met a class
+            raise ConversionError(
+                f"holds pickled Python objects ({found.group(1)}; a whole nn.Module?), not only tensors, and is "
+                "not loaded: unpickling them could run any code. Save the weights with torch.save(net.state_dict(), path)"
+            ) from err
+        # The unpickler's own reason, not the advice about weights_only that torch puts first.
+        reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+        detail = reason.group(1) if reason else (text.splitlines()[0] if text else "")
+        raise ConversionError(
+            f"is not a file written by torch.save (torch.load: {type(err).__name__}: {detail[:200]})"
+        ) from err
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(
             f"holds a {type(obj).__name__}, not a state_dict of tensors (save it with torch.save(net.state_dict(), path))"
@@ -336,6 +348,10 @@ def load_torch_checkpoint(path, num_classes: int | None = None, input_channels: 
     # torch_to_flax would make them anyway; everything else keeps its dtype for the checks.
     widen = lambda t: t.float() if t.is_floating_point() and t.element_size() < 4 else t
     state_dict = {k: widen(v.detach().cpu()).numpy() for k, v in obj.items()}
+    # Caught here, NaN weights would otherwise surface as "the loss became nan at step 1: try a smaller --lr".
+    for key, value in state_dict.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise ConversionError(f"holds non-finite values (NaN or inf) in {key}")
     variables = torch_to_flax(state_dict, num_classes, input_channels)
     return variables, batches_tracked(state_dict)
 

@@ -15,6 +15,7 @@ import copy
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -520,8 +521,24 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
     with pytest.raises(convert.ConversionError, match="not a state_dict"):
         convert.load_torch_checkpoint(tmp_path / "list.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
-    with pytest.raises(convert.ConversionError, match="cannot read it as a PyTorch file"):
+    with pytest.raises(convert.ConversionError, match=r"is not a file written by torch.save \(torch.load: "):
         convert.load_torch_checkpoint(tmp_path / "junk.pt")
+    # A whole module is pickled code: refused (weights_only) with what to do, without torch's terminal codes.
+    torch.save(torch_reference.make_initialised_net(seed=0), tmp_path / "module.pt")
+    with pytest.raises(convert.ConversionError) as caught:
+        convert.load_torch_checkpoint(tmp_path / "module.pt")
+    assert "a whole nn.Module?" in str(caught.value) and "torch.save(net.state_dict(), path)" in str(caught.value)
+    assert "\x1b" not in str(caught.value)
+
+
+def test_non_finite_weights_are_refused_with_their_key(tmp_path):
+    sd = torch_reference.make_initialised_net(seed=0).state_dict()
+    key = next(k for k in sd if k.endswith(".weight"))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[3] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(convert.ConversionError, match=rf"holds non-finite values \(NaN or inf\) in {re.escape(key)}$"):
+        convert.load_torch_checkpoint(tmp_path / "nan.pt")
 
 
 # --- the CLI: --init-from-torch and --export-torch ---------------------------------------
