@@ -302,7 +302,21 @@ def distributed_settings(args: argparse.Namespace) -> dict | None:
         raise ConfigError("--coordinator, --num-processes and --process-id go together")
     if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
         raise ConfigError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got {args.coordinator!r}")
     return explicit
+
+
+def _check_coordinator(address: str) -> None:
+    """A coordinator host that does not resolve is named at once (JAX would wait 5 minutes, then abort in C++)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except OSError as err:
+        raise UserError(f"--coordinator {address}: cannot resolve {host} ({err.strerror or err})") from err
 
 
 def run(config: Config, json_line: bool = False, distributed: dict | None = None) -> int:
@@ -317,6 +331,8 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     from tqdm import tqdm
 
     if distributed is not None:
+        if distributed.get("coordinator_address"):
+            _check_coordinator(distributed["coordinator_address"])
         try:
             jax.distributed.initialize(**distributed)
         except (RuntimeError, ValueError) as err:

@@ -64,6 +64,7 @@ BAD_FLAGS = [
     (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id go together"),
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, --num-processes)"),
     (["--distributed", "--process-id", "0"], "--distributed detects the cluster's settings"),
+    (["--coordinator", "h", "--num-processes", "2", "--process-id", "1"], "--coordinator must be HOST:PORT"),
     (["--batch-size", str(10**30)], "--batch-size must be a positive integer (at most 2**31 - 1)"),
     (["--recipe", "best", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 is longer than the run (--epochs 2)"),
     (["--manual-dir", ""], "--manual-dir is empty"),
@@ -80,6 +81,14 @@ def test_bad_flags_are_refused_before_any_work(args, message, tmp_path):
     assert message in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not out.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_a_coordinator_that_does_not_resolve_is_named_at_once(tmp_path):
+    # JAX alone would wait its 5-minute timeout, deaf to Ctrl-C, then abort with a C++ stack.
+    r = train_py("--coordinator", "no-such-host.invalid:1234", "--num-processes", "2", "--process-id", "1",
+                 "--data-dir", tmp_path / "tfds", "--offline", timeout=120)
+    assert r.returncode == 1 and "--coordinator no-such-host.invalid:1234: cannot resolve no-such-host.invalid" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_an_empty_output_is_refused_not_taken_for_no_output(tmp_path):
