@@ -47,3 +47,13 @@ def prepared_data_dir(manual_dir, tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("tfds")
     data.load(data.FASHION_MNIST, data_dir, manual_dir, offline=True)
     return data_dir
+
+
+@pytest.fixture
+def one_mb_free(monkeypatch):
+    """Every disk has 1 MB free (shutil.disk_usage, which the checkpoint room check reads)."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))

@@ -126,11 +126,7 @@ def test_step_log_is_every_n_steps_within_each_epoch(uninterrupted):
 
 
 def test_nan_loss_stops_with_its_step_and_keeps_the_good_checkpoint(uninterrupted, tmp_path):
-    directory = tmp_path / "run"
-    shutil.copytree(uninterrupted[0], directory)
-    before = tree_digest(directory)
-    ckpts = Checkpoints(directory, keep=2)
-    restored = ckpts.restore(_fresh_state())
+    directory, before, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
     assert restored.epoch == 3
     # An out-of-range label makes that example's cross-entropy NaN.
     bad = 5
@@ -150,14 +146,23 @@ def test_nan_loss_stops_with_its_step_and_keeps_the_good_checkpoint(uninterrupte
     assert again.epoch == 3 and _leaves_equal(again.state, restored.state)
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
-    import orbax.checkpoint as ocp
-
+def _copy_restored(uninterrupted, tmp_path):
+    """A copy of the 3-epoch run: its folder, that folder's digest, its Checkpoints, its latest checkpoint."""
     directory = tmp_path / "run"
     shutil.copytree(uninterrupted[0], directory)
     before = tree_digest(directory)
     ckpts = Checkpoints(directory, keep=2)
-    restored = ckpts.restore(_fresh_state())
+    return directory, before, ckpts, ckpts.restore(_fresh_state())
+
+
+def _save_as_epoch_4(ckpts, restored):
+    ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    directory, before, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -166,7 +171,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, mo
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", disk_full)
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "save", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device.*checkpoint of epoch 3 is intact"):
-        ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
+        _save_as_epoch_4(ckpts, restored)
     monkeypatch.undo()
     reopened = Checkpoints(directory, keep=2)  # as the next run would: leftovers of the failed save are cleaned
     assert reopened.latest.all_steps() == [2, 3]
@@ -174,19 +179,11 @@ def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, mo
     assert _leaves_equal(reopened.restore(_fresh_state()).state, restored.state)
 
 
-def test_a_disk_without_room_for_the_checkpoint_is_found_before_writing(uninterrupted, tmp_path, monkeypatch):
-    import collections
-
-    directory = tmp_path / "run"
-    shutil.copytree(uninterrupted[0], directory)
-    before = tree_digest(directory)
-    ckpts = Checkpoints(directory, keep=2)
-    restored = ckpts.restore(_fresh_state())
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+def test_a_disk_without_room_for_the_checkpoint_is_found_before_writing(uninterrupted, tmp_path, one_mb_free):
+    directory, before, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
     with pytest.raises(CheckpointError, match=r"epoch 4 .*: only 1 MB free on its disk, and a checkpoint takes about "
                                               r"\d+ MB; the checkpoint of epoch 3 is intact"):
-        ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
+        _save_as_epoch_4(ckpts, restored)
     assert tree_digest(directory) == before  # nothing written, not even a temporary folder
 
 

@@ -233,11 +233,7 @@ def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tm
     assert {t: tree_digest(t) for t in copies} == copies
 
 
-def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(prepared_data_dir, tmp_path, monkeypatch):
-    import collections
-
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(prepared_data_dir, tmp_path, one_mb_free):
     rc, out, err = _main(*_train_args(prepared_data_dir, tmp_path / "out"))
     assert rc == 1 and "only 1 MB free on its disk, and 2 checkpoints take about" in err  # latest and best (--val-split)
     assert "free some space, or choose another --output" in err and "epoch 1" not in err
