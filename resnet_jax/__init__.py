@@ -15,3 +15,8 @@ def __getattr__(name: str):
 
         return getattr(model, name)
     raise AttributeError(f"module 'resnet_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names above, for tab completion and IDEs.
+    return sorted({*globals(), *__all__})

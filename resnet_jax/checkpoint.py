@@ -353,8 +353,13 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
 
     directory = Path(directory)
     if not (directory / "checkpoints").is_dir():
-        raise CheckpointError(f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR)")
-    ckpts = Checkpoints(directory, read_only=True)
+        run = next((p for p in (directory.parent, directory.parent.parent) if p.name != "checkpoints" and (p / "checkpoints").is_dir()), None)
+        hint = f"; did you mean {run}, the run directory?" if run and "checkpoints" in directory.parts[-2:] else ""
+        raise CheckpointError(
+            f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR){hint}"
+        )
+    with _absl_quiet():  # Orbax warns that a read-only manager keeps and deletes nothing: as intended
+        ckpts = Checkpoints(directory, read_only=True)
     meta = ckpts.read_meta(which)
     m = meta["metadata"]
     try:

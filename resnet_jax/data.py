@@ -164,6 +164,8 @@ class Split:
         The last examples, not a random draw: the carving depends on nothing but ``n``,
         so a resumed run carves the same split.
         """
+        if not 0 < n < len(self):  # n = 0: images[:-0] is empty, all would be "held out"
+            raise ValueError(f"hold_out needs 0 < n < {len(self)} (the split's size), got {n}")
         return Split(self.images[:-n], self.labels[:-n]), Split(self.images[-n:], self.labels[-n:])
 
 
@@ -177,7 +179,7 @@ def cache_path(spec: DatasetSpec, data_dir: Path) -> Path:
 
 
 def load(
-    spec: DatasetSpec,
+    spec: DatasetSpec | str,
     data_dir: str | Path | None = None,
     manual_dir: str | Path | None = None,
     offline: bool = False,
@@ -188,8 +190,13 @@ def load(
     ``manual_dir``: a folder holding the dataset's official files (TFDS verifies
     their checksums). ``offline``: never try a download; fail with instructions
     if the data is neither prepared nor in ``manual_dir``.
+    ``spec``: a :class:`DatasetSpec` (``FASHION_MNIST``...) or its name in ``DATASETS``.
     Raises :class:`DataError` with a message for the user when the data cannot be had.
     """
+    if isinstance(spec, str):
+        if spec not in DATASETS:
+            raise ValueError(f"unknown dataset {spec!r}; one of {', '.join(DATASETS)}")
+        spec = DATASETS[spec]
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     cache = cache_path(spec, data_dir)
     if cache.exists():
@@ -326,6 +333,8 @@ def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
     separable passes, so the chapter's inputs differ from ours by at most
     1/255 (tests/test_data.py measures both).
     """
+    if images.dtype != jnp.uint8:  # float images here would be divided by 255 a second time, silently
+        raise TypeError(f"preprocess takes uint8 images (0-255, as data.load gives them), got {images.dtype}")
     x = images.astype(jnp.float32) / 255.0
     n, h, w, c = x.shape
     if (h, w) != (size, size):

@@ -190,8 +190,10 @@ class BatchNorm(nn.Module):
             y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon)
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
-                # PyTorch refuses n == 1 in training; we keep the biased value then
-                # rather than divide by zero (only reachable with batch 1 at 1x1).
+                # n == 1 (one image whose feature map here is 1x1: b5 at inputs of 32x32 or
+                # less): PyTorch raises "Expected more than 1 value per channel when training".
+                # A deliberate difference: we keep the biased value (0) rather than divide by
+                # zero or fail, so a last batch of one example does not stop a run.
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 running_mean.value = (1.0 - m) * running_mean.value + m * mean
@@ -331,6 +333,13 @@ class ResNet18(nn.Module):
         if x.ndim != 4 or x.shape[-1] != self.input_channels:
             raise ValueError(
                 f"ResNet18 expects NHWC images with {self.input_channels} channel(s), got shape {x.shape}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            # The layers compute in the input's dtype when none is set: uint8 would round every
+            # weight to 0 and give the same logits for every image, silently.
+            raise TypeError(
+                f"ResNet18 takes float images scaled to [0, 1], got {x.dtype}; "
+                "resnet_jax.data.preprocess(images, size) scales and resizes data.load's uint8 images"
             )
         common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         wide = jnp.promote_types(jnp.float32, self.param_dtype)  # float32, or float64 for verification

@@ -137,6 +137,10 @@ def _sums(losses, logits, labels, mask=None) -> Metrics:
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: int) -> tuple[TrainState, Metrics]:
     """One SGD step on one batch of uint8 images. Pure: state in, state and metric sums out.
 
+    The metrics are sums over the batch (``loss`` summed, ``correct``, ``count``):
+    divide by ``count`` for means. ``resize`` fixes shapes, so it is static under
+    jit: ``jax.jit(train_step, static_argnames="resize")`` (:func:`fit` closes over it).
+
     The recipe's ingredients that are off add nothing to the computation: for
     d2l this is the chapter's step, operation for operation. With label
     smoothing the reported loss is the smoothed loss that is minimised.
@@ -187,6 +191,12 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
     return _sums(cross_entropy(logits, labels), logits, labels, mask)
 
 
+@functools.cache
+def _probabilities(resize: int):
+    """predict's jitted function for ``resize``, made once: repeated predict calls reuse its compilations."""
+    return jit(lambda state, images: jax.nn.softmax(eval_logits(state, images, resize).astype(jnp.float32), axis=-1))
+
+
 def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, num_classes) of uint8 images (N, H, W, C), in eval mode.
 
@@ -194,7 +204,7 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     call compiles one program of one shape however many batches N makes.
     """
     batch_size = max(1, min(batch_size, len(images)))
-    probs_fn = jit(lambda s, x: jax.nn.softmax(eval_logits(s, x, resize).astype(jnp.float32), axis=-1))
+    probs_fn = _probabilities(resize)
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -448,10 +458,20 @@ def fit(
     the next epoch, exactly as an uninterrupted run would, because every
     random stream below derives from (config.seed, epoch) alone.
 
+    The splits are used as given: ``config``'s data-selection fields
+    (dataset, train_limit, test_limit, val_split) are the caller's to apply
+    (``Split.take``, ``Split.hold_out``, as :func:`resnet_jax.cli.run` does).
+    ``state`` must come from ``create_train_state(..., recipe=config.recipe)``.
+
     Raises :class:`NonFiniteLoss` when the training loss, or the test or
     validation loss after an epoch, becomes NaN or infinite; the epoch in which
     it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
     """
+    if state.recipe != config.recipe:  # else the recipe's augmentation, smoothing and EMA are silently off
+        raise ValueError(
+            f"the state was made for recipe {state.recipe.name!r} {state.recipe} but config.recipe is "
+            f"{config.recipe.name!r} {config.recipe}: pass recipe=config.recipe to create_train_state"
+        )
     hooks = hooks or Hooks()
     history = list(history or [])
     start_epoch = history[-1]["epoch"] if history else 0

@@ -252,6 +252,13 @@ def test_the_array_check_reads_zarr3_and_finds_its_damage(tmp_path):
     assert checkpoint.arrays_problem(tmp_path / "state", abstract).startswith("is unreadable (corrupt or incomplete): ")
 
 
+def test_a_path_inside_a_run_points_to_the_run(uninterrupted):
+    run = uninterrupted[0]
+    for inside in (run / "checkpoints", run / "checkpoints" / "3"):
+        with pytest.raises(CheckpointError, match=f"did you mean {run}, the run directory"):
+            checkpoint.load_for_inference(inside)
+
+
 def test_a_checkpoint_of_another_model_is_refused(uninterrupted):
     directory = uninterrupted[0]
     saved = checkpoint.Checkpoints(directory, read_only=True).read_meta()["metadata"]

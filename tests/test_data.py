@@ -21,6 +21,14 @@ def test_tfds_splits_from_the_release_files(prepared_data_dir):
     assert len(data.FASHION_MNIST.class_names) == 10
 
 
+def test_a_dataset_may_be_named(prepared_data_dir):
+    by_name = data.load("fashion_mnist", prepared_data_dir, offline=True)
+    by_spec = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
+    assert all(np.array_equal(a.images, b.images) for a, b in zip(by_name, by_spec))
+    with pytest.raises(ValueError, match="unknown dataset 'fashion'; one of fashion_mnist, mnist"):
+        data.load("fashion", prepared_data_dir, offline=True)
+
+
 def test_later_loads_come_from_the_array_cache_without_tensorflow(prepared_data_dir):
     cache = data.cache_path(data.FASHION_MNIST, prepared_data_dir)
     assert cache.is_file()

@@ -162,3 +162,9 @@ def test_batch_norm_closed_form_gradient_equals_autodiff_in_float64():
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
         for a, b in zip(vjp(cots), ref_vjp(cots)):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(b))))
+
+
+def test_the_package_lists_its_lazy_names():
+    import resnet_jax
+
+    assert {"ResNet18", "Residual", "resnet_block"} <= set(dir(resnet_jax))

@@ -143,6 +143,28 @@ def test_fit_runs_epochs_and_reports(state):
     assert f["test_acc"] == int(direct["correct"]) / 30
 
 
+def test_fit_refuses_a_state_made_for_another_recipe(state):
+    from resnet_jax.recipes import BEST
+
+    images, labels = _batch(32, seed=5)
+    config = Config(epochs=1, batch_size=16, resize=RESIZE, recipe=BEST)  # state: create_train_state's default, d2l
+    with pytest.raises(ValueError, match="state was made for recipe 'd2l'.*pass recipe=config.recipe to create_train_state"):
+        training.fit(config, Split(images, labels), Split(images, labels), state)
+
+
+def test_misused_inputs_are_refused_not_silently_wrong(state):
+    images, _ = _batch(4)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    # uint8 into the model: its layers would compute in uint8 (weights rounded to 0).
+    with pytest.raises(TypeError, match="ResNet18 takes float images scaled to \\[0, 1\\], got uint8"):
+        state.apply_fn(variables, jnp.asarray(images), train=False)
+    # Floats into preprocess, which scales uint8: they would be divided by 255 twice.
+    with pytest.raises(TypeError, match="preprocess takes uint8 images"):
+        preprocess(jnp.asarray(images, jnp.float32) / 255, RESIZE)
+    with pytest.raises(ValueError, match="hold_out needs 0 < n < 4"):
+        Split(images, np.zeros(4, np.int32)).hold_out(0)
+
+
 def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
     images, labels = _batch(20, seed=6)
     config = Config(epochs=2, batch_size=32, resize=RESIZE, eval_batch_size=8)
