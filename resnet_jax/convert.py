@@ -202,6 +202,12 @@ def torch_to_flax(state_dict: StateDict, num_classes: int | None = None, input_c
     views of the input's memory. ``num_batches_tracked`` is
     checked but not carried: see the module docstring and :func:`batches_tracked`.
     """
+    if not isinstance(state_dict, Mapping):  # e.g. the nn.Module itself
+        raise ConversionError(f"expects a state_dict (a mapping of names to arrays), got a {type(state_dict).__name__}: "
+                              "pass net.state_dict()")
+    if state_dict and all(str(k).startswith("module.") for k in state_dict):
+        raise ConversionError("the keys start with 'module.' (a DataParallel/DistributedDataParallel wrapper): "
+                              "pass net.module.state_dict(), or strip the prefix")
     if num_classes is None or input_channels is None:
         inferred = infer_sizes(state_dict)
         num_classes = inferred[0] if num_classes is None else num_classes
@@ -300,6 +306,10 @@ def flax_to_torch(
     for layer in layers:
         for suffix, collection, name in _SLOTS[layer.kind]:
             a = np.asarray(_flax_leaf(variables, collection, layer.flax_path, name))
+            # bf16 (NumPy's kind "V") or fp16 parameters (param_dtype): exact in float32, which
+            # torch.from_numpy takes (it has no bfloat16 from NumPy).
+            if a.dtype.kind == "V" or (np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize < 4):
+                a = a.astype(np.float32)
             state_dict[f"{layer.torch_prefix}.{suffix}"] = _to_torch(layer, suffix, a)
         if layer.kind == "bn":
             state_dict[f"{layer.torch_prefix}.{NUM_BATCHES_TRACKED}"] = np.array(counts[layer.torch_prefix], np.int64)

@@ -531,6 +531,23 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
     assert "\x1b" not in str(caught.value)
 
 
+def test_plausible_misuses_of_the_converters_are_named():
+    net = torch_reference.make_initialised_net(seed=0)
+    with pytest.raises(convert.ConversionError, match="got a Sequential: pass net.state_dict()"):
+        convert.torch_to_flax(net)
+    wrapped = {f"module.{k}": v for k, v in net.state_dict().items()}  # saved from DataParallel
+    with pytest.raises(convert.ConversionError, match="keys start with 'module.'"):
+        convert.torch_to_flax(wrapped)
+    # bf16 parameters (param_dtype=bfloat16) export as float32 arrays, exactly, which torch.from_numpy takes.
+    variables = convert.torch_to_flax(net.state_dict())
+    bf16 = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(jnp.bfloat16), variables)
+    sd = convert.flax_to_torch(bf16)
+    assert all(v.dtype in (np.float32, np.int64) for v in sd.values())
+    key = "0.0.weight"
+    np.testing.assert_array_equal(sd[key], torch.from_numpy(sd[key]).numpy())
+    np.testing.assert_array_equal(sd[key], net.state_dict()[key].to(torch.bfloat16).float().numpy())
+
+
 def test_non_finite_weights_are_refused_with_their_key(tmp_path):
     sd = torch_reference.make_initialised_net(seed=0).state_dict()
     key = next(k for k in sd if k.endswith(".weight"))
