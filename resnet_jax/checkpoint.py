@@ -178,11 +178,11 @@ class Checkpoints:
         targets = [(self.latest, None)]
         if self.best is not None and val_acc is not None and (not earlier or val_acc > max(earlier)):
             targets.append((self.best, {"val_acc": val_acc}))
+        # A full disk is the usual failure: found here, it is one clean message. Found by
+        # Orbax mid-write, it also leaves its writer threads printing tracebacks.
+        if problem := self.room_problem(state, copies=len(targets)):
+            raise CheckpointError(self._not_saved(epoch, self.latest, problem))
         for manager, metrics in targets:
-            # A full disk is the usual failure: found here, it is one clean message. Found by
-            # Orbax mid-write, it also leaves its writer threads printing tracebacks.
-            if problem := self.room_problem(state):
-                raise CheckpointError(self._not_saved(epoch, manager, problem))
             try:
                 with _absl_quiet():  # Orbax's threads log each failure with a traceback; the error below says it once
                     manager.save(epoch, args=args, metrics=metrics, force=True)
@@ -273,16 +273,17 @@ def arrays_problem(state_dir: Path, abstract) -> str | None:
     except Exception as err:
         return f"is unreadable (corrupt or incomplete): {_root_cause(err)}"
     wanted = {_name(k): leaf for k, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
-    if missing := sorted(n for n in wanted if n.replace("/", ".") not in stored):
+    key = {name: name.replace("/", ".") for name in wanted}  # each array's name in the database
+    if missing := sorted(n for n in wanted if key[n] not in stored):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         return f"does not fit this model: it has no array {missing[0]}{more}"
-    if extra := sorted(stored - {n.replace("/", ".") for n in wanted}):
+    if extra := sorted(stored - set(key.values())):
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         return f"does not fit this model: it has an array this model lacks, {extra[0].replace('.', '/')}{more}"
     arrays = {}
     for name, want in wanted.items():
         try:
-            arrays[name] = array = _open_array(ts, {**database, "path": name.replace("/", ".") + "/"})
+            arrays[name] = array = _open_array(ts, {**database, "path": key[name] + "/"})
         except Exception as err:
             return f"is unreadable (corrupt or incomplete): array {name}: {_root_cause(err)}"
         have = (tuple(array.shape), jax.numpy.dtype(array.dtype.numpy_dtype))
@@ -297,6 +298,7 @@ def arrays_problem(state_dir: Path, abstract) -> str | None:
         except Exception as err:
             return f"is unreadable (corrupt or incomplete): array {name}: {_root_cause(err)}"
     return None
+
 
 @contextlib.contextmanager
 def _absl_quiet():
@@ -353,8 +355,9 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
 
     directory = Path(directory)
     if not (directory / "checkpoints").is_dir():
-        run = next((p for p in (directory.parent, directory.parent.parent) if p.name != "checkpoints" and (p / "checkpoints").is_dir()), None)
-        hint = f"; did you mean {run}, the run directory?" if run and "checkpoints" in directory.parts[-2:] else ""
+        # A path inside a run (RUN/checkpoints, RUN/checkpoints/3): name the run.
+        run = next((p.parent for p in (directory, directory.parent) if p.name == "checkpoints"), None)
+        hint = f"; did you mean {run}, the run directory?" if run and (run / "checkpoints").is_dir() else ""
         raise CheckpointError(
             f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR){hint}"
         )

@@ -225,7 +225,7 @@ def open_checkpoints(config: Config, meta: dict):
 
     out = Path(config.output)
     # Before Checkpoints() creates its (empty) folders: what another run left here.
-    found = [name for name in RUN_FILES if (out / name).is_file() or ((out / name).is_dir() and any((out / name).iterdir()))]
+    found = [name for name in RUN_FILES if (p := out / name).is_file() or (p.is_dir() and any(p.iterdir()))]
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
         latest = ckpts.latest_epoch()
