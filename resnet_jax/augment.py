@@ -25,6 +25,18 @@ def _check_nhwc(images: jax.Array) -> None:
         raise ValueError(f"expected a batch of NHWC images, got shape {images.shape}")
 
 
+def _check_prob(name: str, prob) -> None:
+    # A traced probability (a jitted argument) cannot be checked here; a Python number can.
+    if isinstance(prob, (int, float)) and not 0 <= prob <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {prob}")
+
+
+def _check_range(name: str, bounds, low: float, high: float) -> None:
+    lo, hi = bounds
+    if not low < lo <= hi <= high:
+        raise ValueError(f"{name} must be (min, max) with {low} < min <= max <= {high}, got {tuple(bounds)}")
+
+
 def random_crop(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
     """Pad each side by ``pad`` pixels of zeros, then crop back to the original size at a random offset.
 
@@ -36,6 +48,8 @@ def random_crop(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
     choice for natural images such as CIFAR, whose borders are not constant.)
     """
     _check_nhwc(images)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"pad must be a non-negative int, got {pad!r}")
     if pad == 0:
         return images
     n, h, w, c = images.shape
@@ -48,6 +62,7 @@ def random_crop(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
 def random_flip(key: jax.Array, images: jax.Array, prob: float = 0.5) -> jax.Array:
     """Mirror each image left-right with probability ``prob`` (garments are left-right symmetric classes)."""
     _check_nhwc(images)
+    _check_prob("prob", prob)
     flip = jax.random.bernoulli(key, prob, (images.shape[0], 1, 1, 1))
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
@@ -70,6 +85,9 @@ def random_erasing(
     loops (shapes here are static, so every example is computed as a mask).
     """
     _check_nhwc(images)
+    _check_prob("prob", prob)
+    _check_range("area", area, 0, 1)
+    _check_range("aspect", aspect, 0, math.inf)
     n, h, w, c = images.shape
     k_apply, k_area, k_aspect, k_y, k_x, k_fill = jax.random.split(key, 6)
     frac = jax.random.uniform(k_area, (n,), minval=area[0], maxval=area[1])

@@ -84,6 +84,12 @@ class Conv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        for name in ("features", "kernel_size", "strides", "padding"):
+            value = getattr(self, name)
+            # Square kernels, strides and padding only, as every conv of the chapter; a
+            # tuple would otherwise fail deep inside the parameter initialiser.
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Conv2d.{name} must be an int (square kernels, strides and padding), got {value!r}")
         in_features = x.shape[-1]
         k = self.kernel_size
         kernel = self.param("kernel", xavier_uniform, (k, k, in_features, self.features), self.param_dtype)

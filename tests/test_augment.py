@@ -84,3 +84,22 @@ def test_erasing_changes_one_rectangle_with_the_given_probability():
 def test_off_is_identity():
     x = _images()
     np.testing.assert_array_equal(np.asarray(augment.augment(jax.random.key(0), x)), np.asarray(x))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda k, x: augment.random_crop(k, x, -1), "pad must be a non-negative int"),
+        (lambda k, x: augment.random_crop(k, x, 1.5), "pad must be a non-negative int"),
+        (lambda k, x: augment.random_flip(k, x, 1.5), r"prob must be a probability in \[0, 1\]"),
+        (lambda k, x: augment.random_erasing(k, x, -0.1), r"prob must be a probability in \[0, 1\]"),
+        (lambda k, x: augment.random_erasing(k, x, 0.5, area=(0.4, 0.02)), "area must be"),
+        (lambda k, x: augment.random_erasing(k, x, 0.5, area=(0.0, 0.4)), "area must be"),
+        (lambda k, x: augment.random_erasing(k, x, 0.5, aspect=(-1.0, 3.3)), "aspect must be"),
+    ],
+)
+def test_out_of_range_arguments_are_refused(call, message):
+    # Without these checks a negative pad fails inside jnp.pad, and a probability of 1.5 or a
+    # reversed area range silently produce something else than asked.
+    with pytest.raises(ValueError, match=message):
+        call(jax.random.key(0), _images())

@@ -168,3 +168,12 @@ def test_the_package_lists_its_lazy_names():
     import resnet_jax
 
     assert {"ResNet18", "Residual", "resnet_block"} <= set(dir(resnet_jax))
+
+
+@pytest.mark.parametrize("field", ["kernel_size", "strides", "padding"])
+def test_conv2d_refuses_non_square_settings_with_a_clear_message(field):
+    from resnet_jax.model import Conv2d
+
+    settings = {"features": 4, "kernel_size": 3, "strides": 1, "padding": 1, field: (3, 3)}
+    with pytest.raises(TypeError, match=f"Conv2d.{field} must be an int"):
+        Conv2d(**settings).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
