@@ -16,6 +16,7 @@ pure JAX function applied inside the jitted steps: the host only moves uint8.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import urllib.parse
@@ -218,6 +219,14 @@ def load(
 
 
 def _import_tfds():
+    # TensorFlow only prepares the data here: its C++ INFO and WARNING lines (oneDNN
+    # notices, CUDA probing) are noise to our users. Errors still show; a user's own
+    # TF_CPP_MIN_LOG_LEVEL wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow 2.21 prints its oneDNN notice whatever the level; oneDNN changes only the
+    # rounding of TensorFlow's own float ops, and preparing the data does none (it decodes
+    # and copies uint8 images), so turning it off changes no byte of the data.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf
     except ImportError as err:  # pragma: no cover - both are declared dependencies
@@ -231,8 +240,15 @@ def _import_tfds():
 
 def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log) -> tuple[Split, Split]:
     tfds = _import_tfds()
-    builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
-    if not builder.is_prepared():
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # TFDS warns that an unprepared folder has no dataset_info.json: we know
+    try:
+        builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
+        prepared = builder.is_prepared()
+    finally:
+        absl.setLevel(level)
+    if not prepared:
         _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log)
     splits = []
     for name in ("train", "test"):
@@ -272,6 +288,8 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
                 f"{spec.tfds_name} is not prepared in {data_dir} and cannot be downloaded "
                 f"({reason}). " + _missing_files_help(spec)
             )
+    if manual_dir is not None:
+        _check_manual_files(builder, spec, manual_dir)
     log(f"preparing {spec.tfds_name} with TFDS in {data_dir} (once)")
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
     try:
@@ -285,6 +303,41 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
             f"({_first_line(err)}); it must be the official {spec.tfds_name} file, complete and as downloaded. "
             + _missing_files_help(spec)
         ) from err
+
+
+def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path) -> None:
+    """Every file in ``manual_dir`` against TFDS's own registered size and SHA-256, before TFDS starts.
+
+    TFDS would find a wrong file too, but only after printing its progress bars,
+    and it names only the first; this names every wrong file, in one message.
+    """
+    import hashlib
+
+    try:
+        expected = {info.filename: info for info in builder.url_infos.values()}
+    except Exception:  # a TFDS without url_infos: its own check during preparation remains
+        return
+    wrong = []
+    for name in spec.files:
+        info = expected.get(name)
+        if info is None or info.size is None or not info.checksum:
+            continue
+        path = manual_dir / name
+        size = path.stat().st_size
+        if size != int(info.size):
+            wrong.append(f"{name} has {size:,} bytes, the official file {int(info.size):,}")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != info.checksum:
+            wrong.append(f"{name} has the right size but not the official SHA-256")
+    if wrong:
+        raise DataError(
+            f"--manual-dir {manual_dir}: {'; '.join(wrong)}. They must be the official {spec.tfds_name} "
+            "files, complete and as downloaded (still compressed). " + _missing_files_help(spec)
+        )
 
 
 def _first_line(err: Exception) -> str:

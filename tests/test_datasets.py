@@ -8,6 +8,7 @@ one training step on synthetic CIFAR-shaped data.
 
 import importlib.util
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -86,9 +87,9 @@ def test_cifar10_manual_dir_without_the_archive(tmp_path):
 
 
 def test_cifar10_wrong_archive_is_refused_by_its_checksum(tmp_path):
-    # TFDS takes manual_dir/cifar-10-binary.tar.gz by name and then checks its
-    # SHA-256: a valid tar.gz that is not the official one is refused, and no
-    # download is attempted.
+    # TFDS takes manual_dir/cifar-10-binary.tar.gz by name; its registered size and
+    # SHA-256 are checked before TFDS starts: a valid tar.gz that is not the
+    # official one is refused, and no download is attempted.
     manual = tmp_path / "manual"
     manual.mkdir()
     payload = b"airplane\n"
@@ -100,14 +101,39 @@ def test_cifar10_wrong_archive_is_refused_by_its_checksum(tmp_path):
         data.load(data.CIFAR10, tmp_path / "tfds", manual, offline=True)
     msg = str(err.value)
     assert "\n" not in msg
-    assert "wrong size or checksum" in msg and "cifar-10-binary.tar.gz" in msg
+    assert re.search(r"cifar-10-binary\.tar\.gz has [\d,]+ bytes, the official file 170,052,171", msg), msg
 
 
 def test_mnist_refuses_fashion_mnist_files_of_the_same_names(tmp_path, manual_dir):
     # The MNIST family shares file names: a folder of Fashion-MNIST files passes
-    # the name check, and TFDS's checksum check must be what stops it.
-    with pytest.raises(data.DataError, match="wrong size or checksum.*official mnist file"):
+    # the name check, and the registered sizes and checksums must be what stops it.
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz has 26,421,880 bytes, the official file 9,912,422.*official mnist files"):
         data.load(data.MNIST, tmp_path / "tfds", manual_dir, offline=True)
+
+
+def test_every_wrong_file_is_named_before_tfds_starts(tmp_path, manual_dir, capfd):
+    # One truncated file and one of the right size with a flipped bit: both named in
+    # one line, before TFDS prints anything (no progress bars, no partial preparation).
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for f in data.FASHION_MNIST.files:
+        (manual / f).write_bytes((manual_dir / f).read_bytes())
+    labels = manual / "train-labels-idx1-ubyte.gz"
+    flipped = bytearray(labels.read_bytes())
+    flipped[100] ^= 1
+    labels.write_bytes(bytes(flipped))
+    images = manual / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:1000])
+    capfd.readouterr()
+    with pytest.raises(data.DataError) as err:
+        data.load(data.FASHION_MNIST, tmp_path / "tfds", manual, offline=True)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "train-labels-idx1-ubyte.gz has the right size but not the official SHA-256" in msg
+    assert "t10k-images-idx3-ubyte.gz has 1,000 bytes, the official file 4,422,102" in msg
+    assert "train-images" not in msg.split(". ")[0]  # the good files are not blamed
+    out, errout = capfd.readouterr()
+    assert "Dl Completed" not in out + errout and "Downloading and preparing" not in out + errout
 
 
 def test_train_limit_is_checked_against_the_chosen_dataset():
