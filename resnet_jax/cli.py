@@ -319,16 +319,82 @@ def _check_coordinator(address: str) -> None:
         raise UserError(f"--coordinator {address}: cannot resolve {host} ({err.strerror or err})") from err
 
 
-def run(config: Config, json_line: bool = False, distributed: dict | None = None) -> int:
-    """The whole job for a validated config. Returns the exit code."""
-    out = sys.stderr if json_line else sys.stdout
-    say = lambda msg: print(msg, file=out, flush=True)
-    check_paths(config)
+class _Reporter:
+    """What a training run shows and logs: the console lines, a progress bar, metrics.jsonl.
 
-    # Heavy imports only once the flags are known to be good: --help and bad
-    # flags answer at once.
+    Its methods are fit's hooks (training.Hooks). Every record also goes into ``log``
+    (the checkpoints keep it, so that a resumed run's metrics.jsonl is whole).
+    """
+
+    def __init__(self, config: Config, say, main_process: bool, log: list):
+        self.config, self.say, self.main_process, self.log = config, say, main_process, log
+        self.bar = None
+        self.metrics_file = None
+        if config.output and main_process:
+            path = Path(config.output) / "metrics.jsonl"
+            # A resumed run's metrics are the checkpoint's records, then its own: anything
+            # logged after the checkpoint (an epoch that did not finish) is rewritten.
+            try:
+                with open(path, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in log)
+                self.metrics_file = open(path, "a")
+            except OSError as err:
+                raise UserError(f"cannot write {path}: {err.strerror or err}") from err
+
+    def record(self, rec: dict) -> None:
+        self.log.append(rec)
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(rec) + "\n")
+            self.metrics_file.flush()
+
+    def on_start(self, info: dict) -> None:
+        import jax
+
+        c = self.config
+        self.say(
+            f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
+            f"{c.epochs} epochs x {info['steps_per_epoch']} steps of {c.batch_size}, "
+            f"{c.resize}x{c.resize}, lr {c.lr:g}, {c.dtype}, recipe {c.recipe.name}; "
+            f"compiled in {info['compile_s']:.1f} s"
+        )
+
+    def on_progress(self, done: int, total: int, last: dict | None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True,
+                            disable=None if self.main_process else True)
+        self.bar.update(done - self.bar.n)
+        if last is not None:
+            self.bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.3f}", refresh=False)
+
+    def on_epoch(self, rec: dict) -> None:
+        self.close_bar()
+        val = f", val acc {rec['val_acc']:.3f}" if "val_acc" in rec else ""
+        self.say(
+            f"epoch {rec['epoch']}/{self.config.epochs}: loss {rec['train_loss']:.3f}, train acc {rec['train_acc']:.3f}, "
+            f"test acc {rec['test_acc']:.3f}{val} ({rec['epoch_train_s']:.1f} s, {rec['examples_per_sec']:.1f} examples/sec)"
+        )
+        self.record({"kind": "epoch", **rec})
+
+    def on_log(self, rec: dict) -> None:
+        self.record({"kind": "steps", **rec})
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.metrics_file:
+            self.metrics_file.close()
+            self.metrics_file = None
+
+
+def _start_processes(distributed: dict | None) -> bool:
+    """jax.distributed.initialize() when asked; whether this is process 0 (the one that speaks and writes)."""
     import jax
-    from tqdm import tqdm
 
     if distributed is not None:
         if distributed.get("coordinator_address"):
@@ -337,31 +403,25 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
             jax.distributed.initialize(**distributed)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"jax.distributed.initialize failed: {err}") from err
-    # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
-    main_process = jax.process_index() == 0
-    if not main_process:
-        say = lambda msg: None
+    return jax.process_index() == 0
 
-    from resnet_jax import checkpoint as ckpt_mod
+
+def _read_torch_init(config: Config, spec):
+    """--init-from-torch's (variables, batch counters), read and checked before the data: fail early."""
+    if not config.init_from_torch or config.resume:  # a resumed run's checkpoint holds the weights
+        return None
+    from resnet_jax import convert
+
+    try:
+        return convert.load_torch_checkpoint(config.init_from_torch, spec.num_classes, spec.channels)
+    except convert.ConversionError as err:
+        raise UserError(f"--init-from-torch {config.init_from_torch}: {err}") from err
+
+
+def _load_data(config: Config, spec, say):
+    """(train, test, val or None) as the flags select them."""
     from resnet_jax import data as data_mod
-    from resnet_jax import plots, training
 
-    n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        raise UserError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
-                        f"use a multiple of {n_dev}")
-
-    spec = DATASETS[config.dataset]
-    init = None
-    if config.init_from_torch and not config.resume:  # read and check it all before the data: fail early
-        from resnet_jax import convert
-
-        try:
-            init = convert.load_torch_checkpoint(config.init_from_torch, spec.num_classes, spec.channels)
-        except convert.ConversionError as err:
-            raise UserError(f"--init-from-torch {config.init_from_torch}: {err}") from err
-    meta = ckpt_mod.metadata(config, spec)
-    ckpts = open_checkpoints(config, meta)  # before the data: a wrong --resume fails at once
     t0 = time.perf_counter()
     try:
         train, test = data_mod.load(
@@ -375,10 +435,18 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         train, val = train.hold_out(config.val_split)
     held = f" ({len(val)} more held out for validation)" if val is not None else ""
     say(f"data: {spec.tfds_name} {len(train)} train / {len(test)} test examples{held}, loaded in {time.perf_counter() - t0:.1f} s")
+    return train, test, val
+
+
+def _fresh_state(config: Config, spec, n_train: int, init, say):
+    """The train state before the first step: PyTorch's init (in distribution), or --init-from-torch's weights."""
+    import jax
+
+    from resnet_jax import training
 
     model = training.make_model(config, spec.num_classes, spec.channels)
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    tx = training.make_optimizer(config, steps_per_epoch=math.ceil(len(train) / config.batch_size))
+    tx = training.make_optimizer(config, steps_per_epoch=math.ceil(n_train / config.batch_size))
     state = training.create_train_state(model, tx, init_key, init[0] if init else None, recipe=config.recipe)
     if init:
         # PyTorch's BatchNorm counters are the number of training steps the weights have had
@@ -386,6 +454,73 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         counts = init[1] if isinstance(init[1], int) else max(init[1].values())
         state = state.replace(step=counts)
         say(f"init: weights from {config.init_from_torch} (step {counts})")
+    return state
+
+
+def _write_run_files(config: Config, report: dict, log: list, n_train: int, say) -> None:
+    """results.json and curves.png in --output."""
+    from resnet_jax import plots
+
+    try:
+        files.write_json(Path(config.output) / "results.json", report)
+    except OSError as err:
+        raise UserError(f"could not write {config.output}/results.json: {err.strerror or err}") from err
+    # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
+    spe = -(-n_train // config.batch_size)  # steps per epoch, the last batch included
+    try:
+        plots.plot_curves(plots.epoch_axis(log, spe), Path(config.output) / "curves.png")
+    except OSError as err:
+        raise UserError(f"could not write {config.output}/curves.png: {err}") from err
+    say(f"checkpoints in {config.output}/checkpoints"
+        + (f" and {config.output}/best" if config.val_split else "")
+        + "; metrics in metrics.jsonl, results.json, curves.png")
+
+
+def _export_torch(config: Config, state, say) -> None:
+    """--export-torch: the final weights as the chapter's PyTorch state_dict."""
+    import jax
+
+    from resnet_jax import convert
+
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
+    try:
+        convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(state.step)))
+    except OSError as err:
+        raise UserError(f"--export-torch {config.export_torch}: {err.strerror or err}") from err
+    say(f"exported a PyTorch state_dict to {config.export_torch}")
+
+
+def run(config: Config, json_line: bool = False, distributed: dict | None = None) -> int:
+    """The whole job for a validated config: check, load, build or restore, train, write. Returns the exit code."""
+    out = sys.stderr if json_line else sys.stdout
+    say = lambda msg: print(msg, file=out, flush=True)
+    check_paths(config)
+
+    # Heavy imports only once the flags are known to be good: --help and bad
+    # flags answer at once.
+    import jax
+
+    # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
+    main_process = _start_processes(distributed)
+    if not main_process:
+        say = lambda msg: None
+
+    from resnet_jax import checkpoint as ckpt_mod
+    from resnet_jax import training
+
+    n_dev = jax.device_count()
+    if config.batch_size % n_dev:
+        raise UserError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
+                        f"use a multiple of {n_dev}")
+
+    # Everything that can be checked without the data first: a wrong file or --resume fails at once.
+    spec = DATASETS[config.dataset]
+    init = _read_torch_init(config, spec)
+    meta = ckpt_mod.metadata(config, spec)
+    ckpts = open_checkpoints(config, meta)
+    train, test, val = _load_data(config, spec, say)
+    state = _fresh_state(config, spec, len(train), init, say)
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record
     if config.resume:
@@ -409,54 +544,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     if ckpts is not None and (problem := ckpts.room_problem(state, copies=2 if config.val_split else 1)):
         raise UserError(f"--output {config.output}: {problem}; free some space, or choose another --output")
 
-    metrics_file = None
-    if config.output and main_process:
-        out_dir = Path(config.output)
-        # A resumed run's metrics are the checkpoint's records, then its own: anything
-        # logged after the checkpoint (an epoch that did not finish) is rewritten.
-        try:
-            with open(out_dir / "metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in log)
-            metrics_file = open(out_dir / "metrics.jsonl", "a")
-        except OSError as err:
-            raise UserError(f"cannot write {out_dir / 'metrics.jsonl'}: {err.strerror or err}") from err
-
-    def write_record(rec):
-        log.append(rec)
-        if metrics_file:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-
-    bar = None
-
-    def on_start(info):
-        say(
-            f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
-            f"{config.epochs} epochs x {info['steps_per_epoch']} steps of {config.batch_size}, "
-            f"{config.resize}x{config.resize}, lr {config.lr:g}, {config.dtype}, recipe {config.recipe.name}; "
-            f"compiled in {info['compile_s']:.1f} s"
-        )
-
-    def on_progress(done, total, last):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None if main_process else True)
-        bar.update(done - bar.n)
-        if last is not None:
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.3f}", refresh=False)
-
-    def on_epoch(rec):
-        nonlocal bar
-        if bar is not None:
-            bar.close()
-            bar = None
-        val = f", val acc {rec['val_acc']:.3f}" if "val_acc" in rec else ""
-        say(
-            f"epoch {rec['epoch']}/{config.epochs}: loss {rec['train_loss']:.3f}, train acc {rec['train_acc']:.3f}, "
-            f"test acc {rec['test_acc']:.3f}{val} ({rec['epoch_train_s']:.1f} s, {rec['examples_per_sec']:.1f} examples/sec)"
-        )
-        write_record({"kind": "epoch", **rec})
-
+    reporter = _Reporter(config, say, main_process, log)
     unsaved = None  # (state, history) while a save is under way, for a Ctrl-C that lands in it
 
     def on_checkpoint(state, history):
@@ -467,17 +555,15 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         ckpts.save(state, history[-1]["epoch"], history, log, meta)
         unsaved = None
 
-    hooks = training.Hooks(on_start, on_progress, on_epoch,
-                           on_log=lambda rec: write_record({"kind": "steps", **rec}), on_checkpoint=on_checkpoint)
+    hooks = training.Hooks(reporter.on_start, reporter.on_progress, reporter.on_epoch,
+                           on_log=reporter.on_log, on_checkpoint=on_checkpoint)
     try:
         result = training.fit(config, train, test, state, hooks, val=val, history=history)
     except KeyboardInterrupt:
         # The writer threads of a save that Ctrl-C cut short log their failure with a
         # traceback on the way out; this run is ending and its message says what is kept.
         logging.getLogger("absl").setLevel(logging.CRITICAL)
-        if bar is not None:
-            bar.close()
-            bar = None
+        reporter.close_bar()
         if unsaved is not None:  # interrupted while saving: the state is whole, save it again
             # ... without a second Ctrl-C breaking that save too (train.py then ignores
             # Ctrl-C while JAX's exit handlers run).
@@ -494,10 +580,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     except ckpt_mod.CheckpointError as err:
         raise UserError(str(err)) from err
     finally:
-        if bar is not None:
-            bar.close()
-        if metrics_file:
-            metrics_file.close()
+        reporter.close()
 
     f = result.final
     say(f"loss {_fmt(f['train_loss'])}, train acc {_fmt(f['train_acc'])}, test acc {_fmt(f['test_acc'])}")
@@ -505,32 +588,9 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
 
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
     if config.output and main_process:
-        try:
-            files.write_json(Path(config.output) / "results.json", report)
-        except OSError as err:
-            raise UserError(f"could not write {config.output}/results.json: {err.strerror or err}") from err
-        # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
-        spe = -(-len(train) // config.batch_size)  # steps per epoch, the last batch included
-        try:
-            plots.plot_curves(plots.epoch_axis(log, spe), Path(config.output) / "curves.png")
-        except OSError as err:
-            raise UserError(f"could not write {config.output}/curves.png: {err}") from err
-        say(f"checkpoints in {config.output}/checkpoints"
-            + (f" and {config.output}/best" if config.val_split else "")
-            + "; metrics in metrics.jsonl, results.json, curves.png")
-    # After the results: a failed export loses nothing of the run.
-    if config.export_torch and main_process:
-        from resnet_jax import convert
-
-        final = result.state
-        variables = jax.device_get({"params": final.params, "batch_stats": final.batch_stats})
-        # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
-        try:
-            convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(final.step)))
-        except OSError as err:
-            raise UserError(f"--export-torch {config.export_torch}: {err.strerror or err}") from err
-        say(f"exported a PyTorch state_dict to {config.export_torch}")
-
+        _write_run_files(config, report, log, len(train), say)
+    if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
+        _export_torch(config, result.state, say)
     if json_line and main_process:
         print(json.dumps(report), flush=True)
     return EXIT_OK
