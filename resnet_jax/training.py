@@ -25,7 +25,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -436,6 +436,69 @@ def evaluate_split(config: Config, state: TrainState, split: Split, devices=None
     return _make_evaluator(config, state, split, put, batch_sharding, n_dev)(state)
 
 
+class _Programs(NamedTuple):
+    """fit's compiled programs (see :func:`_compile`)."""
+
+    plan: Callable  # epoch -> (rows of each chunk's steps, rows of the last, smaller batch)
+    chunk: Callable | None  # (state, x, y, rows, steps) -> (state, metric sums): up to K full steps
+    last_step: Callable | None  # (state, x, y, rows) -> (state, metric sums): the smaller last batch
+    eval_test: Callable  # state -> metrics on the test split
+    eval_val: Callable | None  # state -> metrics on the validation split
+    scalar: Callable  # int -> a replicated int32 on the devices (the programs' scalar argument)
+
+
+def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | None, devices, mesh, K: int) -> _Programs:
+    """Every program fit runs, lowered and compiled for these shapes and devices before the first step.
+
+    ``mesh``: :func:`_mesh`'s (replicated, batch sharding, device count); ``K``: steps per dispatch.
+    """
+    replicated, batch_sharding, n_dev = mesh
+    put = lambda a: to_global(a, replicated)
+    n, bs = train_x.shape[0], config.batch_size
+    full, rem = divmod(n, bs)
+    # Every input and output sharding is explicit: indices, like the data, are replicated.
+    scalar = lambda v: put(np.int32(v))
+    plan_fn = (
+        jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), devices, out_shardings=replicated)
+        .lower(scalar(0))
+        .compile()
+    )
+    idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
+
+    def compile_step(batch: int, sharding):
+        """One step on rows ``idx`` of the on-device split."""
+        return (
+            jit(
+                lambda s, x, y, idx: train_step(s, _constrain(x[idx], sharding), _constrain(y[idx], sharding), config.resize),
+                devices,
+                donate_argnums=0,
+            )
+            .lower(state, train_x, train_y, idx_spec((batch,)))
+            .compile()
+        )
+
+    chunk_fn = step_fn = None
+    if full and K > 1:
+        chunk_fn = (
+            jit(
+                functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
+                devices,
+                donate_argnums=0,
+            )
+            .lower(state, train_x, train_y, idx_spec((K, bs)), scalar(0))
+            .compile()
+        )
+    elif full:
+        one = compile_step(bs, batch_sharding)
+        chunk_fn = lambda s, x, y, rows, steps: one(s, x, y, rows[0])
+    if rem:
+        # The small last batch runs replicated: not worth a program of its own sharding.
+        step_fn = compile_step(rem, None)
+    eval_test = _make_evaluator(config, state, test, put, batch_sharding, n_dev)
+    eval_val = _make_evaluator(config, state, val, put, batch_sharding, n_dev) if val is not None else None
+    return _Programs(plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar)
+
+
 def fit(
     config: Config,
     train: Split,
@@ -477,7 +540,8 @@ def fit(
     start_epoch = history[-1]["epoch"] if history else 0
     t_start = time.perf_counter()
     devices = devices or jax.devices()
-    replicated, batch_sharding, n_dev = _mesh(devices, config.batch_size)
+    mesh = _mesh(devices, config.batch_size)
+    replicated, _, n_dev = mesh
     bs = config.batch_size
 
     # The splits live on the device(s) for the whole run, as uint8.
@@ -493,46 +557,7 @@ def fit(
 
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
-    # Every input and output sharding is explicit: indices, like the data, are replicated.
-    scalar = lambda v: put(np.int32(v))
-    plan_fn = (
-        jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), devices, out_shardings=replicated)
-        .lower(scalar(0))
-        .compile()
-    )
-    idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
-
-    def compile_step(batch: int, sharding):
-        """One step on rows ``idx`` of the on-device split."""
-        return (
-            jit(
-                lambda s, x, y, idx: train_step(s, _constrain(x[idx], sharding), _constrain(y[idx], sharding), config.resize),
-                devices,
-                donate_argnums=0,
-            )
-            .lower(state, train_x, train_y, idx_spec((batch,)))
-            .compile()
-        )
-
-    chunk_fn = step_fn = None
-    if full and K > 1:
-        chunk_fn = (
-            jit(
-                functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
-                devices,
-                donate_argnums=0,
-            )
-            .lower(state, train_x, train_y, idx_spec((K, bs)), scalar(0))
-            .compile()
-        )
-    elif full:
-        one = compile_step(bs, batch_sharding)
-        chunk_fn = lambda s, x, y, rows, steps: one(s, x, y, rows[0])
-    if rem:
-        # The small last batch runs replicated: not worth a program of its own sharding.
-        step_fn = compile_step(rem, None)
-    eval_test = _make_evaluator(config, state, test, put, batch_sharding, n_dev)
-    eval_val = _make_evaluator(config, state, val, put, batch_sharding, n_dev) if val is not None else None
+    plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar = _compile(config, state, train_x, train_y, test, val, devices, mesh, K)
     compile_s = time.perf_counter() - t0
 
     info = {
