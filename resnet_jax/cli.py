@@ -586,7 +586,9 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     say(f"loss {_fmt(f['train_loss'])}, train acc {_fmt(f['train_acc'])}, test acc {_fmt(f['test_acc'])}")
     say(f"{_fmt(f['examples_per_sec'], '.1f')} examples/sec on {f['device']}")
 
-    report = {**f, "config": config.to_dict(), "jax_version": jax.__version__}
+    # Every epoch's record (fit's clock in wall_s): a script reads time to accuracy from the
+    # --json line alone, without --output (whose checkpoint saves would add to that clock).
+    report = {**f, "config": config.to_dict(), "jax_version": jax.__version__, "history": result.history}
     if config.output and main_process:
         _write_run_files(config, report, log, len(train), say)
     if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run

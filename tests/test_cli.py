@@ -43,6 +43,8 @@ def test_a_short_run_reports_and_writes_metrics(prepared_data_dir, tmp_path):
     assert final["device"].startswith("cpu") and 0 <= final["test_acc"] <= 1 and final["examples_per_sec"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["step"] == 5  # 300 = 4 x 64 + 44
+    # The JSON line carries every epoch's record too, as metrics.jsonl has it.
+    assert [{"kind": "epoch", **r} for r in final["history"]] == records
     saved = json.loads((out / "results.json").read_text())
     assert saved["test_acc"] == final["test_acc"] and saved["config"]["train_limit"] == 300
 
