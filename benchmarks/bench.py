@@ -737,6 +737,8 @@ COLUMNS = (
 def markdown(report: dict) -> str:
     env, v = report["environment"], report["environment"]["versions"]
     lines = [
+        *(["**Partial: the run stopped before it finished; these rows are what it had measured.**", ""]
+          if report.get("complete") is False else []),
         f"Device: {env['jax_device']} ({env['jax_backend']} backend, {env['cpu_count']} CPUs); "
         f"JAX {v['jax']}, jaxlib {v['jaxlib']}, Flax {v['flax']}, Optax {v['optax']}, PyTorch {v['torch'] or 'not installed'}, "
         f"Python {v['python']}; {env['date']}; host memory pages: {env.get('host_pages', 'not recorded')}.",
@@ -868,27 +870,47 @@ def run(args, argv: list[str], say=print) -> dict:
         report["notes"].append(
             "torch.compile is off for the tuned PyTorch on CPU by default (Inductor's C++ compile of this "
             "network took about a minute even at batch 8, 28x28, on the 2-core machine); --torch-compile on to include it")
+    def save(rows: list[dict], done: bool) -> str:
+        """The report with ``rows`` so far, written to --out: a run cut off (a time limit) keeps what it measured."""
+        report["rows"] = [{**row, "environment": report["environment"]} for row in rows]
+        report["speedups"] = speedups(report["rows"])
+        report["complete"] = done
+        md = markdown(report)
+        if args.out:
+            out = Path(args.out)
+            write_json(out / "bench.json", report)
+            (out / "bench.md").write_text(md)
+        return md
+
+    measured: list[dict] = []
     # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
     for resize in sorted(set(args.resize)):
         rounds: list[list[dict]] = []
         for r in range(args.rounds):
             tag = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
             rows = []
+
+            def add(row):  # with one round each row is final as soon as it is measured
+                rows.append(row)
+                if args.rounds == 1:
+                    save(measured + rows, done=False)
+
             for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
                 config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
                                 eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
                 say(f"JAX {resize}x{resize} {dtype}{tag} ...")
-                rows.append(bench_jax(config, train, test, args.repeats, steps))
+                add(bench_jax(config, train, test, args.repeats, steps))
                 if use_torch:
                     say(f"PyTorch tuned {resize}x{resize} {dtype}{tag} ...")
-                    rows.append(bench_torch_tuned(
+                    add(bench_torch_tuned(
                         train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch, args.eval_batch))
             if use_torch:
                 say(f"PyTorch chapter's loop {resize}x{resize}{tag} ...")
-                rows.append(bench_torch_chapter(
+                add(bench_torch_chapter(
                     train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers))
             rounds.append(rows)
-        report["rows"] += [merge_rounds(list(same)) for same in zip(*rounds)]
+        measured += [merge_rounds(list(same)) for same in zip(*rounds)]
+        save(measured, done=False)
     if args.full_recipe:
         config = Config(epochs=args.recipe_epochs, dtype=args.dtype[0], conv_impl=args.conv_impl)
         say(f"full recipe: {config.epochs} epochs, batch {config.batch_size}, {config.resize}x{config.resize}, {config.dtype} ...")
@@ -898,15 +920,7 @@ def run(args, argv: list[str], say=print) -> dict:
             recipe_train, recipe_test = synthetic_splits(FASHION_MNIST.num_train, FASHION_MNIST.num_test)
         report["full_recipe"] = bench_full_recipe(config, recipe_train, recipe_test)
 
-    report["speedups"] = speedups(report["rows"])
-    for row in report["rows"]:
-        row.update(environment=report["environment"])
-    md = markdown(report)
-    if args.out:
-        out = Path(args.out)
-        write_json(out / "bench.json", report)
-        (out / "bench.md").write_text(md)
-    say(md)
+    say(save(measured, done=True))
     return report
 
 

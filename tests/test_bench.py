@@ -136,3 +136,25 @@ def test_bench_never_imports_tensorflow():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_run_cut_off_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """A time limit (the GPU session's caps) can kill the run mid-way: what was measured is on disk."""
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for the kill that the process would not survive
+
+    monkeypatch.setattr(bench, "bench_torch_tuned", killed)
+    monkeypatch.setattr(bench, "torch_available", lambda: True)
+    argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--train-examples", "8", "--eval-examples", "8",
+            "--torch-threads", "1", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is False and [r["impl"] for r in report["rows"]] == ["jax"]
+    assert (tmp_path / "bench.md").read_text().startswith("**Partial")
+
+    monkeypatch.setattr(bench, "torch_available", lambda: False)
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is True and not (tmp_path / "bench.md").read_text().startswith("**Partial")
