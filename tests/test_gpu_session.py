@@ -18,13 +18,14 @@ def _epoch(epoch, acc, wall):
 def test_the_table_gives_the_first_epoch_at_each_goal_on_fits_clock():
     history = [_epoch(1, 0.91, 10.0), _epoch(2, 0.945, 14.5), _epoch(3, 0.951, 19.0), _epoch(4, 0.949, 23.5)]
     done = {"name": "best", "status": "ok", "process_wall_s": 31.0,
-            "result": {"epochs": 4, "test_acc": 0.949, "train_acc": 0.96, "wall_time_s": 24.0, "history": history}}
+            "result": {"epochs": 4, "test_acc": 0.949, "train_acc": 0.96, "wall_time_s": 24.0, "compile_s": 6.5,
+                       "history": history}}
     skipped = {"name": "d2l-seed2", "status": "skipped", "why": "5 s of the budget left, 40 s needed"}
     lines = gpu_session.runs_table([done, skipped]).splitlines()
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     # 0.93 and 0.94 first reached at epoch 2, 0.95 at epoch 3; 0.955 never.
     assert lines[2] == ("| best | ok | 4 | 0.9490 | 0.9600 | ep 2, 14.5 s | ep 2, 14.5 s | ep 3, 19.0 s | - "
-                        "| 24.0 | 31.0 |")
+                        "| 6.5 | 24.0 | 31.0 |")
     assert lines[3].startswith("| d2l-seed2 | skipped |")
 
 
