@@ -61,7 +61,7 @@ NPZ = "resnet_jax_cache/fashion_mnist-3.0.1.npz"
 GOALS = (0.93, 0.94, 0.95, 0.955)
 
 # One change each from the preset, toward fitting more: the preset underfits on CPU (its
-# final train accuracy on augmented images is no higher than its test accuracy).
+# final train accuracy on augmented images, 0.9420, is barely above its test accuracy, 0.9402).
 SWEEP = (
     "--resize 96",
     "--resize 96 --epochs 32",
