@@ -15,6 +15,13 @@ after a warm-up, for
 The ``auto`` column is what resnet_jax.ops picks. These numbers are the
 evidence for ops.CPU_PATCHES_MAX_OUT and ops.compiler_options (BENCHMARKS.md,
 "CPU conv lowering").
+
+    python benchmarks/cpu_conv.py --batch 64 --resize 96 --split
+
+times the three parts of each conv apart instead, XLA (the package's options)
+against PyTorch channels_last: the forward, the input gradient and the weight
+gradient, each its own program (median of 15). The totals count what a training
+step runs: the stem's input gradient is never computed (the images need none).
 """
 
 import argparse
@@ -58,6 +65,52 @@ def jax_ms(x, w, stride, pad, impl, options):
     return median_ms(lambda: jax.block_until_ready(g(x, w)))
 
 
+def jax_split_ms(x, w, stride, pad, options):
+    conv = lambda x, w: ops.conv2d(x, w, strides=stride, padding=pad, impl="xla")
+    g = jnp.ones(jax.eval_shape(conv, x, w).shape, x.dtype)
+    fwd = jax.jit(conv, compiler_options=options)
+    dx = jax.jit(lambda g, w: jax.vjp(lambda x: conv(x, w), x)[1](g)[0], compiler_options=options)
+    dw = jax.jit(lambda g, x: jax.vjp(lambda w: conv(x, w), w)[1](g)[0], compiler_options=options)
+    return (median_ms(lambda: jax.block_until_ready(fwd(x, w)), 15),
+            median_ms(lambda: jax.block_until_ready(dx(g, w)), 15),
+            median_ms(lambda: jax.block_until_ready(dw(g, x)), 15))
+
+
+def torch_split_ms(n, side, cin, cout, k, stride, pad):
+    import torch
+
+    x = torch.rand(n, cin, side, side).to(memory_format=torch.channels_last)
+    w = torch.rand(cout, cin, k, k).to(memory_format=torch.channels_last)
+    g = torch.ones_like(torch.nn.functional.conv2d(x, w, stride=stride, padding=pad))
+    back = lambda mask: torch.ops.aten.convolution_backward(
+        g, x, w, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, mask)
+    return (median_ms(lambda: torch.nn.functional.conv2d(x, w, stride=stride, padding=pad), 15),
+            median_ms(lambda: back([True, False, False]), 15),
+            median_ms(lambda: back([False, True, False]), 15))
+
+
+def split(batch: int, resizes):
+    """Forward, input gradient and weight gradient apart: XLA against PyTorch channels_last."""
+    import torch
+
+    opts = ops.compiler_options("cpu")
+    print("| input | conv | count | xla fwd | xla dx | xla dw | torch CL fwd | torch CL dx | torch CL dw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in resizes:
+        tj = tt = 0.0
+        for i, (side, cin, cout, k, stride, pad, count) in enumerate(network_convs(r)):
+            rng = np.random.default_rng(0)
+            x = jnp.asarray(rng.random((batch, side, side, cin), np.float32))
+            w = jnp.asarray(rng.random((k, k, cin, cout), np.float32))
+            j, t = jax_split_ms(x, w, stride, pad, opts), torch_split_ms(batch, side, cin, cout, k, stride, pad)
+            used = (1, 0, 1) if i == 0 else (1, 1, 1)  # the stem: no input gradient in training
+            tj += count * sum(u * v for u, v in zip(used, j))
+            tt += count * sum(u * v for u, v in zip(used, t))
+            print(f"| {side}x{side}x{cin} | {k}x{k}/{stride} -> {cout} | {count} | "
+                  + " | ".join(f"{v:.1f}" for v in (*j, *t)) + " |", flush=True)
+        print(f"| **{r}x{r}: what a training step runs, weighted by count** | | | **{tj:.0f}** | | | **{tt:.0f}** | | |")
+
+
 def torch_ms(n, side, cin, cout, k, stride, pad, channels_last):
     import torch
 
@@ -76,7 +129,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--resize", type=int, nargs="+", default=[96, 28])
+    p.add_argument("--split", action="store_true", help="forward, input and weight gradients apart, against PyTorch channels_last")
     a = p.parse_args()
+    if a.split:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        print(f"Device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; JAX {jax.__version__}, "
+              f"PyTorch {torch.__version__}; batch {a.batch}; ms\n")
+        return split(a.batch, a.resize)
     try:
         import torch
 
