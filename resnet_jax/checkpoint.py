@@ -151,6 +151,23 @@ class Checkpoints:
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {_first_line(err)}") from err
 
+    def close(self) -> None:
+        """Stop the managers' background threads (idempotent).
+
+        Opening a manager starts a thread (cleaning up temporary folders); if the
+        program exits while it runs, as it does right after a refused --resume,
+        that thread logs a traceback from the interpreter's shutdown.
+        """
+        for manager in (self.latest, self.best):
+            if manager is not None:
+                with _absl_quiet():
+                    # Orbax 0.12's close() does not wait for that cleanup thread; its own
+                    # save() does, through this private method (skipped if Orbax renames it).
+                    wait_for_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+                    if wait_for_cleanup is not None:
+                        wait_for_cleanup()
+                    manager.close()
+
     def _manager(self, which: str):
         if which == "latest":
             return self.latest
@@ -351,8 +368,6 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
 
 def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoint:
     """A checkpoint with its model rebuilt from its own metadata (for evaluate and predict)."""
-    from resnet_jax import training
-
     directory = Path(directory)
     if not (directory / "checkpoints").is_dir():
         # A path inside a run (RUN/checkpoints, RUN/checkpoints/3): name the run.
@@ -363,6 +378,15 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
         )
     with _absl_quiet():  # Orbax warns that a read-only manager keeps and deletes nothing: as intended
         ckpts = Checkpoints(directory, read_only=True)
+    try:
+        return _load_for_inference(ckpts, which)
+    finally:
+        ckpts.close()
+
+
+def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:
+    from resnet_jax import training
+
     meta = ckpts.read_meta(which)
     m = meta["metadata"]
     try:

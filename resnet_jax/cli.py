@@ -228,6 +228,21 @@ def open_checkpoints(config: Config, meta: dict):
     found = [name for name in RUN_FILES if (p := out / name).is_file() or (p.is_dir() and any(p.iterdir()))]
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
+    except ckpt_mod.CheckpointError as err:
+        raise UserError(str(err)) from err
+    try:
+        _check_resume(config, meta, ckpts, found)
+    except BaseException:
+        ckpts.close()  # its threads must not outlive a refusal (they print tracebacks at exit)
+        raise
+    return ckpts
+
+
+def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
+    """Whether --resume (or its absence) fits the checkpoints and files in --output; UserError if not."""
+    from resnet_jax import checkpoint as ckpt_mod
+
+    try:
         latest = ckpts.latest_epoch()
         if config.resume:
             if latest is None:
@@ -262,7 +277,6 @@ def open_checkpoints(config: Config, meta: dict):
             )
     except ckpt_mod.CheckpointError as err:
         raise UserError(str(err)) from err
-    return ckpts
 
 
 @contextlib.contextmanager
@@ -519,6 +533,20 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     init = _read_torch_init(config, spec)
     meta = ckpt_mod.metadata(config, spec)
     ckpts = open_checkpoints(config, meta)
+    try:
+        return _train(config, spec, init, meta, ckpts, say, json_line, main_process)
+    finally:
+        if ckpts is not None:  # on every way out: its threads must not outlive the run
+            ckpts.close()
+
+
+def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, main_process: bool) -> int:
+    """run()'s second half: load the data, build or restore the state, train, write the run's files."""
+    import jax
+
+    from resnet_jax import checkpoint as ckpt_mod
+    from resnet_jax import training
+
     train, test, val = _load_data(config, spec, say)
     state = _fresh_state(config, spec, len(train), init, say)
 

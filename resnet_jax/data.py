@@ -206,8 +206,8 @@ def load(
                 splits = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
             _check(spec, *splits)
             return splits
-        except (OSError, ValueError, KeyError, DataError) as err:
-            log(f"ignoring unreadable array cache {cache} ({err}); reading the TFDS data again")
+        except Exception as err:  # the cache is disposable: truncated, garbled (bad CRC, EOFError), foreign...
+            log(f"ignoring unreadable array cache {cache} ({type(err).__name__}: {err}); reading the TFDS data again")
 
     train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log)
     _check(spec, train, test)

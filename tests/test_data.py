@@ -64,13 +64,27 @@ def test_unreachable_host_is_reported_quickly():
     assert "no connection to 127.0.0.1" in data._unreachable("http://127.0.0.1:9/", timeout=2)
 
 
-def test_a_corrupt_cache_is_ignored_and_rebuilt(prepared_data_dir, tmp_path):
+def _garble(b: bytes) -> bytes:
+    mid = len(b) // 2
+    return b[:mid] + bytes(x ^ 0xFF for x in b[mid : mid + 4096]) + b[mid + 4096 :]
+
+
+DAMAGE = {
+    "not-an-npz": lambda b: b"not an npz",
+    "truncated": lambda b: b[: len(b) // 2],  # an interrupted copy: zipfile.BadZipFile
+    "garbled": _garble,  # a bad CRC inside one array
+    "zeroed": lambda b: bytes(len(b)),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_corrupt_cache_is_ignored_and_rebuilt(prepared_data_dir, tmp_path, damage):
     import shutil
 
     copy = tmp_path / "tfds"
     shutil.copytree(prepared_data_dir, copy)
     cache = data.cache_path(data.FASHION_MNIST, copy)
-    cache.write_bytes(b"not an npz")
+    cache.write_bytes(DAMAGE[damage](cache.read_bytes()))
     notes = []
     train, _ = data.load(data.FASHION_MNIST, copy, offline=True, log=notes.append)
     assert len(train) == 60_000 and any("unreadable array cache" in n for n in notes)
