@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from resnet_jax import files
-from resnet_jax.config import DTYPES, MIN_RESIZE, Config, ConfigError
+from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
 from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES, resolve
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak SGD learning rate; {_recipe_default('lr')}, best's scaled linearly with --batch-size")
     p.add_argument("--resize", type=int, default=None,
-                   help=f"image side after bilinear resize (>= {MIN_RESIZE}); {_recipe_default('resize')}")
+                   help=f"image side after bilinear resize ({MIN_RESIZE} to {MAX_RESIZE}); {_recipe_default('resize')}")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and the epoch shuffles")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="TFDS dataset")
@@ -293,6 +293,16 @@ def _sigint_ignored():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _oom_summary(err: BaseException) -> str:
+    """XLA's out-of-memory message, first line only ("Out of memory allocating N bytes", with N in GB)."""
+    import re
+
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    line = line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    m = re.search(r"allocating (\d+) bytes", line)
+    return f"{int(m.group(1)) / 1e9:,.1f} GB needed at once" if m else line[:200]
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -607,6 +617,15 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         raise UserError(f"{err}: {where}; try a smaller --lr") from err
     except ckpt_mod.CheckpointError as err:
         raise UserError(str(err)) from err
+    except RuntimeError as err:  # XLA's errors are RuntimeErrors; only running out of memory is the user's to fix
+        if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
+            raise
+        kept = ckpts.latest_epoch() if ckpts else None
+        where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""
+        raise UserError(
+            f"out of memory on {jax.devices()[0].platform}: {_oom_summary(err)}; try a smaller --batch-size, "
+            f"--eval-batch-size or --resize{where}"
+        ) from err
     finally:
         reporter.close()
 

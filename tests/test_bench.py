@@ -97,7 +97,7 @@ def test_full_recipe_times_fit_end_to_end():
 @pytest.mark.parametrize(
     "argv, code, message",
     [
-        (["--resize", "16"], 2, "--resize must be an integer >= 17"),
+        (["--resize", "16"], 2, "--resize must be an integer in [17, 512]"),
         (["--batch", "0"], 2, "--batch must be a positive integer"),
         (["--data", "/nonexistent/cache.npz", "--resize", "17"], 1, "is not a readable resnet_jax array cache"),
     ],

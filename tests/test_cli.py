@@ -52,7 +52,9 @@ def test_a_short_run_reports_and_writes_metrics(prepared_data_dir, tmp_path):
 BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--epochs", "-1"], "--epochs must be a non-negative integer"),
-    (["--resize", "16"], "--resize must be an integer >= 17"),
+    (["--resize", "16"], "--resize must be an integer in [17, 512]"),
+    (["--resize", "100000"], "--resize must be an integer in [17, 512]"),
+    (["--lr", "1e300"], "--lr must be a finite number > 0"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--lr", "-0.1"], "--lr must be a finite number > 0"),

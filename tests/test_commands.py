@@ -339,3 +339,27 @@ def test_a_nan_loss_is_one_line_naming_the_step_and_the_kept_checkpoint(run, pre
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "loss became nan at step 7 (epoch 3)" in err and "last good checkpoint (epoch 2)" in err
     assert Checkpoints(output).latest.all_steps() == [1, 2]
+
+
+def test_out_of_device_memory_is_one_line_naming_the_flags(prepared_data_dir, tmp_path, monkeypatch):
+    from resnet_jax import training
+
+    def fit(*a, **k):  # what XLA:CPU raised at --resize 512 --batch-size 4096 (2026-12-04)
+        raise RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 681883436880 bytes.")
+
+    monkeypatch.setattr(training, "fit", fit)
+    rc, out, err = _main(*_train_args(prepared_data_dir, tmp_path / "out"))
+    lines = [line for line in err.strip().splitlines() if not line.startswith("data: ")]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "out of memory on cpu: 681.9 GB needed at once; try a smaller --batch-size, --eval-batch-size or --resize" in lines[0]
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(prepared_data_dir, tmp_path, monkeypatch):
+    from resnet_jax import training
+
+    def fit(*a, **k):
+        raise RuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(training, "fit", fit)
+    with pytest.raises(RuntimeError, match="something else"):
+        _main(*_train_args(prepared_data_dir, tmp_path / "out"))
