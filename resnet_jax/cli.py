@@ -213,8 +213,24 @@ class Interrupted(Exception):
 
 # What a run leaves in --output besides checkpoints/: a new run must not overwrite another's.
 # (metrics.jsonl is not among them: a run stopped before its first checkpoint leaves one,
-# and the same command run again must simply start over.)
+# and the same command run again must simply start over. A metrics.jsonl that is not
+# ours, though, is someone's file: _foreign_metrics.)
 RUN_FILES = ("results.json", "curves.png", "best")
+
+
+def _foreign_metrics(path: Path) -> bool:
+    """Whether ``path`` is a non-empty file that no run of ours wrote (each of our lines is a JSON record with a kind)."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or rec.get("kind") not in ("epoch", "steps"):
+                    return True
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True
+    return False
 
 
 def open_checkpoints(config: Config, meta: dict):
@@ -226,6 +242,9 @@ def open_checkpoints(config: Config, meta: dict):
     out = Path(config.output)
     # Before Checkpoints() creates its (empty) folders: what another run left here.
     found = [name for name in RUN_FILES if (p := out / name).is_file() or (p.is_dir() and any(p.iterdir()))]
+    if not config.resume and _foreign_metrics(out / "metrics.jsonl"):
+        raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
+                        "would overwrite it; choose another --output (or move that file)")
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
     except ckpt_mod.CheckpointError as err:
@@ -343,6 +362,10 @@ def _check_coordinator(address: str) -> None:
         raise UserError(f"--coordinator {address}: cannot resolve {host} ({err.strerror or err})") from err
 
 
+class MetricsNotWritten(Exception):
+    """metrics.jsonl could not be written during training (the run stops; its checkpoints stand)."""
+
+
 class _Reporter:
     """What a training run shows and logs: the console lines, a progress bar, metrics.jsonl.
 
@@ -368,8 +391,13 @@ class _Reporter:
     def record(self, rec: dict) -> None:
         self.log.append(rec)
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(rec) + "\n")
-            self.metrics_file.flush()
+            try:
+                self.metrics_file.write(json.dumps(rec) + "\n")
+                self.metrics_file.flush()
+            except OSError as err:  # a disk filled by another program, a lost mount...
+                self.close_metrics()
+                raise MetricsNotWritten(f"cannot write {Path(self.config.output) / 'metrics.jsonl'}: "
+                                        f"{err.strerror or err}") from err
 
     def on_start(self, info: dict) -> None:
         import jax
@@ -409,11 +437,15 @@ class _Reporter:
             self.bar.close()
             self.bar = None
 
+    def close_metrics(self) -> None:
+        if self.metrics_file:
+            with contextlib.suppress(OSError):  # already reported, or a run's error is on its way
+                self.metrics_file.close()
+            self.metrics_file = None
+
     def close(self) -> None:
         self.close_bar()
-        if self.metrics_file:
-            self.metrics_file.close()
-            self.metrics_file = None
+        self.close_metrics()
 
 
 def _start_processes(distributed: dict | None) -> bool:
@@ -617,6 +649,10 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         raise UserError(f"{err}: {where}; try a smaller --lr") from err
     except ckpt_mod.CheckpointError as err:
         raise UserError(str(err)) from err
+    except MetricsNotWritten as err:
+        kept = ckpts.latest_epoch() if ckpts else None
+        where = f"the checkpoint of epoch {kept} is intact: continue with --resume" if kept is not None else "no checkpoint was written"
+        raise UserError(f"{err}; {where}") from err
     except RuntimeError as err:  # XLA's errors are RuntimeErrors; only running out of memory is the user's to fix
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
             raise

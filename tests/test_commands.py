@@ -187,6 +187,12 @@ def _without_checkpoints(src, dst):
     return dst
 
 
+def _foreign_metrics(tmp):
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "metrics.jsonl").write_text('{"loss": 0.5}\n')
+    return tmp / "mine"
+
+
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -214,6 +220,8 @@ ERRORS = {
     "output-holds-a-run": (lambda run, d, t: _train_args(d, run), 1, "already holds a run"),
     "output-holds-a-runs-results": (lambda run, d, t: _train_args(d, _without_checkpoints(run, t / "c")), 1,
                                     "already holds another run's results.json, curves.png, best"),
+    "output-holds-someone-elses-metrics": (lambda run, d, t: _train_args(d, _foreign_metrics(t)), 1,
+                                           "holds a metrics.jsonl that train.py did not write"),
     "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
                                   "--confusion-png's folder"),
 }
@@ -363,3 +371,27 @@ def test_other_runtime_errors_are_not_called_out_of_memory(prepared_data_dir, tm
     monkeypatch.setattr(training, "fit", fit)
     with pytest.raises(RuntimeError, match="something else"):
         _main(*_train_args(prepared_data_dir, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("text,foreign", [
+    ("", False),  # a run stopped at once
+    ('{"kind": "steps", "step": 1, "loss": 2.3}\n{"kind": "epoch", "epoch": 1}\n', False),  # ours, stopped mid-run
+    ('{"loss": 0.5}\n', True),
+    ("epoch,loss\n1,0.5\n", True),
+    ('{"kind": "steps"}\n[1, 2]\n', True),
+])
+def test_a_metrics_file_is_ours_only_if_every_line_is_our_record(tmp_path, text, foreign):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert cli._foreign_metrics(tmp_path / "metrics.jsonl") is foreign
+    assert cli._foreign_metrics(tmp_path / "absent.jsonl") is False
+
+
+def test_a_metrics_file_that_cannot_be_written_mid_run_is_one_line(prepared_data_dir, tmp_path):
+    # /dev/full accepts the open and fails every write with ENOSPC: a disk filled by another program.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    rc, _, err = _main(*_train_args(prepared_data_dir, out))  # --json: the progress lines go to stderr too
+    assert rc == 1 and "Traceback" not in err and "epoch 2/2" not in err, err
+    assert err.strip().splitlines()[-1] == (f"train.py: error: cannot write {out / 'metrics.jsonl'}: "
+                                            "No space left on device; no checkpoint was written")
