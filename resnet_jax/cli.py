@@ -168,6 +168,8 @@ def check_writable_dir(path: Path, flag: str) -> None:
 def check_paths(config: Config) -> None:
     """Everything about files that can be checked before any work."""
     if config.output:
+        if config.resume and not (Path(config.output) / "checkpoints").is_dir():  # before anything creates a folder there
+            raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
         check_writable_dir(Path(config.output), "--output")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
@@ -245,6 +247,7 @@ def open_checkpoints(config: Config, meta: dict):
     if not config.resume and _foreign_metrics(out / "metrics.jsonl"):
         raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
                         "would overwrite it; choose another --output (or move that file)")
+    created = [d for d in (out, out / "checkpoints", out / "best") if not d.exists()]
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
     except ckpt_mod.CheckpointError as err:
@@ -253,6 +256,9 @@ def open_checkpoints(config: Config, meta: dict):
         _check_resume(config, meta, ckpts, found)
     except BaseException:
         ckpts.close()  # its threads must not outlive a refusal (they print tracebacks at exit)
+        for d in reversed(created):  # nor its empty folders: a refused command leaves the folder as it was
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     return ckpts
 

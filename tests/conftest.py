@@ -25,9 +25,10 @@ MANUAL_DIR = Path(os.environ.get("FASHION_MNIST_DIR", REPO.parent / "shared" / "
 
 
 def tree_digest(directory: Path) -> dict:
-    """Every file under ``directory`` with its content hash: "untouched" means byte for byte."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file under ``directory`` with its content hash, and every folder: "untouched" means
+    byte for byte, with no folder added or removed."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(directory.rglob("*")) if p.is_file() or p.is_dir()}
 
 
 @pytest.fixture(scope="session")

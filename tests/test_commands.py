@@ -193,6 +193,17 @@ def _foreign_metrics(tmp):
     return tmp / "mine"
 
 
+def _empty_folder(tmp):
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+def _without_best(src, dst):
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "best")
+    return dst
+
+
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -207,8 +218,12 @@ ERRORS = {
     "predict-missing-image": (lambda run, d, t: ["predict", run, t / "nope.png"], 1, "nope.png"),
     "predict-not-an-image": (lambda run, d, t: ["predict", run, _text_as_png(t)], 1, "notes.png"),
     "predict-top-k-0": (lambda run, d, t: ["predict", run, t / "x.png", "--top-k", 0], 2, "--top-k must be in 1..10"),
-    "resume-without-checkpoint": (lambda run, d, t: [*_train_args(d, t / "empty"), "--resume"], 1,
+    "resume-without-checkpoint": (lambda run, d, t: [*_train_args(d, _empty_folder(t)), "--resume"], 1,
                                   "--resume: no checkpoint in"),
+    "resume-a-mistyped-folder": (lambda run, d, t: [*_train_args(d, t / "typo"), "--resume"], 1,
+                                 "--resume: no checkpoint in"),
+    "resume-with-another-val-split": (lambda run, d, t: [*_train_args(d, _without_best(run, t / "c")), "--resume",
+                                                         "--val-split", 16], 1, "val_split"),
     "resume-corrupt": (lambda run, d, t: [*_train_args(d, _garbled(run, t / "c")), "--resume", "--epochs", 3], 1,
                        "--resume: checkpoint"),
     "checkpoints-is-a-file": (lambda run, d, t: _train_args(d, _checkpoints_as_a_file(t)), 1,
@@ -243,6 +258,7 @@ def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tm
     assert "Traceback" not in err
     assert tree_digest(run[0]) == before  # nothing of the run was touched, byte for byte
     assert {t: tree_digest(t) for t in copies} == copies
+    assert sorted(p for p in tmp_path.iterdir() if p.is_dir()) == sorted(copies)  # nor any folder created
 
 
 def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(prepared_data_dir, tmp_path, one_mb_free):
