@@ -10,13 +10,23 @@ if __name__ == "__main__":
 
     reexec_with_huge_pages()
 
-    import signal
+    import os
 
-    from resnet_jax.cli import EXIT_INTERRUPTED, main
+    from resnet_jax import interrupts
+
+    interrupts.install()  # before JAX is imported: no Ctrl-C goes unheard (resnet_jax/interrupts.py)
+    try:
+        from resnet_jax.cli import EXIT_INTERRUPTED, main
+    except KeyboardInterrupt:  # Ctrl-C while JAX and TensorFlow were still importing
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
     code = main()
     if code == EXIT_INTERRUPTED:
-        # Ctrl-C was handled (the message is out, the checkpoint safe). Another one now
-        # would only break JAX's exit handlers: a traceback, or once in a while a crash.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C was handled: the message is out, the checkpoint saved and its files closed.
+        # JAX's exit handlers would now race its own threads (a compile cut short; a second
+        # Ctrl-C): tracebacks, and now and then a crash (exit 139). Leave without them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

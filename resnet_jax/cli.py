@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from resnet_jax import files
+from resnet_jax import files, interrupts
 from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
@@ -408,6 +408,8 @@ class _Reporter:
     def on_start(self, info: dict) -> None:
         import jax
 
+        interrupts.check()
+
         c = self.config
         self.say(
             f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
@@ -417,6 +419,7 @@ class _Reporter:
         )
 
     def on_progress(self, done: int, total: int, last: dict | None) -> None:
+        interrupts.check()  # a Ctrl-C that something swallowed (resnet_jax/interrupts.py)
         if self.bar is None:
             from tqdm import tqdm
 
@@ -596,6 +599,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     from resnet_jax import training
 
     train, test, val = _load_data(config, spec, say)
+    interrupts.check()
     state = _fresh_state(config, spec, len(train), init, say)
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from resnet_jax import interrupts
 from resnet_jax.cli import EXIT_OK, UserError, check_writable_dir, report_errors
 
 
@@ -107,6 +108,7 @@ def evaluate(args: argparse.Namespace) -> int:
     test = test.take(limit)
 
     result = training.evaluate_split(config, ckpt.state, test)
+    interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
     probs = training.predict(ckpt.state, test.images, config.resize, config.eval_batch_size)
     cm = metrics.confusion_matrix(test.labels, probs.argmax(-1), spec.num_classes)
     per_class = metrics.per_class_accuracy(cm)
@@ -165,6 +167,7 @@ def predict(args: argparse.Namespace) -> int:
     if not len(x):
         raise UserError("no images to predict (the .npy batches are empty)")
     print(_describe(ckpt), file=sys.stderr, flush=True)  # not in stdout: it stays the predictions alone
+    interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
     probs = training.predict(ckpt.state, x, config.resize, config.eval_batch_size)
 
     results = []
