@@ -236,6 +236,13 @@ class Checkpoints:
         epoch = manager.latest_step() if which == "latest" else manager.best_step()
         if epoch is None:
             raise CheckpointError(f"no checkpoint in {manager.directory}")
+        step_dir = manager.directory / str(epoch)
+        missing = [item for item in ("meta", "state") if not (step_dir / item).is_dir()]
+        if missing:  # an interrupted copy, or a folder made by hand: say so, and what would be used instead
+            earlier = [s for s in manager.all_steps() if s < epoch]
+            instead = (f"remove it to use the checkpoint of epoch {max(earlier)}" if earlier
+                       else "there is no earlier checkpoint")
+            raise CheckpointError(f"checkpoint {step_dir} is incomplete (no {' and no '.join(m + '/' for m in missing)}); {instead}")
         try:
             meta = manager.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta
             if not isinstance(meta, dict) or not {"epoch", "history", "metadata"} <= set(meta):

@@ -174,6 +174,8 @@ def check_paths(config: Config) -> None:
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
+    if config.data_dir and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
+        raise UserError(f"--data-dir {config.data_dir} is not a directory")
     if config.manual_dir and not Path(config.manual_dir).is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
     _check_torch_paths(config)
@@ -413,7 +415,7 @@ class _Reporter:
         c = self.config
         self.say(
             f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
-            f"{c.epochs} epochs x {info['steps_per_epoch']} steps of {c.batch_size}, "
+            f"{c.epochs} epochs x {info['steps_per_epoch']} steps of {min(c.batch_size, info['train_examples'])}, "
             f"{c.resize}x{c.resize}, lr {c.lr:g}, {c.dtype}, recipe {c.recipe.name}; "
             f"compiled in {info['compile_s']:.1f} s"
         )

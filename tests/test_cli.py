@@ -131,3 +131,9 @@ def test_unwritable_output_is_refused_before_training(tmp_path):
 def test_missing_manual_dir_is_refused(tmp_path):
     r = train_py("--manual-dir", tmp_path / "nowhere", "--data-dir", tmp_path / "tfds")
     assert r.returncode == 1 and "--manual-dir" in r.stderr and "not a directory" in r.stderr
+
+
+def test_a_data_dir_that_is_a_file_is_refused_before_tfds_runs(tmp_path):
+    (tmp_path / "file").write_text("")
+    r = train_py("--data-dir", tmp_path / "file", "--offline")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"train.py: error: --data-dir {tmp_path / 'file'} is not a directory"]

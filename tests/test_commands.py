@@ -204,6 +204,12 @@ def _without_best(src, dst):
     return dst
 
 
+def _with_an_empty_step(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "checkpoints" / "3").mkdir()  # an interrupted copy
+    return dst
+
+
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -237,6 +243,9 @@ ERRORS = {
                                     "already holds another run's results.json, curves.png, best"),
     "output-holds-someone-elses-metrics": (lambda run, d, t: _train_args(d, _foreign_metrics(t)), 1,
                                            "holds a metrics.jsonl that train.py did not write"),
+    "evaluate-incomplete-checkpoint": (lambda run, d, t: ["evaluate", _with_an_empty_step(run, t / "c")], 1,
+                                       "checkpoints/3 is incomplete (no meta/ and no state/); remove it to use the "
+                                       "checkpoint of epoch 2"),
     "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
                                   "--confusion-png's folder"),
 }
