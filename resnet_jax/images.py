@@ -14,6 +14,7 @@ command line can print it as one line.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -81,9 +82,14 @@ def _open(path: Path):
     if not path.is_file():
         raise ImageError(f"{path}: not a file")
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes now: a truncated file fails here, not later
-            image = ImageOps.exif_transpose(image)
+        # Pillow warns (two lines on stderr) between its pixel limit and twice that, and
+        # refuses above (DecompressionBombError, below). The user chose this file, and it is
+        # shrunk to the model's input next: read it without the warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decodes now: a truncated file fails here, not later
+                image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as err:

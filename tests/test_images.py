@@ -136,6 +136,16 @@ def test_no_paths_give_an_empty_batch_and_a_bare_path_is_a_mistake(tmp_path):
         load_images(str(tmp_path / "a.png"), GRAY)
 
 
+def test_a_large_image_reads_without_pillows_warning_and_a_huge_one_is_refused(tmp_path, monkeypatch, recwarn):
+    # Pillow's limits scaled down: a warning above MAX_IMAGE_PIXELS, an error above twice it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    large = load_images([_save(tmp_path / "large.png", _gradient(40, 40)[..., 0])], GRAY)  # 1,600 pixels
+    assert large.shape == (1, 28, 28, 1)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    with pytest.raises(ImageError, match="huge.png: image too large"):
+        load_images([_save(tmp_path / "huge.png", _gradient(50, 50)[..., 0])], GRAY)  # 2,500 pixels
+
+
 def test_a_missing_file_is_named(tmp_path):
     good = _save(tmp_path / "ok.png", _gradient(28, 28)[..., 0])
     with pytest.raises(ImageError, match=r"nope\.png: no such file"):
