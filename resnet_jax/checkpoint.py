@@ -96,8 +96,14 @@ def differences(saved: dict, current: dict) -> list[str]:
     ]
     old, new = saved.get("config", {}), current["config"]
     for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key):
-            diffs.append(f"{key} (checkpoint {old.get(key)!r}, now {new.get(key)!r})")
+        if key in RESUMABLE_FIELDS or key in MODEL_KEYS or old.get(key) == new.get(key):
+            continue  # (a model key, dtype say, is named once, above)
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):  # the recipe: name the ingredients that differ
+            diffs += [f"{key}.{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            diffs.append(f"{key} (checkpoint {a!r}, now {b!r})")
     return diffs
 
 

@@ -16,6 +16,7 @@ from resnet_jax import checkpoint, training
 from resnet_jax.checkpoint import CheckpointError, Checkpoints
 from resnet_jax.config import Config
 from resnet_jax.data import CIFAR10, FASHION_MNIST, Split
+from resnet_jax.recipes import BEST
 
 # 72 = 2 x 32 + 8: two full batches and the smaller last one, so both step programs run.
 CONFIG = Config(resize=17, batch_size=32, eval_batch_size=32, epochs=3, seed=7, log_every=2, val_split=16)
@@ -266,7 +267,10 @@ def test_a_checkpoint_of_another_model_is_refused(uninterrupted):
     cifar = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(dataset="cifar10"), CIFAR10))
     assert cifar == ["input_channels (checkpoint 1, now 3)", "dataset (checkpoint 'fashion_mnist', now 'cifar10')"]
     bf16 = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(dtype="bfloat16"), FASHION_MNIST))
-    assert bf16[0] == "dtype (checkpoint 'float32', now 'bfloat16')"
+    assert bf16 == ["dtype (checkpoint 'float32', now 'bfloat16')"]  # once, not again as a config field
+    best = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(recipe=BEST.replace(momentum=0.8)), FASHION_MNIST))
+    assert "recipe.momentum (checkpoint 0.0, now 0.8)" in best and "recipe.name (checkpoint 'd2l', now 'best')" in best
+    assert not [d for d in best if "{" in d]  # each ingredient by name, not two whole recipes
     lr = checkpoint.differences(saved, checkpoint.metadata(CONFIG.replace(lr=0.1, batch_size=16), FASHION_MNIST))
     assert lr == ["batch_size (checkpoint 32, now 16)", "lr (checkpoint 0.05, now 0.1)"]
     # The arrays themselves: restoring into a model of another shape is refused, not reshaped.
