@@ -11,21 +11,27 @@ if __name__ == "__main__":
     reexec_with_huge_pages()
 
     import os
+    import signal
 
     from resnet_jax import interrupts
 
-    interrupts.install()  # before JAX is imported: no Ctrl-C goes unheard (resnet_jax/interrupts.py)
-    try:
-        from resnet_jax.cli import EXIT_INTERRUPTED, main
-    except KeyboardInterrupt:  # Ctrl-C while JAX and TensorFlow were still importing
-        print("train.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+    # Ctrl-C during JAX's import is remembered, not raised (inside jaxlib's initialisation
+    # a KeyboardInterrupt aborts the process), and acted on right after it.
+    interrupts.defer()
+    from resnet_jax.cli import EXIT_INTERRUPTED, main
+
+    if interrupts.seen():
+        print("train.py: interrupted", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+    interrupts.install()  # from here a Ctrl-C is a KeyboardInterrupt, never lost (resnet_jax/interrupts.py)
 
     code = main()
     if code == EXIT_INTERRUPTED:
         # Ctrl-C was handled: the message is out, the checkpoint saved and its files closed.
-        # JAX's exit handlers would now race its own threads (a compile cut short; a second
-        # Ctrl-C): tracebacks, and now and then a crash (exit 139). Leave without them.
+        # A second Ctrl-C is ignored from here; JAX's exit handlers would race its own
+        # threads (a compile cut short): tracebacks, and now and then a crash (exit 139).
+        # Leave without them.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

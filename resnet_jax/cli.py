@@ -166,19 +166,22 @@ def check_writable_dir(path: Path, flag: str) -> None:
 
 
 def check_paths(config: Config) -> None:
-    """Everything about files that can be checked before any work."""
-    if config.output:
-        if config.resume and not (Path(config.output) / "checkpoints").is_dir():  # before anything creates a folder there
-            raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
-        check_writable_dir(Path(config.output), "--output")
-        for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
-            if (path := Path(config.output) / sub).exists() and not path.is_dir():
-                raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
+    """Everything about files that can be checked before any work.
+
+    The --output folder is created (to test it) last, so that no other refusal leaves it behind.
+    """
     if config.data_dir and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
         raise UserError(f"--data-dir {config.data_dir} is not a directory")
     if config.manual_dir and not Path(config.manual_dir).is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
     _check_torch_paths(config)
+    if config.output:
+        if config.resume and not (Path(config.output) / "checkpoints").is_dir():  # before anything creates a folder there
+            raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
+        for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
+            if (path := Path(config.output) / sub).exists() and not path.is_dir():
+                raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
+        check_writable_dir(Path(config.output), "--output")
 
 
 def _check_torch_paths(config: Config) -> None:
@@ -191,6 +194,8 @@ def _check_torch_paths(config: Config) -> None:
         target = Path(config.export_torch)
         if target.is_dir():
             raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
+        if target.exists() and not target.is_file():
+            raise UserError(f"--export-torch {config.export_torch} exists and is not a regular file (a device?); give a file name")
         check_writable_dir(target.resolve().parent, "--export-torch's folder")
     if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
@@ -565,16 +570,17 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     check_paths(config)
 
     # Heavy imports only once the flags are known to be good: --help and bad
-    # flags answer at once.
-    import jax
+    # flags answer at once. A Ctrl-C inside them waits for their end (resnet_jax/interrupts.py).
+    with interrupts.deferred():
+        import jax
+
+        from resnet_jax import checkpoint as ckpt_mod
+        from resnet_jax import training
 
     # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
     main_process = _start_processes(distributed)
     if not main_process:
         say = lambda msg: None
-
-    from resnet_jax import checkpoint as ckpt_mod
-    from resnet_jax import training
 
     n_dev = jax.device_count()
     if config.batch_size % n_dev:

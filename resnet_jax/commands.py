@@ -57,7 +57,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 
 def _load(run_dir: str, which: str):
-    from resnet_jax.checkpoint import CheckpointError, load_for_inference
+    with interrupts.deferred():  # the heavy imports (resnet_jax/interrupts.py)
+        from resnet_jax.checkpoint import CheckpointError, load_for_inference
 
     try:
         return load_for_inference(run_dir, which)
@@ -80,6 +81,9 @@ def evaluate(args: argparse.Namespace) -> int:
     limit = args.test_limit if args.test_limit is not None else config.test_limit
     if limit is not None and not 0 < limit <= spec.num_test:
         raise UsageError(f"--test-limit must be in 1..{spec.num_test}, got {limit}")
+    for flag, value in (("--data-dir", args.data_dir), ("--manual-dir", args.manual_dir)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise UserError(f"{flag} {value} is not a directory")
     out = sys.stderr if args.json else sys.stdout
     # Where the PNG goes is checked before the work: a path that fails afterwards would
     # throw the evaluation away. The default sits in the run directory, which may be
@@ -88,6 +92,10 @@ def evaluate(args: argparse.Namespace) -> int:
         png = Path(args.confusion_png)
         if png.is_dir():
             raise UserError(f"--confusion-png {png} is a directory, not a file name")
+        if png.suffix.lower() != ".png":  # a typo must not overwrite results.json or any other file
+            raise UserError(f"--confusion-png {png} does not end in .png")
+        if png.exists() and not png.is_file():
+            raise UserError(f"--confusion-png {png} exists and is not a regular file (a device?); give a file name")
         check_writable_dir(png.resolve().parent, "--confusion-png's folder")
     else:
         png = Path(args.run_dir) / f"confusion_{args.which}.png"

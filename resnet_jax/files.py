@@ -9,6 +9,7 @@ disk, Ctrl-C) leaves the previous file in place and no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -31,8 +32,12 @@ def atomic_write(path: str | Path, mode: str = "wb"):
     The content goes to a temporary file in the same folder (so the final
     ``os.replace`` is a rename on one file system), which replaces ``path``
     when the ``with`` block ends without an exception and is deleted otherwise.
+    An existing ``path`` that is not a regular file (``/dev/null``, a FIFO) is
+    refused with an OSError rather than renamed over.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a rename would replace a device, a FIFO, a folder...
+        raise OSError(errno.EEXIST, "exists and is not a regular file, so it is not replaced", str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); give it the mode open() would (0666 less the umask).

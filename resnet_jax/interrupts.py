@@ -13,6 +13,7 @@ Light on purpose: train.py installs it before importing JAX.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -33,6 +34,30 @@ def _unraisable(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _excepthook(exc_type, exc, tb) -> None:
+    # Extensions that print an error while importing (numpy's, jaxlib's) go through here.
+    if issubclass(exc_type, KeyboardInterrupt) and _seen:
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+def _record(signum, frame):
+    global _seen
+    _seen = True
+
+
+def defer() -> None:
+    """Until :func:`install`: a Ctrl-C is only remembered (check it with :func:`seen`).
+
+    For JAX's import: a KeyboardInterrupt raised inside a native extension's
+    initialisation (jaxlib's, through nanobind) aborts the process (exit 134).
+    """
+    global _seen
+    _seen = False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _record)
+
+
 def install() -> None:
     """Handle SIGINT as above (main thread only: elsewhere signals can be neither set nor received)."""
     global _seen
@@ -40,6 +65,7 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         sys.unraisablehook = _unraisable
+        sys.excepthook = _excepthook
 
 
 def seen() -> bool:
@@ -50,3 +76,21 @@ def check() -> None:
     """Raise KeyboardInterrupt if a Ctrl-C came since install(), even one that something swallowed."""
     if _seen:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred():
+    """Inside: a Ctrl-C is remembered, not raised; on leaving, it is raised (KeyboardInterrupt).
+
+    Around the heavy imports (JAX, Flax, Orbax): :func:`defer`'s reason. Outside the
+    main thread, or before :func:`install`, it changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, _record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, _handler)
+    check()

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -210,6 +211,11 @@ def _with_an_empty_step(src, dst):
     return dst
 
 
+def _fifo(tmp, name):
+    os.mkfifo(tmp / name)  # stands for /dev/null, which a rename (as root) would replace
+    return tmp / name
+
+
 def _text_as_png(tmp):
     (tmp / "notes.png").write_text("not an image")
     return tmp / "notes.png"
@@ -246,6 +252,14 @@ ERRORS = {
     "evaluate-incomplete-checkpoint": (lambda run, d, t: ["evaluate", _with_an_empty_step(run, t / "c")], 1,
                                        "checkpoints/3 is incomplete (no meta/ and no state/); remove it to use the "
                                        "checkpoint of epoch 2"),
+    "evaluate-png-over-the-results": (lambda run, d, t: ["evaluate", run, "--confusion-png", run / "results.json"], 1,
+                                      "results.json does not end in .png"),
+    "evaluate-png-onto-a-fifo": (lambda run, d, t: ["evaluate", run, "--confusion-png", _fifo(t, "cm.png")], 1,
+                                 "exists and is not a regular file"),
+    "export-onto-a-fifo": (lambda run, d, t: [*_train_args(d, t / "o"), "--export-torch", _fifo(t, "w.pt")], 1,
+                           "exists and is not a regular file"),
+    "evaluate-data-dir-a-file": (lambda run, d, t: ["evaluate", run, "--data-dir", _text_as_png(t)], 1,
+                                 "notes.png is not a directory"),
     "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
                                   "--confusion-png's folder"),
 }

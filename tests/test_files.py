@@ -31,3 +31,12 @@ def test_a_written_file_has_the_mode_open_would_give(tmp_path):
     files.write_json(tmp_path / "r.json", {})
     (tmp_path / "plain").write_text("")
     assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+def test_a_target_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # stands for /dev/null or /dev/full, which a rename (as root) would replace
+    with pytest.raises(OSError, match="not a regular file"):
+        with files.atomic_write(fifo) as f:
+            f.write(b"x")
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(tmp_path.iterdir()) == [fifo]

@@ -50,10 +50,12 @@ def test_the_swallowed_ctrl_c_is_not_printed_but_other_unraisables_are(installed
     assert "ValueError: kept" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("after_s", [0.7, 2.0])
+@pytest.mark.parametrize("after_s", [0.15, 0.7, 1.5, 3.0])
 def test_ctrl_c_early_in_train_py_exits_130_with_one_message(prepared_data_dir, tmp_path, after_s):
-    # 0.7 s: JAX is importing (a Ctrl-C there used to be a 34-line trace, or swallowed by
-    # JAX's gc callback so that the run trained to the end); 2 s: loading or compiling.
+    # 0.15 s: numpy and jaxlib importing (a KeyboardInterrupt inside jaxlib's initialisation
+    # aborts the process: exit 134); 0.7 s: JAX's import (a Ctrl-C used to be a 34-line trace,
+    # or swallowed by JAX's gc callback so that the run trained to the end); 1.5 and 3 s:
+    # Flax/Orbax imports, loading, compiling.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "--data-dir", str(prepared_data_dir), "--offline", "--epochs", "50", "--resize", "28",
@@ -66,3 +68,11 @@ def test_ctrl_c_early_in_train_py_exits_130_with_one_message(prepared_data_dir, 
     assert p.returncode == 130, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert "interrupted" in err.strip().splitlines()[-1]
+
+
+def test_deferred_holds_a_ctrl_c_until_its_end(installed):
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGINT)  # inside an import of jaxlib this would abort the process
+            reached = True
+    assert reached and interrupts.seen()
