@@ -56,9 +56,16 @@ def _on(flag: bool) -> str:
     return "on" if flag else "off"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), not the whole usage block before it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train.py",
         description="Train the chapter's ResNet-18 on Fashion-MNIST (defaults: the d2l recipe, lr 0.05).",
         epilog="Other commands: 'train.py evaluate RUN_DIR' (test metrics, per-class accuracy, confusion matrix) "
@@ -711,7 +718,6 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         distributed = distributed_settings(args)
     except ConfigError as err:
-        parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     return report_errors(parser.prog, lambda: run(config, json_line=args.json, distributed=distributed))

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from resnet_jax import interrupts
-from resnet_jax.cli import EXIT_OK, UserError, check_writable_dir, report_errors
+from resnet_jax.cli import EXIT_OK, OneLineParser, UserError, check_writable_dir, report_errors
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train.py evaluate",
         description="Test loss and accuracy of a checkpoint, accuracy per class, and a confusion-matrix PNG. "
         "The model and test set are the checkpoint's own (dataset, --test-limit); the data flags only say where the data is.",
@@ -45,7 +45,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train.py predict",
         description="The top-k classes, with probabilities, of image files (PNG, JPEG... any size, grey or colour, "
         "converted as the training data was) or .npy batches, by a trained checkpoint.",
