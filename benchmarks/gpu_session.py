@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
     if not (args.data / NPZ).is_file():
         p.error(f"no array cache at {args.data / NPZ} (see this script's docstring)")
+    if not args.budget >= 0 or args.budget == float("inf"):  # nan too (0 skips every step)
+        p.error(f"--budget must be a number of seconds >= 0, got {args.budget}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is not a folder")
     args.out.mkdir(parents=True, exist_ok=True)
     s = Session(args.out, args.budget, args.dry_run, args.data.resolve())
     s.write(f"# GPU session{' (dry run: toy sizes, nothing measured)' if args.dry_run else ''}\n\n{environment(args.dry_run)}")

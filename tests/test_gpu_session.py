@@ -64,6 +64,8 @@ def test_a_run_past_its_cap_is_killed_and_recorded(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "best,tune"], "unknown step(s) tune"),
     (["--data", "/nonexistent"], "no array cache at /nonexistent/"),
+    (["--budget", "-5"], "--budget must be a number of seconds >= 0, got -5.0"),
+    (["--budget", "nan"], "--budget must be a number of seconds >= 0, got nan"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
     base = {"--data": str(_data(tmp_path)), "--out": str(tmp_path / "out")}
@@ -73,3 +75,10 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
         gpu_session.main([a for kv in base.items() for a in kv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        gpu_session.main(["--data", str(_data(tmp_path)), "--out", str(tmp_path / "f")])
+    assert exit_.value.code == 2 and f"--out {tmp_path / 'f'} is not a folder" in capsys.readouterr().err
