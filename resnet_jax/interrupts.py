@@ -8,7 +8,11 @@ raises the same KeyboardInterrupt, but also remembers the signal; :func:`check`,
 called at the training loop's regular points (cli's hooks), raises it again if
 it was swallowed, and the swallowed one is not printed.
 
-Light on purpose: train.py installs it before importing JAX.
+While the heavy modules import (numpy, JAX, Flax, Orbax) a Ctrl-C is only
+remembered and acted on when the import ends (:func:`defer`, :func:`deferred`):
+raised inside jaxlib's initialisation, a KeyboardInterrupt aborts the process.
+
+Light on purpose: train.py sets it up before importing JAX.
 """
 
 from __future__ import annotations
