@@ -624,7 +624,9 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         except ckpt_mod.CheckpointError as err:
             raise UserError(f"--resume: {err}") from err
         state, history, log = restored.state, restored.history, restored.log
-        if restored.epoch == config.epochs:  # a finished run: its results.json is already the right one
+        # A finished run: its results.json is already the right one. (A run stopped after its
+        # last checkpoint has none: it goes on below, trains nothing, and writes them.)
+        if restored.epoch == config.epochs and (Path(config.output) / "results.json").is_file():
             say(f"{config.output} has trained all {config.epochs} epochs (checkpoint {restored.path}): nothing to do; "
                 "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
             if json_line and main_process:

@@ -302,6 +302,22 @@ def test_resuming_a_finished_run_changes_nothing_and_reports_its_results(run, pr
     assert tree_digest(output) == before  # results.json kept its timings; metrics.jsonl not rewritten
 
 
+def test_resuming_a_run_stopped_after_its_last_checkpoint_writes_its_results(run, prepared_data_dir, tmp_path):
+    # Stopped (Ctrl-C) after the checkpoint of its last epoch, before results.json was written;
+    # or a longer run resumed with --epochs set to where it got (constant rate).
+    output = tmp_path / "stopped"
+    shutil.copytree(run[0], output)
+    saved = json.loads((output / "results.json").read_text())
+    (output / "results.json").unlink()
+    (output / "curves.png").unlink()
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume"))
+    assert rc == 0 and "Traceback" not in err, err
+    written = json.loads((output / "results.json").read_text())
+    assert json.loads(out) == written and (output / "curves.png").is_file()
+    assert written["history"] == saved["history"]  # the epochs as trained, wall times included
+    assert written["test_acc"] == saved["test_acc"] and written["train_loss"] == saved["train_loss"]
+
+
 def test_evaluate_in_a_read_only_run_directory_reports_without_the_png(run, tmp_path, monkeypatch):
     from resnet_jax import commands
 
