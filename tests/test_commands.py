@@ -199,12 +199,6 @@ def _empty_folder(tmp):
     return tmp / "empty"
 
 
-def _without_best(src, dst):
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "best")
-    return dst
-
-
 def _with_an_empty_step(src, dst):
     shutil.copytree(src, dst)
     (dst / "checkpoints" / "3").mkdir()  # an interrupted copy
@@ -234,7 +228,7 @@ ERRORS = {
                                   "--resume: no checkpoint in"),
     "resume-a-mistyped-folder": (lambda run, d, t: [*_train_args(d, t / "typo"), "--resume"], 1,
                                  "--resume: no checkpoint in"),
-    "resume-with-another-val-split": (lambda run, d, t: [*_train_args(d, _without_best(run, t / "c")), "--resume",
+    "resume-with-another-val-split": (lambda run, d, t: [*_train_args(d, _copy_without_best(run, t / "c")), "--resume",
                                                          "--val-split", 16], 1, "val_split"),
     "resume-corrupt": (lambda run, d, t: [*_train_args(d, _garbled(run, t / "c")), "--resume", "--epochs", 3], 1,
                        "--resume: checkpoint"),
