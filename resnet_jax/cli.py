@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ INGREDIENT_FLAGS = (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
 
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0 (with --num-processes and --process-id)")
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in all")
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1")
+    g.add_argument("--init-timeout", type=int, default=None, metavar="S",
+                   help=f"seconds the processes wait for each other at the start (default {INIT_TIMEOUT_S}, JAX's)")
     g = p.add_argument_group("performance (same math)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="computation dtype; parameters stay float32")
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
@@ -357,8 +361,14 @@ def distributed_settings(args: argparse.Namespace) -> dict | None:
     given = [k for k, v in explicit.items() if v is not None]
     if args.distributed and given:
         raise ConfigError("--distributed detects the cluster's settings; do not combine it with --coordinator/--num-processes/--process-id")
+    if args.init_timeout is not None:
+        if not (args.distributed or given):
+            raise ConfigError("--init-timeout is for runs of several processes (--distributed, or --coordinator ...)")
+        if args.init_timeout < 1:
+            raise ConfigError(f"--init-timeout must be at least 1 second, got {args.init_timeout}")
+    timeout = {"initialization_timeout": args.init_timeout or INIT_TIMEOUT_S}
     if args.distributed:
-        return {}
+        return timeout
     if not given:
         return None
     if len(given) < 3:
@@ -368,7 +378,7 @@ def distributed_settings(args: argparse.Namespace) -> dict | None:
     host, _, port = args.coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got {args.coordinator!r}")
-    return explicit
+    return {**explicit, **timeout}
 
 
 def _check_coordinator(address: str) -> None:
@@ -478,11 +488,57 @@ def _start_processes(distributed: dict | None) -> bool:
     if distributed is not None:
         if distributed.get("coordinator_address"):
             _check_coordinator(distributed["coordinator_address"])
-        try:
-            jax.distributed.initialize(**distributed)
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"jax.distributed.initialize failed: {err}") from err
+        _initialize(distributed)
     return jax.process_index() == 0
+
+
+class ProcessesDidNotMeet(UserError):
+    """jax.distributed.initialize() is still waiting at --init-timeout.
+
+    Its thread is stuck in JAX's C++ and JAX's exit handlers would wait on it: the
+    process must leave at once (:func:`report_errors`).
+    """
+
+
+def _initialize(settings: dict) -> None:
+    """jax.distributed.initialize(), with Ctrl-C heard and its timeout one line.
+
+    JAX waits for the other processes inside C++: deaf to Ctrl-C, and at its timeout it
+    aborts the process with a C++ stack trace (exit 134). So it runs in a thread, and
+    this one waits for it in short slices (a Ctrl-C is the usual KeyboardInterrupt) and
+    gives up at the timeout. JAX's own deadline is set a minute later: it never fires first.
+    """
+    import jax
+
+    settings = dict(settings)
+    timeout_s = settings.pop("initialization_timeout", INIT_TIMEOUT_S)
+    failed: list[BaseException] = []
+
+    def connect():
+        try:
+            jax.distributed.initialize(**settings, initialization_timeout=timeout_s + 60)
+        except BaseException as err:  # handed to the main thread
+            failed.append(err)
+
+    thread = threading.Thread(target=connect, name="jax.distributed.initialize", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive():
+        thread.join(0.1)  # interruptible: a Ctrl-C lands here
+        if thread.is_alive() and time.monotonic() > deadline:
+            where = settings.get("coordinator_address")
+            n = settings.get("num_processes")
+            raise ProcessesDidNotMeet(
+                f"the {n} processes did not all meet at {where} within {timeout_s} s (--init-timeout): "
+                f"is process 0 running there, and every process started with the same --coordinator and --num-processes?"
+                if where else
+                f"the cluster's processes did not all meet within {timeout_s} s (--init-timeout): was every process started?"
+            )
+    if failed:
+        err = failed[0]
+        if isinstance(err, (RuntimeError, ValueError)):
+            raise UserError(f"jax.distributed.initialize failed: {err}") from err
+        raise err
 
 
 def _read_torch_init(config: Config, spec):
@@ -737,6 +793,11 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
     except usage_errors as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except ProcessesDidNotMeet as err:
+        # A thread is stuck in JAX's C++, and JAX's exit handlers would wait on it, then abort.
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_FAILED)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_FAILED

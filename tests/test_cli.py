@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,8 @@ BAD_FLAGS = [
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, --num-processes)"),
     (["--distributed", "--process-id", "0"], "--distributed detects the cluster's settings"),
     (["--coordinator", "h", "--num-processes", "2", "--process-id", "1"], "--coordinator must be HOST:PORT"),
+    (["--init-timeout", "10"], "--init-timeout is for runs of several processes"),
+    (["--distributed", "--init-timeout", "0"], "--init-timeout must be at least 1 second"),
     (["--batch-size", str(10**30)], "--batch-size must be a positive integer (at most 2**31 - 1)"),
     (["--recipe", "best", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 is longer than the run (--epochs 2)"),
     (["--manual-dir", ""], "--manual-dir is empty"),
@@ -93,6 +98,40 @@ def test_a_coordinator_that_does_not_resolve_is_named_at_once(tmp_path):
                  "--data-dir", tmp_path / "tfds", "--offline", timeout=120)
     assert r.returncode == 1 and "--coordinator no-such-host.invalid:1234: cannot resolve no-such-host.invalid" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_processes_that_do_not_meet_are_one_line_at_the_timeout(tmp_path, process_id):
+    # Process 1 with no process 0 to connect to; process 0 with no process 1 coming. JAX
+    # alone waits in C++ (deaf to Ctrl-C), then aborts with a C++ stack trace: exit 134.
+    start, address = time.monotonic(), f"127.0.0.1:{_free_port()}"
+    r = train_py("--coordinator", address, "--num-processes", "2", "--process-id", process_id,
+                 "--init-timeout", "2", "--data-dir", tmp_path / "tfds", "--offline", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"train.py: error: the 2 processes did not all meet at {address} within 2 s "
+        "(--init-timeout): is process 0 running there, and every process started with the same --coordinator "
+        "and --num-processes?"]
+    assert time.monotonic() - start < 60 and not (tmp_path / "tfds").exists()
+
+
+def test_ctrl_c_while_the_processes_wait_for_each_other_is_heard(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+         "--process-id", "1", "--data-dir", str(tmp_path / "tfds"), "--offline"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    time.sleep(5)  # well into the wait (the default timeout is 300 s)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and err.strip().splitlines() == ["train.py: interrupted"], err
 
 
 def test_an_empty_output_is_refused_not_taken_for_no_output(tmp_path):
