@@ -238,15 +238,21 @@ class Interrupted(Exception):
 RUN_FILES = ("results.json", "curves.png", "best")
 
 
+OUR_RECORD_KEYS = {"epoch", "step", "train_loss", "train_acc"}  # in every record of metrics.jsonl (training.py)
+
+
 def _foreign_metrics(path: Path) -> bool:
-    """Whether ``path`` is a non-empty file that no run of ours wrote (each of our lines is a JSON record with a kind)."""
+    """Whether ``path`` is a non-empty file that no run of ours wrote.
+
+    Each of our lines is a JSON record of kind "epoch" or "steps" with its epoch, step and train metrics.
+    """
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return False
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or rec.get("kind") not in ("epoch", "steps"):
+                if not isinstance(rec, dict) or rec.get("kind") not in ("epoch", "steps") or not OUR_RECORD_KEYS <= rec.keys():
                     return True
     except (OSError, UnicodeDecodeError, ValueError):
         return True

@@ -424,7 +424,9 @@ def test_other_runtime_errors_are_not_called_out_of_memory(prepared_data_dir, tm
 
 @pytest.mark.parametrize("text,foreign", [
     ("", False),  # a run stopped at once
-    ('{"kind": "steps", "step": 1, "loss": 2.3}\n{"kind": "epoch", "epoch": 1}\n', False),  # ours, stopped mid-run
+    ('{"kind": "steps", "epoch": 1, "step": 1, "train_loss": 2.3, "train_acc": 0.1, "examples": 64}\n'
+     '{"kind": "epoch", "epoch": 1, "step": 1, "train_loss": 2.3, "train_acc": 0.1, "test_acc": 0.1}\n', False),  # ours
+    ('{"kind": "epoch"}\n{"kind": "steps", "loss": 2.3}\n', True),  # someone else's records with a "kind"
     ('{"loss": 0.5}\n', True),
     ("epoch,loss\n1,0.5\n", True),
     ('{"kind": "steps"}\n[1, 2]\n', True),
