@@ -387,8 +387,13 @@ def distributed_settings(args: argparse.Namespace) -> dict | None:
     return {**explicit, **timeout}
 
 
-def _check_coordinator(address: str) -> None:
-    """A coordinator host that does not resolve is named at once (JAX would wait 5 minutes, then abort in C++)."""
+def _check_coordinator(address: str, serves: bool) -> None:
+    """What JAX would not say in one line about --coordinator, said before it starts.
+
+    A host that does not resolve: JAX waits 5 minutes, then aborts in C++. A port already
+    in use on process 0, which serves it: JAX's service crashes the process (exit 139).
+    """
+    import errno
     import socket
 
     host, _, port = address.rpartition(":")
@@ -396,6 +401,23 @@ def _check_coordinator(address: str) -> None:
         socket.getaddrinfo(host.strip("[]"), int(port))
     except OSError as err:
         raise UserError(f"--coordinator {address}: cannot resolve {host} ({err.strerror or err})") from err
+    if not serves or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        return
+    # Bind as JAX's service will ("[::]:PORT", all addresses; SO_REUSEADDR as gRPC sets it), and let go.
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        any_address = "::"
+    except OSError:  # no IPv6 on this host
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        any_address = "0.0.0.0"
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((any_address, int(port)))
+        except OSError as err:
+            why = "it is in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
+            raise UserError(f"--coordinator {address}: process 0 serves port {port} on this host, but {why}; "
+                            "choose another port for every process") from err
 
 
 class MetricsNotWritten(Exception):
@@ -493,7 +515,7 @@ def _start_processes(distributed: dict | None) -> bool:
 
     if distributed is not None:
         if distributed.get("coordinator_address"):
-            _check_coordinator(distributed["coordinator_address"])
+            _check_coordinator(distributed["coordinator_address"], serves=distributed["process_id"] == 0)
         _initialize(distributed)
     return jax.process_index() == 0
 
@@ -646,30 +668,58 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         from resnet_jax import checkpoint as ckpt_mod
         from resnet_jax import training
 
-    # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
-    main_process = _start_processes(distributed)
-    if not main_process:
-        say = lambda msg: None
+    with _native_stdout_to_stderr(json_line):
+        # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
+        main_process = _start_processes(distributed)
+        if not main_process:
+            say = lambda msg: None
 
-    n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        raise UserError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
-                        f"use a multiple of {n_dev}")
+        n_dev = jax.device_count()
+        if config.batch_size % n_dev:
+            raise UserError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
+                            f"use a multiple of {n_dev}")
 
-    # Everything that can be checked without the data first: a wrong file or --resume fails at once.
-    spec = DATASETS[config.dataset]
-    init = _read_torch_init(config, spec)
-    meta = ckpt_mod.metadata(config, spec)
-    ckpts = open_checkpoints(config, meta)
+        # Everything that can be checked without the data first: a wrong file or --resume fails at once.
+        spec = DATASETS[config.dataset]
+        init = _read_torch_init(config, spec)
+        meta = ckpt_mod.metadata(config, spec)
+        ckpts = open_checkpoints(config, meta)
+        try:
+            document = _train(config, spec, init, meta, ckpts, say, json_line, main_process)
+        finally:
+            if ckpts is not None:  # on every way out: its threads must not outlive the run
+                ckpts.close()
+    if json_line and main_process:
+        print(json.dumps(document), flush=True)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr(active: bool):
+    """With --json, stdout carries the JSON line alone: what native code prints there goes to stderr.
+
+    Python's own reports already go to stderr, but C++ libraries write to file descriptor 1
+    directly (Gloo, JAX's CPU collectives between processes, announces each connection there).
+    So fd 1 points at stderr while the run works, and is put back for the JSON line.
+    """
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
     try:
-        return _train(config, spec, init, meta, ckpts, say, json_line, main_process)
+        yield
     finally:
-        if ckpts is not None:  # on every way out: its threads must not outlive the run
-            ckpts.close()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
-def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, main_process: bool) -> int:
-    """run()'s second half: load the data, build or restore the state, train, write the run's files."""
+def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, main_process: bool) -> dict | None:
+    """run()'s second half: load the data, build or restore the state, train, write the run's files.
+
+    Returns the run's report, which --json prints (for a finished run: its results.json, read only for --json).
+    """
     import jax
 
     from resnet_jax import checkpoint as ckpt_mod
@@ -691,12 +741,12 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         if restored.epoch == config.epochs and (Path(config.output) / "results.json").is_file():
             say(f"{config.output} has trained all {config.epochs} epochs (checkpoint {restored.path}): nothing to do; "
                 "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
-            if json_line and main_process:
-                try:
-                    print(json.dumps(json.loads((Path(config.output) / "results.json").read_text())), flush=True)
-                except (OSError, ValueError) as err:
-                    raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
-            return EXIT_OK
+            if not (json_line and main_process):
+                return None
+            try:
+                return json.loads((Path(config.output) / "results.json").read_text())
+            except (OSError, ValueError) as err:
+                raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
     # Room for the next checkpoint (and a best one) now, rather than after an epoch's work;
     # each save checks again (checkpoint.Checkpoints.save).
@@ -765,9 +815,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         _write_run_files(config, report, log, len(train), say)
     if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
         _export_torch(config, result.state, say)
-    if json_line and main_process:
-        print(json.dumps(report), flush=True)
-    return EXIT_OK
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

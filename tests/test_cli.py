@@ -121,6 +121,46 @@ def test_processes_that_do_not_meet_are_one_line_at_the_timeout(tmp_path, proces
     assert time.monotonic() - start < 60 and not (tmp_path / "tfds").exists()
 
 
+def test_two_processes_train_as_one_through_train_py(prepared_data_dir, tmp_path):
+    # The CLI's way in (jax.distributed.initialize in a thread, resnet_jax/cli.py): two processes
+    # with two CPU devices each take one step on one 64-image batch, as one process with four does,
+    # and --json's stdout stays one line although Gloo announces its connections on fd 1.
+    # Only the step's loss is compared: after one float32 update, the test loss moves by 5e-4 when
+    # the summation order changes, as much as when the initial weights move by 1e-7 (measured);
+    # tests/test_sharding.py checks the maths in float64.
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "28", "--batch-size", "64", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                               "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for i in (0, 1)]
+    (out0, err0), (out1, _) = (p.communicate(timeout=300) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], err0
+    assert out1 == ""  # only process 0 speaks
+    both = json.loads(out0)
+    assert both["device"] == "cpu:0 x4"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    one = json.loads(subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags)], capture_output=True,
+                                    text=True, env=env, cwd=tmp_path, timeout=300, check=True).stdout)
+    assert both["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+def test_a_coordinator_port_in_use_is_named_at_once(tmp_path):
+    # Process 0 serves the port; JAX's service crashed the process (exit 139) when it was taken.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        r = train_py("--coordinator", address, "--num-processes", "2", "--process-id", "0",
+                     "--data-dir", tmp_path / "tfds", "--offline", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"train.py: error: --coordinator {address}: process 0 serves port {address.split(':')[1]} on this host, "
+        "but it is in use; choose another port for every process"]
+
+
 def test_ctrl_c_while_the_processes_wait_for_each_other_is_heard(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.Popen(
