@@ -36,6 +36,7 @@ landed in its save); the steps of the interrupted epoch are redone by
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self.directory = Path(directory)
+        self.directory = Path(os.path.abspath(directory))  # Orbax takes absolute paths only
         common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
         try:
             self.latest = ocp.CheckpointManager(

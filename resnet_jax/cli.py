@@ -131,8 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _path(value: str | None) -> str | None:
-    """A path flag with ``~`` expanded (the shell does not expand ``--flag=~/x``), once, for every use."""
-    return None if value is None else os.path.expanduser(value)
+    """A path flag made absolute, ``~`` expanded (the shell does not expand ``--flag=~/x``), once, for every use.
+
+    Absolute because Orbax refuses relative checkpoint paths, and because the run records
+    its data folders: ``train.py evaluate`` may be run from another folder. (An empty value
+    stays empty, for Config to refuse.)
+    """
+    if value is None or not value.strip():
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -253,6 +253,18 @@ def test_the_array_check_reads_zarr3_and_finds_its_damage(tmp_path):
     assert checkpoint.arrays_problem(tmp_path / "state", abstract).startswith("is unreadable (corrupt or incomplete): ")
 
 
+def test_a_relative_run_directory_saves_and_restores(uninterrupted, tmp_path, monkeypatch):
+    # Orbax refuses relative paths ("Checkpoint path should be absolute"); Checkpoints takes them.
+    shutil.copytree(uninterrupted[0], tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    ckpts = Checkpoints("run", keep=5)
+    restored = ckpts.restore(_fresh_state())
+    _save_as_epoch_4(ckpts, restored)
+    ckpts.close()
+    assert Checkpoints("run", read_only=True).restore(_fresh_state()).epoch == 4
+    assert checkpoint.load_for_inference("run").epoch == 4
+
+
 def test_a_path_inside_a_run_points_to_the_run(uninterrupted):
     run = uninterrupted[0]
     for inside in (run / "checkpoints", run / "checkpoints" / "3"):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from resnet_jax import cli
@@ -190,6 +191,33 @@ def test_path_flags_expand_the_home_folder_once_for_every_use():
     c = cli.config_from_args(args)
     assert (c.output, c.data_dir, c.manual_dir, c.init_from_torch, c.export_torch) == tuple(
         os.path.join(home, p) for p in ("r", "d", "m", "i.pt", "e.pt"))
+
+
+def test_path_flags_are_made_absolute_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = cli.config_from_args(cli.build_parser().parse_args(["--output", "runs/r18", "--data-dir", "../d"]))
+    assert (c.output, c.data_dir) == (str(tmp_path / "runs" / "r18"), str(tmp_path.parent / "d"))
+
+
+def test_relative_paths_work_for_training_resume_evaluate_and_predict(prepared_data_dir, tmp_path):
+    # README's own form, --output runs/r18: Orbax takes absolute paths only (a relative one failed
+    # the first save, after the epoch's work), and the run records its data folder for evaluate,
+    # which may run from another folder.
+    (tmp_path / "elsewhere").mkdir()
+    data = os.path.relpath(prepared_data_dir, tmp_path)
+    flags = ["--data-dir", data, "--offline", "--train-limit", "64", "--test-limit", "64", "--resize", "28",
+             "--batch-size", "32", "--output", "runs/r18"]
+    r = train_py(*flags, "--epochs", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = train_py(*flags, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
+    assert sorted(p.name for p in (tmp_path / "runs/r18/checkpoints").iterdir()) == ["1", "2"]
+    r = train_py("evaluate", "../runs/r18", "--json", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["examples"] == 64
+    np.save(tmp_path / "elsewhere" / "two.npy", np.zeros((2, 28, 28, 1), np.uint8))
+    r = train_py("predict", "../runs/r18", "two.npy", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0 and r.stdout.count("two.npy[") == 2, r.stderr
 
 
 def test_no_data_offline_exits_1_with_instructions(tmp_path):
