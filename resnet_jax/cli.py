@@ -214,6 +214,11 @@ def _check_torch_paths(config: Config) -> None:
             raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
         if target.exists() and not target.is_file():
             raise UserError(f"--export-torch {config.export_torch} exists and is not a regular file (a device?); give a file name")
+        if target.suffix.lower() not in (".pt", ".pth"):  # a typo must not overwrite results.json or any other file
+            raise UserError(f"--export-torch {config.export_torch} does not end in .pt or .pth")
+        if loads and target.resolve() == Path(config.init_from_torch).resolve():
+            raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
+                            "it would overwrite the weights the run started from; give another name")
         check_writable_dir(target.resolve().parent, "--export-torch's folder")
     if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
@@ -621,9 +626,12 @@ def _fresh_state(config: Config, spec, n_train: int, init, say):
     if init:
         # PyTorch's BatchNorm counters are the number of training steps the weights have had
         # (resnet_jax/convert.py); continuing that count keeps --export-torch's counters true.
+        # One step count for all layers (every BatchNorm runs once per step): where the file's
+        # counters disagree (layers trained apart), the run goes on from the largest.
         counts = init[1] if isinstance(init[1], int) else max(init[1].values())
         state = state.replace(step=counts)
-        say(f"init: weights from {config.init_from_torch} (step {counts})")
+        disagree = "" if isinstance(init[1], int) else ", the largest of its BatchNorm counters, which differ"
+        say(f"init: weights from {config.init_from_torch} (step {counts}{disagree})")
     return state
 
 

@@ -42,6 +42,7 @@ imports torch, and says how to install it when it is missing.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -183,6 +184,8 @@ def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: i
         if key.endswith(NUM_BATCHES_TRACKED):
             if not np.issubdtype(a.dtype, np.integer):
                 raise ConversionError(f"'{key}' has dtype {a.dtype}, expected an integer")
+            if a < 0:  # a count of training steps
+                raise ConversionError(f"'{key}' is {int(a)}, expected a count (0 or more)")
         elif not np.issubdtype(a.dtype, np.floating):
             raise ConversionError(f"'{key}' has dtype {a.dtype}, expected floating point")
         arrays[key] = a
@@ -336,9 +339,14 @@ def load_torch_checkpoint(path, num_classes: int | None = None, input_channels: 
     """
     torch = import_torch()
     try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns before it raises (a TorchScript archive): one message, ours
+            warnings.simplefilter("ignore")
+            obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds (pickle, zip, KeyError, RuntimeError) for a bad file
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's messages carry terminal bold codes
+        if "TorchScript" in text:
+            raise ConversionError("is a TorchScript archive (torch.jit.save), not a state_dict: "
+                                  "save the weights with torch.save(net.state_dict(), path)") from err
         if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):  # weights_only met a class
             raise ConversionError(
                 f"holds pickled Python objects ({found.group(1)}; a whole nn.Module?), not only tensors, and is "

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -460,8 +461,10 @@ def _state_dict():
          "'2.0.conv3.weight' has shape (128, 64, 3, 3), expected (128, 64, 1, 1)"),
         (lambda sd: sd.update({"1.0.bn1.running_mean": np.zeros(65, np.float32)}),
          "'1.0.bn1.running_mean' has shape (65,)"),
+        (lambda sd: sd.update({"0.1.num_batches_tracked": np.array(-5, np.int64)}),
+         "'0.1.num_batches_tracked' is -5, expected a count (0 or more)"),
     ],
-    ids=["missing", "extra", "conv-shape", "bn-shape"],
+    ids=["missing", "extra", "conv-shape", "bn-shape", "negative-count"],
 )
 def test_a_bad_state_dict_is_refused_naming_the_key(edit, message):
     sd = _state_dict()
@@ -529,6 +532,13 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
         convert.load_torch_checkpoint(tmp_path / "module.pt")
     assert "a whole nn.Module?" in str(caught.value) and "torch.save(net.state_dict(), path)" in str(caught.value)
     assert "\x1b" not in str(caught.value)
+    # TorchScript: named as such, and torch's warning about it is not printed on top.
+    net = torch_reference.make_initialised_net(seed=0).eval()
+    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, 28, 28)), tmp_path / "scripted.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(convert.ConversionError, match=r"is a TorchScript archive \(torch.jit.save\), not a state_dict"):
+            convert.load_torch_checkpoint(tmp_path / "scripted.pt")
 
 
 def test_plausible_misuses_of_the_converters_are_named():
@@ -624,6 +634,11 @@ def test_cli_zero_epochs_export_returns_the_imported_file(prepared_data_dir, tmp
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def _good_checkpoint(tmp_path):
+    torch.save(torch_reference.make_net().state_dict(), tmp_path / "good.pt")
+    return tmp_path / "good.pt"
+
+
 def _bad_checkpoint(tmp_path):
     sd = torch_reference.make_net().state_dict()
     del sd["4.1.bn2.running_mean"]
@@ -638,8 +653,11 @@ def _bad_checkpoint(tmp_path):
         (lambda t: ["--init-from-torch", _bad_checkpoint(t)], "missing key '4.1.bn2.running_mean'"),
         (lambda t: ["--export-torch", t / "a_file" / "x.pt"], "--export-torch's folder"),
         (lambda t: ["--export-torch", t], "is a directory, not a file name"),
+        (lambda t: ["--export-torch", t / "a_file"], "--export-torch {t}/a_file does not end in .pt or .pth"),
+        (lambda t: ["--init-from-torch", _good_checkpoint(t), "--export-torch", t / "good.pt"],
+         "--export-torch {t}/good.pt is the --init-from-torch file: it would overwrite the weights"),
     ],
-    ids=["missing-file", "missing-key", "unwritable-export", "export-is-dir"],
+    ids=["missing-file", "missing-key", "unwritable-export", "export-is-dir", "export-not-pt", "export-over-init"],
 )
 def test_cli_refuses_bad_torch_paths_before_any_work(flags, message, tmp_path):
     (tmp_path / "a_file").write_text("keep me")
