@@ -70,7 +70,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from resnet_jax import data, training  # noqa: E402
-from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, UserError, check_writable_dir  # noqa: E402
+from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, OneLineParser, UserError, check_writable_dir  # noqa: E402
 from resnet_jax.files import write_json  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402
@@ -184,8 +184,17 @@ def synthetic_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[Split, S
 
 def load_npz(path: str) -> tuple[Split, Split]:
     """The array cache ``resnet_jax.data`` writes (train_images, train_labels, test_images, test_labels)."""
+    what = "a resnet_jax array cache (an .npz of train_images, train_labels, test_images, test_labels)"
     try:
-        with np.load(path) as z:
+        z = np.load(path)  # allow_pickle=False: a file of pickled objects is refused, not run
+    except OSError as err:
+        raise UserError(f"--data {path}: {err.strerror or err}") from err
+    except ValueError as err:  # NumPy's advice to allow pickles would be wrong here
+        raise UserError(f"--data {path} is not an .npy or .npz file; expected {what}") from err
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"--data {path} holds a single array (.npy); expected {what}")
+    try:
+        with z:
             train, test = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
         data._check(FASHION_MNIST, train, test)  # the shapes and dtype data.load insists on
     except (OSError, ValueError, KeyError, data.DataError) as err:
@@ -815,7 +824,7 @@ def merge_rounds(rows: list[dict]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="benchmarks/bench.py",
         description="resnet_jax vs the chapter's PyTorch loop vs a tuned PyTorch, one device, one run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -943,7 +952,6 @@ def main(argv: list[str] | None = None) -> int:
         for resize in args.resize:  # Config's validation, so the messages match train.py's
             Config(batch_size=args.batch, resize=resize, conv_impl=args.conv_impl, eval_batch_size=args.eval_batch)
     except ConfigError as err:
-        parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -24,7 +24,6 @@ gradient, each its own program (median of 15). The totals count what a training
 step runs: the stem's input gradient is never computed (the images need none).
 """
 
-import argparse
 import os
 import time
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import ops
+from resnet_jax.cli import OneLineParser, check_sizes
 
 
 def network_convs(resize: int):
@@ -126,11 +126,12 @@ def torch_ms(n, side, cin, cout, k, stride, pad, channels_last):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--resize", type=int, nargs="+", default=[96, 28])
+    p = OneLineParser(prog="benchmarks/cpu_conv.py", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64, help="images per convolution")
+    p.add_argument("--resize", type=int, nargs="+", default=[96, 28], help="the network's input sides")
     p.add_argument("--split", action="store_true", help="forward, input and weight gradients apart, against PyTorch channels_last")
     a = p.parse_args()
+    check_sizes(p, a.batch, a.resize)
     if a.split:
         import torch
 

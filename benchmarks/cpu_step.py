@@ -7,7 +7,6 @@ runs the chapter's code (tests/torch_reference.py) with
 torch.set_num_threads(os.cpu_count()).
 """
 
-import argparse
 import os
 import sys
 import time
@@ -18,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import training
+from resnet_jax.cli import OneLineParser, check_sizes
 from resnet_jax.config import Config
+from resnet_jax.ops import IMPLS
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -73,11 +74,12 @@ def torch_step_ms(batch, resize, repeats=5):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--resize", type=int, nargs="+", default=[28, 96])
-    p.add_argument("--impls", nargs="+", default=["auto", "xla"])
+    p = OneLineParser(prog="benchmarks/cpu_step.py", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--resize", type=int, nargs="+", default=[28, 96], help="image sides")
+    p.add_argument("--impls", nargs="+", default=["auto", "xla"], choices=IMPLS, help="resnet_jax conv lowerings")
     a = p.parse_args()
+    check_sizes(p, a.batch, a.resize)
     print("| resize | implementation | ms/step (median of 5) | spread ms | images/s |")
     print("|---|---|---|---|---|")
     for r in a.resize:

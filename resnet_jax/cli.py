@@ -65,6 +65,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def check_sizes(parser: argparse.ArgumentParser, batch: int, resizes: list[int]) -> None:
+    """The benchmark scripts' --batch and --resize, within train.py's limits; else one line, exit 2."""
+    if batch < 1:
+        parser.error(f"--batch must be a positive integer, got {batch}")
+    for resize in resizes:
+        try:
+            Config(resize=resize)
+        except ConfigError as err:
+            parser.error(str(err))
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p = OneLineParser(

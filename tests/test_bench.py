@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 import bench  # noqa: E402
 
 from resnet_jax.config import Config  # noqa: E402
@@ -99,13 +100,22 @@ def test_full_recipe_times_fit_end_to_end():
     [
         (["--resize", "16"], 2, "--resize must be an integer in [17, 512]"),
         (["--batch", "0"], 2, "--batch must be a positive integer"),
-        (["--data", "/nonexistent/cache.npz", "--resize", "17"], 1, "is not a readable resnet_jax array cache"),
+        (["--data", "/nonexistent/cache.npz", "--resize", "17"], 1, "--data /nonexistent/cache.npz: No such file"),
+        (["--data", "{tmp}/one.npy", "--resize", "17"], 1, "one.npy holds a single array (.npy); expected a resnet_jax array cache"),
+        (["--data", "{tmp}/notes.txt", "--resize", "17"], 1, "notes.txt is not an .npy or .npz file"),
+        (["--data", "{tmp}/other.npz", "--resize", "17"], 1, "other.npz is not a readable resnet_jax array cache"),
     ],
 )
 def test_bad_input_is_one_line_and_an_exit_code(argv, code, message, capsys, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    (tmp_path / "notes.txt").write_text("not an array")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert bench.main(argv + ["--out", str(tmp_path / "out")]) == code
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out" / "bench.json").exists()
 
 
@@ -158,3 +168,20 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["complete"] is True and not (tmp_path / "bench.md").read_text().startswith("**Partial")
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("cpu_step.py", ["--batch", "0"], "--batch must be a positive integer, got 0"),
+    ("cpu_step.py", ["--impls", "foo"], "argument --impls: invalid choice: 'foo'"),
+    ("cpu_conv.py", ["--resize", "3"], "--resize must be an integer in [17, 512]"),
+    ("cpu_loop.py", ["--batch", "8"], "unrecognized arguments: --batch 8"),
+    ("cpu_maxpool.py", ["--fast"], "unrecognized arguments: --fast"),
+])
+def test_the_small_benchmark_scripts_refuse_bad_flags_in_one_line(script, argv, message):
+    # Before any measuring: cpu_loop.py and cpu_maxpool.py used to ignore their arguments and
+    # run, cpu_step.py and cpu_conv.py to fail with a traceback (or time an empty batch).
+    r = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"benchmarks/{script}: error: ") and message in line, line
