@@ -388,6 +388,8 @@ def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
     """
     if images.dtype != jnp.uint8:  # float images here would be divided by 255 a second time, silently
         raise TypeError(f"preprocess takes uint8 images (0-255, as data.load gives them), got {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(f"preprocess takes NHWC images (N, H, W, C), got shape {images.shape}")
     x = images.astype(jnp.float32) / 255.0
     n, h, w, c = x.shape
     if (h, w) != (size, size):

@@ -90,6 +90,8 @@ class Conv2d(nn.Module):
             # tuple would otherwise fail deep inside the parameter initialiser.
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Conv2d.{name} must be an int (square kernels, strides and padding), got {value!r}")
+            if value < (0 if name == "padding" else 1):
+                raise ValueError(f"Conv2d.{name} must be {'>= 0' if name == 'padding' else '>= 1'}, got {value}")
         in_features = x.shape[-1]
         k = self.kernel_size
         kernel = self.param("kernel", xavier_uniform, (k, k, in_features, self.features), self.param_dtype)
@@ -226,6 +228,16 @@ class Residual(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        _check_nhwc_float(x, "Residual")
+        if not self.use_1x1conv and self.strides != 1:
+            raise ValueError(f"Residual(strides={self.strides}) needs use_1x1conv=True: the shortcut must "
+                             "downsample as the block does (as in the chapter)")
+        if not self.use_1x1conv and x.shape[-1] != self.num_channels:
+            # The shortcut adds the input itself to the output (NHWC: channels last).
+            raise ValueError(
+                f"Residual({self.num_channels}) without use_1x1conv adds its input to its output, so the input "
+                f"needs {self.num_channels} channels, last (NHWC); got shape {x.shape}"
+            )
         conv = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         bn = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv1 = Conv2d(self.num_channels, 3, strides=self.strides, padding=1, name="conv1", **conv)
@@ -236,6 +248,18 @@ class Residual(nn.Module):
         if self.use_1x1conv:
             x = Conv2d(self.num_channels, 1, strides=self.strides, name="conv3", **conv)(x)
         return _stored(nn.relu(y + x.astype(y.dtype)), conv1, train)
+
+
+def _check_nhwc_float(x, who: str, hint: str = "") -> None:
+    """A float NHWC batch, or a ValueError/TypeError that says what came instead."""
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+        raise TypeError(f"{who} takes an array (N, H, W, C), got a {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{who} expects NHWC input (N, H, W, C), got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        # The layers compute in the input's dtype when none is set: uint8 would round every
+        # weight to 0 and give the same output for every input, silently.
+        raise TypeError(f"{who} takes float input, got {x.dtype}{hint}")
 
 
 def _stored(y, conv: Conv2d, train: bool):
@@ -260,6 +284,8 @@ def resnet_block(
     conv_impl, param_dtype) go to every Residual.
     """
     del input_channels  # inferred from the input by Flax
+    if num_residuals < 0:
+        raise ValueError(f"num_residuals must be >= 0, got {num_residuals}")
     blk = []
     for i in range(num_residuals):
         if i == 0 and not first_block:
@@ -336,16 +362,15 @@ class ResNet18(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if x.ndim != 4 or x.shape[-1] != self.input_channels:
+        for name in ("num_classes", "input_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ResNet18.{name} must be >= 1, got {getattr(self, name)}")
+        _check_nhwc_float(x, "ResNet18", hint=(
+            " (images scaled to [0, 1]); resnet_jax.data.preprocess(images, size) scales and resizes "
+            "data.load's uint8 images"))
+        if x.shape[-1] != self.input_channels:
             raise ValueError(
                 f"ResNet18 expects NHWC images with {self.input_channels} channel(s), got shape {x.shape}"
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            # The layers compute in the input's dtype when none is set: uint8 would round every
-            # weight to 0 and give the same logits for every image, silently.
-            raise TypeError(
-                f"ResNet18 takes float images scaled to [0, 1], got {x.dtype}; "
-                "resnet_jax.data.preprocess(images, size) scales and resizes data.load's uint8 images"
             )
         common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         wide = jnp.promote_types(jnp.float32, self.param_dtype)  # float32, or float64 for verification
@@ -367,6 +392,8 @@ class ResNet18(nn.Module):
 
 def init_variables(model: ResNet18, rng: jax.Array, image_size: int = 96) -> dict:
     """Fresh {'params', 'batch_stats'} for ``model`` (PyTorch's initial state, in distribution)."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     dummy = jnp.zeros((1, image_size, image_size, model.input_channels), jnp.float32)
     return dict(model.init(rng, dummy, train=False))
 

@@ -203,6 +203,10 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     Batches of ``min(batch_size, N)`` images, the last one padded, so the
     call compiles one program of one shape however many batches N makes.
     """
+    if np.ndim(images) != 4:
+        raise ValueError(f"predict takes uint8 images (N, H, W, C), got shape {np.shape(images)}")
+    if len(images) == 0:
+        return np.zeros((0, state.params["dense"]["bias"].shape[0]), np.float32)
     batch_size = max(1, min(batch_size, len(images)))
     probs_fn = _probabilities(resize)
     out = []

@@ -177,3 +177,42 @@ def test_conv2d_refuses_non_square_settings_with_a_clear_message(field):
     settings = {"features": 4, "kernel_size": 3, "strides": 1, "padding": 1, field: (3, 3)}
     with pytest.raises(TypeError, match=f"Conv2d.{field} must be an int"):
         Conv2d(**settings).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def _init(module, shape, dtype=jnp.float32, *args):
+    return module.init(jax.random.key(0), jnp.zeros(shape, dtype), *args)
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: _init(ResNet18(num_classes=0), (1, 28, 28, 1)), ValueError, "ResNet18.num_classes must be >= 1, got 0"),
+    (lambda: _init(ResNet18(input_channels=0), (1, 28, 28, 0)), ValueError, "ResNet18.input_channels must be >= 1, got 0"),
+    (lambda: init_variables(ResNet18(), jax.random.key(0), 0), ValueError, "image_size must be >= 1, got 0"),
+    (lambda: ResNet18().init(jax.random.key(0), [[0.0]]), TypeError, "ResNet18 takes an array (N, H, W, C), got a list"),
+    (lambda: _init(ResNet18(), (28, 28, 1)), ValueError, "ResNet18 expects NHWC input (N, H, W, C), got shape (28, 28, 1)"),
+    (lambda: _init(ResNet18(), (2, 1, 28, 28)), ValueError, "ResNet18 expects NHWC images with 1 channel(s), got shape (2, 1, 28, 28)"),
+    # Residual computed in uint8 (its input's dtype) would round every weight to 0, silently.
+    (lambda: _init(Residual(64), (1, 8, 8, 64), jnp.uint8, False), TypeError, "Residual takes float input, got uint8"),
+    (lambda: _init(Residual(64), (1, 64, 8, 8), jnp.float32, False), ValueError,
+     "Residual(64) without use_1x1conv adds its input to its output, so the input needs 64 channels, last (NHWC)"),
+    (lambda: _init(Residual(64, strides=2), (1, 8, 8, 64), jnp.float32, False), ValueError,
+     "Residual(strides=2) needs use_1x1conv=True"),
+    (lambda: resnet_block(64, 128, -1), ValueError, "num_residuals must be >= 0, got -1"),
+])
+def test_impossible_modules_and_inputs_are_named(build, error, message):
+    with pytest.raises(error) as caught:
+        build()
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("features", 0, "Conv2d.features must be >= 1, got 0"),
+    ("strides", 0, "Conv2d.strides must be >= 1, got 0"),
+    ("kernel_size", 0, "Conv2d.kernel_size must be >= 1, got 0"),
+    ("padding", -1, "Conv2d.padding must be >= 0, got -1"),
+])
+def test_conv2d_refuses_impossible_sizes(field, value, message):
+    from resnet_jax.model import Conv2d
+
+    settings = {"features": 4, "kernel_size": 3, "strides": 1, "padding": 1, field: value}
+    with pytest.raises(ValueError, match=message):
+        Conv2d(**settings).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

@@ -156,13 +156,20 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
     images, _ = _batch(4)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     # uint8 into the model: its layers would compute in uint8 (weights rounded to 0).
-    with pytest.raises(TypeError, match="ResNet18 takes float images scaled to \\[0, 1\\], got uint8"):
+    with pytest.raises(TypeError, match="ResNet18 takes float input, got uint8 \\(images scaled to \\[0, 1\\]\\)"):
         state.apply_fn(variables, jnp.asarray(images), train=False)
     # Floats into preprocess, which scales uint8: they would be divided by 255 twice.
     with pytest.raises(TypeError, match="preprocess takes uint8 images"):
         preprocess(jnp.asarray(images, jnp.float32) / 255, RESIZE)
     with pytest.raises(ValueError, match="hold_out needs 0 < n < 4"):
         Split(images, np.zeros(4, np.int32)).hold_out(0)
+    # Images without their batch axis: named, not "not enough values to unpack".
+    with pytest.raises(ValueError, match=r"preprocess takes NHWC images \(N, H, W, C\), got shape \(28, 28, 1\)"):
+        preprocess(jnp.asarray(images[0]), RESIZE)
+    with pytest.raises(ValueError, match=r"predict takes uint8 images \(N, H, W, C\), got shape \(28, 28, 1\)"):
+        training.predict(state, images[0], RESIZE)
+    # No images: no probabilities (rather than "need at least one array to concatenate").
+    assert training.predict(state, images[:0], RESIZE).shape == (0, 10)
 
 
 def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
