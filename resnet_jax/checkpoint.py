@@ -383,6 +383,8 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
 def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoint:
     """A checkpoint with its model rebuilt from its own metadata (for evaluate and predict)."""
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file, not a run directory (a train.py --output DIR)")
     if not (directory / "checkpoints").is_dir():
         # A path inside a run (RUN/checkpoints, RUN/checkpoints/3): name the run.
         run = next((p.parent for p in (directory, directory.parent) if p.name == "checkpoints"), None)

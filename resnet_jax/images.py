@@ -91,7 +91,8 @@ def _open(path: Path):
                 image.load()  # decodes now: a truncated file fails here, not later
                 image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
+        hint = "; arrays go in .npy files (np.save), one array each" if path.suffix.lower() == ".npz" else ""
+        raise ImageError(f"{path}: not an image file Pillow can read{hint}") from None
     except Image.DecompressionBombError as err:
         raise ImageError(f"{path}: image too large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's truncated/corrupt-data errors
@@ -143,7 +144,9 @@ def load_npy(path: str | Path, spec: DatasetSpec) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ImageError(f"{path}: not a readable .npy array ({err})") from None
+        # NumPy's advice to load "pickled" data with allow_pickle=True would be wrong (and unsafe) here.
+        why = "not an .npy file" if "pickle" in str(err) else str(err)
+        raise ImageError(f"{path}: not a readable .npy array ({why})") from None
     if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for .npz archives
         array.close()
         raise ImageError(f"{path}: an .npz archive; save one array with np.save(...) as .npy")

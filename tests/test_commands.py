@@ -215,6 +215,18 @@ def _text_as_png(tmp):
     return tmp / "notes.png"
 
 
+def _png_as_npy(tmp):
+    from PIL import Image
+
+    Image.new("L", (28, 28)).save(tmp / "x.npy", format="PNG")
+    return tmp / "x.npy"
+
+
+def _npz(tmp):
+    np.savez(tmp / "x.npz", images=np.zeros((1, 28, 28, 1), np.uint8))
+    return tmp / "x.npz"
+
+
 # (argv builder, exit code, text in the one line on stderr)
 ERRORS = {
     "evaluate-missing-dir": (lambda run, d, t: ["evaluate", t / "nowhere"], 1, "holds no checkpoints"),
@@ -223,6 +235,14 @@ ERRORS = {
                          "has no best checkpoint"),
     "predict-missing-image": (lambda run, d, t: ["predict", run, t / "nope.png"], 1, "nope.png"),
     "predict-not-an-image": (lambda run, d, t: ["predict", run, _text_as_png(t)], 1, "notes.png"),
+    "predict-a-file-as-the-run": (lambda run, d, t: ["predict", _text_as_png(t), _text_as_png(t)], 1,
+                                  "notes.png is a file, not a run directory"),
+    "predict-png-named-npy": (lambda run, d, t: ["predict", run, _png_as_npy(t)], 1,
+                              "x.npy: not a readable .npy array (not an .npy file)"),
+    "predict-an-npz": (lambda run, d, t: ["predict", run, _npz(t)], 1,
+                       "x.npz: not an image file Pillow can read; arrays go in .npy files"),
+    "init-from-a-folder": (lambda run, d, t: [*_train_args(d, t / "o"), "--init-from-torch", t], 1,
+                           "is a directory, not a file"),
     "predict-top-k-0": (lambda run, d, t: ["predict", run, t / "x.png", "--top-k", 0], 2, "--top-k must be in 1..10"),
     "resume-without-checkpoint": (lambda run, d, t: [*_train_args(d, _empty_folder(t)), "--resume"], 1,
                                   "--resume: no checkpoint in"),
