@@ -215,19 +215,27 @@ def environment(dry_run: bool) -> str:
 STEPS = ("bench", "best", "d2l", "sweep", "bench-more")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line (exit 2), as in train.py. (This script imports nothing of the package:
+    it only starts train.py and bench.py, which may run under another Python.)"""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="benchmarks/gpu_session.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help=f"the folder holding {NPZ}")
     p.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="where the files go (default: $OUT)")
     p.add_argument("--budget", type=float, default=480, help="seconds for everything; keep it under the call's timeout_s")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, run in this order (default: {','.join(STEPS)})")
     p.add_argument("--dry-run", action="store_true", help="every step at toy size: checks the script, measures nothing")
     args = p.parse_args(argv)
-    steps = args.steps.split(",")
+    steps = [step.strip() for step in args.steps.split(",")]
     if args.out is None:
         p.error("--out is needed where $OUT is not set")
     if unknown := [s for s in steps if s not in STEPS]:
-        p.error(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
+        p.error(f"unknown step(s) {', '.join(map(repr, unknown))}; the steps are {', '.join(STEPS)}")
     if not (args.data / NPZ).is_file():
         p.error(f"no array cache at {args.data / NPZ} (see this script's docstring)")
     if not args.budget >= 0 or args.budget == float("inf"):  # nan too (0 skips every step)

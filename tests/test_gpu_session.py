@@ -62,7 +62,8 @@ def test_a_run_past_its_cap_is_killed_and_recorded(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "best,tune"], "unknown step(s) tune"),
+    (["--steps", "best,tune"], "unknown step(s) 'tune'"),
+    (["--steps", ""], "unknown step(s) ''"),
     (["--data", "/nonexistent"], "no array cache at /nonexistent/"),
     (["--budget", "-5"], "--budget must be a number of seconds >= 0, got -5.0"),
     (["--budget", "nan"], "--budget must be a number of seconds >= 0, got nan"),
@@ -73,7 +74,8 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
         base[flag] = value
     with pytest.raises(SystemExit) as exit_:
         gpu_session.main([a for kv in base.items() for a in kv])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    [line] = capsys.readouterr().err.strip().splitlines()  # one line, not argparse's usage block first
+    assert exit_.value.code == 2 and message in line
     assert not (tmp_path / "out").exists()
 
 
