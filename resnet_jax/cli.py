@@ -218,8 +218,8 @@ def _check_torch_paths(config: Config) -> None:
     # On --resume the checkpoint holds the weights: the file is not read again.
     loads = config.init_from_torch and not config.resume
     if loads and not Path(config.init_from_torch).is_file():
-        what = "a directory, not a file" if Path(config.init_from_torch).is_dir() else "no such file"
-        raise UserError(f"--init-from-torch {config.init_from_torch}: {what}")
+        what = " is a directory, not a file" if Path(config.init_from_torch).is_dir() else ": no such file"
+        raise UserError(f"--init-from-torch {config.init_from_torch}{what}")
     if config.export_torch:
         target = Path(config.export_torch)
         if target.is_dir():
