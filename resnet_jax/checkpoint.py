@@ -14,9 +14,11 @@ Each checkpoint holds two Orbax items:
   restore, :func:`arrays_problem` checks each array's name, shape and
   contents, so a damaged checkpoint, or one of another model, is one message.
 - ``meta``: JSON with the epoch completed, the per-epoch history, the
-  metrics.jsonl records so far, and the metadata that rebuilds the model
+  metrics.jsonl records so far, the metadata that rebuilds the model
   (the Config as a dict, dataset, class names, num_classes, input_channels,
-  dtype, library versions).
+  dtype, library versions), and a digest of every array's bytes: bytes
+  changed in place that still decode would otherwise restore as wrong
+  weights (no checksum of Orbax's or TensorStore's covers the values).
 
 Nothing else is needed to resume exactly: every random stream of the loop is
 derived from (seed, epoch) in :func:`resnet_jax.training.fit`, so the epoch
@@ -36,11 +38,13 @@ landed in its save); the steps of the interrupted epoch are redone by
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from resnet_jax.config import Config
 from resnet_jax.data import DatasetSpec
@@ -193,9 +197,11 @@ class Checkpoints:
         Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails.
         """
         ocp = self._ocp
+        state_dict = _state_dict(state)
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_dict(state)),
-            meta=ocp.args.JsonSave({"epoch": epoch, "history": history, "log": log, "metadata": meta}),
+            state=ocp.args.StandardSave(state_dict),
+            meta=ocp.args.JsonSave({"epoch": epoch, "history": history, "log": log, "metadata": meta,
+                                    "digests": digests(state_dict)}),
         )
         val_acc = history[-1].get("val_acc") if history else None
         earlier = [r["val_acc"] for r in history[:-1] if r.get("val_acc") is not None]
@@ -271,7 +277,7 @@ class Checkpoints:
         abstract = jax.eval_shape(lambda: _state_dict(template_state))
         # Check before Orbax reads: its restore reads all arrays at once and, at the first
         # failure, abandons the other reads, which print a traceback each when collected.
-        problem = arrays_problem(path / "state", abstract)
+        problem = arrays_problem(path / "state", abstract, meta.get("digests"))  # none before 2026-12-04
         if problem:
             raise CheckpointError(f"checkpoint {path} {problem}")
         try:
@@ -284,7 +290,30 @@ class Checkpoints:
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
 
 
-def arrays_problem(state_dir: Path, abstract) -> str | None:
+def _digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
+
+
+def digests(state_dict) -> dict[str, str]:
+    """``{'params/dense/kernel': digest of its bytes, ...}`` for the arrays of a state dict.
+
+    Replicated arrays (every array of our train state, on any number of devices
+    or hosts) are digested from one local copy; an array split across hosts is
+    left out, as is a Python number.
+    """
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(state_dict):
+        if isinstance(leaf, jax.Array):
+            if leaf.is_fully_addressable:
+                out[_name(key_path)] = _digest(np.asarray(leaf))
+            elif leaf.is_fully_replicated:
+                out[_name(key_path)] = _digest(np.asarray(leaf.addressable_data(0)))
+        elif isinstance(leaf, np.ndarray):
+            out[_name(key_path)] = _digest(leaf)
+    return out
+
+
+def arrays_problem(state_dir: Path, abstract, expected_digests: dict[str, str] | None = None) -> str | None:
     """Why the arrays in ``state_dir`` cannot restore ``abstract`` ('does not fit ...', 'is unreadable ...'); None if they can.
 
     Orbax's restore reads all arrays at once and, at the first failure, abandons
@@ -325,9 +354,12 @@ def arrays_problem(state_dir: Path, abstract) -> str | None:
             )
     for name, array in arrays.items():
         try:
-            array.read().result()
+            values = array.read().result()
         except Exception as err:
             return f"is unreadable (corrupt or incomplete): array {name}: {_root_cause(err)}"
+        if expected_digests and name in expected_digests and _digest(values) != expected_digests[name]:
+            return (f"is corrupt: array {name} is not what was saved (its bytes changed after the save, "
+                    "and still decode)")
     return None
 
 

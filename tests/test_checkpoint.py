@@ -213,6 +213,25 @@ def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
         checkpoint.load_for_inference(directory)
 
 
+def test_values_changed_in_place_that_still_decode_are_found(uninterrupted, tmp_path):
+    # A flipped bit that zstd and OCDBT do not notice: the array decodes, to other values.
+    # Without the digests saved in the meta item, this restored as wrong weights (exit 0).
+    import tensorstore as ts
+
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    state_dir = directory / "checkpoints" / "3" / "state"
+    kvstore = {"driver": "ocdbt", "base": f"file://{state_dir}/", "path": "params.dense.kernel/"}
+    array = ts.open({"driver": "zarr", "kvstore": kvstore}, open=True, read=True, write=True).result()
+    values = array.read().result()
+    values[0, 0] = np.nextafter(values[0, 0], np.float32(np.inf))  # one ulp
+    array.write(values).result()
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 is corrupt: array params/dense/kernel is not what was saved"):
+        checkpoint.load_for_inference(directory)
+    # The untouched copy restores, its digests checked.
+    assert checkpoint.load_for_inference(uninterrupted[0]).epoch == 3
+
+
 def test_a_refused_checkpoint_leaves_nothing_to_print_later(uninterrupted, tmp_path):
     # Orbax reads all arrays at once and abandons the rest at the first failure; each
     # abandoned read printed a traceback with a TensorStore spec later (tens of lines
