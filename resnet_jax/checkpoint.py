@@ -323,8 +323,9 @@ def arrays_problem(state_dir: Path, abstract, expected_digests: dict[str, str] |
     (Orbax stores ``params/dense/kernel`` as ``params.dense.kernel`` in one
     OCDBT database), shapes and dtypes, then one full read, where zstd and
     OCDBT detect a truncated, garbled or missing file, and where each array's
-    bytes are compared with ``expected_digests`` (the meta item's, if any). The read costs about
-    0.5 s for the largest state (the best recipe's, with EMA copies).
+    bytes are compared with ``expected_digests`` (the meta item's, if any).
+    The read costs about 0.5 s for the largest state (the best recipe's, with
+    EMA copies).
     """
     import tensorstore as ts
 
