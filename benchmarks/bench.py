@@ -55,6 +55,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Run from a checkout, installed or not (the GPU machine has no install): the package
+# beside this folder comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import hugepages  # imports no JAX
 
 if __name__ == "__main__":

@@ -25,12 +25,17 @@ step runs: the stem's input gradient is never computed (the images need none).
 """
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Run from a checkout, installed or not (the GPU machine has no install): the package
+# beside this folder comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import ops
 from resnet_jax.cli import OneLineParser, check_sizes
 

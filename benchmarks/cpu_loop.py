@@ -8,12 +8,17 @@ batches, and the four steps unrolled in one jitted function. One timed call
 each after a compiling call; ms per step.
 """
 
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import jax.numpy as jnp
 
+# Run from a checkout, installed or not (the GPU machine has no install): the package
+# beside this folder comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import training
 from resnet_jax.cli import OneLineParser
 from resnet_jax.config import Config

@@ -16,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Run from a checkout, installed or not (the GPU machine has no install): the package
+# beside this folder comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import training
 from resnet_jax.cli import OneLineParser, check_sizes
 from resnet_jax.config import Config

@@ -209,7 +209,10 @@ def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
         (step / "meta" / "metadata").write_text('{"epoch": 3, "hist')
     else:
         biggest.unlink()
-    with pytest.raises(CheckpointError, match=r"checkpoints/3 is unreadable \(corrupt"):
+    # Garbled bytes usually fail to decode; sometimes (CI, once) the compressed chunk still decodes,
+    # to other values, and the saved digests catch it instead. Either way: refused, named corrupt.
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 is (unreadable \(corrupt|corrupt: array \S+ is not what "
+                                              r"was saved)"):
         checkpoint.load_for_inference(directory)
 
 
