@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation batch")
     g.add_argument("--conv-impl", default=d.conv_impl, choices=IMPLS, help="convolution lowering (see resnet_jax/ops.py)")
+    g.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="keep XLA's compiled programs here for later runs of the same shapes (default: "
+                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/resnet_jax/xla or ~/.cache/resnet_jax/xla); "
+                        "'off': compile afresh")
     g = p.add_argument_group("recipe ingredients (default: the --recipe's value; d2l has them all off)")
     g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (best {BEST.momentum})")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help=f"Nesterov momentum (best {_on(BEST.nesterov)})")
@@ -380,6 +384,55 @@ def _oom_summary(err: BaseException) -> str:
 
 def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def compile_cache_setting(flag: str | None, environ=os.environ) -> tuple[Path | None, bool]:
+    """(the folder of XLA's persistent compilation cache or None for off, whether the user named it).
+
+    Compiling is most of a short GPU run: on one H200, 37 of the 46 s that ``--recipe best`` took
+    (BENCHMARKS.md). JAX can keep each compiled program on disk, keyed by the program, the
+    compiler options and the versions, and load it in a later run instead of compiling it; the
+    loaded executable is the same executable, so no result changes. JAX leaves that cache off
+    unless told where; train.py turns it on, in a folder of its own. JAX keeps only programs that
+    took a second or more to compile (the train and evaluation steps, not the initialisation's
+    many small ones): on 2 CPU cores that took a 28x28 run's compile from 5.5 s to 2.0 s, the
+    rest being tracing and lowering, which every run does. A setting of the process,
+    not of the run's math: it stays out of Config and of --resume's checks.
+    """
+    if flag is not None:
+        return (None, True) if flag == "off" else (Path(flag).expanduser().absolute(), True)
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own variable: the user's choice
+        return Path(environ["JAX_COMPILATION_CACHE_DIR"]).expanduser().absolute(), True
+    try:
+        base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home folder to be found: no default cache
+        return None, False
+    return base.expanduser().absolute() / "resnet_jax" / "xla", False
+
+
+def use_compile_cache(setting: tuple[Path | None, bool], say) -> Path | None:
+    """Point JAX's persistent compilation cache at the setting's folder (before anything compiles).
+
+    A folder the user named must be writable (one line, exit 1, before any work); the default
+    one, if it cannot be made, only costs the cache (one line in the log says so).
+    """
+    import jax
+
+    folder, named = setting
+    if folder is not None:
+        try:
+            check_writable_dir(folder, "--compile-cache")
+        except UserError:
+            if named:
+                raise
+            say(f"note: no compile cache (cannot write {folder}); every program is compiled afresh")
+            folder = None
+    if folder is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+    else:
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
 
 
 def distributed_settings(args: argparse.Namespace) -> dict | None:
@@ -681,11 +734,17 @@ def _export_torch(config: Config, state, say) -> None:
     say(f"exported a PyTorch state_dict to {config.export_torch}")
 
 
-def run(config: Config, json_line: bool = False, distributed: dict | None = None) -> int:
-    """The whole job for a validated config: check, load, build or restore, train, write. Returns the exit code."""
+def run(config: Config, json_line: bool = False, distributed: dict | None = None,
+        compile_cache: tuple[Path | None, bool] | None = None) -> int:
+    """The whole job for a validated config: check, load, build or restore, train, write. Returns the exit code.
+
+    ``compile_cache``: :func:`compile_cache_setting`'s answer; None leaves JAX's cache as it is.
+    """
     out = sys.stderr if json_line else sys.stdout
     say = lambda msg: print(msg, file=out, flush=True)
-    check_paths(config)
+    if compile_cache is not None and compile_cache[1] and compile_cache[0] is not None:
+        check_writable_dir(compile_cache[0], "--compile-cache")  # a named folder: refused before any work
+    check_paths(config)  # last: it makes the --output folder
 
     # Heavy imports only once the flags are known to be good: --help and bad
     # flags answer at once. A Ctrl-C inside them waits for their end (resnet_jax/interrupts.py).
@@ -700,6 +759,8 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         main_process = _start_processes(distributed)
         if not main_process:
             say = lambda msg: None
+        if compile_cache is not None:  # before anything compiles
+            use_compile_cache(compile_cache, say)
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:
@@ -859,7 +920,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    return report_errors(parser.prog, lambda: run(config, json_line=args.json, distributed=distributed))
+    if args.compile_cache == "":
+        parser.error("--compile-cache needs a folder, or 'off'")
+    cache = compile_cache_setting(args.compile_cache)
+    return report_errors(parser.prog, lambda: run(config, json_line=args.json, distributed=distributed, compile_cache=cache))
 
 
 def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ()) -> int:

@@ -80,6 +80,7 @@ BAD_FLAGS = [
     (["--manual-dir", ""], "--manual-dir is empty"),
     (["--init-from-torch", ""], "--init-from-torch is empty"),
     (["--export-torch", " "], "--export-torch is empty"),
+    (["--compile-cache", ""], "--compile-cache needs a folder, or 'off'"),
 ]
 
 
@@ -244,3 +245,48 @@ def test_a_data_dir_that_is_a_file_is_refused_before_tfds_runs(tmp_path):
     (tmp_path / "file").write_text("")
     r = train_py("--data-dir", tmp_path / "file", "--offline")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"train.py: error: --data-dir {tmp_path / 'file'} is not a directory"]
+
+
+def test_the_compile_cache_folder_follows_the_flag_then_jax_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.setattr(Path, "home", lambda: tmp_path / "home")
+    assert cli.compile_cache_setting("off", {}) == (None, True)
+    assert cli.compile_cache_setting("cc", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == (Path.cwd() / "cc", True)
+    assert cli.compile_cache_setting(None, {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == (Path("/j"), True)
+    assert cli.compile_cache_setting(None, {"XDG_CACHE_HOME": "/x"}) == (Path("/x/resnet_jax/xla"), False)
+    assert cli.compile_cache_setting(None, {}) == (tmp_path / "home/.cache/resnet_jax/xla", False)
+
+
+def test_a_named_compile_cache_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    r = train_py("--compile-cache", blocker / "xla", "--output", tmp_path / "out", "--data-dir", tmp_path / "tfds",
+                 "--offline")
+    assert r.returncode == 1 and r.stdout == "" and blocker.read_text() == "keep me"
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("train.py: error: --compile-cache ") and "not a writable directory" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "tfds").exists()
+
+
+def test_the_compile_cache_is_reused_and_changes_no_result(prepared_data_dir, tmp_path):
+    # The second run loads the programs the first one compiled (JAX keeps those that took a
+    # second or more: the train and evaluation steps); a loaded program is the same program,
+    # so the two runs agree to the bit. "off" (and only "off") writes no cache anywhere.
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "28", "--batch-size", "32", "--json"]
+    cache = tmp_path / "xla"
+    first = train_py(*flags, "--compile-cache", cache)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "nothing was cached"
+    second = train_py(*flags, "--compile-cache", cache)
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries  # every program found, none compiled anew
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert [a[k] for k in ("train_loss", "test_loss", "test_acc")] == [b[k] for k in ("train_loss", "test_loss", "test_acc")]
+
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags), "--compile-cache", "off"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**env_free, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "xdg").exists()
