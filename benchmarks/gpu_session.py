@@ -11,8 +11,10 @@ left allows it, each cut off at its own cap:
    the programs the first run cached (what every later run pays).
 2. ``sweep``: ``--recipe best`` variants, one change each, tabulated.
 3. ``bench``: benchmarks/bench.py at the recipe's step (batch 256, 96x96, bf16)
-   against the chapter's PyTorch loop and a tuned PyTorch, plus the full
-   10-epoch recipe timed end to end (the speed targets).
+   against the chapter's PyTorch loop and a tuned PyTorch (torch.compile with
+   CUDA graphs, ``reduce-overhead``: the default mode, measured the first time,
+   was launch-bound), plus the full 10-epoch recipe timed end to end (the speed
+   targets), with its compile time program by program.
 4. ``d2l``: ``train.py`` (the chapter's recipe, float32) for seeds 0, 1, 2 and
    their median (the 0.90 target).
 5. ``bench-more``: bench.py at 28x28 (bf16 and float32) and at 96x96 float32.
@@ -264,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     s.write(f"# GPU session{' (dry run: toy sizes, nothing measured)' if args.dry_run else ''}\n\n{environment(args.dry_run)}")
     for step in steps:
         if step == "bench":
-            s.bench(step, "96-bf16", ["--resize", "96", "--dtype", "bfloat16", "--full-recipe"])
+            # The tuned PyTorch with CUDA graphs this time: its default mode (measured 2026-12-04) was launch-bound.
+            s.bench(step, "96-bf16", ["--resize", "96", "--dtype", "bfloat16", "--full-recipe",
+                                      "--torch-compile-mode", "reduce-overhead"])
         elif step == "bench-more":
             s.bench(step, "28", ["--resize", "28", "--dtype", "bfloat16", "float32"])
             s.bench(step, "96-fp32", ["--resize", "96", "--dtype", "float32"])

@@ -449,6 +449,7 @@ class _Programs(NamedTuple):
     eval_test: Callable  # state -> metrics on the test split
     eval_val: Callable | None  # state -> metrics on the validation split
     scalar: Callable  # int -> a replicated int32 on the devices (the programs' scalar argument)
+    compile_s: dict  # seconds each program took to trace, lower and compile: where fit's compile time goes
 
 
 def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | None, devices, mesh, K: int) -> _Programs:
@@ -460,13 +461,21 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     put = lambda a: to_global(a, replicated)
     n, bs = train_x.shape[0], config.batch_size
     full, rem = divmod(n, bs)
+    seconds = {}
+
+    def timed(name: str, make):
+        t0 = time.perf_counter()
+        program = make()
+        seconds[name] = time.perf_counter() - t0
+        return program
+
     # Every input and output sharding is explicit: indices, like the data, are replicated.
     scalar = lambda v: put(np.int32(v))
-    plan_fn = (
+    plan_fn = timed("shuffle", lambda: (
         jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), devices, out_shardings=replicated)
         .lower(scalar(0))
         .compile()
-    )
+    ))
     idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
 
     def compile_step(batch: int, sharding):
@@ -483,7 +492,7 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
 
     chunk_fn = step_fn = None
     if full and K > 1:
-        chunk_fn = (
+        chunk_fn = timed("train", lambda: (
             jit(
                 functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
                 devices,
@@ -491,16 +500,19 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
             )
             .lower(state, train_x, train_y, idx_spec((K, bs)), scalar(0))
             .compile()
-        )
+        ))
     elif full:
-        one = compile_step(bs, batch_sharding)
+        one = timed("train", lambda: compile_step(bs, batch_sharding))
         chunk_fn = lambda s, x, y, rows, steps: one(s, x, y, rows[0])
     if rem:
-        # The small last batch runs replicated: not worth a program of its own sharding.
-        step_fn = compile_step(rem, None)
-    eval_test = _make_evaluator(config, state, test, put, batch_sharding, n_dev)
-    eval_val = _make_evaluator(config, state, val, put, batch_sharding, n_dev) if val is not None else None
-    return _Programs(plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar)
+        # The small last batch runs replicated: not worth a program of its own sharding. (A
+        # whole second training program, with its own autotuning on a GPU: padding the batch
+        # instead would change BatchNorm's statistics, which the chapter takes over the 96.)
+        step_fn = timed("last_batch", lambda: compile_step(rem, None))
+    eval_test = timed("eval_test", lambda: _make_evaluator(config, state, test, put, batch_sharding, n_dev))
+    eval_val = (timed("eval_val", lambda: _make_evaluator(config, state, val, put, batch_sharding, n_dev))
+                if val is not None else None)
+    return _Programs(plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar, seconds)
 
 
 def fit(
@@ -561,7 +573,8 @@ def fit(
 
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
-    plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar = _compile(config, state, train_x, train_y, test, val, devices, mesh, K)
+    programs = _compile(config, state, train_x, train_y, test, val, devices, mesh, K)
+    plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar = programs[:6]
     compile_s = time.perf_counter() - t0
 
     info = {
@@ -573,6 +586,7 @@ def fit(
         "val_examples": len(val) if val is not None else 0,
         "steps_per_epoch": steps_per_epoch,
         "compile_s": compile_s,
+        "compile_s_by_program": programs.compile_s,
     }
     hooks.on_start(info)
 
@@ -647,6 +661,7 @@ def fit(
         "examples_per_sec": (n * max(epochs_run, 0) / train_time) if train_time > 0 else None,
         "train_time_s": train_time,
         "compile_s": compile_s,
+        "compile_s_by_program": programs.compile_s,
         "wall_time_s": time.perf_counter() - t_start,
         "device": info["device"],
         "backend": info["backend"],

@@ -93,6 +93,8 @@ def test_full_recipe_times_fit_end_to_end():
               "data": "synthetic uint8 noise", "full_recipe": result}
     md = bench.markdown(report)
     assert f"**{result['wall_s']:.1f} s** wall, compile included" in md and "chance level" in md
+    assert sorted(result["compile_s_by_program"]) == ["eval_test", "shuffle", "train"]  # 8 = 2 x 4: no last batch
+    assert "Its compile, program by program (trace, lower and compile): shuffle " in md
 
 
 @pytest.mark.parametrize(
@@ -215,3 +217,22 @@ def test_the_benchmark_scripts_run_from_a_checkout_with_nothing_installed(script
     r = subprocess.run([sys.executable, "-c", _NOT_INSTALLED, str(BENCHMARKS / script), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+def test_the_tuned_pytorch_passes_its_compile_mode_and_names_it(monkeypatch):
+    # torch.compile itself takes about a minute on 2 CPU cores: here it is recorded, not run.
+    torch = pytest.importorskip("torch")
+    modes = []
+
+    def fake_compile(fn, mode=None):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train, test = bench.synthetic_splits(16, 8)
+    row = bench.bench_torch_tuned(train, test, 17, 4, "float32", 1, 1, compile_model=True,
+                                  eval_batch=8, compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # the training and the evaluation forward
+    assert row["label"] == "PyTorch, tuned (reduce-overhead)" and "torch.compile (mode reduce-overhead)" in row["notes"]
+    row = bench.bench_torch_tuned(train, test, 17, 4, "float32", 1, 1, compile_model=True, eval_batch=8)
+    assert modes[2:] == ["default", "default"] and row["label"] == "PyTorch, tuned"

@@ -136,6 +136,10 @@ def test_fit_runs_epochs_and_reports(state):
     walls = [r["wall_s"] for r in result.history]
     assert walls[0] >= f["compile_s"] + result.history[0]["epoch_train_s"]
     assert walls[1] >= walls[0] + result.history[1]["epoch_train_s"] and walls[1] <= f["wall_time_s"]
+    # Where the compile time went, program by program (the GPU's 18 s needed this to be read).
+    parts = f["compile_s_by_program"]
+    assert sorted(parts) == ["eval_test", "last_batch", "shuffle", "train"] and min(parts.values()) > 0
+    assert sum(parts.values()) <= f["compile_s"]
     assert 0 <= f["test_acc"] <= 1 and np.isfinite(f["train_loss"]) and f["examples_per_sec"] > 0
     # The test metrics equal a direct evaluation of the final state.
     direct = training.eval_step(result.state, test.images, test.labels, jnp.ones(30, bool), RESIZE)
@@ -179,6 +183,7 @@ def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
     # As a DataLoader without drop_last: each epoch is one step on all 12 examples.
     assert [r["step"] for r in result.history] == [1, 2] and int(result.state.step) == 2
     assert np.isfinite(result.final["train_loss"])
+    assert sorted(result.final["compile_s_by_program"]) == ["eval_test", "last_batch", "shuffle"]  # no full batch
 
 
 def test_non_finite_running_statistics_stop_fit_before_the_epoch_is_reported(state):
