@@ -9,15 +9,18 @@ left allows it, each cut off at its own cap:
    accuracy and the seconds to 0.93 / 0.94 / 0.95 / 0.955 (the 60 s target),
    twice: with an empty compile cache (what a first run pays), then again with
    the programs the first run cached (what every later run pays).
-2. ``sweep``: ``--recipe best`` variants, one change each, tabulated.
-3. ``bench``: benchmarks/bench.py at the recipe's step (batch 256, 96x96, bf16)
+2. ``profile``: benchmarks/profile_step.py, one epoch of the recipe's step
+   (batch 256, 96x96, bf16) under JAX's profiler: how busy the GPU is and which
+   kernels take the time (the step was at 12% of the chip's peak).
+3. ``sweep``: ``--recipe best`` variants, one change each, tabulated.
+4. ``bench``: benchmarks/bench.py at the recipe's step (batch 256, 96x96, bf16)
    against the chapter's PyTorch loop and a tuned PyTorch (torch.compile with
    CUDA graphs, ``reduce-overhead``: the default mode, measured the first time,
    was launch-bound), plus the full 10-epoch recipe timed end to end (the speed
    targets), with its compile time program by program.
-4. ``d2l``: ``train.py`` (the chapter's recipe, float32) for seeds 0, 1, 2 and
+5. ``d2l``: ``train.py`` (the chapter's recipe, float32) for seeds 0, 1, 2 and
    their median (the 0.90 target).
-5. ``bench-more``: bench.py at 28x28 (bf16 and float32) and at 96x96 float32.
+6. ``bench-more``: bench.py at 28x28 (bf16 and float32) and at 96x96 float32.
 
 (The first session, 2026-12-04, measured ``bench``, ``d2l`` and part of the sweep
 with the code then current: benchmarks/results/gpu_h200_2026-12-04/. Hence the
@@ -29,10 +32,11 @@ time being measured) and with ``--json``, whose line carries every epoch's
 record. Every train.py run but ``best``'s second compiles afresh
 (``--compile-cache off``, or an empty folder), so compile times compare. What
 comes back, in ``--out`` (default ``$OUT``, the device tool's folder), is at
-most six files, under the tool's limit of eight: ``summary.md`` (every table,
+most seven files, under the tool's limit of eight: ``summary.md`` (every table,
 appended as each step ends, so a cut-off session still returns what it
 finished), ``runs.jsonl`` (one line per run: flags, status, process wall time,
-train.py's JSON line), ``session.log`` (all output) and ``bench-*.json``.
+train.py's JSON line), ``session.log`` (all output), ``bench-*.json`` and
+``profile-trace.json.gz``.
 
 The GPU machine has JAX, Flax, Optax, Orbax and PyTorch but neither TFDS nor a
 network, and nothing of this project installed (the scripts find the package
@@ -91,7 +95,8 @@ SWEEP = (
 # (step, seconds a run needs at least to be worth starting, seconds after which it is cut off).
 # From the first session on an H200 (2026-12-04): bench took 162 s; a --recipe best run 70-85 s
 # of process time (compile 35-38 s); a d2l run 47 s. The caps only stop a runaway.
-LIMITS = {"bench": (170, 300), "best": (90, 180), "d2l": (50, 90), "sweep": (80, 180), "bench-more": (120, 300)}
+LIMITS = {"bench": (170, 300), "best": (90, 180), "profile": (60, 150), "d2l": (50, 90), "sweep": (80, 180),
+          "bench-more": (120, 300)}
 
 
 class Session:
@@ -170,6 +175,21 @@ class Session:
         else:
             self.write(f"## {step}: `{rec['command']}`\n\n{rec['status']}{': ' + rec.get('why', '') if 'why' in rec else ''}; no report")
 
+    def profile(self) -> None:
+        tmp = self.out / ".profile"
+        argv = [sys.executable, "benchmarks/profile_step.py", "--out", str(tmp)]
+        argv += (["--train-examples", "512", "--eval-examples", "256", "--resize", "28"] if self.dry_run
+                 else ["--data", str(self.data / NPZ)])
+        rec = self.run("profile", "96-bf16", argv)
+        if (tmp / "profile.md").exists():
+            if (tmp / "trace.json.gz").exists():
+                (tmp / "trace.json.gz").rename(self.out / "profile-trace.json.gz")
+            self.write(f"## profile: `{rec['command']}` ({rec['status']})\n\n"
+                       + (tmp / "profile.md").read_text().split("\n", 2)[2])  # without its title
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            self.write(f"## profile: `{rec['command']}`\n\n{rec['status']}{': ' + rec.get('why', '') if 'why' in rec else ''}; no report")
+
     def best(self) -> None:
         flags = ["--recipe", "best", "--seed", "0", "--dtype", "bfloat16", "--compile-cache", str(self.cache)]
         recs = [self.train("best", "best (empty compile cache)", flags),
@@ -231,7 +251,7 @@ def environment(dry_run: bool) -> str:
     return "\n".join(f"- {line}" for line in lines if line.strip())
 
 
-STEPS = ("best", "sweep", "bench", "d2l", "bench-more")
+STEPS = ("best", "profile", "sweep", "bench", "d2l", "bench-more")
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -212,7 +212,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-@pytest.mark.parametrize("script", ["bench.py", "cpu_conv.py", "cpu_loop.py", "cpu_maxpool.py", "cpu_step.py"])
+@pytest.mark.parametrize("script", ["bench.py", "cpu_conv.py", "cpu_loop.py", "cpu_maxpool.py", "cpu_step.py",
+                                    "profile_step.py"])
 def test_the_benchmark_scripts_run_from_a_checkout_with_nothing_installed(script, tmp_path):
     r = subprocess.run([sys.executable, "-c", _NOT_INSTALLED, str(BENCHMARKS / script), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
