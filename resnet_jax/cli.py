@@ -36,6 +36,7 @@ INGREDIENT_FLAGS = (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
+COMPILE_CACHE_MAX_BYTES = 2 * 2**30  # --compile-cache's size limit, unless $JAX_COMPILATION_CACHE_MAX_SIZE says
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
 
 
@@ -432,6 +433,10 @@ def use_compile_cache(setting: tuple[Path | None, bool], say) -> Path | None:
     else:
         jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", str(folder))
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+            # Every new shape, dtype or learning rate adds programs (tens of MB each on a GPU):
+            # past this size JAX deletes the least recently used ones.
+            jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return folder
 
 

@@ -290,3 +290,30 @@ def test_the_compile_cache_is_reused_and_changes_no_result(prepared_data_dir, tm
                        env={**env_free, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "xdg").exists()
+
+
+def test_the_compile_cache_is_kept_below_its_size_limit(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    folder = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR", tmp_path))  # this session's own (conftest.py)
+    before = jax.config.jax_compilation_cache_max_size
+    try:
+        assert cli.use_compile_cache((folder, True), print) == folder
+        assert jax.config.jax_compilation_cache_max_size == cli.COMPILE_CACHE_MAX_BYTES == 2 * 2**30
+        assert jax.config.jax_compilation_cache_dir == str(folder)
+    finally:
+        jax.config.update("jax_compilation_cache_max_size", before)
+
+
+def test_a_default_compile_cache_that_cannot_be_made_only_costs_the_cache(tmp_path, prepared_data_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--data-dir", str(prepared_data_dir), "--offline",
+                        "--train-limit", "32", "--test-limit", "32", "--epochs", "1", "--resize", "28",
+                        "--batch-size", "32"], capture_output=True, text=True, timeout=600,
+                       env={**env, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(blocker)})
+    assert r.returncode == 0, r.stderr
+    assert f"note: no compile cache (cannot write {blocker}/resnet_jax/xla)" in r.stdout
+    assert blocker.read_text() == "keep me"
