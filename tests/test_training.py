@@ -98,6 +98,32 @@ def test_chunked_loop_equals_step_by_step(state):
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
+def test_a_constant_trip_count_runs_the_same_steps_bit_for_bit(state):
+    # fit passes num_steps as a Python int when every chunk is full: XLA then knows the loop's
+    # trip count (on a GPU, no read-back of the loop condition after each step). Same steps,
+    # same order, same program body: the same bits.
+    images, labels = _batch(32, seed=3)
+    rows = jnp.arange(32).reshape(2, 16)
+    traced = jax.jit(functools.partial(training.train_chunk, resize=RESIZE))(state, images, labels, rows, jnp.int32(2))
+    static = jax.jit(functools.partial(training.train_chunk, num_steps=2, resize=RESIZE))(state, images, labels, rows)
+    for a, b in zip(jax.tree_util.tree_leaves(traced), jax.tree_util.tree_leaves(static)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "while" in jax.jit(functools.partial(training.train_chunk, num_steps=2, resize=RESIZE)).lower(
+        state, images, labels, rows).as_text()  # still a device loop, not 2 inlined steps
+
+
+def test_fit_uses_the_constant_trip_count_when_the_chunks_divide_the_epoch(state):
+    images, labels = _batch(72, seed=5)
+    train, test = Split(images[:64], labels[:64]), Split(images[64:], labels[64:])
+    runs = {}
+    for k in (2, 3):  # 4 full batches of 16: K=2 divides them, K=3 leaves a partial chunk
+        config = Config(epochs=1, batch_size=16, resize=RESIZE, steps_per_dispatch=k, eval_batch_size=8)
+        runs[k] = training.fit(config, train, test, state).final
+    assert runs[2]["static_trip_count"] and not runs[3]["static_trip_count"]
+    assert runs[2]["steps_per_dispatch"] == 2 and runs[3]["steps_per_dispatch"] == 3
+    np.testing.assert_allclose(runs[2]["train_loss"], runs[3]["train_loss"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("n,bs,k", [(1000, 64, 4), (256, 256, 32), (300, 256, 8), (100, 7, 3)])
 def test_epoch_plan_visits_every_example_once(n, bs, k):
     rows, rem = training.epoch_plan(3, 0, n, bs, k)
