@@ -126,3 +126,7 @@ def test_flip_averaging(variables):
     # Invariant to flipping the input, which plain logits are not.
     np.testing.assert_allclose(recipes.predict(net.apply, variables, x[:, :, ::-1], tta_flip=True), both, rtol=1e-5, atol=1e-6)
     assert not np.allclose(plain, mirrored, atol=1e-4)
+    # One pass over both views: the network appears once in the program, as without flips.
+    convs = lambda tta: jax.jit(lambda v, x: recipes.predict(net.apply, v, x, tta_flip=tta)).lower(
+        variables, x).as_text().count("stablehlo.convolution")
+    assert convs(True) == convs(False) > 0
