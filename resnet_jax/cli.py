@@ -433,11 +433,18 @@ def use_compile_cache(setting: tuple[Path | None, bool], say) -> Path | None:
     else:
         jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", str(folder))
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _has_filelock():
             # Every new shape, dtype or learning rate adds programs (tens of MB each on a GPU):
-            # past this size JAX deletes the least recently used ones.
+            # past this size JAX deletes the least recently used ones. That needs filelock (a
+            # dependency of ours); without it JAX would cache nothing at all, so no limit then.
             jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return folder
+
+
+def _has_filelock() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("filelock") is not None
 
 
 def distributed_settings(args: argparse.Namespace) -> dict | None:

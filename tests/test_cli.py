@@ -302,6 +302,11 @@ def test_the_compile_cache_is_kept_below_its_size_limit(tmp_path, monkeypatch):
         assert cli.use_compile_cache((folder, True), print) == folder
         assert jax.config.jax_compilation_cache_max_size == cli.COMPILE_CACHE_MAX_BYTES == 2 * 2**30
         assert jax.config.jax_compilation_cache_dir == str(folder)
+        # Without filelock JAX would refuse every cache entry under a size limit: no limit then.
+        jax.config.update("jax_compilation_cache_max_size", -1)
+        monkeypatch.setattr(cli, "_has_filelock", lambda: False)
+        cli.use_compile_cache((folder, True), print)
+        assert jax.config.jax_compilation_cache_max_size == -1
     finally:
         jax.config.update("jax_compilation_cache_max_size", before)
 
