@@ -495,27 +495,19 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
         )
 
     chunk_fn = step_fn = None
-    if full and K > 1 and full % K == 0:  # every chunk full: K steps, a constant trip count (train_chunk)
-        static = timed("train", lambda: (
-            jit(
-                functools.partial(train_chunk, num_steps=K, resize=config.resize, batch_sharding=batch_sharding),
-                devices,
-                donate_argnums=0,
-            )
-            .lower(state, train_x, train_y, idx_spec((K, bs)))
-            .compile()
-        ))
-        chunk_fn = lambda s, x, y, rows, steps: static(s, x, y, rows)
-    elif full and K > 1:
-        chunk_fn = timed("train", lambda: (
-            jit(
-                functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding),
-                devices,
-                donate_argnums=0,
-            )
-            .lower(state, train_x, train_y, idx_spec((K, bs)), scalar(0))
-            .compile()
-        ))
+    if full and K > 1:
+        # When K divides the full batches every chunk is full: K becomes a constant of the
+        # program, and so does the loop's trip count (train_chunk).
+        static = full % K == 0
+        chunk = jit(
+            functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding,
+                              **({"num_steps": K} if static else {})),
+            devices,
+            donate_argnums=0,
+        )
+        args = (state, train_x, train_y, idx_spec((K, bs))) + (() if static else (scalar(0),))
+        compiled = timed("train", lambda: chunk.lower(*args).compile())
+        chunk_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
     elif full:
         one = timed("train", lambda: compile_step(bs, batch_sharding))
         chunk_fn = lambda s, x, y, rows, steps: one(s, x, y, rows[0])
