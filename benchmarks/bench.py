@@ -307,18 +307,12 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
         training.jit(lambda s, x, y, i: training.train_step(s, x[i], y[i], r), donate_argnums=0),
         state, train_x, train_y, idx(bs), counted=K == 1,
     )
-    if K > 1 and full % K == 0:  # as fit: every chunk full, the trip count a constant of the program
-        _, chunk = compile_(
-            training.jit(functools.partial(training.train_chunk, num_steps=K, resize=r), donate_argnums=0),
-            state, train_x, train_y, idx(K, bs),
-        )
-        run = lambda s, rows: chunk(s, train_x, train_y, rows)
-    elif K > 1:
-        _, chunk = compile_(
-            training.jit(functools.partial(training.train_chunk, resize=r), donate_argnums=0),
-            state, train_x, train_y, idx(K, bs), jax.ShapeDtypeStruct((), jnp.int32),
-        )
-        run = lambda s, rows: chunk(s, train_x, train_y, rows, jnp.int32(K))
+    static = False
+    if K > 1:  # as fit: a constant trip count when K divides the full batches
+        jitted, static = training.jit_train_chunk(K, full, r)
+        steps_arg = () if static else (jax.ShapeDtypeStruct((), jnp.int32),)
+        _, chunk = compile_(jitted, state, train_x, train_y, idx(K, bs), *steps_arg)
+        run = lambda s, rows: chunk(s, train_x, train_y, rows, *(() if static else (jnp.int32(K),)))
     else:
         run = lambda s, rows: one_step(s, train_x, train_y, rows[0])
     eval_lowered, one_eval = compile_(
@@ -361,7 +355,7 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
         Timings(train_s, eval_s, K), len(test), compile_s, stats.get("peak_bytes_in_use"),
         xla_train=flops_train / bs / 1e9 if flops_train else None,
         xla_eval=flops_eval / eval_bs / 1e9 if flops_eval else None,
-        notes=f"{K} step(s) per dispatch" + (" (a constant trip count)" if K > 1 and full % K == 0 else "")
+        notes=f"{K} step(s) per dispatch" + (" (a constant trip count)" if static else "")
               + f"; eval batch {eval_bs}",
     )
 

@@ -175,7 +175,10 @@ class Session:
             (tmp / "bench.md").unlink()
             tmp.rmdir()
         else:
-            self.write(f"## {step}: `{rec['command']}`\n\n{rec['status']}{': ' + rec.get('why', '') if 'why' in rec else ''}; no report")
+            self.no_report(step, rec)
+
+    def no_report(self, step: str, rec: dict) -> None:
+        self.write(f"## {step}: `{rec['command']}`\n\n{rec['status']}{': ' + rec['why'] if 'why' in rec else ''}; no report")
 
     def profile(self) -> None:
         tmp = self.out / ".profile"
@@ -190,7 +193,7 @@ class Session:
                        + (tmp / "profile.md").read_text().split("\n", 2)[2])  # without its title
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            self.write(f"## profile: `{rec['command']}`\n\n{rec['status']}{': ' + rec.get('why', '') if 'why' in rec else ''}; no report")
+            self.no_report("profile", rec)
 
     def best(self) -> None:
         flags = ["--recipe", "best", "--seed", "0", "--dtype", "bfloat16", "--compile-cache", str(self.cache)]

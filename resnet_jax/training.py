@@ -266,6 +266,18 @@ def train_chunk(state, images, labels, batch_idx, num_steps, resize: int, batch_
     return jax.lax.fori_loop(0, num_steps, body, (state, _zeros()))
 
 
+def jit_train_chunk(K: int, full: int, resize: int, batch_sharding=None, devices=None) -> tuple[Callable, bool]:
+    """fit's jitted :func:`train_chunk` for K steps per call, and whether its trip count is a constant.
+
+    ``full``: the epoch's full batches. When K divides them every chunk is full: K is passed
+    as a Python int, and the jitted function takes no step count. (Shared with the benchmark,
+    so that it times the program fit runs.)
+    """
+    static = full % K == 0
+    fn = functools.partial(train_chunk, resize=resize, batch_sharding=batch_sharding, **({"num_steps": K} if static else {}))
+    return jit(fn, devices, donate_argnums=0), static
+
+
 def evaluate(state, images, labels, mask, resize: int, batch_sharding=None) -> Metrics:
     """Metric sums over a whole padded split (N_pad divisible by the eval batch), in one call."""
 
@@ -496,15 +508,7 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
 
     chunk_fn = step_fn = None
     if full and K > 1:
-        # When K divides the full batches every chunk is full: K becomes a constant of the
-        # program, and so does the loop's trip count (train_chunk).
-        static = full % K == 0
-        chunk = jit(
-            functools.partial(train_chunk, resize=config.resize, batch_sharding=batch_sharding,
-                              **({"num_steps": K} if static else {})),
-            devices,
-            donate_argnums=0,
-        )
+        chunk, static = jit_train_chunk(K, full, config.resize, batch_sharding, devices)
         args = (state, train_x, train_y, idx_spec((K, bs))) + (() if static else (scalar(0),))
         compiled = timed("train", lambda: chunk.lower(*args).compile())
         chunk_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
