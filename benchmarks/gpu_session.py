@@ -9,20 +9,24 @@ left allows it, each cut off at its own cap:
    accuracy and the seconds to 0.93 / 0.94 / 0.95 / 0.955 (the 60 s target),
    twice: with an empty compile cache (what a first run pays), then again with
    the programs the first run cached (what every later run pays).
-2. ``profile``: benchmarks/profile_step.py, one epoch of the recipe's step
+2. ``recipe``: ``train.py --dtype bfloat16``, the chapter's recipe in bf16
+   (the 15 s target), cold, then warm from the compile cache, then cold with
+   XLA's autotuning off (``--xla_gpu_autotune_level=0``): what each costs in
+   compile time and in training speed, program by program.
+3. ``profile``: benchmarks/profile_step.py, one epoch of the recipe's step
    (batch 256, 96x96, bf16) under JAX's profiler: how busy the GPU is and which
    kernels take the time (the step was at 12% of the chip's peak).
-3. ``sweep``: ``--recipe best`` variants, one change each, tabulated.
 4. ``bench``: benchmarks/bench.py at the recipe's step (batch 256, 96x96, bf16)
    against the chapter's PyTorch loop and a tuned PyTorch (torch.compile with
    CUDA graphs, ``reduce-overhead``: the default mode, measured the first time,
    was launch-bound), plus the full 10-epoch recipe timed end to end (the speed
    targets), with its compile time program by program; then the JAX step alone
-   at 26 steps per dispatch, which divide the epoch, so that the device loop's
+   at 47 steps per dispatch, which divide the epoch's 235 steps, so that the device loop's
    trip count is a constant (fit's default 32 leaves it traced).
-5. ``d2l``: ``train.py`` (the chapter's recipe, float32) for seeds 0, 1, 2 and
+5. ``sweep``: ``--recipe best`` variants, one change each, tabulated.
+6. ``d2l``: ``train.py`` (the chapter's recipe, float32) for seeds 0, 1, 2 and
    their median (the 0.90 target).
-6. ``bench-more``: bench.py at 28x28 (bf16 and float32) and at 96x96 float32.
+7. ``bench-more``: bench.py at 28x28 (bf16 and float32) and at 96x96 float32.
 
 (The first session, 2026-12-04, measured ``bench``, ``d2l`` and part of the sweep
 with the code then current: benchmarks/results/gpu_h200_2026-12-04/. Hence the
@@ -31,7 +35,7 @@ recipe steps first now.)
 Runs write nothing to disk but this script's files: train.py runs without
 ``--output`` (a checkpoint per epoch would add its saving time to the wall
 time being measured) and with ``--json``, whose line carries every epoch's
-record. Every train.py run but ``best``'s second compiles afresh
+record. Every train.py run but the second of ``best`` and of ``recipe`` compiles afresh
 (``--compile-cache off``, or an empty folder), so compile times compare. What
 comes back, in ``--out`` (default ``$OUT``, the device tool's folder), is at
 most eight files, the tool's limit: ``summary.md`` (every table,
@@ -98,7 +102,7 @@ SWEEP = (
 # From the first session on an H200 (2026-12-04): bench took 162 s; a --recipe best run 70-85 s
 # of process time (compile 35-38 s); a d2l run 47 s. The caps only stop a runaway.
 LIMITS = {"bench": (170, 300), "best": (90, 180), "profile": (60, 150), "d2l": (50, 90), "sweep": (80, 180),
-          "bench-more": (120, 300)}
+          "bench-more": (120, 300), "recipe": (50, 120)}
 
 
 class Session:
@@ -119,10 +123,12 @@ class Session:
             f.write(text.rstrip("\n") + "\n\n")
         print(text, flush=True)
 
-    def run(self, step: str, name: str, argv: list[str]) -> dict:
-        """One subprocess, cut off at the step's cap or the budget; its record (also in runs.jsonl)."""
+    def run(self, step: str, name: str, argv: list[str], env: dict | None = None) -> dict:
+        """One subprocess, cut off at the step's cap or the budget; its record (also in runs.jsonl).
+
+        ``env``: variables set for this run only (shown in front of its command)."""
         need, cap = LIMITS[step]
-        rec = {"step": step, "name": name, "command": shlex.join(argv)}
+        rec = {"step": step, "name": name, "command": shlex.join([f"{k}={v}" for k, v in (env or {}).items()] + argv)}
         left = self.left()
         if left < need:
             rec.update(status="skipped", why=f"{left:.0f} s of the budget left, {need} s needed")
@@ -132,7 +138,7 @@ class Session:
             t0 = time.monotonic()
             # A session of its own, so a cut-off kills DataLoader workers and XLA's threads too.
             proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
             try:
                 stdout, _ = proc.communicate(timeout=timeout)
                 rec["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
@@ -153,12 +159,12 @@ class Session:
 
     # -- the steps ---------------------------------------------------------------------------
 
-    def train(self, step: str, name: str, flags: list[str]) -> dict:
+    def train(self, step: str, name: str, flags: list[str], env: dict | None = None) -> dict:
         argv = [sys.executable, "train.py", "--data-dir", str(self.data), "--offline", "--json", *flags]
         if self.dry_run:
             argv += ["--train-limit", "1024", "--test-limit", "512", "--epochs", "2", "--resize", "28",
                      "--batch-size", "256"]
-        return self.run(step, name, argv)
+        return self.run(step, name, argv, env)
 
     def bench(self, step: str, tag: str, flags: list[str]) -> None:
         tmp = self.out / f".bench-{tag}"
@@ -199,7 +205,24 @@ class Session:
         flags = ["--recipe", "best", "--seed", "0", "--dtype", "bfloat16", "--compile-cache", str(self.cache)]
         recs = [self.train("best", "best (empty compile cache)", flags),
                 self.train("best", "best (programs cached by the run above)", flags)]
-        self.write("## best: `--recipe best --seed 0 --dtype bfloat16`, a first run and a second\n\n" + runs_table(recs))
+        self.write("## best: `--recipe best --seed 0 --dtype bfloat16`, a first run and a second\n\n" + runs_table(recs)
+                   + "\n\n" + compile_table(recs))
+
+    def recipe(self) -> None:
+        """The chapter's recipe in bf16 (the 15 s target): cold, warm, and cold with XLA's autotuning off."""
+        cache = Path(tempfile.mkdtemp(prefix="gpu_session_xla_recipe_"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        flags = ["--seed", "0", "--dtype", "bfloat16"]
+        recs = [
+            self.train("recipe", "d2l bf16 (empty compile cache)", [*flags, "--compile-cache", str(cache)]),
+            self.train("recipe", "d2l bf16 (programs cached by the run above)", [*flags, "--compile-cache", str(cache)]),
+            # Autotuning (timing candidate kernels for every conv) is part of each cold compile:
+            # off, XLA takes its heuristic choice. Whether the compile saved pays for slower kernels.
+            self.train("recipe", "d2l bf16, XLA_FLAGS=--xla_gpu_autotune_level=0", [*flags, "--compile-cache", "off"],
+                       env={"XLA_FLAGS": "--xla_gpu_autotune_level=0"}),
+        ]
+        self.write("## recipe: `--seed 0 --dtype bfloat16` (the chapter's recipe in bf16), three ways\n\n"
+                   + runs_table(recs, speed=True) + "\n\n" + compile_table(recs))
 
     def d2l(self) -> None:
         recs = [self.train("d2l", f"d2l-seed{s}", ["--seed", str(s), "--compile-cache", "off"]) for s in (0, 1, 2)]
@@ -219,10 +242,13 @@ def first_at(history: list[dict], goal: float) -> str:
     return f"ep {hit['epoch']}, {hit['wall_s']:.1f} s" if hit else "-"
 
 
-def runs_table(recs: list[dict]) -> str:
-    """One row per run: final accuracies, seconds to each goal (fit's clock: compile and evaluation in), wall times."""
+def runs_table(recs: list[dict], speed: bool = False) -> str:
+    """One row per run: final accuracies, seconds to each goal (fit's clock: compile and evaluation in), wall times.
+
+    ``speed``: also the training images/s (training time only)."""
     head = ("| run | status | epochs | final test acc | final train acc | "
-            + " | ".join(f"{g} at" for g in GOALS) + " | compile s | fit wall s | process wall s |")
+            + " | ".join(f"{g} at" for g in GOALS) + " | compile s | fit wall s | process wall s |"
+            + (" train img/s |" if speed else ""))
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in recs:
         res = r.get("result")
@@ -234,7 +260,21 @@ def runs_table(recs: list[dict]) -> str:
             f"| {r['name']} | {r['status']} | {res['epochs']} | {res['test_acc']:.4f} | {res['train_acc']:.4f} | "
             + " | ".join(first_at(hist, g) for g in GOALS)
             + f" | {res['compile_s']:.1f} | {res['wall_time_s']:.1f} | {r['process_wall_s']:.1f} |"
+            + (f" {res['examples_per_sec']:,.0f} |" if speed else "")
         )
+    return "\n".join(rows)
+
+
+def compile_table(recs: list[dict]) -> str:
+    """Seconds of compile per program (fit's ``compile_s_by_program``), one row per finished run."""
+    done = [r for r in recs if "result" in r and "compile_s_by_program" in r["result"]]
+    if not done:
+        return "(no compile breakdown: no run finished)"
+    names = sorted({k for r in done for k in r["result"]["compile_s_by_program"]})
+    rows = ["| run | " + " | ".join(f"{n} s" for n in names) + " |", "|" + "---|" * (len(names) + 1)]
+    for r in done:
+        parts = r["result"]["compile_s_by_program"]
+        rows.append(f"| {r['name']} | " + " | ".join(f"{parts[n]:.1f}" if n in parts else "-" for n in names) + " |")
     return "\n".join(rows)
 
 
@@ -256,7 +296,7 @@ def environment(dry_run: bool) -> str:
     return "\n".join(f"- {line}" for line in lines if line.strip())
 
 
-STEPS = ("best", "profile", "sweep", "bench", "d2l", "bench-more")
+STEPS = ("best", "recipe", "profile", "bench", "sweep", "d2l", "bench-more")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -294,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             # The tuned PyTorch with CUDA graphs this time: its default mode (measured 2026-12-04) was launch-bound.
             s.bench(step, "96-bf16", ["--resize", "96", "--dtype", "bfloat16", "--full-recipe",
                                       "--torch-compile-mode", "reduce-overhead"])
-            # 26 steps per dispatch divide the epoch's 234 full batches: a constant trip count
+            # 47 steps per dispatch divide the epoch's 235 steps: a constant trip count
             # (training.train_chunk), against the default 32's traced one just above.
-            s.bench(step, "96-bf16-k26", ["--resize", "96", "--dtype", "bfloat16", "--steps", "26", "--no-torch"])
+            s.bench(step, "96-bf16-k47", ["--resize", "96", "--dtype", "bfloat16", "--steps", "47", "--no-torch"])
         elif step == "bench-more":
             s.bench(step, "28", ["--resize", "28", "--dtype", "bfloat16", "float32"])
             s.bench(step, "96-fp32", ["--resize", "96", "--dtype", "float32"])

@@ -107,8 +107,7 @@ class Conv2d(nn.Module):
         return y + bias.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon: float):
+def batch_norm_train(x, scale, bias, epsilon: float, mask=None):
     """Training-mode BatchNorm over the last axis: ``(y, batch mean, biased batch variance)``.
 
     Forward: ``(x - mean) * (scale / sqrt(var + eps)) + bias`` with the two-pass
@@ -125,43 +124,82 @@ def batch_norm_train(x, scale, bias, epsilon: float):
     the forward. Same math, same centred sums; XLA gets two reductions and one
     elementwise pass per BatchNorm instead of a chain it recomputed inside
     every consumer (BENCHMARKS.md, "CPU: bench.py, batch 64").
+
+    ``mask``: optional (N,) booleans over the batch. The statistics are then
+    those of the examples where ``mask`` alone, exactly as if the others were
+    not in the batch, and the others get no gradient. This is how
+    :func:`resnet_jax.training.fit` runs the epoch's last, smaller batch (96 of
+    256 in the chapter's epoch) padded to full size, inside the same compiled
+    program as every other step. (The others' outputs are normalised with
+    these statistics too; they are padding, and the loss ignores them.)
     """
-    y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon)
+    return _batch_norm(x, scale, bias, mask, epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_norm(x, scale, bias, mask, epsilon):
+    y, mean, var, _ = _batch_norm_forward(x, scale, bias, mask, epsilon)
     return y, mean, var
 
 
-def _batch_norm_forward(x, scale, bias, epsilon):
+def _where_valid(mask, a):
+    """``a`` where the example is valid, 0 elsewhere (``a`` unchanged without a mask)."""
+    if mask is None:
+        return a
+    return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, 0)
+
+
+def _masked_sum(a, mask):
+    """Per-channel sum over the examples where ``mask``: per example first, then weighted."""
+    if mask is None:
+        return jnp.sum(a, tuple(range(a.ndim - 1)))
+    per_example = jnp.sum(a, tuple(range(1, a.ndim - 1)))  # (N, C)
+    return jnp.sum(jnp.where(mask[:, None], per_example, 0), 0)
+
+
+def _count(x, mask, dtype):
+    """Values per channel that the statistics average: N*H*W, or the valid examples' share of it."""
+    per_example = math.prod(x.shape[1:-1])
+    if mask is None:
+        return math.prod(x.shape[:-1])
+    # At least one: a batch with no valid example (never run by fit) gives 0, not NaN.
+    return jnp.maximum(jnp.sum(mask, dtype=dtype), 1) * per_example
+
+
+def _batch_norm_forward(x, scale, bias, mask, epsilon):
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.promote_types(jnp.float32, scale.dtype))
-    mean = jnp.mean(xf, axes)
-    var = jnp.mean(jnp.square(xf - mean), axes)
+    n = _count(x, mask, xf.dtype)
+    mean = _masked_sum(xf, mask) / n
+    var = _masked_sum(jnp.square(xf - mean), mask) / n
     inv_std = jax.lax.rsqrt(var + epsilon)
     mul = scale * inv_std
     y = (x - mean.astype(x.dtype)) * mul.astype(x.dtype) + bias.astype(x.dtype)
     return y, mean, var, inv_std
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon):
-    y, mean, var, inv_std = _batch_norm_forward(x, scale, bias, epsilon)
-    return (y, mean, var), (x, scale, mean, inv_std)
+def _batch_norm_fwd(x, scale, bias, mask, epsilon):
+    y, mean, var, inv_std = _batch_norm_forward(x, scale, bias, mask, epsilon)
+    return (y, mean, var), (x, scale, mask, mean, inv_std)
 
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
-    x, scale, mean, inv_std = residuals
+    x, scale, mask, mean, inv_std = residuals
     dy, dmean, dvar = cotangents
     axes = tuple(range(x.ndim - 1))
-    n = math.prod(x.shape[:-1])
+    n = _count(x, mask, mean.dtype)
     xc = x.astype(mean.dtype) - mean  # centred, in the statistics' dtype
     dyf = dy.astype(mean.dtype)
     dbias = jnp.sum(dyf, axes)
     dscale = jnp.sum(dyf * xc, axes) * inv_std  # sum(dy * xhat)
     k = scale * inv_std
     # dx = k * dy + (dmean - k * dbias) / n + xc * (2 * dvar - k * inv_std * dscale) / n
-    dx = dyf * k + (dmean - k * dbias) / n + xc * ((2.0 * dvar - k * inv_std * dscale) / n)
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+    dx = _where_valid(mask, dyf * k + (dmean - k * dbias) / n + xc * ((2.0 * dvar - k * inv_std * dscale) / n))
+    # The mask is not differentiable: no cotangent.
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -185,7 +223,10 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
+        """``mask`` (train mode only): (N,) booleans, the examples the statistics are taken over
+        (see :func:`batch_norm_train`); the running averages then move by those statistics,
+        their unbiased variance included. Eval mode ignores it."""
         features = x.shape[-1]
         pdt = self.param_dtype
         scale = self.param("scale", nn.initializers.ones, (features,), pdt)
@@ -195,14 +236,14 @@ class BatchNorm(nn.Module):
 
         dtype = self.dtype or x.dtype
         if train:
-            y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon)
+            y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon, mask)
             if not self.is_initializing():
-                n = math.prod(x.shape[:-1])
+                n = _count(x, mask, var.dtype)
                 # n == 1 (one image whose feature map here is 1x1: b5 at inputs of 32x32 or
                 # less): PyTorch raises "Expected more than 1 value per channel when training".
                 # A deliberate difference: we keep the biased value (0) rather than divide by
                 # zero or fail, so a last batch of one example does not stop a run.
-                unbiased = var * (n / max(n - 1, 1))
+                unbiased = var * (n / jnp.maximum(n - 1, 1))
                 m = self.momentum
                 running_mean.value = (1.0 - m) * running_mean.value + m * mean
                 running_var.value = (1.0 - m) * running_var.value + m * unbiased
@@ -227,7 +268,8 @@ class Residual(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
+        """``mask``: optional (N,) booleans, the examples BatchNorm's batch statistics are over (train mode)."""
         _check_nhwc_float(x, "Residual")
         if not self.use_1x1conv and self.strides != 1:
             raise ValueError(f"Residual(strides={self.strides}) needs use_1x1conv=True: the shortcut must "
@@ -241,10 +283,10 @@ class Residual(nn.Module):
         conv = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         bn = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv1 = Conv2d(self.num_channels, 3, strides=self.strides, padding=1, name="conv1", **conv)
-        y = nn.relu(BatchNorm(name="bn1", **bn)(conv1(x), train))
+        y = nn.relu(BatchNorm(name="bn1", **bn)(conv1(x), train, mask))
         y = _stored(y, conv1, train)
         y = Conv2d(self.num_channels, 3, padding=1, name="conv2", **conv)(y)
-        y = BatchNorm(name="bn2", **bn)(y, train)
+        y = BatchNorm(name="bn2", **bn)(y, train, mask)
         if self.use_1x1conv:
             x = Conv2d(self.num_channels, 1, strides=self.strides, name="conv3", **conv)(x)
         return _stored(nn.relu(y + x.astype(y.dtype)), conv1, train)
@@ -303,10 +345,10 @@ class Stem(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         pdt = self.param_dtype
         conv = Conv2d(64, 7, strides=2, padding=3, dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=pdt, name="conv")
-        x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=pdt, name="bn")(conv(x), train))
+        x = nn.relu(BatchNorm(dtype=self.dtype, param_dtype=pdt, name="bn")(conv(x), train, mask))
         x = _stored(x, conv, train)
         # Pads with -inf, as nn.MaxPool2d(padding=1) does; the gradient goes to the
         # first maximum of each window, as in PyTorch. "patches" selects the
@@ -327,7 +369,7 @@ class Stage(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None):
         for residual in resnet_block(
             self.input_channels,
             self.num_channels,
@@ -337,7 +379,7 @@ class Stage(nn.Module):
             conv_impl=self.conv_impl,
             param_dtype=self.param_dtype,
         ):
-            x = residual(x, train)
+            x = residual(x, train, mask)
         return x
 
 
@@ -350,6 +392,10 @@ class ResNet18(nn.Module):
 
     Input: NHWC images with ``input_channels`` channels (float, any size the five
     stride-2 reductions leave at least 1x1). Output: float32 logits (``param_dtype`` if wider).
+    ``mask`` (train mode): optional (N,) booleans; every BatchNorm takes its batch
+    statistics over those examples only, as if the batch held them alone (how
+    fit pads the epoch's last, smaller batch). The logits of the others are
+    meaningless and must be left out of the loss.
     ``apply(..., mutable=['intermediates'])`` also returns the pooled features
     under ``intermediates/pool``; ``capture_intermediates`` gives b1..b5.
     """
@@ -361,7 +407,7 @@ class ResNet18(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         for name in ("num_classes", "input_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ResNet18.{name} must be >= 1, got {getattr(self, name)}")
@@ -374,9 +420,9 @@ class ResNet18(nn.Module):
             )
         common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         wide = jnp.promote_types(jnp.float32, self.param_dtype)  # float32, or float64 for verification
-        x = Stem(name="b1", **common)(x, train)
+        x = Stem(name="b1", **common)(x, train, mask)
         for i, (cin, cout, first) in enumerate(STAGES):
-            x = Stage(cin, cout, 2, first, name=f"b{i + 2}", **common)(x, train)
+            x = Stage(cin, cout, 2, first, name=f"b{i + 2}", **common)(x, train, mask)
         x = jnp.mean(x.astype(wide), axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + Flatten
         self.sow("intermediates", "pool", x)
         dense = nn.Dense(

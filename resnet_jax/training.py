@@ -8,9 +8,15 @@ summing loss and correct predictions on the device. The host only dispatches
 and reads the sums once per chunk, one chunk late, so the device never waits
 for it.
 
-Every example is seen exactly once per epoch: the full batches go through the
-chunked loop and the last, smaller batch (60,000 = 234 x 256 + 96) through
-:func:`train_step` on its own, as PyTorch's DataLoader (drop_last=False) does.
+Every example is seen exactly once per epoch, as with PyTorch's DataLoader
+(drop_last=False): 60,000 = 234 x 256 + 96 makes 235 steps, the last one on 96
+examples. That last batch is padded to 256 and runs in the same compiled
+program as the others, with a mask: BatchNorm takes its statistics over the 96
+alone and the loss averages over them, so the step is the chapter's step on 96
+examples (tests/test_training.py checks it against the unpadded step). One
+training program instead of two halves what fit compiles for training. (On
+CPU, where steps cost more than compiles, the full batches keep a program
+without the mask.)
 
 Scale-out is JAX's own: a 1-D ``Mesh`` over all devices (``jax.devices()``, all
 hosts included after ``jax.distributed.initialize()``), the batch constrained to
@@ -134,12 +140,18 @@ def _sums(losses, logits, labels, mask=None) -> Metrics:
     }
 
 
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: int) -> tuple[TrainState, Metrics]:
+def train_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, resize: int, mask: jax.Array | None = None
+) -> tuple[TrainState, Metrics]:
     """One SGD step on one batch of uint8 images. Pure: state in, state and metric sums out.
 
     The metrics are sums over the batch (``loss`` summed, ``correct``, ``count``):
     divide by ``count`` for means. ``resize`` fixes shapes, so it is static under
     jit: ``jax.jit(train_step, static_argnames="resize")`` (:func:`fit` closes over it).
+
+    ``mask``: optional (B,) booleans. The step is then the step on the examples
+    where ``mask`` alone (BatchNorm's statistics, the mean loss, the metrics);
+    the others are padding and change nothing.
 
     The recipe's ingredients that are off add nothing to the computation: for
     d2l this is the chapter's step, operation for operation. With label
@@ -153,10 +165,14 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: 
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True, mask=mask, mutable=["batch_stats"]
         )
         losses = recipes.loss(logits, labels, r.label_smoothing)
-        return jnp.mean(losses), (losses, logits, updates["batch_stats"])
+        if mask is None:
+            mean = jnp.mean(losses)
+        else:
+            mean = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+        return mean, (losses, logits, updates["batch_stats"])
 
     grads, (losses, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -166,7 +182,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: 
             ema_params=recipes.ema_update(state.ema_params, state.params, r.ema_decay, state.step),
             ema_batch_stats=recipes.ema_update(state.ema_batch_stats, state.batch_stats, r.ema_decay, state.step),
         )
-    return state, _sums(losses, logits, labels)
+    return state, _sums(losses, logits, labels, mask)
 
 
 def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
@@ -245,36 +261,54 @@ def steps_per_dispatch(config: Config, backend: str) -> int:
     return 1 if backend == "cpu" else 32
 
 
-def train_chunk(state, images, labels, batch_idx, num_steps, resize: int, batch_sharding=None):
+def train_chunk(state, images, labels, batch_idx, num_steps, resize: int, batch_sharding=None, masked: bool = False):
     """``num_steps`` train steps over the rows of ``batch_idx`` (K, B), gathered from the on-device split.
+
+    ``masked``: rows may hold -1, for no example (the padding of the epoch's
+    last, smaller batch; see :func:`epoch_plan`); each step then runs on its
+    valid examples alone (:func:`train_step`'s mask). Off when every batch is
+    full, so that the program has no mask to apply.
 
     ``num_steps`` traced: one compiled program serves full and partial chunks
     (the unused rows of the last chunk are never run), but XLA cannot know the
     loop's trip count, and XLA:GPU then reads the loop's condition back to the
     host after every step. A Python int (fit passes K when K divides the
-    epoch's full batches, so that every chunk is full) makes the trip count a
+    epoch's steps, so that every chunk is full) makes the trip count a
     constant of the program. The steps and their order are the same either way.
     """
 
     def body(i, carry):
         state, sums = carry
-        idx = batch_idx[i]
-        x, y = _constrain(images[idx], batch_sharding), _constrain(labels[idx], batch_sharding)
-        state, m = train_step(state, x, y, resize)
+        state, m = train_rows(state, images, labels, batch_idx[i], resize, batch_sharding, masked)
         return state, _add(sums, m)
 
     return jax.lax.fori_loop(0, num_steps, body, (state, _zeros()))
 
 
-def jit_train_chunk(K: int, full: int, resize: int, batch_sharding=None, devices=None) -> tuple[Callable, bool]:
+def train_rows(state, images, labels, idx, resize: int, batch_sharding=None, masked: bool = False):
+    """:func:`train_step` on rows ``idx`` (B,) of the on-device split; with ``masked``, -1 is no example."""
+    mask = None
+    if masked:
+        mask = _constrain(idx >= 0, batch_sharding)
+        idx = jnp.maximum(idx, 0)  # the padding gathers example 0, which the mask then ignores
+    x, y = _constrain(images[idx], batch_sharding), _constrain(labels[idx], batch_sharding)
+    return train_step(state, x, y, resize, mask)
+
+
+def jit_train_chunk(
+    K: int, steps: int, resize: int, batch_sharding=None, devices=None, masked: bool = False
+) -> tuple[Callable, bool]:
     """fit's jitted :func:`train_chunk` for K steps per call, and whether its trip count is a constant.
 
-    ``full``: the epoch's full batches. When K divides them every chunk is full: K is passed
-    as a Python int, and the jitted function takes no step count. (Shared with the benchmark,
-    so that it times the program fit runs.)
+    ``steps``: the epoch's steps. When K divides them every chunk is full: K is passed
+    as a Python int, and the jitted function takes no step count. ``masked``: whether
+    the epoch has a smaller last batch. (Shared with the benchmark, so that it times
+    the program fit runs.)
     """
-    static = full % K == 0
-    fn = functools.partial(train_chunk, resize=resize, batch_sharding=batch_sharding, **({"num_steps": K} if static else {}))
+    static = steps % K == 0
+    fn = functools.partial(
+        train_chunk, resize=resize, batch_sharding=batch_sharding, masked=masked, **({"num_steps": K} if static else {})
+    )
     return jit(fn, devices, donate_argnums=0), static
 
 
@@ -296,13 +330,17 @@ def epoch_key(seed: int, epoch) -> jax.Array:
 
 
 def epoch_plan(epoch, seed: int, n: int, batch_size: int, chunk: int):
-    """This epoch's permutation as (num_chunks, chunk, B) full-batch rows plus the remainder indices."""
+    """This epoch's permutation as the rows of its steps, (num_chunks, chunk, B), -1 for no example.
+
+    ceil(n / B) steps, in order: the full batches, then the last, smaller one
+    (padded with -1) when B does not divide n. The rows after the epoch's last
+    step (in its last chunk) are all -1; fit never runs them.
+    """
     perm = jax.random.permutation(epoch_key(seed, epoch), n).astype(jnp.int32)  # int32 even under x64
-    full = n // batch_size
-    num_chunks = max(1, math.ceil(full / chunk))
-    rows = perm[: full * batch_size].reshape(full, batch_size)
-    rows = jnp.pad(rows, ((0, num_chunks * chunk - full), (0, 0)))
-    return rows.reshape(num_chunks, chunk, batch_size), perm[full * batch_size :]
+    steps = math.ceil(n / batch_size)
+    num_chunks = math.ceil(steps / chunk)
+    rows = jnp.pad(perm, (0, num_chunks * chunk * batch_size - n), constant_values=-1)
+    return rows.reshape(num_chunks, chunk, batch_size)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -459,9 +497,9 @@ def evaluate_split(config: Config, state: TrainState, split: Split, devices=None
 class _Programs(NamedTuple):
     """fit's compiled programs (see :func:`_compile`)."""
 
-    plan: Callable  # epoch -> (rows of each chunk's steps, rows of the last, smaller batch)
-    chunk: Callable | None  # (state, x, y, rows, steps) -> (state, metric sums): up to K full steps
-    last_step: Callable | None  # (state, x, y, rows) -> (state, metric sums): the smaller last batch
+    plan: Callable  # epoch -> the rows of each chunk's steps (epoch_plan)
+    chunk: Callable  # (state, x, y, rows, steps) -> (state, metric sums): up to K steps
+    last_chunk: Callable  # the same for the epoch's last chunk (on CPU, a masked program of its own)
     eval_test: Callable  # state -> metrics on the test split
     eval_val: Callable | None  # state -> metrics on the validation split
     scalar: Callable  # int -> a replicated int32 on the devices (the programs' scalar argument)
@@ -476,7 +514,8 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     replicated, batch_sharding, n_dev = mesh
     put = lambda a: to_global(a, replicated)
     n, bs = train_x.shape[0], config.batch_size
-    full, rem = divmod(n, bs)
+    steps = math.ceil(n / bs)
+    masked = n % bs != 0  # the epoch ends on a smaller batch: padded, and its program masks
     seconds = {}
 
     def timed(name: str, make):
@@ -494,36 +533,30 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     ))
     idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
 
-    def compile_step(batch: int, sharding):
-        """One step on rows ``idx`` of the on-device split."""
-        return (
-            jit(
-                lambda s, x, y, idx: train_step(s, _constrain(x[idx], sharding), _constrain(y[idx], sharding), config.resize),
-                devices,
-                donate_argnums=0,
-            )
-            .lower(state, train_x, train_y, idx_spec((batch,)))
-            .compile()
-        )
-
-    chunk_fn = step_fn = None
-    if full and K > 1:
-        chunk, static = jit_train_chunk(K, full, config.resize, batch_sharding, devices)
+    if K > 1:
+        # One program for every step, the epoch's smaller last batch included (masked).
+        chunk, static = jit_train_chunk(K, steps, config.resize, batch_sharding, devices, masked)
         args = (state, train_x, train_y, idx_spec((K, bs))) + (() if static else (scalar(0),))
         compiled = timed("train", lambda: chunk.lower(*args).compile())
-        chunk_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
-    elif full:
-        one = timed("train", lambda: compile_step(bs, batch_sharding))
-        chunk_fn = lambda s, x, y, rows, steps: one(s, x, y, rows[0])
-    if rem:
-        # The small last batch runs replicated: not worth a program of its own sharding. (A
-        # whole second training program, with its own autotuning on a GPU: padding the batch
-        # instead would change BatchNorm's statistics, which the chapter takes over the 96.)
-        step_fn = timed("last_batch", lambda: compile_step(rem, None))
+        chunk_fn = last_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
+    else:
+        # One step per call (XLA:CPU: no device loop). There a step costs more than compiling
+        # one (a 96x96 step about 0.4 s on 2 cores, a compile about 2 s, and an epoch has
+        # hundreds of steps), and the mask costs 1.6-3.4% of a 96x96 step (BENCHMARKS.md,
+        # "The epoch's last batch"): the full batches run unmasked, the last, smaller one in a
+        # masked program of its own.
+        def compile_rows(masked_rows: bool):
+            fn = functools.partial(train_rows, resize=config.resize, batch_sharding=batch_sharding, masked=masked_rows)
+            one = jit(fn, devices, donate_argnums=0).lower(state, train_x, train_y, idx_spec((bs,))).compile()
+            return lambda s, x, y, rows, steps: one(s, x, y, rows[0])
+
+        chunk_fn = last_fn = timed("train", lambda: compile_rows(steps == 1 and masked))
+        if masked and steps > 1:
+            last_fn = timed("last_batch", lambda: compile_rows(True))
     eval_test = timed("eval_test", lambda: _make_evaluator(config, state, test, put, batch_sharding, n_dev))
     eval_val = (timed("eval_val", lambda: _make_evaluator(config, state, val, put, batch_sharding, n_dev))
                 if val is not None else None)
-    return _Programs(plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar, seconds)
+    return _Programs(plan_fn, chunk_fn, last_fn, eval_test, eval_val, scalar, seconds)
 
 
 def fit(
@@ -578,14 +611,13 @@ def fit(
     state = jax.tree_util.tree_map(put, jax.device_get(state))
 
     n = len(train)
-    full, rem = divmod(n, bs)
-    K = max(1, min(steps_per_dispatch(config, jax.default_backend()), full))
-    steps_per_epoch = full + (1 if rem else 0)
+    steps_per_epoch = math.ceil(n / bs)  # the last batch smaller when bs does not divide n
+    K = max(1, min(steps_per_dispatch(config, jax.default_backend()), steps_per_epoch))
 
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
     programs = _compile(config, state, train_x, train_y, test, val, devices, mesh, K)
-    plan_fn, chunk_fn, step_fn, eval_test, eval_val, scalar = programs[:6]
+    plan_fn, chunk_fn, last_fn, eval_test, eval_val, scalar = programs[:6]
     compile_s = time.perf_counter() - t0
 
     info = {
@@ -599,7 +631,7 @@ def fit(
         "compile_s": compile_s,
         "compile_s_by_program": programs.compile_s,
         "steps_per_dispatch": K,
-        "static_trip_count": K > 1 and full % K == 0,
+        "static_trip_count": K > 1 and steps_per_epoch % K == 0,
     }
     hooks.on_start(info)
 
@@ -608,11 +640,13 @@ def fit(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         monitor.new_epoch()
-        rows, rem_idx = plan_fn(scalar(epoch))
+        rows = plan_fn(scalar(epoch))
         sums, pending, done = _zeros(), None, 0
-        for c in range(-(-full // K)):  # none when the split is smaller than one batch
-            steps = min(K, full - c * K)
-            state, m = chunk_fn(state, train_x, train_y, rows[c], scalar(steps))
+        num_chunks = -(-steps_per_epoch // K)
+        for c in range(num_chunks):
+            steps = min(K, steps_per_epoch - c * K)
+            fn = last_fn if c == num_chunks - 1 else chunk_fn
+            state, m = fn(state, train_x, train_y, rows[c], scalar(steps))
             sums = _add(sums, m)
             done += steps
             # Read the previous chunk's sums while this one runs: the device never waits for the host.
@@ -620,15 +654,9 @@ def fit(
                 monitor.add(*pending, epoch + 1)
             hooks.on_progress(done, steps_per_epoch, monitor.last)
             pending = (m, steps)
-        if rem:
-            state, m_rem = step_fn(state, train_x, train_y, rem_idx)
-            sums = _add(sums, m_rem)
-            done += 1
         train_metrics = _to_host(sums)  # waits for the epoch's last step
         if pending is not None:
             monitor.add(*pending, epoch + 1)
-        if rem:
-            monitor.add(m_rem, 1, epoch + 1)
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         hooks.on_progress(done, steps_per_epoch, train_metrics)

@@ -178,6 +178,8 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     ("cpu_conv.py", ["--resize", "3"], "--resize must be an integer in [17, 512]"),
     ("cpu_loop.py", ["--batch", "8"], "unrecognized arguments: --batch 8"),
     ("cpu_maxpool.py", ["--fast"], "unrecognized arguments: --fast"),
+    ("cpu_mask.py", ["--rounds", "0"], "--rounds must be a positive integer, got 0"),
+    ("cpu_mask.py", ["--resize", "8"], "--resize must be"),
 ])
 def test_the_small_benchmark_scripts_refuse_bad_flags_in_one_line(script, argv, message):
     # Before any measuring: cpu_loop.py and cpu_maxpool.py used to ignore their arguments and
@@ -212,8 +214,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-@pytest.mark.parametrize("script", ["bench.py", "cpu_conv.py", "cpu_loop.py", "cpu_maxpool.py", "cpu_step.py",
-                                    "profile_step.py"])
+@pytest.mark.parametrize("script", ["bench.py", "cpu_conv.py", "cpu_loop.py", "cpu_mask.py", "cpu_maxpool.py",
+                                    "cpu_step.py", "profile_step.py"])
 def test_the_benchmark_scripts_run_from_a_checkout_with_nothing_installed(script, tmp_path):
     r = subprocess.run([sys.executable, "-c", _NOT_INSTALLED, str(BENCHMARKS / script), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)

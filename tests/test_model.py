@@ -73,6 +73,40 @@ def test_channels_and_classes_are_parameters(channels, classes):
         net.apply(v, jnp.ones((2, 32, 32, channels + 1)))
 
 
+def test_masked_batch_norm_is_batch_norm_of_the_valid_examples_alone_in_float64():
+    # fit's padded last batch: statistics, outputs of the valid examples, every gradient (the
+    # padding's included: zero) equal those of the valid examples as a batch of their own.
+    from resnet_jax.model import batch_norm_train
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(1), 6)
+        x = 3.0 + 0.1 * jax.random.normal(k[0], (6, 5, 5, 4), jnp.float64)
+        scale = jax.random.normal(k[1], (4,), jnp.float64)
+        bias = jax.random.normal(k[2], (4,), jnp.float64)
+        mask = np.array([True, True, False, True, False, False])
+        masked = lambda x, s, b: batch_norm_train(x, s, b, BN_EPSILON, jnp.asarray(mask))
+        alone = lambda x, s, b: batch_norm_train(x[mask], s, b, BN_EPSILON)
+        outs, vjp = jax.vjp(masked, x, scale, bias)
+        ref_outs, ref_vjp = jax.vjp(alone, x, scale, bias)
+        np.testing.assert_allclose(outs[0][mask], ref_outs[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(outs[1:], ref_outs[1:]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        # Cotangents as the masked loss gives them: zero on the padding.
+        dy = jax.random.normal(k[3], x.shape, jnp.float64) * mask[:, None, None, None]
+        cots = (jax.random.normal(k[4], (4,), jnp.float64), jax.random.normal(k[5], (4,), jnp.float64))
+        got, want = vjp((dy, *cots)), ref_vjp((dy[mask], *cots))
+        np.testing.assert_array_equal(got[0][~mask], 0.0)  # no gradient into the padding
+        for a, b in zip(got, want):  # the reference's x gradient is zero off the mask too
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    # The module: the running variance moves by the valid examples' unbiased variance.
+    bn = BatchNorm()
+    v = bn.init(jax.random.key(1), x.astype(jnp.float32), train=False)
+    _, upd = bn.apply(v, x.astype(jnp.float32), train=True, mask=jnp.asarray(mask), mutable=["batch_stats"])
+    _, ref = bn.apply(v, x.astype(jnp.float32)[mask], train=True, mutable=["batch_stats"])
+    for a, b in zip(jax.tree_util.tree_leaves(upd), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_batchnorm_train_moves_stats_by_pytorch_momentum_rule():
     bn = BatchNorm()
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3)) * 2.0 + 1.5

@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One training run in float64: 100 examples = 3 full batches of 32 (sharded) + a remainder of 4,
+# One training run in float64: 100 examples = 3 full batches of 32 + a last batch of 4 (padded to 32 and masked), all sharded,
 # two epochs, the recipe's lr. Writes every parameter and running statistic to OUT.
 RUN = r"""
 import sys, jax

@@ -1,15 +1,18 @@
 """The pure steps and the loop, on small synthetic batches (28x28 or less)."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from resnet_jax import training
 from resnet_jax.config import Config
 from resnet_jax.data import Split, preprocess
+from resnet_jax.model import ResNet18
 
 RESIZE = 24
 
@@ -124,17 +127,89 @@ def test_fit_uses_the_constant_trip_count_when_the_chunks_divide_the_epoch(state
     np.testing.assert_allclose(runs[2]["train_loss"], runs[3]["train_loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,bs,k", [(1000, 64, 4), (256, 256, 32), (300, 256, 8), (100, 7, 3)])
+def test_one_masked_program_and_two_programs_train_alike():
+    # 70 = 4 x 16 + 6: five steps. One step per call (CPU's default) runs the full batches in a
+    # program without the mask and the last in a masked one; K = 5 runs all five in one masked
+    # program, with a constant trip count. The same steps on the same examples. In float64: in
+    # float32 the two programs' summation orders alone move the loss by ~0.3% in five steps
+    # (see tests/test_sharding.py on this network's amplification of rounding).
+    images, labels = _batch(90, seed=9)
+    train, test = Split(images[:70], labels[:70]), Split(images[70:], labels[70:])
+    with jax.enable_x64(True):
+        st = training.create_train_state(
+            ResNet18(dtype=jnp.float64, param_dtype=jnp.float64), optax.sgd(0.05), jax.random.key(0))
+        runs = {k: training.fit(Config(epochs=1, batch_size=16, resize=RESIZE, steps_per_dispatch=k, eval_batch_size=8),
+                                train, test, st) for k in (1, 5)}
+        assert sorted(runs[1].final["compile_s_by_program"]) == ["eval_test", "last_batch", "shuffle", "train"]
+        assert sorted(runs[5].final["compile_s_by_program"]) == ["eval_test", "shuffle", "train"]
+        assert runs[5].final["static_trip_count"] and int(runs[1].state.step) == int(runs[5].state.step) == 5
+        np.testing.assert_allclose(runs[1].final["train_loss"], runs[5].final["train_loss"], rtol=1e-9)
+        _assert_same_tree((runs[5].state.params, runs[5].state.batch_stats),
+                          (runs[1].state.params, runs[1].state.batch_stats), rtol=1e-7)
+
+
+@pytest.mark.parametrize("n,bs,k", [(1000, 64, 4), (256, 256, 32), (300, 256, 8), (100, 7, 3), (12, 32, 4)])
 def test_epoch_plan_visits_every_example_once(n, bs, k):
-    rows, rem = training.epoch_plan(3, 0, n, bs, k)
-    full = n // bs
-    used = np.asarray(rows).reshape(-1, bs)[:full].ravel()
-    seen = np.concatenate([used, np.asarray(rem)])
+    rows = np.asarray(training.epoch_plan(3, 0, n, bs, k))
+    steps = -(-n // bs)
+    assert rows.shape == (-(-steps // k), k, bs)
+    batches = rows.reshape(-1, bs)
+    seen = batches[batches >= 0]
     assert sorted(seen.tolist()) == list(range(n))
-    assert len(rem) == n % bs
+    # Full batches first, then the smaller last one (its padding at the end), then nothing.
+    valid = (batches >= 0).sum(1)
+    assert valid[: n // bs].tolist() == [bs] * (n // bs)
+    assert valid[n // bs :].tolist() == ([n % bs] if n % bs else []) + [0] * (len(valid) - steps)
+    assert (batches[n // bs, n % bs :] == -1).all() if n % bs else True
     # Another epoch key, another order.
-    rows2, _ = training.epoch_plan(4, 0, n, bs, k)
-    assert not np.array_equal(np.asarray(rows), np.asarray(rows2))
+    assert not np.array_equal(rows, np.asarray(training.epoch_plan(4, 0, n, bs, k)))
+
+
+def _assert_same_tree(a, b, rtol):
+    """Per tensor: |a - b| <= rtol |b| (norms), naming the first tensor that differs."""
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), jax.tree_util.keystr(path)
+
+
+def test_a_padded_masked_batch_trains_as_the_smaller_batch_alone():
+    # fit pads the epoch's last, smaller batch and masks it, so that one program runs every step.
+    # The step must be the step on the valid examples alone: BatchNorm's statistics (and the
+    # unbiased running variance, n = 5 * H * W), the mean loss, the gradients, the metrics.
+    # float64, so that the two programs' different summation orders cannot hide a difference.
+    with jax.enable_x64(True):
+        st = training.create_train_state(
+            ResNet18(dtype=jnp.float64, param_dtype=jnp.float64), optax.sgd(0.05), jax.random.key(0)
+        )
+        images, labels = _batch(8, seed=7)
+        mask = np.array([True, False, True, True, False, True, True, False])
+        step = jax.jit(training.train_step, static_argnums=3)
+        padded, m_pad = step(st, images, labels, RESIZE, jnp.asarray(mask))
+        alone, m_alone = step(st, images[mask], labels[mask], RESIZE)
+        _assert_same_tree((padded.params, padded.batch_stats), (alone.params, alone.batch_stats), rtol=1e-9)
+        assert int(m_pad["count"]) == 5 and int(m_pad["correct"]) == int(m_alone["correct"])
+        np.testing.assert_allclose(float(m_pad["loss"]), float(m_alone["loss"]), rtol=1e-12)
+
+
+def test_a_padded_masked_batch_is_the_smaller_batch_with_a_recipe_too():
+    # --recipe best: augmentation, label smoothing, momentum, weight decay, EMA. The padding's
+    # random draws are of a batch of 8, not 5, so the augmented images differ: compare with
+    # augmentation off, everything else of the recipe on.
+    from resnet_jax.recipes import BEST
+
+    recipe = dataclasses.replace(BEST, crop_pad=0, flip=False, erase_prob=0.0)
+    config = Config(resize=RESIZE, recipe=recipe, lr=0.1, epochs=2)
+    model = training.make_model(config)
+    st = training.create_train_state(model, training.make_optimizer(config, 4), jax.random.key(0), recipe=recipe)
+    images, labels = _batch(8, seed=8)
+    mask = np.array([True, True, False, True, True, True, False, False])
+    step = jax.jit(training.train_step, static_argnums=3)
+    padded, _ = step(st, images, labels, RESIZE, jnp.asarray(mask))
+    alone, _ = step(st, images[mask], labels[mask], RESIZE)
+    # float32: 1e-4 per tensor, as in test_chunked_loop_equals_step_by_step (a batch of 5
+    # instead of 8 in BatchNorm moves every tensor by ~1e-2).
+    _assert_same_tree((padded.params, padded.batch_stats, padded.ema_params, padded.ema_batch_stats),
+                      (alone.params, alone.batch_stats, alone.ema_params, alone.ema_batch_stats), rtol=1e-4)
 
 
 def test_eval_step_masks_padding(state):
@@ -164,7 +239,8 @@ def test_fit_runs_epochs_and_reports(state):
     assert walls[1] >= walls[0] + result.history[1]["epoch_train_s"] and walls[1] <= f["wall_time_s"]
     # Where the compile time went, program by program (the GPU's 18 s needed this to be read).
     parts = f["compile_s_by_program"]
-    assert sorted(parts) == ["eval_test", "last_batch", "shuffle", "train"] and min(parts.values()) > 0
+    # One training program: the last, smaller batch runs in it, padded and masked.
+    assert sorted(parts) == ["eval_test", "shuffle", "train"] and min(parts.values()) > 0
     assert sum(parts.values()) <= f["compile_s"]
     assert 0 <= f["test_acc"] <= 1 and np.isfinite(f["train_loss"]) and f["examples_per_sec"] > 0
     # The test metrics equal a direct evaluation of the final state.
@@ -209,7 +285,7 @@ def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
     # As a DataLoader without drop_last: each epoch is one step on all 12 examples.
     assert [r["step"] for r in result.history] == [1, 2] and int(result.state.step) == 2
     assert np.isfinite(result.final["train_loss"])
-    assert sorted(result.final["compile_s_by_program"]) == ["eval_test", "last_batch", "shuffle"]  # no full batch
+    assert sorted(result.final["compile_s_by_program"]) == ["eval_test", "shuffle", "train"]
 
 
 def test_non_finite_running_statistics_stop_fit_before_the_epoch_is_reported(state):
