@@ -107,9 +107,20 @@ def create_train_state(
     """A fresh state (PyTorch's init in distribution), or one from given variables.
 
     ``recipe`` adds its augmentation key (from ``rng``) and EMA copies, when it uses them.
+
+    A fresh state is built by one jitted program, with the same values as op by
+    op (tested): run eagerly, Flax's init dispatches a few hundred operations
+    (the forward pass it traces the shapes with, a random draw per tensor), each
+    compiled on first use, which took 8-11 s of a run's start-up on 2 CPU cores.
+    One program compiles faster, and train.py's persistent compile cache keeps it
+    for the next run (BENCHMARKS.md, "Start-up").
     """
     if variables is None:
-        variables = init_variables(model, rng)
+        return jax.jit(lambda key: _build_state(model, tx, key, init_variables(model, key), recipe))(rng)
+    return _build_state(model, tx, rng, variables, recipe)
+
+
+def _build_state(model: ResNet18, tx, rng: jax.Array, variables: dict, recipe: Recipe) -> TrainState:
     extra = {}
     if recipe.augments:
         key = jax.random.fold_in(rng, 1)
