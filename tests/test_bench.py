@@ -172,6 +172,16 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert report["complete"] is True and not (tmp_path / "bench.md").read_text().startswith("**Partial")
 
 
+def test_the_benchmark_times_the_masked_program_that_fit_runs(tmp_path):
+    # 10 = 2 x 4 + 2: fit's epoch ends on a smaller batch, so its device loop (K = 2) masks every
+    # step; the benchmark must time that program, and say so.
+    argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--steps", "2", "--train-examples", "10",
+            "--eval-examples", "8", "--no-torch", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    [row] = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert "masked" in row["notes"] and _positive(row["train_images_per_s"])
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("cpu_step.py", ["--batch", "0"], "--batch must be a positive integer, got 0"),
     ("cpu_step.py", ["--impls", "foo"], "argument --impls: invalid choice: 'foo'"),
