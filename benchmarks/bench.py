@@ -859,7 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up")
     p.add_argument("--rounds", type=int, default=1, help="measure every implementation this many times in turn (JAX, tuned, chapter, JAX, ...) and pool the repeats, so that a drift of the machine's speed hits all of them alike")
     p.add_argument("--steps", type=int, default=None, help="training steps per timed repeat (default: fit's steps per dispatch: 32 on GPU/TPU, 1 on CPU)")
-    p.add_argument("--train-examples", type=int, default=60_000, help="synthetic training set size")
+    p.add_argument("--train-examples", type=int, default=60_000,
+                   help="training set size: synthetic, or with --data its first N images (59,904 = 234 x 256 leaves "
+                        "fit no smaller last batch, hence no mask)")
     p.add_argument("--eval-examples", type=int, default=None, help="examples per evaluation pass (default: the 10,000 test images on GPU/TPU, 4 batches on CPU)")
     p.add_argument("--eval-batch", type=int, default=Config().eval_batch_size, help="evaluation batch (JAX and tuned PyTorch)")
     p.add_argument("--conv-impl", default=Config().conv_impl, choices=IMPLS, help="resnet_jax convolution lowering")
@@ -884,7 +886,7 @@ def run(args, argv: list[str], say=print) -> dict:
     n_eval = args.eval_examples or (10_000 if backend != "cpu" else 4 * args.batch)
     if args.data:
         train, test = load_npz(args.data)
-        test = test.take(n_eval)
+        train, test = train.take(args.train_examples), test.take(n_eval)
         data_note = f"the array cache {args.data} ({len(train):,} train images, the first {len(test):,} test images)"
     else:
         train, test = synthetic_splits(args.train_examples, n_eval)

@@ -127,11 +127,13 @@ def batch_norm_train(x, scale, bias, epsilon: float, mask=None):
 
     ``mask``: optional (N,) booleans over the batch. The statistics are then
     those of the examples where ``mask`` alone, exactly as if the others were
-    not in the batch, and the others get no gradient. This is how
-    :func:`resnet_jax.training.fit` runs the epoch's last, smaller batch (96 of
-    256 in the chapter's epoch) padded to full size, inside the same compiled
-    program as every other step. (The others' outputs are normalised with
-    these statistics too; they are padding, and the loss ignores them.)
+    not in the batch; the others' outputs are 0 and pass no gradient back. This
+    is how :func:`resnet_jax.training.fit` runs the epoch's last, smaller batch
+    (96 of 256 in the chapter's epoch) padded to full size, inside the same
+    compiled program as every other step. (Zeros rather than the padding
+    normalised with the valid examples' statistics: those can be degenerate, a
+    variance of 0 for one example on a 1x1 map, and would scale the padding by
+    1/sqrt(eps) at every layer; zeros keep everything the padding touches finite.)
     """
     return _batch_norm(x, scale, bias, mask, epsilon)
 
@@ -162,7 +164,8 @@ def _count(x, mask, dtype):
     per_example = math.prod(x.shape[1:-1])
     if mask is None:
         return math.prod(x.shape[:-1])
-    # At least one: a batch with no valid example (never run by fit) gives 0, not NaN.
+    # At least one: a batch with no valid example gives statistics of 0, not NaN (fit never
+    # runs one; if run, it would still move the running averages toward those zeros).
     return jnp.maximum(jnp.sum(mask, dtype=dtype), 1) * per_example
 
 
@@ -175,7 +178,7 @@ def _batch_norm_forward(x, scale, bias, mask, epsilon):
     inv_std = jax.lax.rsqrt(var + epsilon)
     mul = scale * inv_std
     y = (x - mean.astype(x.dtype)) * mul.astype(x.dtype) + bias.astype(x.dtype)
-    return y, mean, var, inv_std
+    return _where_valid(mask, y), mean, var, inv_std
 
 
 def _batch_norm_fwd(x, scale, bias, mask, epsilon):
@@ -189,7 +192,7 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
     axes = tuple(range(x.ndim - 1))
     n = _count(x, mask, mean.dtype)
     xc = x.astype(mean.dtype) - mean  # centred, in the statistics' dtype
-    dyf = dy.astype(mean.dtype)
+    dyf = _where_valid(mask, dy.astype(mean.dtype))  # the padding's outputs are constant zeros
     dbias = jnp.sum(dyf, axes)
     dscale = jnp.sum(dyf * xc, axes) * inv_std  # sum(dy * xhat)
     k = scale * inv_std
@@ -243,7 +246,7 @@ class BatchNorm(nn.Module):
                 # less): PyTorch raises "Expected more than 1 value per channel when training".
                 # A deliberate difference: we keep the biased value (0) rather than divide by
                 # zero or fail, so a last batch of one example does not stop a run.
-                unbiased = var * (n / jnp.maximum(n - 1, 1))
+                unbiased = var * (n / (max(n - 1, 1) if mask is None else jnp.maximum(n - 1, 1)))
                 m = self.momentum
                 running_mean.value = (1.0 - m) * running_mean.value + m * mean
                 running_var.value = (1.0 - m) * running_var.value + m * unbiased

@@ -15,8 +15,8 @@ program as the others, with a mask: BatchNorm takes its statistics over the 96
 alone and the loss averages over them, so the step is the chapter's step on 96
 examples (tests/test_training.py checks it against the unpadded step). One
 training program instead of two halves what fit compiles for training. (On
-CPU, where steps cost more than compiles, the full batches keep a program
-without the mask.)
+CPU, where the mask's cost over an epoch's hundreds of steps exceeds a second
+compile, the full batches keep a program without the mask.)
 
 Scale-out is JAX's own: a 1-D ``Mesh`` over all devices (``jax.devices()``, all
 hosts included after ``jax.distributed.initialize()``), the batch constrained to
@@ -108,19 +108,15 @@ def create_train_state(
 
     ``recipe`` adds its augmentation key (from ``rng``) and EMA copies, when it uses them.
 
-    A fresh state is built by one jitted program, with the same values as op by
-    op (tested): run eagerly, Flax's init dispatches a few hundred operations
-    (the forward pass it traces the shapes with, a random draw per tensor), each
-    compiled on first use, which took 8-11 s of a run's start-up on 2 CPU cores.
-    One program compiles faster, and train.py's persistent compile cache keeps it
-    for the next run (BENCHMARKS.md, "Start-up").
+    Fresh variables come from one jitted program per model, with the same values
+    as op by op (tested): run eagerly, Flax's init dispatches a few hundred
+    operations (the forward pass it traces the shapes with, a random draw per
+    tensor), each compiled on first use, which took 8-11 s of a run's start-up
+    on 2 CPU cores. One program compiles faster, and train.py's persistent
+    compile cache keeps it for the next run (BENCHMARKS.md, "Start-up").
     """
     if variables is None:
-        return jax.jit(lambda key: _build_state(model, tx, key, init_variables(model, key), recipe))(rng)
-    return _build_state(model, tx, rng, variables, recipe)
-
-
-def _build_state(model: ResNet18, tx, rng: jax.Array, variables: dict, recipe: Recipe) -> TrainState:
+        variables = _jitted_init(model)(rng)
     extra = {}
     if recipe.augments:
         key = jax.random.fold_in(rng, 1)
@@ -133,6 +129,13 @@ def _build_state(model: ResNet18, tx, rng: jax.Array, variables: dict, recipe: R
         apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],
         recipe=recipe, **extra,
     )
+
+
+@functools.cache
+def _jitted_init(model: ResNet18) -> Callable:
+    """``init_variables`` for ``model``, jitted once per model (modules compare by value), so that
+    later calls in the process reuse the compiled program."""
+    return jax.jit(functools.partial(init_variables, model))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -510,7 +513,7 @@ class _Programs(NamedTuple):
 
     plan: Callable  # epoch -> the rows of each chunk's steps (epoch_plan)
     chunk: Callable  # (state, x, y, rows, steps) -> (state, metric sums): up to K steps
-    last_chunk: Callable  # the same for the epoch's last chunk (on CPU, a masked program of its own)
+    last_chunk: Callable  # the same for the epoch's last chunk (on CPU, the masked program when there are two)
     eval_test: Callable  # state -> metrics on the test split
     eval_val: Callable | None  # state -> metrics on the validation split
     scalar: Callable  # int -> a replicated int32 on the devices (the programs' scalar argument)
@@ -551,11 +554,10 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
         compiled = timed("train", lambda: chunk.lower(*args).compile())
         chunk_fn = last_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
     else:
-        # One step per call (XLA:CPU: no device loop). There a step costs more than compiling
-        # one (a 96x96 step about 0.4 s on 2 cores, a compile about 2 s, and an epoch has
-        # hundreds of steps), and the mask costs 1.6-3.4% of a 96x96 step (BENCHMARKS.md,
-        # "The epoch's last batch"): the full batches run unmasked, the last, smaller one in a
-        # masked program of its own.
+        # One step per call (XLA:CPU: no device loop). The mask costs a few percent of a 96x96
+        # step (BENCHMARKS.md, "The epoch's last batch"): over an epoch's 234 steps of about
+        # 0.4 s on 2 cores that is several seconds, more than the 2 s of a second compile.
+        # So the full batches run unmasked, and the last, smaller one in a masked program.
         def compile_rows(masked_rows: bool):
             fn = functools.partial(train_rows, resize=config.resize, batch_sharding=batch_sharding, masked=masked_rows)
             one = jit(fn, devices, donate_argnums=0).lower(state, train_x, train_y, idx_spec((bs,))).compile()

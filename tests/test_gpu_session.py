@@ -42,9 +42,9 @@ def test_an_exhausted_budget_skips_every_run_and_says_so(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["runs.jsonl", "session.log", "summary.md"]
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     # best twice (a first run, a cached one), the bf16 recipe three ways (cold, cached, autotuning
-    # off), the profile, bench twice (with PyTorch, then JAX alone at K=47), every sweep variant,
-    # three d2l seeds, the two further benches: each skipped.
-    assert len(runs) == 2 + 3 + 1 + 2 + len(gpu_session.SWEEP) + 3 + 2
+    # off), the profile, bench three times (with PyTorch, then JAX alone at K=47 and without the
+    # mask), every sweep variant, three d2l seeds, the two further benches: each skipped.
+    assert len(runs) == 2 + 3 + 1 + 3 + len(gpu_session.SWEEP) + 3 + 2
     assert {r["status"] for r in runs} == {"skipped"}
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU session") and "jax" in summary and "no run finished" in summary
