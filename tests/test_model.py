@@ -73,16 +73,23 @@ def test_channels_and_classes_are_parameters(channels, classes):
         net.apply(v, jnp.ones((2, 32, 32, channels + 1)))
 
 
+def _bn_problem(seed: int, shape: tuple):
+    """A float64 BatchNorm problem (call under jax.enable_x64): x with a large mean against a small
+    spread (where an uncentred formula cancels), scale, bias, and cotangents for its three outputs."""
+    k = jax.random.split(jax.random.key(seed), 6)
+    normal = lambda key, shp: jax.random.normal(key, shp, jnp.float64)
+    c = shape[-1]
+    x = 3.0 + 0.1 * normal(k[0], shape)
+    return x, normal(k[1], (c,)), normal(k[2], (c,)), (normal(k[3], shape), normal(k[4], (c,)), normal(k[5], (c,)))
+
+
 def test_masked_batch_norm_is_batch_norm_of_the_valid_examples_alone_in_float64():
     # fit's padded last batch: statistics, outputs of the valid examples, every gradient (the
     # padding's included: zero) equal those of the valid examples as a batch of their own.
     from resnet_jax.model import batch_norm_train
 
     with jax.enable_x64(True):
-        k = jax.random.split(jax.random.key(1), 6)
-        x = 3.0 + 0.1 * jax.random.normal(k[0], (6, 5, 5, 4), jnp.float64)
-        scale = jax.random.normal(k[1], (4,), jnp.float64)
-        bias = jax.random.normal(k[2], (4,), jnp.float64)
+        x, scale, bias, (dy, *cots) = _bn_problem(1, (6, 5, 5, 4))
         mask = np.array([True, True, False, True, False, False])
         masked = lambda x, s, b: batch_norm_train(x, s, b, BN_EPSILON, jnp.asarray(mask))
         alone = lambda x, s, b: batch_norm_train(x[mask], s, b, BN_EPSILON)
@@ -92,9 +99,7 @@ def test_masked_batch_norm_is_batch_norm_of_the_valid_examples_alone_in_float64(
         np.testing.assert_array_equal(outs[0][~mask], 0.0)  # the padding's outputs: zeros
         for a, b in zip(outs[1:], ref_outs[1:]):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-        # Cotangents on the padding's outputs too: those outputs are constants, so nothing flows back.
-        dy = jax.random.normal(k[3], x.shape, jnp.float64)
-        cots = (jax.random.normal(k[4], (4,), jnp.float64), jax.random.normal(k[5], (4,), jnp.float64))
+        # Cotangents on the padding's outputs too (dy): those outputs are constants, so nothing flows back.
         got, want = vjp((dy, *cots)), ref_vjp((dy[mask], *cots))
         np.testing.assert_array_equal(got[0][~mask], 0.0)  # no gradient into the padding
         for a, b in zip(got, want):  # the reference's x gradient is zero off the mask too
@@ -180,17 +185,8 @@ def test_batch_norm_closed_form_gradient_equals_autodiff_in_float64():
     from resnet_jax.model import batch_norm_train
 
     with jax.enable_x64(True):
-        k = jax.random.split(jax.random.key(0), 6)
-        # A large mean against a small spread: the case where an uncentred formula cancels.
-        x = 3.0 + 0.1 * jax.random.normal(k[0], (4, 5, 5, 6), jnp.float64)
-        scale = jax.random.normal(k[1], (6,), jnp.float64)
-        bias = jax.random.normal(k[2], (6,), jnp.float64)
         # Cotangents for all three outputs, so the mean's and variance's own terms are checked too.
-        cots = (
-            jax.random.normal(k[3], x.shape, jnp.float64),
-            jax.random.normal(k[4], (6,), jnp.float64),
-            jax.random.normal(k[5], (6,), jnp.float64),
-        )
+        x, scale, bias, cots = _bn_problem(0, (4, 5, 5, 6))
         outs, vjp = jax.vjp(lambda *a: batch_norm_train(*a, BN_EPSILON), x, scale, bias)
         ref_outs, ref_vjp = jax.vjp(lambda *a: _batch_norm_by_autodiff(*a, BN_EPSILON), x, scale, bias)
         for a, b in zip(outs, ref_outs):
