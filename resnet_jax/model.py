@@ -156,7 +156,7 @@ def _masked_sum(a, mask):
     if mask is None:
         return jnp.sum(a, tuple(range(a.ndim - 1)))
     per_example = jnp.sum(a, tuple(range(1, a.ndim - 1)))  # (N, C)
-    return jnp.sum(jnp.where(mask[:, None], per_example, 0), 0)
+    return jnp.sum(_where_valid(mask, per_example), 0)
 
 
 def _count(x, mask, dtype):
@@ -170,7 +170,6 @@ def _count(x, mask, dtype):
 
 
 def _batch_norm_forward(x, scale, bias, mask, epsilon):
-    axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.promote_types(jnp.float32, scale.dtype))
     n = _count(x, mask, xf.dtype)
     mean = _masked_sum(xf, mask) / n
