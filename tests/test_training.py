@@ -210,6 +210,13 @@ def test_a_padded_masked_batch_trains_as_the_smaller_batch_alone():
         _assert_same_tree((padded.params, padded.batch_stats), (alone.params, alone.batch_stats), rtol=1e-9)
         assert int(m_pad["count"]) == 5 and int(m_pad["correct"]) == int(m_alone["correct"])
         np.testing.assert_allclose(float(m_pad["loss"]), float(m_alone["loss"]), rtol=1e-12)
+        # Whatever class the step predicts for the padding, labelling the padding with it
+        # changes nothing: padding never counts as correct (nor in the loss).
+        for c in range(10):
+            relabelled = np.where(mask, labels, c).astype(np.int32)
+            _, m_c = step(st, images, relabelled, RESIZE, jnp.asarray(mask))
+            assert int(m_c["correct"]) == int(m_alone["correct"]), c
+            np.testing.assert_allclose(float(m_c["loss"]), float(m_alone["loss"]), rtol=1e-12)
 
 
 def test_a_padded_masked_batch_is_the_smaller_batch_with_a_recipe_too():
@@ -235,12 +242,17 @@ def test_a_padded_masked_batch_is_the_smaller_batch_with_a_recipe_too():
 
 def test_eval_step_masks_padding(state):
     images, labels = _batch(8, seed=3)
+    # The padding's labels are what the network predicts for it: counted, they would add 3
+    # to "correct" (checked below, so that the comparison can fail).
+    labels[5:] = np.argmax(np.asarray(training.eval_logits(state, images, RESIZE)), -1)[5:]
     mask = jnp.array([True] * 5 + [False] * 3)
     m = training.eval_step(state, images, labels, mask, RESIZE)
     full = training.eval_step(state, images[:5], labels[:5], jnp.ones(5, bool), RESIZE)
     assert int(m["count"]) == 5
     np.testing.assert_allclose(float(m["loss"]), float(full["loss"]), rtol=1e-5)
     assert int(m["correct"]) == int(full["correct"])
+    unmasked = training.eval_step(state, images, labels, jnp.ones(8, bool), RESIZE)
+    assert int(unmasked["correct"]) == int(full["correct"]) + 3
 
 
 def test_fit_runs_epochs_and_reports(state):
