@@ -19,6 +19,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """How many processes ``-n auto`` (pyproject's addopts) starts: one per core, at most 4.
 
