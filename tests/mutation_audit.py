@@ -104,7 +104,9 @@ def run(name: str, file: str, old: str, new: str, tree: Path) -> tuple[bool, str
     finally:
         path.write_text(src)
     failed = [line for line in r.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return r.returncode != 0, (failed[0] if failed else r.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
+    if r.returncode not in (0, 1):  # not "tests failed": a collection error or a crash proves nothing
+        raise SystemExit(f"{name}: pytest exited {r.returncode}, not with failed tests:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r.returncode == 1, (failed[0] if failed else r.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
 
 
 def main(names: list[str]) -> int:
