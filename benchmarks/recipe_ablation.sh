@@ -4,7 +4,7 @@
 #
 #   MANUAL_DIR=../shared/data/fashion_mnist DATA_DIR=/tmp/tfds bash benchmarks/recipe_ablation.sh
 #
-# COMMON below is the short CPU setting recorded in BENCHMARKS.md ("Recipe ablation, CPU");
+# COMMON below is the short CPU setting recorded in BENCHMARKS.md ("Recipe ablation (CPU, one seed: indicative only)");
 # on a GPU, set COMMON="" to ablate the full recipe (best's own epochs, batch and size).
 set -u
 OUT=${OUT:-recipe_ablation.jsonl}

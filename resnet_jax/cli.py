@@ -361,7 +361,6 @@ def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
 def _sigint_ignored():
     """Ctrl-C ignored inside (main thread only; elsewhere signals cannot be set, nor arrive)."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -395,8 +394,8 @@ def compile_cache_setting(flag: str | None, environ=os.environ) -> tuple[Path | 
     compiler options and the versions, and load it in a later run instead of compiling it; the
     loaded executable is the same executable, so no result changes. JAX leaves that cache off
     unless told where; train.py turns it on, in a folder of its own. JAX keeps only programs that
-    took a second or more to compile (the train and evaluation steps, not the initialisation's
-    many small ones): on 2 CPU cores that took a 28x28 run's compile from 5.5 s to 2.0 s, the
+    took a second or more to compile (the train and evaluation steps and the initialisation, one
+    program since 2026-12-04; not the few small ones around them): on 2 CPU cores that took a 28x28 run's compile from 5.5 s to 2.0 s, the
     rest being tracing and lowering, which every run does. A setting of the process,
     not of the run's math: it stays out of Config and of --resume's checks.
     """
@@ -760,6 +759,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
 
     # Heavy imports only once the flags are known to be good: --help and bad
     # flags answer at once. A Ctrl-C inside them waits for their end (resnet_jax/interrupts.py).
+    # Imported here for that, ahead of the functions below, whose own imports then cost nothing.
     with interrupts.deferred():
         import jax
 

@@ -40,9 +40,15 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         raise OSError(errno.EEXIST, "exists and is not a regular file, so it is not replaced", str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp makes the file private (0600); give it the mode open() would (0666 less the umask).
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode) as f:
+        f = os.fdopen(fd, mode)  # owns fd from here: closing f closes it
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        with f:
+            # mkstemp makes the file private (0600); give it the mode open() would (0666 less the umask).
+            os.chmod(tmp, 0o666 & ~_UMASK)
             yield f
         os.replace(tmp, path)
     except BaseException:

@@ -471,19 +471,32 @@ def _eval_batch_size(config: Config, n: int, n_dev: int) -> int:
     return math.ceil(eval_bs / n_dev) * n_dev
 
 
+def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: bool):
+    """The compiled evaluation: over all of the padded batches ``x, y, m`` (B, N, ...) in one call
+    with ``device_loop`` (GPU, TPU), else over one batch ``x[i], y[i], m[i]`` per call.
+
+    Either way each batch is sharded over the devices like training's, so that
+    each device evaluates its share of it."""
+    if device_loop:
+        fn = functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding)
+        return jit(fn).lower(state, x, y, m).compile()
+
+    def one(s, x, y, m):
+        x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
+        return eval_step(s, x, y, m, config.resize)
+
+    return jit(one).lower(state, x[0], y[0], m[0]).compile()
+
+
 def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_dev: int):
     """state -> host metrics (loss, acc, count) over ``split``, compiled now; the split goes to the device(s)."""
     x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), n_dev)))
-    if jax.default_backend() != "cpu":
-        fn = (
-            jit(functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding))
-            .lower(state, x, y, m)
-            .compile()
-        )
-        return lambda s: _to_host(fn(s, x, y, m))
     # No device loop on XLA:CPU (see steps_per_dispatch): one call per batch.
-    one = jit(lambda s, x, y, m: eval_step(s, x, y, m, config.resize)).lower(state, x[0], y[0], m[0]).compile()
-    return lambda s: _to_host(functools.reduce(_add, (one(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
+    device_loop = jax.default_backend() != "cpu"
+    fn = _eval_program(config, state, x, y, m, batch_sharding, device_loop)
+    if device_loop:
+        return lambda s: _to_host(fn(s, x, y, m))
+    return lambda s: _to_host(functools.reduce(_add, (fn(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
 
 
 def _mesh(devices, batch_size: int | None = None):

@@ -234,7 +234,8 @@ def test_the_benchmark_scripts_run_from_a_checkout_with_nothing_installed(script
 
 def test_the_tuned_pytorch_passes_its_compile_mode_and_names_it(monkeypatch):
     # torch.compile itself takes about a minute on 2 CPU cores: here it is recorded, not run.
-    torch = pytest.importorskip("torch")
+    # In CI (test extras installed) a missing torch fails here rather than skipping.
+    torch = __import__("torch") if os.environ.get("CI") else pytest.importorskip("torch")
     modes = []
 
     def fake_compile(fn, mode=None):

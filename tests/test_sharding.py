@@ -169,3 +169,42 @@ def test_flip_averaged_evaluation_pairs_each_image_with_its_mirror_on_four_devic
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", TTA], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+# Evaluation shards each batch over the devices like training: each device does a quarter of
+# the work (XLA's count of the partitioned program's FLOPs), with the same sums. Both forms
+# of the program: one batch per call (XLA:CPU) and the whole split in one call (GPU, TPU).
+EVAL_SHARE = r"""
+import jax, numpy as np
+from resnet_jax import training
+from resnet_jax.config import Config
+from resnet_jax.data import Split
+cfg = Config(resize=28, eval_batch_size=8)
+state = training.create_train_state(training.make_model(cfg), training.make_optimizer(cfg), jax.random.key(0))
+replicated, batch_sharding, n_dev = training._mesh(jax.devices())
+assert n_dev == 4
+put = lambda a: training.to_global(a, replicated)
+state = jax.tree_util.tree_map(put, jax.device_get(state))
+rng = np.random.default_rng(0)
+split = Split(rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 12).astype(np.int32))
+x, y, m = map(put, training._pad_split(split, 8))
+for device_loop in (False, True):
+    args = (x, y, m) if device_loop else (x[0], y[0], m[0])
+    flops, sums = [], []
+    for sharding in (None, batch_sharding):
+        program = training._eval_program(cfg, state, x, y, m, sharding, device_loop)
+        cost = program.cost_analysis()
+        flops.append((cost[0] if isinstance(cost, list) else cost)["flops"])
+        sums.append(jax.device_get(program(state, *args)))
+    assert 3.5 < flops[0] / flops[1] < 4.5, (device_loop, flops)
+    assert sums[0]["count"] == sums[1]["count"] == (12 if device_loop else 8)
+    np.testing.assert_allclose(sums[0]["loss"], sums[1]["loss"], rtol=1e-5)
+    assert sums[0]["correct"] == sums[1]["correct"]
+print("ok")
+"""
+
+
+def test_evaluation_splits_each_batch_over_four_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", EVAL_SHARE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
