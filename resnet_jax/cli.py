@@ -815,6 +815,15 @@ def _native_stdout_to_stderr(active: bool):
         os.close(saved)
 
 
+def _results_epoch(output) -> int | None:
+    """The last epoch that ``output``/results.json reports; None if it is missing or unreadable."""
+    try:
+        history = json.loads((Path(output) / "results.json").read_text())["history"]
+        return int(history[-1]["epoch"]) if history else 0
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, main_process: bool) -> dict | None:
     """run()'s second half: load the data, build or restore the state, train, write the run's files.
 
@@ -837,8 +846,9 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             raise UserError(f"--resume: {err}") from err
         state, history, log = restored.state, restored.history, restored.log
         # A finished run: its results.json is already the right one. (A run stopped after its
-        # last checkpoint has none: it goes on below, trains nothing, and writes them.)
-        if restored.epoch == config.epochs and (Path(config.output) / "results.json").is_file():
+        # last checkpoint has none, or the one of an earlier, shorter run that --resume
+        # extended: it goes on below, trains nothing, and writes them.)
+        if restored.epoch == config.epochs and _results_epoch(config.output) == restored.epoch:
             say(f"{config.output} has trained all {config.epochs} epochs (checkpoint {restored.path}): nothing to do; "
                 "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
             if not (json_line and main_process):

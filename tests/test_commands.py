@@ -332,6 +332,23 @@ def test_resuming_a_run_stopped_after_its_last_checkpoint_writes_its_results(run
     assert written["test_acc"] == saved["test_acc"] and written["train_loss"] == saved["train_loss"]
 
 
+def test_resuming_a_run_whose_results_are_an_earlier_epochs_writes_them_anew(run, prepared_data_dir, tmp_path):
+    # A 1-epoch run extended with --resume --epochs 2 and stopped (Ctrl-C) after the checkpoint
+    # of epoch 2, before its results: results.json and curves.png still describe epoch 1.
+    output = tmp_path / "extended"
+    shutil.copytree(run[0], output)
+    saved = json.loads((output / "results.json").read_text())
+    stale = {**saved, "epochs": 1, "history": saved["history"][:1]}
+    (output / "results.json").write_text(json.dumps(stale))
+    (output / "curves.png").write_bytes(b"the curves of epoch 1")
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume"))
+    assert rc == 0 and "Traceback" not in err, err
+    assert "nothing to do" not in err and "resuming from" in err
+    written = json.loads((output / "results.json").read_text())
+    assert json.loads(out) == written and written["history"] == saved["history"]
+    assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_evaluate_in_a_read_only_run_directory_reports_without_the_png(run, tmp_path, monkeypatch):
     from resnet_jax import commands
 
