@@ -96,6 +96,9 @@ def evaluate(args: argparse.Namespace) -> int:
             raise UserError(f"--confusion-png {png} does not end in .png")
         if png.exists() and not png.is_file():
             raise UserError(f"--confusion-png {png} exists and is not a regular file (a device?); give a file name")
+        if png.name == "curves.png" and (png.parent / "metrics.jsonl").is_file():  # train.py's plot of a run
+            raise UserError(f"--confusion-png {png} is the training curves of the run in {png.parent}; "
+                            "give another file name")
         check_writable_dir(png.resolve().parent, "--confusion-png's folder")
     else:
         png = Path(args.run_dir) / f"confusion_{args.which}.png"

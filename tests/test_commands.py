@@ -268,6 +268,8 @@ ERRORS = {
                                        "checkpoint of epoch 2"),
     "evaluate-png-over-the-results": (lambda run, d, t: ["evaluate", run, "--confusion-png", run / "results.json"], 1,
                                       "results.json does not end in .png"),
+    "evaluate-png-over-the-curves": (lambda run, d, t: ["evaluate", run, "--confusion-png", run / "curves.png"], 1,
+                                     "curves.png is the training curves of the run in"),
     "evaluate-png-onto-a-fifo": (lambda run, d, t: ["evaluate", run, "--confusion-png", _fifo(t, "cm.png")], 1,
                                  "exists and is not a regular file"),
     "export-onto-a-fifo": (lambda run, d, t: [*_train_args(d, t / "o"), "--export-torch", _fifo(t, "w.pt")], 1,
