@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -246,15 +247,31 @@ def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log) -> tup
     try:
         builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
         prepared = builder.is_prepared()
+    except Exception as err:  # a garbled dataset_info.json...
+        raise _unreadable(spec, data_dir, err) from err
     finally:
         absl.setLevel(level)
     if not prepared:
         _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log)
     splits = []
-    for name in ("train", "test"):
-        arrays = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
-        splits.append(Split(np.asarray(arrays["image"], np.uint8), np.asarray(arrays["label"], np.int32)))
+    try:
+        for name in ("train", "test"):
+            arrays = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
+            splits.append(Split(np.asarray(arrays["image"], np.uint8), np.asarray(arrays["label"], np.int32)))
+    except Exception as err:  # a truncated or deleted record file (TensorFlow's DataLossError, NotFoundError)...
+        raise _unreadable(spec, data_dir, err) from err
     return splits[0], splits[1]
+
+
+def _unreadable(spec: DatasetSpec, data_dir: Path, err: Exception) -> DataError:
+    """Prepared TFDS data that cannot be read: what to delete so that the next run prepares it again."""
+    # TensorFlow's op errors wrap the reason: "{{function_node ...}} truncated record ... [Op:...]".
+    reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", _first_line(err))
+    return DataError(
+        f"the prepared TFDS data of {spec.tfds_name} in {data_dir} cannot be read "
+        f"({type(err).__name__}: {reason}); delete {data_dir / spec.tfds_name} and run again "
+        "(TFDS prepares it anew, from --manual-dir or a download), or give another --data-dir"
+    )
 
 
 def _missing_files_help(spec: DatasetSpec) -> str:

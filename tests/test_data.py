@@ -92,6 +92,33 @@ def test_a_corrupt_cache_is_ignored_and_rebuilt(prepared_data_dir, tmp_path, dam
         assert z["train_images"].shape == (60_000, 28, 28, 1)
 
 
+def _truncate_a_record(copy):
+    record = next((copy / "fashion_mnist").glob("*/fashion_mnist-train.tfrecord*"))
+    record.write_bytes(record.read_bytes()[:1000])
+
+
+def _garble_the_info(copy):
+    next((copy / "fashion_mnist").glob("*/dataset_info.json")).write_text("{garbage")
+
+
+TFDS_DAMAGE = {"truncated-record": _truncate_a_record, "garbled-info": _garble_the_info}
+
+
+@pytest.mark.parametrize("damage", TFDS_DAMAGE)
+def test_damaged_tfds_data_is_one_message_naming_what_to_delete(prepared_data_dir, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "tfds"
+    shutil.copytree(prepared_data_dir, copy)
+    data.cache_path(data.FASHION_MNIST, copy).unlink()  # so that TFDS's files are read
+    TFDS_DAMAGE[damage](copy)
+    with pytest.raises(data.DataError) as err:
+        data.load(data.FASHION_MNIST, copy, offline=True)
+    message = str(err.value)
+    assert "cannot be read" in message and f"delete {copy / 'fashion_mnist'} and run again" in message
+    assert "\n" not in message
+
+
 def test_preprocess_scales_and_resizes_like_the_recipe():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
