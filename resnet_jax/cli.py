@@ -553,7 +553,7 @@ class _Reporter:
         c = self.config
         self.say(
             f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
-            f"{c.epochs} epochs x {info['steps_per_epoch']} steps of {min(c.batch_size, info['train_examples'])}, "
+            f"{c.epochs} epochs x {info['steps_per_epoch']} steps of {info['batch_size']}, "
             f"{c.resize}x{c.resize}, lr {c.lr:g}, {c.dtype}, recipe {c.recipe.name}; "
             f"compiled in {info['compile_s']:.1f} s"
         )

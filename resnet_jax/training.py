@@ -466,6 +466,14 @@ def _pad_split(split: Split, batch: int):
     return images.reshape(*shape, *split.images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
 
 
+def _train_batch_size(config: Config, n: int, n_dev: int) -> int:
+    """The batch fit's programs run: ``config.batch_size``, but no larger than the training set
+    (rounded up to a multiple of the device count). A --batch-size beyond the set trains one
+    step per epoch on all of it either way (as PyTorch's DataLoader makes one batch of what
+    there is); padding it to the full size would only cost memory and time."""
+    return min(config.batch_size, math.ceil(n / n_dev) * n_dev)
+
+
 def _eval_batch_size(config: Config, n: int, n_dev: int) -> int:
     eval_bs = min(config.eval_batch_size, math.ceil(n / n_dev) * n_dev)
     return math.ceil(eval_bs / n_dev) * n_dev
@@ -540,7 +548,8 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     """
     replicated, batch_sharding, n_dev = mesh
     put = lambda a: to_global(a, replicated)
-    n, bs = train_x.shape[0], config.batch_size
+    n = train_x.shape[0]
+    bs = _train_batch_size(config, n, n_dev)
     steps = math.ceil(n / bs)
     masked = n % bs != 0  # the epoch ends on a smaller batch: padded, and its program masks
     seconds = {}
@@ -628,7 +637,7 @@ def fit(
     devices = devices or jax.devices()
     mesh = _mesh(devices, config.batch_size)
     replicated, _, n_dev = mesh
-    bs = config.batch_size
+    bs = _train_batch_size(config, len(train), n_dev)
 
     # The splits live on the device(s) for the whole run, as uint8.
     put = lambda a: to_global(a, replicated)
@@ -654,6 +663,7 @@ def fit(
         "test_examples": len(test),
         "val_examples": len(val) if val is not None else 0,
         "steps_per_epoch": steps_per_epoch,
+        "batch_size": bs,  # config.batch_size, or the whole training set when that is smaller
         "compile_s": compile_s,
         "compile_s_by_program": programs.compile_s,
         "steps_per_dispatch": K,

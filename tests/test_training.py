@@ -312,12 +312,23 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
 
 def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
     images, labels = _batch(20, seed=6)
-    config = Config(epochs=2, batch_size=32, resize=RESIZE, eval_batch_size=8)
-    result = training.fit(config, Split(images[:12], labels[:12]), Split(images[12:], labels[12:]), state)
+    train, test = Split(images[:12], labels[:12]), Split(images[12:], labels[12:])
+    results, infos = {}, {}
+    for bs in (12, 32, 10**6):
+        config = Config(epochs=2, batch_size=bs, resize=RESIZE, eval_batch_size=8)
+        results[bs] = training.fit(config, train, test, state, training.Hooks(on_start=lambda i, bs=bs: infos.update({bs: i})))
+    result = results[32]
     # As a DataLoader without drop_last: each epoch is one step on all 12 examples.
     assert [r["step"] for r in result.history] == [1, 2] and int(result.state.step) == 2
     assert np.isfinite(result.final["train_loss"])
     assert sorted(result.final["compile_s_by_program"]) == ["eval_test", "shuffle", "train"]
+    # A batch beyond the set is the set: its programs run 12 examples, not 32 or a million
+    # mostly padding, and train exactly as --batch-size 12.
+    assert infos[32]["batch_size"] == infos[10**6]["batch_size"] == 12
+    for bs in (32, 10**6):
+        assert results[bs].final["train_loss"] == results[12].final["train_loss"]
+        same = jax.tree_util.tree_map(np.array_equal, results[bs].state.params, results[12].state.params)
+        assert all(jax.tree_util.tree_leaves(same))
 
 
 def test_non_finite_running_statistics_stop_fit_before_the_epoch_is_reported(state):
