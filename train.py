@@ -15,23 +15,24 @@ if __name__ == "__main__":
 
     from resnet_jax import interrupts
 
-    # Ctrl-C during JAX's import is remembered, not raised (inside jaxlib's initialisation
-    # a KeyboardInterrupt aborts the process), and acted on right after it.
+    # Ctrl-C (or SIGTERM) during JAX's import is remembered, not raised (inside jaxlib's
+    # initialisation a KeyboardInterrupt aborts the process), and acted on right after it.
     interrupts.defer()
-    from resnet_jax.cli import EXIT_INTERRUPTED, main
+    from resnet_jax.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 
     if interrupts.seen():
-        print("train.py: interrupted", file=sys.stderr, flush=True)
-        os._exit(EXIT_INTERRUPTED)
+        print(f"train.py: {interrupts.word()}", file=sys.stderr, flush=True)
+        os._exit(interrupts.exit_code())
     interrupts.install()  # from here a Ctrl-C is a KeyboardInterrupt, never lost (resnet_jax/interrupts.py)
 
     code = main()
-    if code == EXIT_INTERRUPTED:
-        # Ctrl-C was handled: the message is out, the checkpoint saved and its files closed.
-        # A second Ctrl-C is ignored from here; JAX's exit handlers would race its own
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        # Ctrl-C or SIGTERM was handled: the message is out, the checkpoint saved and its files
+        # closed. A second signal is ignored from here; JAX's exit handlers would race its own
         # threads (a compile cut short): tracebacks, and now and then a crash (exit 139).
         # Leave without them.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in interrupts.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

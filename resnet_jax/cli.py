@@ -5,7 +5,7 @@ trained run's checkpoint instead (resnet_jax/commands.py).
 
 Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
 done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
-interrupted. A user's mistake gets one line on stderr, never a traceback.
+interrupted (Ctrl-C); 143 terminated (SIGTERM). A user's mistake gets one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ INGREDIENT_FLAGS = (
     "ema_decay", "tta_flip", "crop_pad", "flip", "erase_prob",
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
 COMPILE_CACHE_MAX_BYTES = 2 * 2**30  # --compile-cache's size limit, unless $JAX_COMPILATION_CACHE_MAX_SIZE says
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
@@ -248,15 +248,16 @@ def _check_torch_paths(config: Config) -> None:
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; says which checkpoint a --resume would continue from."""
+    """Ctrl-C (or SIGTERM) during training; says which checkpoint a --resume would continue from."""
 
     def __init__(self, epoch: int | None, output: str | None):
+        how = interrupts.word()
         if epoch is not None:
-            msg = f"interrupted; the checkpoint of epoch {epoch} is in {output}: continue with --resume"
+            msg = f"{how}; the checkpoint of epoch {epoch} is in {output}: continue with --resume"
         elif output:
-            msg = "interrupted before the first epoch ended; no checkpoint was written"
+            msg = f"{how} before the first epoch ended; no checkpoint was written"
         else:
-            msg = "interrupted (no --output, nothing saved)"
+            msg = f"{how} (no --output, nothing saved)"
         super().__init__(msg)
 
 
@@ -358,18 +359,19 @@ def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
-    """Ctrl-C ignored inside (main thread only; elsewhere signals cannot be set, nor arrive)."""
+def _signals_ignored():
+    """Ctrl-C and SIGTERM ignored inside (main thread only; elsewhere signals cannot be set, nor arrive)."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in interrupts.SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _oom_summary(err: BaseException) -> str:
@@ -886,7 +888,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         if unsaved is not None:  # interrupted while saving: the state is whole, save it again
             # ... without a second Ctrl-C breaking that save too (train.py then ignores
             # Ctrl-C while JAX's exit handlers run).
-            with _sigint_ignored(), contextlib.suppress(ckpt_mod.CheckpointError):  # else the previous checkpoint stands
+            with _signals_ignored(), contextlib.suppress(ckpt_mod.CheckpointError):  # else the previous checkpoint stands
                 ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
         raise Interrupted(ckpts.latest_epoch() if ckpts else None, config.output) from None
     except training.NonFiniteLoss as err:
@@ -970,7 +972,7 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
         return EXIT_FAILED
     except Interrupted as err:
         print(f"{prog}: {err}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupts.exit_code()
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"{prog}: {interrupts.word()}", file=sys.stderr)
+        return interrupts.exit_code()

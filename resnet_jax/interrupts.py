@@ -1,5 +1,9 @@
 """Ctrl-C that is never lost: train.py's SIGINT handler, and the checks that act on it late.
 
+SIGTERM (``kill``, a batch scheduler's preemption, ``docker stop``) is handled the same way: the
+run stops at once, keeps its last completed epoch (and finishes a checkpoint it was saving),
+says "terminated" and exits 143 instead of 130.
+
 Python turns SIGINT into a KeyboardInterrupt wherever the main thread happens to
 be. Inside a garbage-collector callback (JAX registers one) the exception is
 printed as "Exception ignored in ..." and dropped, so a Ctrl-C in the first
@@ -22,32 +26,39 @@ import signal
 import sys
 import threading
 
-_seen = False
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_seen = None  # the signal that came (SIGINT or SIGTERM), None before one
 
 
 def _handler(signum, frame):
     global _seen
-    _seen = True
+    _seen = signum
     raise KeyboardInterrupt
 
 
 def _unraisable(unraisable) -> None:
     # A swallowed Ctrl-C is remembered, and check() raises it again: no "Exception ignored" trace.
-    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _seen:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _seen is not None:
         return
     sys.__unraisablehook__(unraisable)
 
 
 def _excepthook(exc_type, exc, tb) -> None:
     # Extensions that print an error while importing (numpy's, jaxlib's) go through here.
-    if issubclass(exc_type, KeyboardInterrupt) and _seen:
+    if issubclass(exc_type, KeyboardInterrupt) and _seen is not None:
         return
     sys.__excepthook__(exc_type, exc, tb)
 
 
 def _record(signum, frame):
     global _seen
-    _seen = True
+    _seen = signum
+
+
+def _set(handler) -> None:
+    for signum in SIGNALS:
+        signal.signal(signum, handler)
 
 
 def defer() -> None:
@@ -57,28 +68,43 @@ def defer() -> None:
     initialisation (jaxlib's, through nanobind) aborts the process (exit 134).
     """
     global _seen
-    _seen = False
+    _seen = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _record)
+        _set(_record)
 
 
 def install() -> None:
-    """Handle SIGINT as above (main thread only: elsewhere signals can be neither set nor received)."""
+    """Handle SIGINT and SIGTERM as above (main thread only: elsewhere signals can be neither set nor received)."""
     global _seen
-    _seen = False
+    _seen = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _handler)
+        _set(_handler)
         sys.unraisablehook = _unraisable
         sys.excepthook = _excepthook
 
 
 def seen() -> bool:
-    return _seen
+    return _seen is not None
+
+
+def terminated() -> bool:
+    """Whether the signal was SIGTERM rather than Ctrl-C."""
+    return _seen == signal.SIGTERM
+
+
+def word() -> str:
+    """How the run ended, for its last line: "terminated" (SIGTERM) or "interrupted" (Ctrl-C)."""
+    return "terminated" if terminated() else "interrupted"
+
+
+def exit_code() -> int:
+    """The shell's code for the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if terminated() else signal.SIGINT)
 
 
 def check() -> None:
     """Raise KeyboardInterrupt if a Ctrl-C came since install(), even one that something swallowed."""
-    if _seen:
+    if _seen is not None:
         raise KeyboardInterrupt
 
 
@@ -92,9 +118,9 @@ def deferred():
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _handler:
         yield
         return
-    signal.signal(signal.SIGINT, _record)
+    _set(_record)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, _handler)
+        _set(_handler)
     check()

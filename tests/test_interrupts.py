@@ -50,12 +50,14 @@ def test_the_swallowed_ctrl_c_is_not_printed_but_other_unraisables_are(installed
     assert "ValueError: kept" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("after_s", [0.15, 0.7, 1.5, 3.0])
-def test_ctrl_c_early_in_train_py_exits_130_with_one_message(prepared_data_dir, tmp_path, after_s):
+@pytest.mark.parametrize("sig, after_s", [("SIGINT", 0.15), ("SIGINT", 0.7), ("SIGINT", 1.5), ("SIGINT", 3.0),
+                                          ("SIGTERM", 0.7), ("SIGTERM", 3.0)])
+def test_ctrl_c_or_sigterm_early_in_train_py_exits_130_or_143_with_one_message(prepared_data_dir, tmp_path, sig, after_s):
     # 0.15 s: numpy and jaxlib importing (a KeyboardInterrupt inside jaxlib's initialisation
     # aborts the process: exit 134); 0.7 s: JAX's import (a Ctrl-C used to be a 34-line trace,
     # or swallowed by JAX's gc callback so that the run trained to the end); 1.5 and 3 s:
-    # Flax/Orbax imports, loading, compiling.
+    # Flax/Orbax imports, loading, compiling. SIGTERM (kill, a scheduler) alike: exit 143,
+    # "terminated" (it used to end the process with no message).
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "--data-dir", str(prepared_data_dir), "--offline", "--epochs", "50", "--resize", "28",
@@ -63,11 +65,11 @@ def test_ctrl_c_early_in_train_py_exits_130_with_one_message(prepared_data_dir, 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
     time.sleep(after_s)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], err
     assert "Traceback" not in err and "Exception ignored" not in err, err
-    assert "interrupted" in err.strip().splitlines()[-1]
+    assert {"SIGINT": "interrupted", "SIGTERM": "terminated"}[sig] in err.strip().splitlines()[-1]
 
 
 def test_deferred_holds_a_ctrl_c_until_its_end(installed):
