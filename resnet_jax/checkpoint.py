@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,16 +370,48 @@ def arrays_problem(state_dir: Path, abstract, expected_digests: dict[str, str] |
 
 @contextlib.contextmanager
 def _absl_quiet():
-    """absl's logger (Orbax's) silent below CRITICAL inside, as it was after."""
-    import logging
-
+    """absl's logger (Orbax's) silent below CRITICAL inside, as it was after; and
+    :func:`_without_closed_loop_errors` inside."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _without_closed_loop_errors(hook)
     try:
         yield
     finally:
         logger.setLevel(level)
+        sys.unraisablehook = hook
+
+
+def _without_closed_loop_errors(hook):
+    """``hook`` (an unraisable hook) but for the "Event loop is closed" errors of a failed save.
+
+    When one write fails (a disk filled mid-save), Orbax closes its event loop while
+    TensorStore's other writes still complete, and each completion's callback reports a
+    RuntimeError as "unraisable": about 90 tracebacks, 500 lines, for this network on a full
+    disk (measured), during the save or after it has failed. The save's own error says what
+    happened, once.
+    """
+
+    def quiet(unraisable):
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            hook(unraisable)
+
+    return quiet
+
+
+def quiet_abandoned_writes() -> None:
+    """For a process that ends on a failed or interrupted save (train.py's): from here on, the
+    save's unfinished writes report nothing. They would, after the one line that says what is
+    kept: absl's tracebacks, "Event loop is closed" (:func:`_without_closed_loop_errors`),
+    asyncio's "Task exception was never retrieved" as they are collected, and a coroutine never
+    awaited at the exit."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def _open_array(ts, kvstore):

@@ -72,3 +72,21 @@ def one_mb_free(monkeypatch):
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+
+
+@pytest.fixture
+def interrupts_installed():
+    """train.py's handling of Ctrl-C and SIGTERM (resnet_jax/interrupts.py) in this process, undone after."""
+    import signal
+    import sys
+
+    from resnet_jax import interrupts
+
+    handlers = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    hooks = sys.unraisablehook, sys.excepthook
+    interrupts.install()
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    sys.unraisablehook, sys.excepthook = hooks
+    interrupts._seen = None

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -141,6 +142,26 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_same_run(run, prepa
     resumed = json.loads(out.strip().splitlines()[-1])
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_acc"):
         assert resumed[key] == final[key], key
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_an_epochs_line_waits_for_its_checkpoint(prepared_data_dir, tmp_path, monkeypatch,
+                                                               interrupts_installed, sig):
+    # The signal lands as epoch 1's line is printed, before its save began: the epoch is saved
+    # first, then the run stops (it used to stop with the checkpoint of the epoch before).
+    output = tmp_path / "out"
+    real = cli._Reporter.on_epoch
+
+    def on_epoch_then_signal(self, rec):
+        real(self, rec)
+        signal.raise_signal(getattr(signal, sig))
+
+    monkeypatch.setattr(cli._Reporter, "on_epoch", on_epoch_then_signal)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output))
+    word = {"SIGINT": "interrupted", "SIGTERM": "terminated"}[sig]
+    assert rc == {"SIGINT": 130, "SIGTERM": 143}[sig], err
+    assert err.strip().splitlines()[-1] == f"train.py: {word}; the checkpoint of epoch 1 is in {output}: continue with --resume"
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["1"]
 
 
 def test_a_full_disk_during_a_save_ends_clearly_and_keeps_the_last_checkpoint(run, prepared_data_dir, tmp_path, monkeypatch):

@@ -15,13 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def installed():
-    previous_handler, previous_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
-    interrupts.install()
+def installed(interrupts_installed):
     yield
-    signal.signal(signal.SIGINT, previous_handler)
-    sys.unraisablehook = previous_hook
-    interrupts._seen = False
 
 
 def test_a_swallowed_ctrl_c_is_raised_again_by_check(installed):
