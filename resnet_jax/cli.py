@@ -190,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -726,6 +728,9 @@ def _write_run_files(config: Config, report: dict, log: list, n_train: int, say)
         plots.plot_curves(plots.epoch_axis(log, spe), Path(config.output) / "curves.png")
     except OSError as err:
         raise UserError(f"could not write {config.output}/curves.png: {err}") from err
+    if not report["history"]:  # --epochs 0: the model as it is, evaluated; nothing to save
+        say(f"no epoch trained, so no checkpoint; results in {config.output}/results.json")
+        return
     say(f"checkpoints in {config.output}/checkpoints"
         + (f" and {config.output}/best" if config.val_split else "")
         + "; metrics in metrics.jsonl, results.json, curves.png")
@@ -756,7 +761,39 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     say = lambda msg: print(msg, file=out, flush=True)
     if compile_cache is not None and compile_cache[1] and compile_cache[0] is not None:
         check_writable_dir(compile_cache[0], "--compile-cache")  # a named folder: refused before any work
+    made = _first_missing(config.output)  # what check_paths creates, removed again if the run fails empty
     check_paths(config)  # last: it makes the --output folder
+    try:
+        return _run(config, json_line, distributed, compile_cache, out, say)
+    except BaseException:
+        _remove_empty_folders(made)
+        raise
+
+
+def _first_missing(path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (``path`` itself, or an ancestor); None if it exists."""
+    if not path:
+        return None
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_empty_folders(top: Path | None) -> None:
+    """``top`` and the folders below it, if they hold no file: what a run that failed before
+    writing anything made (its --output, an empty checkpoints/). A file anywhere keeps it."""
+    if top is None or not top.is_dir():
+        return
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
+        with contextlib.suppress(OSError):  # not empty: it stays
+            os.rmdir(folder)
+
+
+def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) -> int:
+    """run() once the paths are checked."""
 
     # Heavy imports only once the flags are known to be good: --help and bad
     # flags answer at once. A Ctrl-C inside them waits for their end (resnet_jax/interrupts.py).

@@ -164,6 +164,21 @@ def test_a_signal_after_an_epochs_line_waits_for_its_checkpoint(prepared_data_di
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["1"]
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_folders(tmp_path):
+    # No data and no network: the run stops after the path checks made --output (and its parent).
+    rc, out, err = _main("--data-dir", tmp_path / "no-data", "--offline", "--output", tmp_path / "runs" / "r1")
+    assert rc == 1 and "downloads are off (--offline)" in err, err
+    assert not (tmp_path / "runs").exists()
+    # A folder that was there before stays, and so does anything a failed run finds in it.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    rc, out, err = _main("--data-dir", tmp_path / "no-data", "--offline", "--output", tmp_path / "mine" / "r2")
+    assert rc == 1 and sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    rc, out, err = _main("--data-dir", tmp_path / "no-data", "--offline", "--output", tmp_path / "empty")
+    assert rc == 1 and (tmp_path / "empty").is_dir()
+
+
 def test_a_full_disk_during_a_save_ends_clearly_and_keeps_the_last_checkpoint(run, prepared_data_dir, tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
