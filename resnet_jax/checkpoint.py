@@ -164,6 +164,14 @@ class Checkpoints:
                 )
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {_first_line(err)}") from err
+        # A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
+        # when it saves that epoch. Someone put it there; it is theirs to move.
+        for folder in ("checkpoints", "best"):
+            with contextlib.suppress(OSError):
+                for entry in (self.directory / folder).iterdir():
+                    if entry.name.isdigit() and not entry.is_dir():
+                        raise CheckpointError(
+                            f"{entry} is a file where the checkpoint of epoch {entry.name} would be; move it elsewhere")
 
     def close(self) -> None:
         """Stop the managers' background threads (idempotent).

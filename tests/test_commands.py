@@ -241,6 +241,12 @@ def _with_an_empty_step(src, dst):
     return dst
 
 
+def _with_a_file_as_a_step(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "checkpoints" / "3").write_text("someone's notes")  # Orbax would delete it when saving epoch 3
+    return dst
+
+
 def _fifo(tmp, name):
     os.mkfifo(tmp / name)  # stands for /dev/null, which a rename (as root) would replace
     return tmp / name
@@ -290,6 +296,9 @@ ERRORS = {
                        "--resume: checkpoint"),
     "checkpoints-is-a-file": (lambda run, d, t: _train_args(d, _checkpoints_as_a_file(t)), 1,
                               "checkpoints is not a folder"),
+    "resume-with-a-file-as-epoch-3": (lambda run, d, t: [*_train_args(d, _with_a_file_as_a_step(run, t / "c")), "--resume",
+                                                         "--epochs", 3], 1,
+                                      "is a file where the checkpoint of epoch 3 would be; move it elsewhere"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
                         "lr (checkpoint 0.05, now 0.1)"),
     "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
