@@ -987,6 +987,12 @@ def main(argv: list[str] | None = None) -> int:
         from resnet_jax import commands
 
         return commands.main(argv[0], argv[1:])
+    if argv and not argv[0].startswith("-"):  # training takes no positional argument: a mistyped command?
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (the commands are {', '.join(COMMANDS)})"
+        parser.error(f"unknown command '{argv[0]}'{hint}")
     args = parser.parse_args(argv)  # exits 2 with argparse's message on malformed flags
     try:
         config = config_from_args(args)

@@ -322,3 +322,13 @@ def test_a_default_compile_cache_that_cannot_be_made_only_costs_the_cache(tmp_pa
     assert r.returncode == 0, r.stderr
     assert f"note: no compile cache (cannot write {blocker}/resnet_jax/xla)" in r.stdout
     assert blocker.read_text() == "keep me"
+
+
+def test_a_mistyped_command_is_named_with_the_closest_one(capsys):
+    for argv, hint in ((["evalute", "runs/r18"], "did you mean 'evaluate'?"),
+                       (["fit"], "the commands are evaluate, predict")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"unknown command '{argv[0]}'" in err and hint in err, err
+        assert len(err.strip().splitlines()) == 1
