@@ -9,7 +9,8 @@ Layout of a run's ``--output DIR``::
 Each checkpoint holds two Orbax items:
 
 - ``state``: the TrainState as Flax's state dict (params, batch_stats, opt_state,
-  step; with ``--recipe best`` also aug_key, ema_params and ema_batch_stats), written by Orbax's StandardSave (tensorstore arrays, compressed and
+  step; with ``--recipe best`` also aug_key, ema_params and ema_batch_stats),
+  written by Orbax's StandardSave (tensorstore arrays, compressed and
   checked when read, so a truncated or garbled file is detected). Before a
   restore, :func:`arrays_problem` checks each array's name, shape and
   contents, so a damaged checkpoint, or one of another model, is one message.

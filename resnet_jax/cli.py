@@ -5,7 +5,8 @@ trained run's checkpoint instead (resnet_jax/commands.py).
 
 Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
 done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
-interrupted (Ctrl-C); 143 terminated (SIGTERM). A user's mistake gets one line on stderr, never a traceback.
+interrupted (Ctrl-C); 143 terminated (SIGTERM). A user's mistake gets one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -398,9 +399,10 @@ def compile_cache_setting(flag: str | None, environ=os.environ) -> tuple[Path | 
     loaded executable is the same executable, so no result changes. JAX leaves that cache off
     unless told where; train.py turns it on, in a folder of its own. JAX keeps only programs that
     took a second or more to compile (the train and evaluation steps and the initialisation, one
-    program since 2026-12-04; not the few small ones around them): on 2 CPU cores that took a 28x28 run's compile from 5.5 s to 2.0 s, the
-    rest being tracing and lowering, which every run does. A setting of the process,
-    not of the run's math: it stays out of Config and of --resume's checks.
+    program since 2026-12-04; not the few small ones around them): on 2 CPU cores that took a
+    28x28 run's compile from 5.5 s to 2.0 s, the rest being tracing and lowering, which every run
+    does. A setting of the process, not of the run's math: it stays out of Config and of
+    --resume's checks.
     """
     if flag is not None:
         return (None, True) if flag == "off" else (Path(flag).expanduser().absolute(), True)

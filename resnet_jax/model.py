@@ -131,10 +131,10 @@ def batch_norm_train(x, scale, bias, epsilon: float, mask=None):
     is how :func:`resnet_jax.training.fit` runs the epoch's last, smaller batch
     (96 of 256 in the chapter's epoch) padded to full size: on GPU and TPU inside
     the same compiled program as every other step, on CPU in a second, masked
-    program. (Zeros rather than the padding
-    normalised with the valid examples' statistics: those can be degenerate, a
-    variance of 0 for one example on a 1x1 map, and would scale the padding by
-    1/sqrt(eps) at every layer; zeros keep everything the padding touches finite.)
+    program. (Zeros rather than the padding normalised with the valid
+    examples' statistics: those can be degenerate, a variance of 0 for one
+    example on a 1x1 map, and would scale the padding by 1/sqrt(eps) at every
+    layer; zeros keep everything the padding touches finite.)
     """
     return _batch_norm(x, scale, bias, mask, epsilon)
 
