@@ -14,12 +14,7 @@ from resnet_jax import interrupts
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def installed(interrupts_installed):
-    yield
-
-
-def test_a_swallowed_ctrl_c_is_raised_again_by_check(installed):
+def test_a_swallowed_ctrl_c_is_raised_again_by_check(interrupts_installed):
     interrupts.check()  # nothing yet
     try:  # what a garbage-collector callback does with the KeyboardInterrupt raised inside it
         signal.raise_signal(signal.SIGINT)
@@ -30,7 +25,7 @@ def test_a_swallowed_ctrl_c_is_raised_again_by_check(installed):
         interrupts.check()
 
 
-def test_the_swallowed_ctrl_c_is_not_printed_but_other_unraisables_are(installed, capsys):
+def test_the_swallowed_ctrl_c_is_not_printed_but_other_unraisables_are(interrupts_installed, capsys):
     class RaisesOnDelete:
         def __init__(self, exc):
             self.exc = exc
@@ -67,7 +62,7 @@ def test_ctrl_c_or_sigterm_early_in_train_py_exits_130_or_143_with_one_message(p
     assert {"SIGINT": "interrupted", "SIGTERM": "terminated"}[sig] in err.strip().splitlines()[-1]
 
 
-def test_deferred_holds_a_ctrl_c_until_its_end(installed):
+def test_deferred_holds_a_ctrl_c_until_its_end(interrupts_installed):
     with pytest.raises(KeyboardInterrupt):
         with interrupts.deferred():
             signal.raise_signal(signal.SIGINT)  # inside an import of jaxlib this would abort the process
