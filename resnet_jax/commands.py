@@ -118,10 +118,10 @@ def evaluate(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     test = test.take(limit)
 
-    result = training.evaluate_split(config, ckpt.state, test)
+    # One pass over the test set gives the metrics and the confusion matrix alike.
+    result = training.evaluate_split(config, ckpt.state, test, confusion=True)
     interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
-    probs = training.predict(ckpt.state, test.images, config.resize, config.eval_batch_size)
-    cm = metrics.confusion_matrix(test.labels, probs.argmax(-1), spec.num_classes)
+    cm = result["confusion"]
     per_class = metrics.per_class_accuracy(cm)
     if png is not None:
         try:

@@ -1,4 +1,9 @@
-"""Per-class numbers from predictions, in plain NumPy (the model's metrics stay sums on the device).
+"""Per-class numbers from predictions, in plain NumPy.
+
+``train.py evaluate`` sums its confusion matrix on the device, in the pass that
+computes the loss (``training.evaluate_split(..., confusion=True)``);
+:func:`confusion_matrix` is the same count for predictions held on the host,
+such as ``training.predict``'s.
 
 Convention, as in scikit-learn: ``cm[i, j]`` counts examples of true class
 ``i`` predicted as class ``j``, so a row is one true class and the diagonal

@@ -143,15 +143,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _sums(losses, logits, labels, mask=None) -> Metrics:
-    correct = jnp.argmax(logits, -1) == labels
+def _sums(losses, logits, labels, mask=None, confusion: bool = False) -> Metrics:
+    preds = jnp.argmax(logits, -1)
+    correct = preds == labels
     if mask is None:
         mask = jnp.ones_like(labels, dtype=bool)
-    return {
+    sums = {
         "loss": jnp.sum(jnp.where(mask, losses, 0.0)).astype(jnp.float32),
         "correct": jnp.sum(correct & mask).astype(jnp.int32),
         "count": jnp.sum(mask).astype(jnp.int32),
     }
+    if confusion:  # counts[true, predicted], from the same argmax as "correct": its trace is "correct"
+        num_classes = logits.shape[-1]
+        sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32))
+    return sums
 
 
 def train_step(
@@ -212,13 +217,15 @@ def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
     return recipes.predict(state.apply_fn, variables, preprocess(images, resize), state.recipe.tta_flip)
 
 
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int) -> Metrics:
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int,
+              confusion: bool = False) -> Metrics:
     """Metric sums of the model in eval mode over the examples where ``mask``.
 
-    The loss is the plain cross-entropy, whatever the training loss.
+    The loss is the plain cross-entropy, whatever the training loss. With
+    ``confusion``, also the confusion matrix's counts ``[true, predicted]``.
     """
     logits = eval_logits(state, images, resize)
-    return _sums(cross_entropy(logits, labels), logits, labels, mask)
+    return _sums(cross_entropy(logits, labels), logits, labels, mask, confusion)
 
 
 @functools.cache
@@ -253,8 +260,12 @@ def _add(a: Metrics, b: Metrics) -> Metrics:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _zeros() -> Metrics:
-    return {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
+def _zeros(num_classes: int | None = None) -> Metrics:
+    """Empty metric sums; with ``num_classes``, a confusion matrix's too."""
+    sums = {"loss": jnp.float32(0), "correct": jnp.int32(0), "count": jnp.int32(0)}
+    if num_classes is not None:
+        sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32)
+    return sums
 
 
 def _constrain(x, sharding):
@@ -326,15 +337,16 @@ def jit_train_chunk(
     return jit(fn, devices, donate_argnums=0), static
 
 
-def evaluate(state, images, labels, mask, resize: int, batch_sharding=None) -> Metrics:
+def evaluate(state, images, labels, mask, resize: int, batch_sharding=None, confusion: bool = False) -> Metrics:
     """Metric sums over a whole padded split (N_pad divisible by the eval batch), in one call."""
 
     def body(sums, batch):
         x, y, m = batch
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
-        return _add(sums, eval_step(state, x, y, m, resize)), None
+        return _add(sums, eval_step(state, x, y, m, resize, confusion)), None
 
-    sums, _ = jax.lax.scan(body, _zeros(), (images, labels, mask))
+    num_classes = state.params["dense"]["bias"].shape[0] if confusion else None
+    sums, _ = jax.lax.scan(body, _zeros(num_classes), (images, labels, mask))
     return sums
 
 
@@ -433,7 +445,10 @@ class FitResult:
 def _to_host(m: Metrics) -> dict:
     m = jax.device_get(m)
     count = int(m["count"])
-    return {"loss": float(m["loss"]) / max(count, 1), "acc": int(m["correct"]) / max(count, 1), "count": count}
+    out = {"loss": float(m["loss"]) / max(count, 1), "acc": int(m["correct"]) / max(count, 1), "count": count}
+    if "confusion" in m:
+        out["confusion"] = np.asarray(m["confusion"], np.int64)
+    return out
 
 
 def describe_devices(devices) -> str:
@@ -479,29 +494,31 @@ def _eval_batch_size(config: Config, n: int, n_dev: int) -> int:
     return math.ceil(eval_bs / n_dev) * n_dev
 
 
-def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: bool):
+def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: bool, confusion: bool = False):
     """The compiled evaluation: over all of the padded batches ``x, y, m`` (B, N, ...) in one call
     with ``device_loop`` (GPU, TPU), else over one batch ``x[i], y[i], m[i]`` per call.
 
     Either way each batch is sharded over the devices like training's, so that
-    each device evaluates its share of it."""
+    each device evaluates its share of it. ``confusion``: the metric sums
+    include the confusion matrix (see :func:`eval_step`)."""
     if device_loop:
-        fn = functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding)
+        fn = functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding, confusion=confusion)
         return jit(fn).lower(state, x, y, m).compile()
 
     def one(s, x, y, m):
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
-        return eval_step(s, x, y, m, config.resize)
+        return eval_step(s, x, y, m, config.resize, confusion)
 
     return jit(one).lower(state, x[0], y[0], m[0]).compile()
 
 
-def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_dev: int):
-    """state -> host metrics (loss, acc, count) over ``split``, compiled now; the split goes to the device(s)."""
+def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_dev: int, confusion: bool = False):
+    """state -> host metrics (loss, acc, count, and with ``confusion`` the confusion matrix)
+    over ``split``, compiled now; the split goes to the device(s)."""
     x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), n_dev)))
     # No device loop on XLA:CPU (see steps_per_dispatch): one call per batch.
     device_loop = jax.default_backend() != "cpu"
-    fn = _eval_program(config, state, x, y, m, batch_sharding, device_loop)
+    fn = _eval_program(config, state, x, y, m, batch_sharding, device_loop, confusion)
     if device_loop:
         return lambda s: _to_host(fn(s, x, y, m))
     return lambda s: _to_host(functools.reduce(_add, (fn(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
@@ -520,13 +537,18 @@ def _mesh(devices, batch_size: int | None = None):
     return NamedSharding(mesh, P()), (NamedSharding(mesh, P("data")) if n_dev > 1 else None), n_dev
 
 
-def evaluate_split(config: Config, state: TrainState, split: Split, devices=None) -> dict:
-    """Loss and accuracy of ``state`` on ``split``, computed exactly as :func:`fit` measures the test set."""
+def evaluate_split(config: Config, state: TrainState, split: Split, devices=None, confusion: bool = False) -> dict:
+    """Loss and accuracy of ``state`` on ``split``, computed exactly as :func:`fit` measures the test set.
+
+    With ``confusion``, also ``"confusion"``: the (num_classes, num_classes)
+    counts of [true class, predicted class], from the same pass over the
+    network (its trace is the number of correct predictions).
+    """
     devices = devices or jax.devices()
     replicated, batch_sharding, n_dev = _mesh(devices)
     put = lambda a: to_global(a, replicated)
     state = jax.tree_util.tree_map(put, jax.device_get(state))
-    return _make_evaluator(config, state, split, put, batch_sharding, n_dev)(state)
+    return _make_evaluator(config, state, split, put, batch_sharding, n_dev, confusion)(state)
 
 
 class _Programs(NamedTuple):

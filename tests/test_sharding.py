@@ -192,14 +192,16 @@ for device_loop in (False, True):
     args = (x, y, m) if device_loop else (x[0], y[0], m[0])
     flops, sums = [], []
     for sharding in (None, batch_sharding):
-        program = training._eval_program(cfg, state, x, y, m, sharding, device_loop)
+        program = training._eval_program(cfg, state, x, y, m, sharding, device_loop, confusion=True)
         cost = program.cost_analysis()
         flops.append((cost[0] if isinstance(cost, list) else cost)["flops"])
         sums.append(jax.device_get(program(state, *args)))
     assert 3.5 < flops[0] / flops[1] < 4.5, (device_loop, flops)
     assert sums[0]["count"] == sums[1]["count"] == (12 if device_loop else 8)
     np.testing.assert_allclose(sums[0]["loss"], sums[1]["loss"], rtol=1e-5)
-    assert sums[0]["correct"] == sums[1]["correct"]
+    assert sums[0]["correct"] == sums[1]["correct"] == np.trace(sums[1]["confusion"])
+    np.testing.assert_array_equal(sums[0]["confusion"], sums[1]["confusion"])
+    assert sums[1]["confusion"].sum() == sums[1]["count"]
 print("ok")
 """
 

@@ -254,6 +254,19 @@ def test_eval_step_masks_padding(state):
     assert int(unmasked["correct"]) == int(full["correct"]) + 3
 
 
+def test_evaluate_split_counts_the_confusion_matrix_in_the_same_pass(state):
+    from resnet_jax import metrics
+
+    images, labels = _batch(20, seed=5)
+    config = Config(resize=RESIZE, eval_batch_size=8)  # 8 + 8 + 4: the last batch padded and masked
+    plain = training.evaluate_split(config, state, Split(images, labels))
+    result = training.evaluate_split(config, state, Split(images, labels), confusion=True)
+    preds = training.predict(state, images, RESIZE).argmax(-1)
+    np.testing.assert_array_equal(result["confusion"], metrics.confusion_matrix(labels, preds, 10))
+    assert result["confusion"].sum() == 20 and np.trace(result["confusion"]) == round(result["acc"] * 20)
+    assert "confusion" not in plain and {k: result[k] for k in plain} == plain
+
+
 def test_fit_runs_epochs_and_reports(state):
     images, labels = _batch(100, seed=4)
     train = Split(images[:70], labels[:70])
