@@ -23,6 +23,8 @@ On CPU the convolutions themselves also depend on a compiler option:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -45,6 +47,27 @@ CPU_PATCHES_MAX_OUT = 4
 # default set minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION. The option only
 # chooses which kernel library computes the same convolution.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+# The platform whose programs are being traced: set by resnet_jax.training.jit for the devices
+# its program runs on, so that fit(devices=jax.devices("cpu")) on a GPU host picks the CPU's
+# lowerings. Unset (a user's own jax.jit), JAX's default backend is where the program runs.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("resnet_jax_target_platform", default=None)
+
+
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the network being traced will run on."""
+    return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def targeting(platform: str):
+    """Trace for ``platform``: inside, :func:`target_platform` is ``platform``."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
 
 @functools.cache
@@ -86,7 +109,7 @@ def materialize(x, anchor):
     is ``(bits | 1) & 1`` of its first element, so a batch-sharded ``x`` needs no
     communication. The identity on GPU and TPU, whose fusion is not affected.
     """
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return x
     probe = lax.stop_gradient(anchor.reshape(-1)[0])
     bits = lax.bitcast_convert_type(probe, jnp.dtype(f"uint{8 * probe.dtype.itemsize}"))
@@ -111,7 +134,7 @@ def conv2d(x, kernel, *, strides: int = 1, padding: int = 0, impl: str = "auto")
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        on_cpu = jax.default_backend() == "cpu"
+        on_cpu = target_platform() == "cpu"
         impl = "patches" if on_cpu and cpu_prefers_patches(x.shape[1:3], kernel.shape[0], strides, padding) else "xla"
     if impl == "xla":
         return lax.conv_general_dilated(
@@ -172,7 +195,7 @@ def max_pool(x, window: int = 3, stride: int = 2, padding: int = 1, impl: str = 
     if impl not in POOL_IMPLS:
         raise ValueError(f"max-pool impl must be one of {POOL_IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "slices" if jax.default_backend() == "cpu" else "xla"
+        impl = "slices" if target_platform() == "cpu" else "xla"
     if impl == "xla":
         return lax.reduce_window(
             x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),

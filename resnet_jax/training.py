@@ -49,14 +49,26 @@ from resnet_jax.model import ResNet18, init_variables
 from resnet_jax.recipes import D2L, Recipe
 
 def jit(fn: Callable, devices=None, **kwargs):
-    """``jax.jit`` with the package's XLA options for the platform of ``devices``.
+    """``jax.jit`` for the platform of ``devices`` (default: ``jax.devices()``).
 
-    On CPU these pick XLA's faster convolution kernels (ops.compiler_options);
-    on GPU and TPU there are none. Every program that runs the network goes
-    through here, so a benchmark measures what training runs.
+    The program is traced for that platform (the lowerings ``ops`` picks, see
+    :func:`resnet_jax.ops.target_platform`) and compiled with its XLA options
+    (on CPU, XLA's faster convolution kernels: ops.compiler_options; on GPU and
+    TPU none), whatever JAX's default backend is. Every program that runs the
+    network goes through here, so a benchmark measures what training runs.
     """
-    platform = (devices[0] if devices else jax.devices()[0]).platform
-    return jax.jit(fn, compiler_options=ops.compiler_options(platform), **kwargs)
+    platform = _platform(devices)
+
+    @functools.wraps(fn)
+    def traced(*args, **kw):
+        with ops.targeting(platform):
+            return fn(*args, **kw)
+
+    return jax.jit(traced, compiler_options=ops.compiler_options(platform), **kwargs)
+
+
+def _platform(devices=None) -> str:
+    return (devices[0] if devices else jax.devices()[0]).platform
 
 
 Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count
@@ -494,7 +506,8 @@ def _eval_batch_size(config: Config, n: int, n_dev: int) -> int:
     return math.ceil(eval_bs / n_dev) * n_dev
 
 
-def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: bool, confusion: bool = False):
+def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: bool, confusion: bool = False,
+                  devices=None):
     """The compiled evaluation: over all of the padded batches ``x, y, m`` (B, N, ...) in one call
     with ``device_loop`` (GPU, TPU), else over one batch ``x[i], y[i], m[i]`` per call.
 
@@ -503,22 +516,22 @@ def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: b
     include the confusion matrix (see :func:`eval_step`)."""
     if device_loop:
         fn = functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding, confusion=confusion)
-        return jit(fn).lower(state, x, y, m).compile()
+        return jit(fn, devices).lower(state, x, y, m).compile()
 
     def one(s, x, y, m):
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
         return eval_step(s, x, y, m, config.resize, confusion)
 
-    return jit(one).lower(state, x[0], y[0], m[0]).compile()
+    return jit(one, devices).lower(state, x[0], y[0], m[0]).compile()
 
 
-def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, n_dev: int, confusion: bool = False):
+def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, devices, confusion: bool = False):
     """state -> host metrics (loss, acc, count, and with ``confusion`` the confusion matrix)
-    over ``split``, compiled now; the split goes to the device(s)."""
-    x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), n_dev)))
+    over ``split``, compiled now for ``devices``; the split goes to the device(s)."""
+    x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), len(devices))))
     # No device loop on XLA:CPU (see steps_per_dispatch): one call per batch.
-    device_loop = jax.default_backend() != "cpu"
-    fn = _eval_program(config, state, x, y, m, batch_sharding, device_loop, confusion)
+    device_loop = _platform(devices) != "cpu"
+    fn = _eval_program(config, state, x, y, m, batch_sharding, device_loop, confusion, devices)
     if device_loop:
         return lambda s: _to_host(fn(s, x, y, m))
     return lambda s: _to_host(functools.reduce(_add, (fn(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
@@ -545,10 +558,10 @@ def evaluate_split(config: Config, state: TrainState, split: Split, devices=None
     network (its trace is the number of correct predictions).
     """
     devices = devices or jax.devices()
-    replicated, batch_sharding, n_dev = _mesh(devices)
+    replicated, batch_sharding, _ = _mesh(devices)
     put = lambda a: to_global(a, replicated)
     state = jax.tree_util.tree_map(put, jax.device_get(state))
-    return _make_evaluator(config, state, split, put, batch_sharding, n_dev, confusion)(state)
+    return _make_evaluator(config, state, split, put, batch_sharding, devices, confusion)(state)
 
 
 class _Programs(NamedTuple):
@@ -610,8 +623,8 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
         chunk_fn = last_fn = timed("train", lambda: compile_rows(steps == 1 and masked))
         if masked and steps > 1:
             last_fn = timed("last_batch", lambda: compile_rows(True))
-    eval_test = timed("eval_test", lambda: _make_evaluator(config, state, test, put, batch_sharding, n_dev))
-    eval_val = (timed("eval_val", lambda: _make_evaluator(config, state, val, put, batch_sharding, n_dev))
+    eval_test = timed("eval_test", lambda: _make_evaluator(config, state, test, put, batch_sharding, devices))
+    eval_val = (timed("eval_val", lambda: _make_evaluator(config, state, val, put, batch_sharding, devices))
                 if val is not None else None)
     return _Programs(plan_fn, chunk_fn, last_fn, eval_test, eval_val, scalar, seconds)
 
@@ -669,7 +682,7 @@ def fit(
 
     n = len(train)
     steps_per_epoch = math.ceil(n / bs)  # the last batch smaller when bs does not divide n
-    K = max(1, min(steps_per_dispatch(config, jax.default_backend()), steps_per_epoch))
+    K = max(1, min(steps_per_dispatch(config, _platform(devices)), steps_per_epoch))
 
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
@@ -680,7 +693,7 @@ def fit(
     info = {
         "device": describe_devices(devices),
         "num_devices": n_dev,
-        "backend": jax.default_backend(),
+        "backend": _platform(devices),
         "train_examples": n,
         "test_examples": len(test),
         "val_examples": len(val) if val is not None else 0,

@@ -131,3 +131,20 @@ def test_materialize_survives_xla_cpu_as_a_division():
     hlo = training.jit(training.train_step, static_argnums=3).lower(state, images, labels, 28).compile().as_text()
     full_size_divides = re.findall(r"= f32\[2,\d+,\d+,\d+\]\{[\d,]+\} divide\(", hlo)
     assert len(full_size_divides) >= 17, len(full_size_divides)
+
+
+def test_the_lowerings_follow_the_devices_a_program_runs_on_not_the_default_backend(monkeypatch):
+    # fit(devices=jax.devices("cpu")) on a GPU host: its programs run on the CPU and must get the
+    # CPU's lowerings. Here the host is made to look like a GPU host by its default backend.
+    from resnet_jax import training
+
+    x, w = jnp.ones((2, 2, 2, 32)), jnp.ones((3, 3, 32, 8))
+    conv = lambda x, w: ops.conv2d(x, w, strides=1, padding=1)  # a 2x2 output: patches on CPU
+    cpu_hlo = training.jit(conv, jax.devices("cpu")).lower(x, w).as_text()
+    assert "convolution" not in cpu_hlo and "dot_general" in cpu_hlo
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert training.jit(conv, jax.devices("cpu")).lower(x, w).as_text() == cpu_hlo
+    assert "convolution" in jax.jit(conv).lower(x, w).as_text()  # a plain jax.jit: the default backend's
+    with ops.targeting("cpu"):
+        assert ops.target_platform() == "cpu"
+    assert ops.target_platform() == "gpu"

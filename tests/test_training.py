@@ -294,6 +294,17 @@ def test_fit_runs_epochs_and_reports(state):
     assert f["test_acc"] == int(direct["correct"]) / 30
 
 
+def test_fit_takes_its_platform_from_its_devices_not_the_default_backend(state, monkeypatch):
+    # fit(devices=jax.devices("cpu")) on a GPU host (made to look like one): the CPU's choices.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    images, labels = _batch(40, seed=6)
+    config = Config(epochs=1, batch_size=8, resize=RESIZE, eval_batch_size=8)
+    result = training.fit(config, Split(images[:32], labels[:32]), Split(images[32:], labels[32:]), state,
+                          devices=jax.devices("cpu"))
+    assert result.final["backend"] == "cpu"
+    assert result.final["steps_per_dispatch"] == 1  # XLA:CPU's one step per call, not the GPU's 32
+
+
 def test_fit_refuses_a_state_made_for_another_recipe(state):
     from resnet_jax.recipes import BEST
 
