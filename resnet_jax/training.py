@@ -59,11 +59,16 @@ def jit(fn: Callable, devices=None, **kwargs):
     """
     platform = _platform(devices)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn)  # the signature, for static_argnames
     def traced(*args, **kw):
         with ops.targeting(platform):
             return fn(*args, **kw)
 
+    # The program's name (jit_train_rows, ...: profiles, the compile cache) stays fn's, partials included.
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    traced.__name__ = traced.__qualname__ = getattr(inner, "__name__", "program")
     return jax.jit(traced, compiler_options=ops.compiler_options(platform), **kwargs)
 
 

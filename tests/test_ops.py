@@ -148,3 +148,8 @@ def test_the_lowerings_follow_the_devices_a_program_runs_on_not_the_default_back
     with ops.targeting("cpu"):
         assert ops.target_platform() == "cpu"
     assert ops.target_platform() == "gpu"
+    # The program keeps the name of what it runs (profiles and the compile cache go by it), partials included.
+    import functools
+
+    named = training.jit(functools.partial(ops.conv2d, strides=1, padding=1), jax.devices("cpu"))
+    assert "@jit_conv2d" in named.lower(x, w).as_text()
