@@ -445,6 +445,77 @@ def use_compile_cache(setting: tuple[Path | None, bool], say) -> Path | None:
     return folder
 
 
+# JAX's warnings about one entry of the persistent compilation cache (jax/_src/compiler.py).
+_CACHE_WARNING = r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)"
+
+
+@contextlib.contextmanager
+def repairing_compile_cache(folder: Path | None, say):
+    """Within: an entry of the compile cache in ``folder`` that JAX cannot read or finish writing
+    is deleted, and JAX's warning becomes one line.
+
+    JAX writes an entry in place (not through a temporary file), so a full disk or a killed
+    process can leave a truncated one; JAX then warns on every later run, compiles the
+    program again and never replaces the entry (it keeps any entry that exists). Deleted
+    before that compile ends, the entry is stored anew by it. Which entry is damaged:
+    those of the program's name that JAX's own reader cannot decompress.
+    """
+    import re
+    import warnings
+
+    if folder is None:
+        yield
+        return
+    pattern = re.compile(_CACHE_WARNING, re.DOTALL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=_CACHE_WARNING, category=UserWarning)
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            m = pattern.match(str(message))
+            if m is None:
+                return show(message, category, filename, lineno, file, line)
+            verb, name, why = m.groups()
+            removed = _remove_damaged_entries(folder, name)
+            if verb == "writing":
+                say(f"note: could not store {name} in the compile cache {folder} ({why.strip()[:160]}); "
+                    "the next run compiles it again")
+            elif removed:
+                say(f"note: the compile cache {folder} held a damaged {name}; it was deleted, "
+                    "and the program is compiled and stored anew")
+            else:
+                say(f"note: the compile cache {folder} holds a {name} that JAX cannot read ({why.strip()[:160]}); "
+                    "it was compiled anew. Delete the folder if this recurs")
+
+        warnings.showwarning = one_line
+        yield
+
+
+def _remove_damaged_entries(folder: Path, name: str) -> list[str]:
+    """Delete the cache entries of ``name`` (a program's name or an entry's key) that do not
+    decompress with JAX's own reader; the names of those deleted."""
+    import glob
+
+    try:
+        from jax._src.compilation_cache import decompress_executable  # JAX's reading of an entry
+    except ImportError:  # another JAX: leave the entries to it
+        return []
+    exact = folder / f"{name}-cache"
+    entries = [exact] if exact.is_file() else sorted(folder.glob(f"{glob.escape(name)}-*-cache"))
+    removed = []
+    for entry in entries:
+        try:
+            decompress_executable(entry.read_bytes())
+        except OSError:  # unreadable as a file: not ours to judge
+            continue
+        except Exception:
+            for path in (entry, folder / (entry.name[: -len("-cache")] + "-atime")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            removed.append(entry.name)
+    return removed
+
+
 def _has_filelock() -> bool:
     import importlib.util
 
@@ -806,13 +877,13 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         from resnet_jax import checkpoint as ckpt_mod
         from resnet_jax import training
 
-    with _native_stdout_to_stderr(json_line):
+    with _native_stdout_to_stderr(json_line), contextlib.ExitStack() as stack:
         # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
         main_process = _start_processes(distributed)
         if not main_process:
             say = lambda msg: None
         if compile_cache is not None:  # before anything compiles
-            use_compile_cache(compile_cache, say)
+            stack.enter_context(repairing_compile_cache(use_compile_cache(compile_cache, say), say))
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:

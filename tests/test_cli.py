@@ -284,12 +284,56 @@ def test_the_compile_cache_is_reused_and_changes_no_result(prepared_data_dir, tm
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert [a[k] for k in ("train_loss", "test_loss", "test_acc")] == [b[k] for k in ("train_loss", "test_loss", "test_acc")]
 
+    # Entries cut short (a full disk, a killed run): one line each, and they are stored anew.
+    for entry in cache.glob("*-cache"):
+        entry.write_bytes(entry.read_bytes()[:1000])
+    third = train_py(*flags, "--compile-cache", cache)
+    assert third.returncode == 0, third.stderr
+    notes = [line for line in third.stderr.splitlines() if "compile cache" in line]
+    assert notes and all("held a damaged jit_" in line for line in notes), third.stderr
+    assert "Warning" not in third.stderr and "warnings.warn" not in third.stderr
+    assert json.loads(third.stdout)["test_loss"] == a["test_loss"]
+    # No damaged entry is left: each was deleted and, where JAX kept the new compile, written whole.
+    assert all(entry.stat().st_size != 1000 for entry in cache.glob("*-cache"))
+
     env_free = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     r = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags), "--compile-cache", "off"],
                        capture_output=True, text=True, timeout=600,
                        env={**env_free, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "xdg").exists()
+
+
+def test_jaxs_compile_cache_warnings_become_one_line_and_damaged_entries_go(tmp_path, monkeypatch):
+    import warnings
+
+    from jax._src.compilation_cache import compress_executable
+
+    good = tmp_path / "jit_step-aaa-cache"
+    good.write_bytes(compress_executable(b"an executable"))
+    cut = tmp_path / "jit_step-bbb-cache"
+    cut.write_bytes(compress_executable(b"another executable" * 100)[:20])
+    (tmp_path / "jit_step-bbb-atime").write_bytes(b"12345678")
+    other = tmp_path / "jit_other-ccc-cache"
+    other.write_bytes(b"the start of an entry whose write failed")
+    said, shown = [], []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    with cli.repairing_compile_cache(tmp_path, said.append):
+        warnings.warn("Error reading persistent compilation cache entry for 'jit_step': error: Error -5 while "
+                      "decompressing data: incomplete or truncated stream")
+        warnings.warn("Error writing persistent compilation cache entry for 'jit_other': OSError: "
+                      "[Errno 28] No space left on device")
+        warnings.warn("Error reading persistent compilation cache entry for 'jit_gone': XlaRuntimeError: bad")
+        warnings.warn("something else")
+    assert shown == ["something else"]  # other warnings pass through
+    assert said == [
+        f"note: the compile cache {tmp_path} held a damaged jit_step; it was deleted, and the program is compiled and stored anew",
+        f"note: could not store jit_other in the compile cache {tmp_path} (OSError: [Errno 28] No space left on device); "
+        "the next run compiles it again",
+        f"note: the compile cache {tmp_path} holds a jit_gone that JAX cannot read (XlaRuntimeError: bad); "
+        "it was compiled anew. Delete the folder if this recurs",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_step-aaa-cache"]  # the partial write went too
 
 
 def test_the_compile_cache_is_kept_below_its_size_limit(tmp_path, monkeypatch):
