@@ -83,8 +83,14 @@ def versions() -> dict:
     }
 
 
-def metadata(config: Config, spec: DatasetSpec) -> dict:
-    """Everything needed to rebuild the model and know what it was trained on."""
+def metadata(config: Config, spec: DatasetSpec, steps_per_epoch: int | None = None) -> dict:
+    """Everything needed to rebuild the model, its optimizer, and know what it was trained on.
+
+    ``steps_per_epoch``: what the learning-rate schedule counts in; default
+    ``config.steps_per_epoch``, train.py's. Give it when ``fit`` trains on a
+    split of your own size, so that :func:`load_for_inference` rebuilds the
+    run's schedule.
+    """
     return {
         "config": config.to_dict(),
         "dataset": config.dataset,
@@ -92,6 +98,7 @@ def metadata(config: Config, spec: DatasetSpec) -> dict:
         "num_classes": spec.num_classes,
         "input_channels": spec.channels,
         "dtype": config.dtype,
+        "steps_per_epoch": steps_per_epoch if steps_per_epoch is not None else config.steps_per_epoch,
         "versions": versions(),
     }
 
@@ -459,7 +466,11 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
 
 
 def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoint:
-    """A checkpoint with its model rebuilt from its own metadata (for evaluate and predict)."""
+    """A checkpoint with its model and optimizer rebuilt from its own metadata.
+
+    For evaluate and predict, and to train on: the state's optimizer is the
+    run's, learning-rate schedule included (:func:`metadata`'s steps per epoch).
+    """
     directory = Path(directory)
     if directory.is_file():
         raise CheckpointError(f"{directory} is a file, not a run directory (a train.py --output DIR)")
@@ -490,11 +501,11 @@ def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:
         raise CheckpointError(f"checkpoint {meta['path']} has unusable metadata: {type(err).__name__}: {err}") from err
     if m["dtype"] != config.dtype:
         raise CheckpointError(f"checkpoint {meta['path']} metadata disagrees: dtype {m['dtype']} vs config {config.dtype}")
-    # Only the structure matters here (shapes of params, EMA copies, optimizer state),
-    # so any steps_per_epoch gives the right template.
+    # The state's optimizer is the run's, schedule included, so that training can go on from it
+    # (written before 2026-12-05, the metadata holds no steps per epoch: train.py's, from the config).
+    steps_per_epoch = m.get("steps_per_epoch") or config.steps_per_epoch
+    tx = training.make_optimizer(config, steps_per_epoch=steps_per_epoch)
     template = jax.eval_shape(
-        lambda: training.create_train_state(
-            model, training.make_optimizer(config, steps_per_epoch=1), jax.random.key(0), recipe=config.recipe
-        )
+        lambda: training.create_train_state(model, tx, jax.random.key(0), recipe=config.recipe)
     )
     return ckpts.restore(template, which, meta)

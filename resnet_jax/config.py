@@ -68,6 +68,18 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def train_examples(self) -> int:
+        """How many examples train.py trains on: the first ``train_limit`` of the dataset's
+        training split, less the ``val_split`` held out of them."""
+        n = self.train_limit if self.train_limit is not None else DATASETS[self.dataset].num_train
+        return n - (self.val_split or 0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """train.py's steps per epoch (the last batch may be smaller): what the schedules count in."""
+        return math.ceil(self.train_examples / self.batch_size)
+
 
 # Counts above this are typos (and overflow the int32/C long they become in XLA and NumPy).
 MAX_COUNT = 2**31 - 1

@@ -142,10 +142,13 @@ def create_train_state(
         # Copies: the EMA must not alias the live arrays the steps donate.
         extra["ema_params"] = jax.tree_util.tree_map(jnp.copy, variables["params"])
         extra["ema_batch_stats"] = jax.tree_util.tree_map(jnp.copy, variables["batch_stats"])
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"],
         recipe=recipe, **extra,
     )
+    # Flax starts the count at the Python int 0, which steps taken outside jit keep as a Python
+    # int (saved as int64); the jitted steps, and checkpoints' templates, have an int32 array.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 @functools.cache

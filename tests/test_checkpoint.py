@@ -329,3 +329,27 @@ def test_the_closed_loop_errors_of_an_abandoned_save_are_dropped_and_nothing_els
     hook(closed)
     hook(other)
     assert seen == [other]
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["steps-per-epoch-saved", "train.py-default"])
+def test_load_for_inference_rebuilds_the_runs_learning_rate_schedule(tmp_path, given):
+    # A state loaded to train on must update as the run would have: a cosine schedule built for
+    # another epoch length is already at 0 at the saved step, and training would do nothing.
+    config = Config(resize=17, batch_size=32, epochs=4, recipe=BEST, train_limit=None if given else 96)
+    spe = 3  # the run's steps per epoch: 96 examples in batches of 32
+    assert given or config.steps_per_epoch == spe
+    tx = training.make_optimizer(config, steps_per_epoch=spe)
+    state = training.create_train_state(training.make_model(config), tx, jax.random.key(0), recipe=BEST)
+    assert state.step.dtype == jnp.int32  # as the jitted steps keep it (saved as such by eager steps too)
+    grads = jax.tree_util.tree_map(jnp.ones_like, state.params)
+    for _ in range(6):  # two epochs' steps
+        state = state.apply_gradients(grads=grads)
+    ckpts = Checkpoints(tmp_path, keep=1)
+    ckpts.save(state, 2, [{"epoch": 1}, {"epoch": 2}], [],
+               checkpoint.metadata(config, FASHION_MNIST, steps_per_epoch=spe if given else None))
+    ckpts.close()
+    loaded = checkpoint.load_for_inference(tmp_path).state
+    step = lambda s: jax.tree_util.tree_leaves(s.apply_gradients(grads=grads).params)
+    expected, got = step(state), step(loaded)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert not all(np.array_equal(a, b) for a, b in zip(got, jax.tree_util.tree_leaves(loaded.params)))
