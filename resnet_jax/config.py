@@ -6,9 +6,12 @@ batch 256, images resized to 96x96, plain SGD, float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
@@ -60,6 +63,19 @@ class Config:
     def __post_init__(self):
         if isinstance(self.recipe, dict):  # as to_dict() wrote it, e.g. read back from results.json
             object.__setattr__(self, "recipe", Recipe(**self.recipe))
+        # NumPy's scalars (a sweep over np.logspace, np.arange) and dtype objects (jnp.bfloat16)
+        # become the plain values the config holds, so that it stays JSON and compares equal.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.bool_):
+                object.__setattr__(self, f.name, bool(value))
+            elif isinstance(value, np.integer):
+                object.__setattr__(self, f.name, float(value) if f.name == "lr" else int(value))
+            elif isinstance(value, np.floating):
+                object.__setattr__(self, f.name, float(value))
+        if not isinstance(self.dtype, str):
+            with contextlib.suppress(TypeError):
+                object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         validate(self)
 
     def replace(self, **changes) -> "Config":

@@ -153,6 +153,19 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
 
+    def __post_init__(self):
+        # Checked here, at the edge: on the device a label without its image gathers a
+        # clamped index (another image, silently), and a float image is scaled twice.
+        images, labels = self.images, self.labels
+        if np.ndim(images) != 4 or getattr(images, "dtype", None) != np.uint8:
+            raise ValueError(f"Split images must be uint8 (N, H, W, C), got {getattr(images, 'dtype', type(images).__name__)} "
+                             f"of shape {np.shape(images)}")
+        if np.ndim(labels) != 1 or not np.issubdtype(getattr(labels, "dtype", np.float64), np.integer):
+            raise ValueError(f"Split labels must be integer class indices (N,), got "
+                             f"{getattr(labels, 'dtype', type(labels).__name__)} of shape {np.shape(labels)}")
+        if len(images) != len(labels):
+            raise ValueError(f"Split has {len(images)} images but {len(labels)} labels")
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -558,6 +558,17 @@ def _mesh(devices, batch_size: int | None = None):
     return NamedSharding(mesh, P()), (NamedSharding(mesh, P("data")) if n_dev > 1 else None), n_dev
 
 
+def _check_split(name: str, split: Split, state: TrainState) -> None:
+    """A ValueError for a split the programs cannot use: no examples, or a label that is no class
+    of the model (its cross-entropy would be NaN, and read as a diverged run)."""
+    if len(split) == 0:
+        raise ValueError(f"the {name} split has no examples")
+    num_classes = state.params["dense"]["bias"].shape[0]
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"the {name} split has label {low if low < 0 else high}; the model's classes are 0..{num_classes - 1}")
+
+
 def evaluate_split(config: Config, state: TrainState, split: Split, devices=None, confusion: bool = False) -> dict:
     """Loss and accuracy of ``state`` on ``split``, computed exactly as :func:`fit` measures the test set.
 
@@ -565,6 +576,7 @@ def evaluate_split(config: Config, state: TrainState, split: Split, devices=None
     counts of [true class, predicted class], from the same pass over the
     network (its trace is the number of correct predictions).
     """
+    _check_split("evaluated", split, state)
     devices = devices or jax.devices()
     replicated, batch_sharding, _ = _mesh(devices)
     put = lambda a: to_global(a, replicated)
@@ -673,6 +685,9 @@ def fit(
             f"the state was made for recipe {state.recipe.name!r} {state.recipe} but config.recipe is "
             f"{config.recipe.name!r} {config.recipe}: pass recipe=config.recipe to create_train_state"
         )
+    for name, split in (("train", train), ("test", test), ("val", val)):
+        if split is not None:
+            _check_split(name, split, state)
     hooks = hooks or Hooks()
     history = list(history or [])
     start_epoch = history[-1]["epoch"] if history else 0

@@ -332,6 +332,26 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
         training.predict(state, images[0], RESIZE)
     # No images: no probabilities (rather than "need at least one array to concatenate").
     assert training.predict(state, images[:0], RESIZE).shape == (0, 10)
+    # A split's images and labels must pair up: on the device a label without its image
+    # would gather a clamped index, another image, and train on it silently.
+    labels = np.arange(4, dtype=np.int32)
+    with pytest.raises(ValueError, match="Split has 3 images but 4 labels"):
+        Split(images[:3], labels)
+    with pytest.raises(ValueError, match=r"Split images must be uint8 \(N, H, W, C\), got float32"):
+        Split(images.astype(np.float32), labels)
+    with pytest.raises(ValueError, match="Split labels must be integer class indices"):
+        Split(images, labels.astype(np.float32))
+    config = Config(epochs=1, batch_size=4, resize=RESIZE, eval_batch_size=4)
+    good = Split(images, labels)
+    for bad, message in ((Split(images, labels - 1), "the train split has label -1; the model's classes are 0..9"),
+                         (Split(images, labels + 7), "the train split has label 10"),
+                         (Split(images[:0], labels[:0]), "the train split has no examples")):
+        with pytest.raises(ValueError, match=message):
+            training.fit(config, bad, good, state)
+    with pytest.raises(ValueError, match="the test split has no examples"):
+        training.fit(config, good, good.take(0), state)
+    with pytest.raises(ValueError, match="the evaluated split has label 10"):
+        training.evaluate_split(config, state, Split(images, labels + 7))
 
 
 def test_fit_on_fewer_examples_than_one_batch_takes_one_smaller_step(state):
@@ -396,3 +416,17 @@ def test_bfloat16_compute_lowers_the_loss_and_keeps_float32_state():
         losses.append(float(m["loss"]) / 40)
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((s.params, s.batch_stats))} == {jnp.dtype("float32")}
+
+
+def test_config_takes_numpy_scalars_and_dtype_objects():
+    # A sweep built with NumPy (np.logspace, np.arange) or a dtype passed as jnp.bfloat16.
+    from resnet_jax.config import ConfigError
+
+    c = Config(lr=np.float32(0.5), batch_size=np.int64(32), epochs=np.int32(3), dtype=jnp.bfloat16, offline=np.bool_(True))
+    assert (c.lr, c.batch_size, c.epochs, c.dtype, c.offline) == (0.5, 32, 3, "bfloat16", True)
+    assert [type(v) for v in (c.lr, c.batch_size, c.epochs, c.offline)] == [float, int, int, bool]
+    assert c == Config(lr=0.5, batch_size=32, epochs=3, dtype="bfloat16", offline=True)
+    with pytest.raises(ConfigError, match="--dtype must be one of float32, bfloat16, got 'float16'"):
+        Config(dtype=np.float16)
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer"):
+        Config(batch_size=np.int64(0))
