@@ -146,7 +146,10 @@ def _state_dict(state) -> dict:
 
 
 class Checkpoints:
-    """The checkpoints of one run directory: save after an epoch, restore latest or best."""
+    """The checkpoints of one run directory: save after an epoch, restore latest or best.
+
+    A context manager: ``with Checkpoints(run_dir) as ckpts:`` closes it on leaving.
+    """
 
     def __init__(self, directory: str | Path, keep: int = 3, track_best: bool = False, read_only: bool = False):
         import orbax.checkpoint as ocp
@@ -172,6 +175,10 @@ class Checkpoints:
                 )
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {_first_line(err)}") from err
+        # Each manager starts a thread that cleans up temporary folders; a program that exits
+        # while it runs (one that never calls close()) gets a traceback from the interpreter's
+        # shutdown. Waiting for it here leaves no thread behind (it takes milliseconds).
+        self._await_cleanup()
         # A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
         # when it saves that epoch. Someone put it there; it is theirs to move.
         for folder in ("checkpoints", "best"):
@@ -182,21 +189,28 @@ class Checkpoints:
                             f"{entry} is a file where the checkpoint of epoch {entry.name} would be; move it elsewhere")
 
     def close(self) -> None:
-        """Stop the managers' background threads (idempotent).
-
-        Opening a manager starts a thread (cleaning up temporary folders); if the
-        program exits while it runs, as it does right after a refused --resume,
-        that thread logs a traceback from the interpreter's shutdown.
-        """
+        """Close Orbax's managers (idempotent); ``with Checkpoints(...) as ckpts:`` does it on leaving."""
+        self._await_cleanup()
         for manager in (self.latest, self.best):
             if manager is not None:
                 with _absl_quiet():
-                    # Orbax 0.12's close() does not wait for that cleanup thread; its own
+                    manager.close()
+
+    def _await_cleanup(self) -> None:
+        for manager in (self.latest, self.best):
+            if manager is not None:
+                with _absl_quiet():
+                    # Orbax 0.12's close() does not wait for its cleanup thread; its own
                     # save() does, through this private method (skipped if Orbax renames it).
                     wait_for_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
                     if wait_for_cleanup is not None:
                         wait_for_cleanup()
-                    manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _manager(self, which: str):
         if which == "latest":
