@@ -273,7 +273,7 @@ class Residual(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
         """``mask``: optional (N,) booleans, the examples BatchNorm's batch statistics are over (train mode)."""
-        _check_nhwc_float(x, "Residual")
+        x = _nhwc_float(x, "Residual")
         if not self.use_1x1conv and self.strides != 1:
             raise ValueError(f"Residual(strides={self.strides}) needs use_1x1conv=True: the shortcut must "
                              "downsample as the block does (as in the chapter)")
@@ -295,8 +295,12 @@ class Residual(nn.Module):
         return _stored(nn.relu(y + x.astype(y.dtype)), conv1, train)
 
 
-def _check_nhwc_float(x, who: str, hint: str = "") -> None:
-    """A float NHWC batch, or a ValueError/TypeError that says what came instead."""
+def _nhwc_float(x, who: str, hint: str = "") -> jax.Array:
+    """``x`` as a JAX array if it is a float NHWC batch, else a ValueError/TypeError that says what came instead.
+
+    As a JAX array, NumPy's default float64 becomes float32 (unless x64 is on) here, once,
+    rather than through each layer's explicit cast to the input's dtype, which JAX warns about.
+    """
     if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
         raise TypeError(f"{who} takes an array (N, H, W, C), got a {type(x).__name__}")
     if x.ndim != 4:
@@ -305,6 +309,7 @@ def _check_nhwc_float(x, who: str, hint: str = "") -> None:
         # The layers compute in the input's dtype when none is set: uint8 would round every
         # weight to 0 and give the same output for every input, silently.
         raise TypeError(f"{who} takes float input, got {x.dtype}{hint}")
+    return jnp.asarray(x)
 
 
 def _stored(y, conv: Conv2d, train: bool):
@@ -414,7 +419,7 @@ class ResNet18(nn.Module):
         for name in ("num_classes", "input_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ResNet18.{name} must be >= 1, got {getattr(self, name)}")
-        _check_nhwc_float(x, "ResNet18", hint=(
+        x = _nhwc_float(x, "ResNet18", hint=(
             " (images scaled to [0, 1]); resnet_jax.data.preprocess(images, size) scales and resizes "
             "data.load's uint8 images"))
         if x.shape[-1] != self.input_channels:

@@ -25,6 +25,21 @@ def test_residual_1x1conv_stride2_halves_and_widens():
     assert v["params"]["conv3"]["kernel"].shape == (1, 1, 3, 6)
 
 
+def test_numpys_float64_input_is_taken_as_float32_without_a_warning():
+    import warnings
+
+    x = np.random.default_rng(0).random((2, 17, 17, 1))  # NumPy's default dtype
+    net = ResNet18()
+    v = init_variables(net, jax.random.key(0), image_size=17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # JAX warned "Explicitly requested dtype float64" in each layer
+        out = net.apply(v, x, train=False)
+        np.testing.assert_array_equal(out, net.apply(v, jnp.asarray(x, jnp.float32), train=False))
+        blk = Residual(1)
+        y = blk.apply(blk.init(jax.random.key(1), x, train=False), x, train=False)
+    assert out.dtype == y.dtype == jnp.float32
+
+
 def test_resnet_block_rule():
     first = resnet_block(64, 64, 2, first_block=True)
     later = resnet_block(64, 128, 2)
