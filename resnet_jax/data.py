@@ -17,6 +17,7 @@ pure JAX function applied inside the jitted steps: the host only moves uint8.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 import socket
@@ -420,6 +421,8 @@ def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
         raise TypeError(f"preprocess takes uint8 images (0-255, as data.load gives them), got {images.dtype}")
     if images.ndim != 4:
         raise ValueError(f"preprocess takes NHWC images (N, H, W, C), got shape {images.shape}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"preprocess resizes to a positive integer size, got {size!r}")
     x = images.astype(jnp.float32) / 255.0
     n, h, w, c = x.shape
     if (h, w) != (size, size):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -426,6 +427,10 @@ class ResNet18(nn.Module):
             raise ValueError(
                 f"ResNet18 expects NHWC images with {self.input_channels} channel(s), got shape {x.shape}"
             )
+        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
+            raise TypeError(f"ResNet18.dtype is what the layers compute in: a float dtype, got {jnp.dtype(self.dtype).name}")
+        if mask is not None and jnp.shape(mask) != (x.shape[0],):
+            raise ValueError(f"ResNet18's mask has one boolean per image, shape ({x.shape[0]},); got {jnp.shape(mask)}")
         common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         wide = jnp.promote_types(jnp.float32, self.param_dtype)  # float32, or float64 for verification
         x = Stem(name="b1", **common)(x, train, mask)
@@ -446,8 +451,8 @@ class ResNet18(nn.Module):
 
 def init_variables(model: ResNet18, rng: jax.Array, image_size: int = 96) -> dict:
     """Fresh {'params', 'batch_stats'} for ``model`` (PyTorch's initial state, in distribution)."""
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
     dummy = jnp.zeros((1, image_size, image_size, model.input_channels), jnp.float32)
     return dict(model.init(rng, dummy, train=False))
 

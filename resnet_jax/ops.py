@@ -133,6 +133,11 @@ def conv2d(x, kernel, *, strides: int = 1, padding: int = 0, impl: str = "auto")
     """Cross-correlate NHWC ``x`` with HWIO ``kernel``, symmetric zero ``padding``, square ``strides``."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+    for name, value in (("strides", strides), ("padding", padding)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"conv2d's {name} is one int (square, as every conv of the chapter), got {value!r}")
+        if value < (1 if name == "strides" else 0):
+            raise ValueError(f"conv2d's {name} must be {'>= 1' if name == 'strides' else '>= 0'}, got {value}")
     if impl == "auto":
         on_cpu = target_platform() == "cpu"
         impl = "patches" if on_cpu and cpu_prefers_patches(x.shape[1:3], kernel.shape[0], strides, padding) else "xla"

@@ -260,6 +260,7 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     Batches of ``min(batch_size, N)`` images, the last one padded, so the
     call compiles one program of one shape however many batches N makes.
     """
+    images = np.asarray(images)  # a list of arrays too
     if np.ndim(images) != 4:
         raise ValueError(f"predict takes uint8 images (N, H, W, C), got shape {np.shape(images)}")
     if len(images) == 0:

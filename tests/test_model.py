@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import BatchNorm, Residual, ResNet18, count_params, init_variables, resnet_block
+from resnet_jax import BatchNorm, Residual, ResNet18, count_params, init_variables, ops, resnet_block
+from resnet_jax.data import preprocess
 from resnet_jax.model import BN_EPSILON, BN_MOMENTUM
 
 
@@ -232,7 +233,16 @@ def _init(module, shape, dtype=jnp.float32, *args):
 @pytest.mark.parametrize("build, error, message", [
     (lambda: _init(ResNet18(num_classes=0), (1, 28, 28, 1)), ValueError, "ResNet18.num_classes must be >= 1, got 0"),
     (lambda: _init(ResNet18(input_channels=0), (1, 28, 28, 0)), ValueError, "ResNet18.input_channels must be >= 1, got 0"),
-    (lambda: init_variables(ResNet18(), jax.random.key(0), 0), ValueError, "image_size must be >= 1, got 0"),
+    (lambda: init_variables(ResNet18(), jax.random.key(0), 0), ValueError, "image_size must be an integer >= 1, got 0"),
+    (lambda: init_variables(ResNet18(), jax.random.key(0), 28.0), ValueError, "image_size must be an integer >= 1, got 28.0"),
+    (lambda: _init(ResNet18(dtype=jnp.int8), (1, 28, 28, 1)), TypeError,
+     "ResNet18.dtype is what the layers compute in: a float dtype, got int8"),
+    (lambda: ResNet18().init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=True, mask=jnp.ones((2, 1), bool)),
+     ValueError, "ResNet18's mask has one boolean per image, shape (2,); got (2, 1)"),
+    (lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), strides=(2, 2)),
+     TypeError, "conv2d's strides is one int (square, as every conv of the chapter), got (2, 2)"),
+    (lambda: preprocess(jnp.zeros((1, 28, 28, 1), jnp.uint8), 0), ValueError,
+     "preprocess resizes to a positive integer size, got 0"),
     (lambda: ResNet18().init(jax.random.key(0), [[0.0]]), TypeError, "ResNet18 takes an array (N, H, W, C), got a list"),
     (lambda: _init(ResNet18(), (28, 28, 1)), ValueError, "ResNet18 expects NHWC input (N, H, W, C), got shape (28, 28, 1)"),
     (lambda: _init(ResNet18(), (2, 1, 28, 28)), ValueError, "ResNet18 expects NHWC images with 1 channel(s), got shape (2, 1, 28, 28)"),

@@ -332,6 +332,7 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
         training.predict(state, images[0], RESIZE)
     # No images: no probabilities (rather than "need at least one array to concatenate").
     assert training.predict(state, images[:0], RESIZE).shape == (0, 10)
+    np.testing.assert_array_equal(training.predict(state, list(images), RESIZE), training.predict(state, images, RESIZE))
     # A split's images and labels must pair up: on the device a label without its image
     # would gather a clamped index, another image, and train on it silently.
     labels = np.arange(4, dtype=np.int32)
