@@ -231,6 +231,8 @@ class BatchNorm(nn.Module):
         """``mask`` (train mode only): (N,) booleans, the examples the statistics are taken over
         (see :func:`batch_norm_train`); the running averages then move by those statistics,
         their unbiased variance included. Eval mode ignores it."""
+        if train and x.size == 0:  # (shapes are static) statistics of nothing: NaN running averages, silently
+            raise ValueError(f"BatchNorm in train mode needs at least one value per channel, got shape {x.shape}")
         features = x.shape[-1]
         pdt = self.param_dtype
         scale = self.param("scale", nn.initializers.ones, (features,), pdt)

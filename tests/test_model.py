@@ -235,6 +235,8 @@ def _init(module, shape, dtype=jnp.float32, *args):
     (lambda: _init(ResNet18(input_channels=0), (1, 28, 28, 0)), ValueError, "ResNet18.input_channels must be >= 1, got 0"),
     (lambda: init_variables(ResNet18(), jax.random.key(0), 0), ValueError, "image_size must be an integer >= 1, got 0"),
     (lambda: init_variables(ResNet18(), jax.random.key(0), 28.0), ValueError, "image_size must be an integer >= 1, got 28.0"),
+    (lambda: ResNet18().init(jax.random.key(0), jnp.zeros((0, 28, 28, 1)), train=True), ValueError,
+     "BatchNorm in train mode needs at least one value per channel, got shape (0, 14, 14, 64)"),
     (lambda: _init(ResNet18(dtype=jnp.int8), (1, 28, 28, 1)), TypeError,
      "ResNet18.dtype is what the layers compute in: a float dtype, got int8"),
     (lambda: ResNet18().init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=True, mask=jnp.ones((2, 1), bool)),
