@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="run directory: a checkpoint after every epoch, metrics.jsonl, results.json, curves.png")
-    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may be raised; the rest must match)")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may be raised with a constant learning rate; --keep, --log-every, --offline and file locations may change; the rest must match)")
     g.add_argument("--keep", type=int, default=d.keep, metavar="K", help="latest checkpoints kept in --output")
     g.add_argument("--val-split", type=int, default=d.val_split, metavar="N", help="hold out the last N training examples; keep the checkpoint of best accuracy on them in --output/best (default: off, the chapter's recipe)")
     g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps to metrics.jsonl")
@@ -393,7 +393,7 @@ def _fmt(x, spec=".3f") -> str:
 def compile_cache_setting(flag: str | None, environ=os.environ) -> tuple[Path | None, bool]:
     """(the folder of XLA's persistent compilation cache or None for off, whether the user named it).
 
-    Compiling is most of a short GPU run: on one H200, 37 of the 46 s that ``--recipe best`` took
+    Compiling is most of a short GPU run: on one H200, 35 of the 62 s that ``--recipe best`` took
     (BENCHMARKS.md). JAX can keep each compiled program on disk, keyed by the program, the
     compiler options and the versions, and load it in a later run instead of compiling it; the
     loaded executable is the same executable, so no result changes. JAX leaves that cache off

@@ -417,17 +417,3 @@ def test_bfloat16_compute_lowers_the_loss_and_keeps_float32_state():
         losses.append(float(m["loss"]) / 40)
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((s.params, s.batch_stats))} == {jnp.dtype("float32")}
-
-
-def test_config_takes_numpy_scalars_and_dtype_objects():
-    # A sweep built with NumPy (np.logspace, np.arange) or a dtype passed as jnp.bfloat16.
-    from resnet_jax.config import ConfigError
-
-    c = Config(lr=np.float32(0.5), batch_size=np.int64(32), epochs=np.int32(3), dtype=jnp.bfloat16, offline=np.bool_(True))
-    assert (c.lr, c.batch_size, c.epochs, c.dtype, c.offline) == (0.5, 32, 3, "bfloat16", True)
-    assert [type(v) for v in (c.lr, c.batch_size, c.epochs, c.offline)] == [float, int, int, bool]
-    assert c == Config(lr=0.5, batch_size=32, epochs=3, dtype="bfloat16", offline=True)
-    with pytest.raises(ConfigError, match="--dtype must be one of float32, bfloat16, got 'float16'"):
-        Config(dtype=np.float16)
-    with pytest.raises(ConfigError, match="--batch-size must be a positive integer"):
-        Config(batch_size=np.int64(0))

@@ -1,0 +1,27 @@
+"""The run's configuration as data (the flags that build it are tests/test_cli.py's)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax.config import Config, ConfigError
+
+
+def test_config_takes_numpy_scalars_and_dtype_objects():
+    # A sweep built with NumPy (np.logspace, np.arange) or a dtype passed as jnp.bfloat16.
+    c = Config(lr=np.float32(0.5), batch_size=np.int64(32), epochs=np.int32(3), dtype=jnp.bfloat16, offline=np.bool_(True))
+    assert (c.lr, c.batch_size, c.epochs, c.dtype, c.offline) == (0.5, 32, 3, "bfloat16", True)
+    assert [type(v) for v in (c.lr, c.batch_size, c.epochs, c.offline)] == [float, int, int, bool]
+    assert c == Config(lr=0.5, batch_size=32, epochs=3, dtype="bfloat16", offline=True)
+    with pytest.raises(ConfigError, match="--dtype must be one of float32, bfloat16, got 'float16'"):
+        Config(dtype=np.float16)
+    with pytest.raises(ConfigError, match="--batch-size must be a positive integer"):
+        Config(batch_size=np.int64(0))
+
+
+def test_the_training_examples_and_steps_per_epoch_are_train_pys():
+    # 60,000 = 234 x 256 + 96: 235 steps, the last one smaller (what the schedules count in).
+    assert (Config().train_examples, Config().steps_per_epoch) == (60_000, 235)
+    c = Config(train_limit=1000, val_split=100, batch_size=64)
+    assert (c.train_examples, c.steps_per_epoch) == (900, 15)
+    assert Config(dataset="cifar10", batch_size=50_000).steps_per_epoch == 1
