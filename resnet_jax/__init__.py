@@ -3,7 +3,7 @@
     from resnet_jax import ResNet18, Residual, resnet_block
 """
 
-__all__ = ["BatchNorm", "Conv2d", "Residual", "ResNet18", "count_params", "init_variables", "resnet_block"]
+__all__ = ["BatchNorm", "Conv2d", "Residual", "ResNet18", "Stage", "count_params", "init_variables", "resnet_block"]
 __version__ = "0.1.0"
 
 

@@ -335,6 +335,11 @@ def resnet_block(
     changes the channel count through a strided 1x1 shortcut. ``input_channels``
     is kept for fidelity to the chapter; Flax infers it. ``kwargs`` (dtype,
     conv_impl, param_dtype) go to every Residual.
+
+    The chapter chains them with ``nn.Sequential(*resnet_block(...))``. Flax's
+    ``nn.Sequential`` passes ``train`` to its first module only, so chain them
+    with a loop, ``for r in resnet_block(...): x = r(x, train)``, or use
+    :class:`Stage`, which does that.
     """
     del input_channels  # inferred from the input by Flax
     if num_residuals < 0:

@@ -41,6 +41,19 @@ def test_numpys_float64_input_is_taken_as_float32_without_a_warning():
     assert out.dtype == y.dtype == jnp.float32
 
 
+def test_a_stage_is_the_chapters_sequential_of_residuals_with_train_threaded_through():
+    from resnet_jax import Stage
+
+    stage = Stage(3, 6, 2)  # a later stage: the first residual halves and widens
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    v = stage.init(jax.random.key(1), x, train=False)
+    assert sorted(v["params"]) == ["Residual_0", "Residual_1"]
+    y, updates = stage.apply(v, x, train=True, mutable=["batch_stats"])
+    assert y.shape == (4, 4, 4, 6)
+    moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], updates["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(moved))  # both residuals ran in train mode
+
+
 def test_resnet_block_rule():
     first = resnet_block(64, 64, 2, first_block=True)
     later = resnet_block(64, 128, 2)
@@ -214,7 +227,8 @@ def test_batch_norm_closed_form_gradient_equals_autodiff_in_float64():
 def test_the_package_lists_its_lazy_names():
     import resnet_jax
 
-    assert {"ResNet18", "Residual", "resnet_block"} <= set(dir(resnet_jax))
+    assert {"ResNet18", "Residual", "Stage", "resnet_block"} <= set(dir(resnet_jax))
+    assert all(getattr(resnet_jax, name) is not None for name in resnet_jax.__all__)
 
 
 @pytest.mark.parametrize("field", ["kernel_size", "strides", "padding"])
