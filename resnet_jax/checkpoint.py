@@ -49,6 +49,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax.config import Config
 from resnet_jax.data import DatasetSpec
@@ -308,6 +309,11 @@ class Checkpoints:
         manager = self._manager(which)
         epoch, path = meta["epoch"], Path(meta["path"])
         abstract = jax.eval_shape(lambda: _state_dict(template_state))
+        # Read onto the devices of this process's run, replicated (every array of the train
+        # state is), not onto the devices it was saved from: Orbax would otherwise refuse a
+        # checkpoint of 4 GPUs on 1, or of a cluster on a laptop.
+        here = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), PartitionSpec())
+        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract)
         # Check before Orbax reads: its restore reads all arrays at once and, at the first
         # failure, abandons the other reads, which print a traceback each when collected.
         problem = arrays_problem(path / "state", abstract, meta.get("digests"))  # none before 2026-12-04

@@ -210,3 +210,40 @@ def test_evaluation_splits_each_batch_over_four_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", EVAL_SHARE], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+# A checkpoint of a run on 4 devices, read by a process with 1 (and 2): evaluate, predict or
+# resume on a smaller machine. Orbax restored onto the saving devices and refused any others.
+CKPT_ACROSS = r"""
+import sys, jax, numpy as np
+from resnet_jax import checkpoint, training
+from resnet_jax.config import Config
+from resnet_jax.data import FASHION_MNIST
+config = Config(resize=17, batch_size=32)
+make = lambda: training.create_train_state(training.make_model(config), training.make_optimizer(config, 3), jax.random.key(0))
+if sys.argv[1] == "save":
+    replicated, _, n = training._mesh(jax.devices())
+    state = jax.tree_util.tree_map(lambda a: training.to_global(a, replicated), jax.device_get(make()))
+    assert len(state.params["dense"]["bias"].sharding.device_set) == n == 4
+    with checkpoint.Checkpoints(sys.argv[2]) as c:
+        c.save(state, 1, [{"epoch": 1}], [], checkpoint.metadata(config, FASHION_MNIST))
+    print(np.asarray(state.params["dense"]["kernel"]).tobytes().hex())
+else:
+    loaded = checkpoint.load_for_inference(sys.argv[2]).state
+    with checkpoint.Checkpoints(sys.argv[2], read_only=True) as c:
+        restored = c.restore(make()).state
+    assert np.array_equal(np.asarray(loaded.params["dense"]["kernel"]), np.asarray(restored.params["dense"]["kernel"]))
+    print(np.asarray(restored.params["dense"]["kernel"]).tobytes().hex())
+"""
+
+
+def test_a_checkpoint_written_on_four_devices_is_read_on_one_and_two(tmp_path):
+    def run(n, *args):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-c", CKPT_ACROSS, *args], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip()
+
+    saved = run(4, "save", str(tmp_path / "run"))
+    assert run(1, "load", str(tmp_path / "run")) == saved
+    assert run(2, "load", str(tmp_path / "run")) == saved
