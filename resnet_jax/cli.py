@@ -673,6 +673,39 @@ class _Reporter:
         self.close_metrics()
 
 
+# What one host may set its own way: where it finds the data. Every other setting is the run's.
+PER_HOST_FIELDS = ("data_dir", "manual_dir")
+
+
+def _check_same_settings(config: Config) -> None:
+    """A UserError, in every process, naming each setting the processes of one run disagree on.
+
+    Each process builds its own replicas: with another --seed, say, their "replicated"
+    weights would differ, and the run would train to a wrong result and exit 0. A digest
+    of each setting goes to every process (one all-gather of a few int32s).
+    """
+    import hashlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    values = config.to_dict()
+    names = [name for name in values if name not in PER_HOST_FIELDS]
+    digest = lambda v: int.from_bytes(hashlib.blake2b(json.dumps(v, sort_keys=True).encode(), digest_size=4).digest(), "little") >> 1
+    mine = np.array([digest(values[name]) for name in names], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, settings)
+    differ = [name for i, name in enumerate(names) if (every[:, i] != every[0, i]).any()]
+    if differ:
+        raise UserError(
+            "the processes of this run were started with different settings: "
+            + ", ".join(f"--{name.replace('_', '-')} (here {values[name]!r})" for name in differ)
+            + "; start every process with the same flags (only --data-dir and --manual-dir may differ)"
+        )
+
+
 def _start_processes(distributed: dict | None) -> bool:
     """jax.distributed.initialize() when asked; whether this is process 0 (the one that speaks and writes)."""
     import jax
@@ -884,6 +917,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
             say = lambda msg: None
         if compile_cache is not None:  # before anything compiles
             stack.enter_context(repairing_compile_cache(use_compile_cache(compile_cache, say), say))
+        _check_same_settings(config)
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -376,3 +377,25 @@ def test_a_mistyped_command_is_named_with_the_closest_one(capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"unknown command '{argv[0]}'" in err and hint in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_processes_started_with_different_settings_are_refused_in_one_line_each(prepared_data_dir, tmp_path):
+    # Another --seed in one process gave replicas with different weights: a wrong run, exit 0.
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shutil.copytree(prepared_data_dir, tmp_path / "data1")
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--seed", str(seed),
+                               "--data-dir", tmp_path / f"data{i}" if i else prepared_data_dir,  # may differ per host
+                               "--coordinator", address, "--num-processes", "2", "--process-id", str(i),
+                               "--init-timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for i, seed in ((0, 0), (1, 1))]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        lines = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+        assert p.returncode == 1 and lines == [
+            f"train.py: error: the processes of this run were started with different settings: --seed (here {procs.index(p)}); "
+            "start every process with the same flags (only --data-dir and --manual-dir may differ)"], err[-2000:]
+        assert "Traceback" not in err
