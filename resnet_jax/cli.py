@@ -762,7 +762,12 @@ def _initialize(settings: dict) -> None:
     if failed:
         err = failed[0]
         if isinstance(err, (RuntimeError, ValueError)):
-            raise UserError(f"jax.distributed.initialize failed: {err}") from err
+            hint = ""
+            if not settings.get("coordinator_address") and "coordinator_address" in str(err):
+                # --distributed outside a cluster JAX knows (SLURM, Open MPI, TPU pods...)
+                hint = ("; --distributed found no cluster to read the settings from (SLURM, Open MPI, "
+                        "a TPU pod...): give --coordinator, --num-processes and --process-id")
+            raise UserError(f"jax.distributed.initialize failed: {str(err).rstrip('.') if hint else err}{hint}") from err
         raise err
 
 

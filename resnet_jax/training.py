@@ -555,7 +555,7 @@ def _mesh(devices, batch_size: int | None = None):
     mesh = Mesh(np.asarray(devices), ("data",))
     n_dev = len(devices)
     if batch_size is not None and batch_size % n_dev:
-        raise ValueError(f"--batch-size {batch_size} is not divisible by the {n_dev} devices")
+        raise ValueError(f"the batch size {batch_size} (--batch-size) is not divisible by the {n_dev} devices")
     return NamedSharding(mesh, P()), (NamedSharding(mesh, P("data")) if n_dev > 1 else None), n_dev
 
 

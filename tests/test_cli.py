@@ -399,3 +399,14 @@ def test_processes_started_with_different_settings_are_refused_in_one_line_each(
             f"train.py: error: the processes of this run were started with different settings: --seed (here {procs.index(p)}); "
             "start every process with the same flags (only --data-dir and --manual-dir may differ)"], err[-2000:]
         assert "Traceback" not in err
+
+
+def test_distributed_outside_a_cluster_says_what_to_give_instead(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))}
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--distributed", "--data-dir", str(tmp_path / "tfds"),
+                        "--offline", "--compile-cache", "off"], capture_output=True, text=True, timeout=300,
+                       env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "train.py: error: jax.distributed.initialize failed: coordinator_address should be defined; --distributed "
+        "found no cluster to read the settings from (SLURM, Open MPI, a TPU pod...): give --coordinator, "
+        "--num-processes and --process-id"]
