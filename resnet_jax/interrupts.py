@@ -15,6 +15,8 @@ it was swallowed, and the swallowed one is not printed.
 While the heavy modules import (numpy, JAX, Flax, Orbax) a Ctrl-C is only
 remembered and acted on when the import ends (:func:`defer`, :func:`deferred`):
 raised inside jaxlib's initialisation, a KeyboardInterrupt aborts the process.
+The same holds while an epoch's checkpoint is written. A second signal in such
+a wait ends the process at once (one line, exit 130 or 143).
 
 Light on purpose: train.py sets it up before importing JAX.
 """
@@ -22,6 +24,7 @@ Light on purpose: train.py sets it up before importing JAX.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -53,6 +56,13 @@ def _excepthook(exc_type, exc, tb) -> None:
 
 def _record(signum, frame):
     global _seen
+    if _seen is not None:
+        # A second signal while the first waits (for an import, or a checkpoint being written,
+        # which on a stuck disk or a host that never answers can wait forever): stop now.
+        first = "terminated" if _seen == signal.SIGTERM else "interrupted"
+        os.write(2, f"train.py: {first} again: stopped at once; a checkpoint being written may be left "
+                    "incomplete (the earlier ones are kept)\n".encode())
+        os._exit(128 + signum)
     _seen = signum
 
 

@@ -68,3 +68,20 @@ def test_deferred_holds_a_ctrl_c_until_its_end(interrupts_installed):
             signal.raise_signal(signal.SIGINT)  # inside an import of jaxlib this would abort the process
             reached = True
     assert reached and interrupts.seen()
+
+
+@pytest.mark.parametrize("first, second, code", [("SIGINT", "SIGINT", 130), ("SIGTERM", "SIGINT", 130), ("SIGINT", "SIGTERM", 143)])
+def test_a_second_signal_while_the_first_waits_stops_at_once(first, second, code):
+    # A checkpoint that never finishes (a stuck disk, a host that never answers) held the
+    # first signal forever; the second one ends the process, with one line.
+    script = (
+        "import signal, time\nfrom resnet_jax import interrupts\ninterrupts.install()\n"
+        f"with interrupts.deferred():\n    signal.raise_signal(signal.{first})\n"
+        f"    signal.raise_signal(signal.{second})\n    time.sleep(60)\nprint('not reached')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    word = "terminated" if first == "SIGTERM" else "interrupted"
+    assert r.returncode == code and r.stdout == "" and r.stderr.splitlines() == [
+        f"train.py: {word} again: stopped at once; a checkpoint being written may be left incomplete "
+        "(the earlier ones are kept)"], r.stderr
