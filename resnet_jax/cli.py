@@ -386,6 +386,11 @@ def _oom_summary(err: BaseException) -> str:
     return f"{int(m.group(1)) / 1e9:,.1f} GB needed at once" if m else line[:200]
 
 
+def _first_line_of(err: BaseException, limit: int = 160) -> str:
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -1067,9 +1072,14 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         where = f"the checkpoint of epoch {kept} is intact: continue with --resume" if kept is not None else "no checkpoint was written"
         raise UserError(f"{err}; {where}") from err
     except RuntimeError as err:  # XLA's errors are RuntimeErrors; only running out of memory is the user's to fix
+        kept = ckpts.latest_epoch() if ckpts else None
+        if jax.process_count() > 1 and any(s in str(err) for s in ("Gloo", "by peer", "heartbeat")):
+            # A collective found another process gone (killed, preempted, its host down).
+            where = (f"the checkpoint of epoch {kept} in {config.output} is intact: start every process again "
+                     "with --resume" if kept is not None else "no checkpoint was written")
+            raise UserError(f"another process of this run stopped ({_first_line_of(err)}); {where}") from err
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
             raise
-        kept = ckpts.latest_epoch() if ckpts else None
         where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""
         raise UserError(
             f"out of memory on {jax.devices()[0].platform}: {_oom_summary(err)}; try a smaller --batch-size, "
@@ -1137,10 +1147,27 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
         os._exit(EXIT_FAILED)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return _leave_the_processes(EXIT_FAILED)
     except Interrupted as err:
         print(f"{prog}: {err}", file=sys.stderr)
-        return interrupts.exit_code()
+        return _leave_the_processes(interrupts.exit_code())
     except KeyboardInterrupt:
         print(f"{prog}: {interrupts.word()}", file=sys.stderr)
-        return interrupts.exit_code()
+        return _leave_the_processes(interrupts.exit_code())
+
+
+def _leave_the_processes(code: int) -> int:
+    """``code``; in a run of several processes, leave with it at once.
+
+    A run that fails or is stopped in one process usually does so because another
+    process is gone (the collectives report a reset connection). JAX's exit handler
+    then waits at its shutdown barrier for the lost process until the heartbeat
+    timeout, about 80 s, and aborts with a C++ stack trace (exit 134) under the one
+    line already printed. The run's files are written and flushed by then.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

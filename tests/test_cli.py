@@ -410,3 +410,36 @@ def test_distributed_outside_a_cluster_says_what_to_give_instead(tmp_path):
         "train.py: error: jax.distributed.initialize failed: coordinator_address should be defined; --distributed "
         "found no cluster to read the settings from (SLURM, Open MPI, a TPU pod...): give --coordinator, "
         "--num-processes and --process-id"]
+
+
+def test_a_process_killed_mid_run_stops_the_other_at_once_in_one_line(prepared_data_dir, tmp_path):
+    # The survivor's collectives fail ("Connection reset by peer"); it used to print a traceback
+    # and wait for JAX's heartbeat timeout (about 80 s), then abort with a C++ stack (exit 134).
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "512", "--test-limit", "64",
+             "--epochs", "20", "--resize", "17", "--batch-size", "32", "--compile-cache", "off",
+             "--output", tmp_path / "out"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [(open(tmp_path / f"out{i}", "w"), open(tmp_path / f"err{i}", "w")) for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                               "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
+                              stdout=logs[i][0], stderr=logs[i][1], env=env, cwd=tmp_path) for i in (0, 1)]
+    try:
+        deadline = time.monotonic() + 240
+        while "epoch 1/20" not in (tmp_path / "out0").read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "err0").read_text()
+            time.sleep(0.2)
+        procs[1].kill()
+        killed = time.monotonic()
+        assert procs[0].wait(timeout=60) == 1
+        assert time.monotonic() - killed < 30
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for files in logs:
+            for f in files:
+                f.close()
+    err = (tmp_path / "err0").read_text()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[-3000:]
+    assert "Gloo" in err and "by peer" in err and "the checkpoint of epoch" in err, err  # reset, or closed
