@@ -386,11 +386,6 @@ def _oom_summary(err: BaseException) -> str:
     return f"{int(m.group(1)) / 1e9:,.1f} GB needed at once" if m else line[:200]
 
 
-def _first_line_of(err: BaseException, limit: int = 160) -> str:
-    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
-
-
 def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -406,8 +401,8 @@ def compile_cache_setting(flag: str | None, environ=os.environ) -> tuple[Path | 
     took a second or more to compile (the train and evaluation steps and the initialisation, one
     program since 2026-12-04; not the few small ones around them): on 2 CPU cores that took a
     28x28 run's compile from 5.9-6.4 s cold to 2.1-2.4 s warm, the rest being tracing and
-    lowering, which every run does (BENCHMARKS.md, "Start-up"). A setting of the process, not of the run's math: it stays out of Config and of
-    --resume's checks.
+    lowering, which every run does (BENCHMARKS.md, "Start-up"). A setting of the process, not
+    of the run's math: it stays out of Config and of --resume's checks.
     """
     if flag is not None:
         return (None, True) if flag == "off" else (Path(flag).expanduser().absolute(), True)
@@ -1077,7 +1072,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             # A collective found another process gone (killed, preempted, its host down).
             where = (f"the checkpoint of epoch {kept} in {config.output} is intact: start every process again "
                      "with --resume" if kept is not None else "no checkpoint was written")
-            raise UserError(f"another process of this run stopped ({_first_line_of(err)}); {where}") from err
+            raise UserError(f"another process of this run stopped ({ckpt_mod._first_line(err, 160)}); {where}") from err
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
             raise
         where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""

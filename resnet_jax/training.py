@@ -158,6 +158,11 @@ def _jitted_init(model: ResNet18) -> Callable:
     return jax.jit(functools.partial(init_variables, model))
 
 
+def _num_classes(state: TrainState) -> int:
+    """The number of classes the state's model tells apart (its last layer's width)."""
+    return state.params["dense"]["bias"].shape[0]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy (nn.CrossEntropyLoss(reduction='none'))."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -264,7 +269,7 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     if np.ndim(images) != 4:
         raise ValueError(f"predict takes uint8 images (N, H, W, C), got shape {np.shape(images)}")
     if len(images) == 0:
-        return np.zeros((0, state.params["dense"]["bias"].shape[0]), np.float32)
+        return np.zeros((0, _num_classes(state)), np.float32)
     batch_size = max(1, min(batch_size, len(images)))
     probs_fn = _probabilities(resize)
     out = []
@@ -366,8 +371,7 @@ def evaluate(state, images, labels, mask, resize: int, batch_sharding=None, conf
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
         return _add(sums, eval_step(state, x, y, m, resize, confusion)), None
 
-    num_classes = state.params["dense"]["bias"].shape[0] if confusion else None
-    sums, _ = jax.lax.scan(body, _zeros(num_classes), (images, labels, mask))
+    sums, _ = jax.lax.scan(body, _zeros(_num_classes(state) if confusion else None), (images, labels, mask))
     return sums
 
 
@@ -564,10 +568,10 @@ def _check_split(name: str, split: Split, state: TrainState) -> None:
     of the model (its cross-entropy would be NaN, and read as a diverged run)."""
     if len(split) == 0:
         raise ValueError(f"the {name} split has no examples")
-    num_classes = state.params["dense"]["bias"].shape[0]
+    n = _num_classes(state)
     low, high = int(split.labels.min()), int(split.labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"the {name} split has label {low if low < 0 else high}; the model's classes are 0..{num_classes - 1}")
+    if low < 0 or high >= n:
+        raise ValueError(f"the {name} split has label {low if low < 0 else high}; the model's classes are 0..{n - 1}")
 
 
 def evaluate_split(config: Config, state: TrainState, split: Split, devices=None, confusion: bool = False) -> dict:

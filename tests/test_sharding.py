@@ -136,11 +136,16 @@ print("WORST", worst)
 """
 
 
-def test_one_float32_step_sharded_four_ways_equals_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", SINGLE_STEP], capture_output=True, text=True, env=env, timeout=600)
+def _on_devices(n: int, script: str, *args: str) -> str:
+    """``script``'s stdout, run in a process with ``n`` forced host devices (it must exit 0)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert float(r.stdout.split("WORST")[-1]) < 1e-5
+    return r.stdout.strip()
+
+
+def test_one_float32_step_sharded_four_ways_equals_one_device():
+    assert float(_on_devices(4, SINGLE_STEP).split("WORST")[-1]) < 1e-5
 
 
 # Flip averaging evaluates the batch and its mirror image as one batch of twice the size
@@ -166,9 +171,7 @@ print("ok")
 
 
 def test_flip_averaged_evaluation_pairs_each_image_with_its_mirror_on_four_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", TTA], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert _on_devices(4, TTA) == "ok"
 
 
 # Evaluation shards each batch over the devices like training: each device does a quarter of
@@ -207,9 +210,7 @@ print("ok")
 
 
 def test_evaluation_splits_each_batch_over_four_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", EVAL_SHARE], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert _on_devices(4, EVAL_SHARE) == "ok"
 
 
 # A checkpoint of a run on 4 devices, read by a process with 1 (and 2): evaluate, predict or
@@ -238,12 +239,6 @@ else:
 
 
 def test_a_checkpoint_written_on_four_devices_is_read_on_one_and_two(tmp_path):
-    def run(n, *args):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "PYTHONPATH": str(REPO)}
-        r = subprocess.run([sys.executable, "-c", CKPT_ACROSS, *args], env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout.strip()
-
-    saved = run(4, "save", str(tmp_path / "run"))
-    assert run(1, "load", str(tmp_path / "run")) == saved
-    assert run(2, "load", str(tmp_path / "run")) == saved
+    saved = _on_devices(4, CKPT_ACROSS, "save", str(tmp_path / "run"))
+    assert _on_devices(1, CKPT_ACROSS, "load", str(tmp_path / "run")) == saved
+    assert _on_devices(2, CKPT_ACROSS, "load", str(tmp_path / "run")) == saved
