@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -803,7 +802,7 @@ def _load_data(config: Config, spec, say):
     return train, test, val
 
 
-def _fresh_state(config: Config, spec, n_train: int, init, say):
+def _fresh_state(config: Config, spec, init, say):
     """The train state before the first step: PyTorch's init (in distribution), or --init-from-torch's weights."""
     import jax
 
@@ -811,7 +810,8 @@ def _fresh_state(config: Config, spec, n_train: int, init, say):
 
     model = training.make_model(config, spec.num_classes, spec.channels)
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    tx = training.make_optimizer(config, steps_per_epoch=math.ceil(n_train / config.batch_size))
+    # The schedule counts in Config.steps_per_epoch, as load_for_inference rebuilds it.
+    tx = training.make_optimizer(config, steps_per_epoch=config.steps_per_epoch)
     state = training.create_train_state(model, tx, init_key, init[0] if init else None, recipe=config.recipe)
     if init:
         # PyTorch's BatchNorm counters are the number of training steps the weights have had
@@ -986,7 +986,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
 
     train, test, val = _load_data(config, spec, say)
     interrupts.check()
-    state = _fresh_state(config, spec, len(train), init, say)
+    state = _fresh_state(config, spec, init, say)
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record
     if config.resume:
