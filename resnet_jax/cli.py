@@ -705,6 +705,47 @@ def _check_same_settings(config: Config) -> None:
         )
 
 
+SHARED_OUTPUT_WAIT_S = 10.0  # how long a process looks for process 0's file (a network file system may lag)
+
+
+def _check_shared_output(config: Config) -> None:
+    """A UserError, in every process, when --output is not one folder that all the processes share.
+
+    Every process writes its part of each checkpoint into --output, and Orbax finishes a save
+    only once all the parts are there: with each host's own disk, the first save waited forever.
+    Process 0 writes a file there under a name drawn at random (so no file left by an earlier
+    check, and no name a network file system remembers as missing, can answer for it); every
+    process then looks for it, for up to SHARED_OUTPUT_WAIT_S seconds.
+    """
+    import secrets
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1 or not config.output:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))  # process 0's draw
+    marker = Path(config.output) / f".resnet_jax-shared-{token:08x}"
+    if jax.process_index() == 0:
+        marker.touch()
+    multihost_utils.sync_global_devices("resnet_jax: --output check written")
+    deadline = time.monotonic() + SHARED_OUTPUT_WAIT_S
+    while not (seen := marker.exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    every = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    if not every.all():
+        blind = [str(i) for i in np.flatnonzero(every == 0)]
+        raise UserError(
+            f"--output {config.output} is not one folder shared by all the processes: "
+            f"process{'es' if len(blind) > 1 else ''} {', '.join(blind)} did not see a file that process 0 wrote "
+            "there; every process writes its part of each checkpoint into --output, so give a folder all the "
+            "hosts share (NFS, a bucket mount)"
+        )
+
+
 def _start_processes(distributed: dict | None) -> bool:
     """jax.distributed.initialize() when asked; whether this is process 0 (the one that speaks and writes)."""
     import jax
@@ -923,6 +964,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         if compile_cache is not None:  # before anything compiles
             stack.enter_context(repairing_compile_cache(use_compile_cache(compile_cache, say), say))
         _check_same_settings(config)
+        _check_shared_output(config)  # before the first save would wait for a part that never comes
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:

@@ -401,6 +401,44 @@ def test_processes_started_with_different_settings_are_refused_in_one_line_each(
         assert "Traceback" not in err
 
 
+def _private_folder_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "--map-root-user", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_an_output_folder_the_hosts_do_not_share_is_refused_in_one_line_each(prepared_data_dir, tmp_path):
+    # Process 1 sees an empty folder of its own mounted over --output (a mount namespace):
+    # what two hosts see with --output on their own disks. Orbax's first save waited forever.
+    if not _private_folder_works():
+        pytest.skip("needs unshare --mount --map-root-user, to give one process a folder of its own")
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    address = f"127.0.0.1:{_free_port()}"
+    commands = [[sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                 "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"] for i in (0, 1)]
+    commands[1] = ["unshare", "--mount", "--map-root-user", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
+                   str(out), *commands[1]]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+             for c in commands]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 1 and err.strip().splitlines()[-1:] == [
+            f"train.py: error: --output {out} is not one folder shared by all the processes: process 1 did not see "
+            "a file that process 0 wrote there; every process writes its part of each checkpoint into --output, "
+            "so give a folder all the hosts share (NFS, a bucket mount)"], err[-2000:]
+        assert "Traceback" not in err
+    assert list(out.iterdir()) == []  # the check's file is gone, and nothing else was written
+
+
 def test_distributed_outside_a_cluster_says_what_to_give_instead(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_"))}
     r = subprocess.run([sys.executable, str(REPO / "train.py"), "--distributed", "--data-dir", str(tmp_path / "tfds"),
