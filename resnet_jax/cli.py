@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one final JSON line on stdout (reports go to stderr)")
     g = p.add_argument_group("PyTorch weights", "state_dicts of the chapter's nn.Sequential net (needs torch)")
     g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from this state_dict; the step count continues from its num_batches_tracked")
-    g.add_argument("--export-torch", default=None, metavar="FILE.pt", help="write the final model as a state_dict that load_state_dict(strict=True) accepts")
+    g.add_argument("--export-torch", default=None, metavar="FILE.pt", help="write the final model (with EMA on, the moving average: the model evaluated) as a state_dict that load_state_dict(strict=True) accepts")
     g = p.add_argument_group(
         "several hosts (jax.distributed)",
         "start the same command on every host; all devices of all hosts form one mesh; process 0 prints and writes",
@@ -889,18 +889,24 @@ def _write_run_files(config: Config, report: dict, log: list, n_train: int, say)
 
 
 def _export_torch(config: Config, state, say) -> None:
-    """--export-torch: the final weights as the chapter's PyTorch state_dict."""
+    """--export-torch: the final model, the one whose accuracy the run reported, as the chapter's PyTorch state_dict.
+
+    With EMA on that is the moving average of the weights and its BatchNorm statistics (what
+    evaluation runs), not the last step's weights. Flip averaging is part of evaluation, not of
+    the weights: a PyTorch user averages ``net(x)`` and ``net(x.flip(-1))`` to get it.
+    """
     import jax
 
-    from resnet_jax import convert
+    from resnet_jax import convert, training
 
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables = jax.device_get(training.evaluated_variables(state))
     # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
     try:
         convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(state.step)))
     except OSError as err:
         raise UserError(f"--export-torch {config.export_torch}: {err.strerror or err}") from err
-    say(f"exported a PyTorch state_dict to {config.export_torch}")
+    what = "the weights' moving average (EMA), the model evaluated" if state.ema_params is not None else "the final weights"
+    say(f"exported {what} as a PyTorch state_dict to {config.export_torch}")
 
 
 def run(config: Config, json_line: bool = False, distributed: dict | None = None,

@@ -235,11 +235,14 @@ def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
     With EMA on, the averaged weights and statistics are evaluated; with
     ``tta_flip`` the logits are averaged over each image and its mirror image.
     """
+    return recipes.predict(state.apply_fn, evaluated_variables(state), preprocess(images, resize), state.recipe.tta_flip)
+
+
+def evaluated_variables(state: TrainState) -> dict:
+    """The ``{"params", "batch_stats"}`` that evaluation runs: the moving averages when EMA is on."""
     if state.ema_params is not None:
-        variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-    else:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return recipes.predict(state.apply_fn, variables, preprocess(images, resize), state.recipe.tta_flip)
+        return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int,

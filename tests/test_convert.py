@@ -579,7 +579,9 @@ def train_py(*args, extra_pythonpath=(), timeout=600):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
-def test_cli_init_from_torch_train_and_export(prepared_data_dir, tmp_path):
+@pytest.mark.parametrize("ema", [None, "0.5"], ids=["plain", "ema"])
+def test_cli_init_from_torch_train_and_export(prepared_data_dir, tmp_path, ema):
+    # With EMA on, the run evaluates the weights' moving average: that is the model exported.
     from resnet_jax import data
 
     start = torch_reference.make_initialised_net(seed=7).state_dict()
@@ -589,9 +591,10 @@ def test_cli_init_from_torch_train_and_export(prepared_data_dir, tmp_path):
     r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 256, "--test-limit", 64,
                  "--epochs", 1, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
                  "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "out" / "trained.pt",
-                 "--output", tmp_path / "run")
+                 "--output", tmp_path / "run", *(["--ema-decay", ema] if ema else []))
     assert r.returncode == 0, r.stderr
-    assert "init: weights from" in r.stdout and "exported a PyTorch state_dict" in r.stdout
+    exported = "the weights' moving average (EMA), the model evaluated" if ema else "the final weights"
+    assert "init: weights from" in r.stdout and f"exported {exported} as a PyTorch state_dict" in r.stdout
 
     trained = torch.load(tmp_path / "out" / "trained.pt", weights_only=True)
     net = torch_reference.make_net()
