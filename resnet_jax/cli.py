@@ -234,7 +234,7 @@ def _check_torch_paths(config: Config) -> None:
             raise UserError(f"--export-torch {config.export_torch} exists and is not a regular file (a device?); give a file name")
         if target.suffix.lower() not in (".pt", ".pth"):  # a typo must not overwrite results.json or any other file
             raise UserError(f"--export-torch {config.export_torch} does not end in .pt or .pth")
-        if loads and target.resolve() == Path(config.init_from_torch).resolve():
+        if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
                             "it would overwrite the weights the run started from; give another name")
         check_writable_dir(target.resolve().parent, "--export-torch's folder")
@@ -1049,6 +1049,8 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         if restored.epoch == config.epochs and _results_epoch(config.output) == restored.epoch:
             say(f"{config.output} has trained all {config.epochs} epochs (checkpoint {restored.path}): nothing to do; "
                 "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
+            if config.export_torch and main_process:  # the way to export a run that finished without the flag
+                _export_torch(config, state, say)
             if not (json_line and main_process):
                 return None
             try:

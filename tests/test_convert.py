@@ -639,6 +639,26 @@ def test_cli_zero_epochs_export_returns_the_imported_file(prepared_data_dir, tmp
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prepared_data_dir, tmp_path):
+    # --resume skipped the same-file check (the file is not read again), so the export overwrote
+    # the weights the run started from; and a finished run ignored --export-torch.
+    torch.save(torch_reference.make_initialised_net(seed=9).state_dict(), tmp_path / "start.pt")
+    started = (tmp_path / "start.pt").read_bytes()
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 64, "--epochs", 1,
+             "--resize", 28, "--batch-size", 32, "--init-from-torch", tmp_path / "start.pt", "--output", tmp_path / "run"]
+    r = train_py(*flags, "--export-torch", tmp_path / "first.pt")
+    assert r.returncode == 0, r.stderr
+    r = train_py(*flags, "--resume", "--export-torch", tmp_path / "start.pt")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"train.py: error: --export-torch {tmp_path / 'start.pt'} is the --init-from-torch file: it would overwrite "
+        "the weights the run started from; give another name"], r.stderr
+    assert (tmp_path / "start.pt").read_bytes() == started
+    r = train_py(*flags, "--resume", "--export-torch", tmp_path / "again.pt")
+    assert r.returncode == 0 and "nothing to do" in r.stdout and "exported the final weights" in r.stdout, r.stderr
+    first, again = (torch.load(tmp_path / name, weights_only=True) for name in ("first.pt", "again.pt"))
+    assert list(first) == list(again) and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def _good_checkpoint(tmp_path):
     torch.save(torch_reference.make_net().state_dict(), tmp_path / "good.pt")
     return tmp_path / "good.pt"
