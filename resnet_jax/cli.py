@@ -211,12 +211,28 @@ def check_paths(config: Config) -> None:
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
     _check_torch_paths(config)
     if config.output:
+        if run := _enclosing_run(Path(config.output)):
+            raise UserError(f"--output {config.output} is inside the run directory {run}, whose checkpoint rotation "
+                            "would delete it; choose a folder outside it")
         if config.resume and not (Path(config.output) / "checkpoints").is_dir():  # before anything creates a folder there
             raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
         check_writable_dir(Path(config.output), "--output")
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The run directory whose checkpoints/ or best/ folder holds ``path``, if any.
+
+    Orbax rotates the folders in there (--keep): a run written inside one (``--output
+    RUN/checkpoints/2``, a slip of tab completion) would be deleted with it.
+    """
+    for folder in (path.absolute(), *path.absolute().parents):
+        if folder.name in ("checkpoints", "best") and any(
+                (folder.parent / name).is_file() for name in ("metrics.jsonl", "results.json")):
+            return folder.parent
+    return None
 
 
 def _check_torch_paths(config: Config) -> None:
@@ -705,6 +721,24 @@ def _check_same_settings(config: Config) -> None:
         )
 
 
+OUTPUT_LOCK = ".train.lock"  # in --output while a run writes there (files.held)
+
+
+def _hold_output(config: Config, stack: contextlib.ExitStack) -> None:
+    """The --output folder for this run alone, until ``stack`` closes; a UserError if another run holds it.
+
+    Two runs started in one folder used to interleave their checkpoints and metrics.jsonl
+    records, and both could report success.
+    """
+    try:
+        stack.enter_context(files.held(Path(config.output) / OUTPUT_LOCK))
+    except files.Busy as err:
+        raise UserError(f"--output {config.output} is in use by another train.py run ({err.holder}); "
+                        "wait for it to end, or choose another --output") from None
+    except OSError as err:
+        raise UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: {err.strerror or err}") from err
+
+
 SHARED_OUTPUT_WAIT_S = 10.0  # how long a process looks for process 0's file (a network file system may lag)
 
 
@@ -971,6 +1005,8 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
             stack.enter_context(repairing_compile_cache(use_compile_cache(compile_cache, say), say))
         _check_same_settings(config)
         _check_shared_output(config)  # before the first save would wait for a part that never comes
+        if config.output and main_process:
+            _hold_output(config, stack)  # before looking at what is there: two runs in one folder would mix their files
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:

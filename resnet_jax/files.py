@@ -4,6 +4,8 @@ Every file the package writes for a user (results.json, curves and confusion
 PNGs, the array cache, exported PyTorch weights, bench.json) goes through
 :func:`atomic_write`: a reader never sees half a file, and a failure (a full
 disk, Ctrl-C) leaves the previous file in place and no temporary file behind.
+
+:func:`held` keeps a second program out of a folder that one is writing (a run's --output).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -61,3 +64,55 @@ def write_json(path: str | Path, obj) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+class Busy(OSError):
+    """Another program holds the lock; ``holder`` is what it wrote in the lock file (its pid and host)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(errno.EWOULDBLOCK, f"in use by {holder or 'another program'}", str(path))
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def held(path: str | Path):
+    """An exclusive lock on the file ``path`` for the ``with`` block, or :class:`Busy` at once.
+
+    The lock is the kernel's (``flock``), so it ends with the process however that ends (a
+    kill, a crash): a lock file left behind never blocks anyone. The file is deleted on the
+    way out, and a lock taken on a file that another holder has just deleted is dropped and
+    taken again, so two programs never both hold one. Where ``fcntl`` is missing (Windows)
+    nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise Busy(path, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder deleted the file as we took it: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding it: see the inode check above
+        os.close(fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tree_digest
 from resnet_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,6 +400,49 @@ def test_processes_started_with_different_settings_are_refused_in_one_line_each(
             f"train.py: error: the processes of this run were started with different settings: --seed (here {procs.index(p)}); "
             "start every process with the same flags (only --data-dir and --manual-dir may differ)"], err[-2000:]
         assert "Traceback" not in err
+
+
+def test_a_second_run_into_a_busy_output_is_refused_and_changes_nothing(prepared_data_dir, tmp_path):
+    # Two runs in one folder interleaved their checkpoints and metrics.jsonl; both could exit 0.
+    out = tmp_path / "run"
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "256", "--test-limit", "64",
+             "--resize", "17", "--batch-size", "64", "--compile-cache", "off", "--output", out]
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--epochs", "3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".train.lock").exists():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = train_py(*flags, "--epochs", "1", "--lr", "0.1")
+        assert first.poll() is None, "the first run ended before the second one started: the test proves nothing"
+        assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert second.stderr.startswith(f"train.py: error: --output {out} is in use by another train.py run "
+                                        f"(pid {first.pid} on "), second.stderr
+        assert second.stderr.strip().endswith("); wait for it to end, or choose another --output")
+        assert first.wait(timeout=300) == 0, first.communicate()
+    finally:
+        first.kill()
+        first.wait()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert json.loads((out / "results.json").read_text())["config"]["lr"] == 0.05
+    assert not (out / ".train.lock").exists()
+
+
+def test_an_output_inside_another_runs_checkpoints_is_refused(tmp_path):
+    # Orbax's rotation in the outer run (--keep) deleted the run written inside it.
+    run = tmp_path / "r1"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    before = tree_digest(tmp_path)
+    for inner in (run / "checkpoints", run / "checkpoints" / "2", run / "checkpoints" / "2" / "new"):
+        r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--output", inner, timeout=120)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"train.py: error: --output {inner} is inside the run directory {run}, whose checkpoint rotation would "
+            "delete it; choose a folder outside it"], r.stderr
+    assert tree_digest(tmp_path) == before
 
 
 def _private_folder_works() -> bool:

@@ -40,3 +40,38 @@ def test_a_target_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
         with files.atomic_write(fifo) as f:
             f.write(b"x")
     assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(tmp_path.iterdir()) == [fifo]
+
+
+def test_a_held_lock_keeps_a_second_holder_out_and_is_gone_after(tmp_path):
+    lock = tmp_path / ".lock"
+    with files.held(lock):
+        assert f"pid {os.getpid()} on " in lock.read_text()
+        with pytest.raises(files.Busy) as busy, files.held(lock):
+            pass
+        assert busy.value.holder.startswith(f"pid {os.getpid()} on ")
+        assert lock.exists()  # the refused second holder left the first one's file alone
+    assert not lock.exists()
+    with files.held(lock):  # free again
+        pass
+
+
+def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resnet_jax import files\n"
+                               f"with files.held({str(lock)!r}):\n    print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(files.Busy), files.held(lock):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists()  # a kill leaves the file; the kernel's lock went with the process
+    start = time.monotonic()
+    with files.held(lock):
+        assert time.monotonic() - start < 1
