@@ -5,7 +5,8 @@ trained run's checkpoint instead (resnet_jax/commands.py).
 
 Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
 done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
-interrupted (Ctrl-C); 143 terminated (SIGTERM). A user's mistake gets one line
+interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 stdout's reader went away
+(``| head``), as for a program that SIGPIPE ends. A user's mistake gets one line
 on stderr, never a traceback.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -33,7 +35,7 @@ INGREDIENT_FLAGS = (
     "ema_decay", "tta_flip", "crop_pad", "flip", "erase_prob",
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_PIPE = 0, 1, 2, 130, 143, 141
 INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
 COMPILE_CACHE_MAX_BYTES = 2 * 2**30  # --compile-cache's size limit, unless $JAX_COMPILATION_CACHE_MAX_SIZE says
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
@@ -41,6 +43,32 @@ COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else t
 
 class UserError(Exception):
     """Something the user can fix; printed as one line, exit 1."""
+
+
+class OutputLost(Exception):
+    """A line could not be written to the console: its reader went away (``| head``), or its disk is full."""
+
+    def __init__(self, err: OSError, stream: str):
+        super().__init__(err.strerror or str(err))
+        self.errno, self.stream = err.errno, stream
+
+
+def emit(*values, file=None) -> None:
+    """print() and flush, with a failed write as :class:`OutputLost` instead of a traceback.
+
+    On a lost stdout, fd 1 then points at /dev/null: Python flushes sys.stdout once more at
+    exit, and would print "Exception ignored ... BrokenPipeError" there.
+    """
+    file = file or sys.stdout
+    try:
+        print(*values, file=file, flush=True)
+    except OSError as err:
+        if file is sys.stdout:
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+        raise OutputLost(err, "stdout" if file is sys.stdout else "stderr" if file is sys.stderr else "the output") from None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -572,7 +600,6 @@ def _check_coordinator(address: str, serves: bool) -> None:
     A host that does not resolve: JAX waits 5 minutes, then aborts in C++. A port already
     in use on process 0, which serves it: JAX's service crashes the process (exit 139).
     """
-    import errno
     import socket
 
     host, _, port = address.rpartition(":")
@@ -950,7 +977,23 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     ``compile_cache``: :func:`compile_cache_setting`'s answer; None leaves JAX's cache as it is.
     """
     out = sys.stderr if json_line else sys.stdout
-    say = lambda msg: print(msg, file=out, flush=True)
+    quiet = False
+
+    def say(msg: str) -> None:
+        # A console that goes away (`train.py | head`, a full disk) must not stop the training:
+        # its lines stop, the run and its files go on.
+        nonlocal quiet
+        if quiet:
+            return
+        try:
+            emit(msg, file=out)
+        except OutputLost as err:
+            quiet = True
+            kept = f"; its records go on to {config.output}/metrics.jsonl" if config.output else ""
+            with contextlib.suppress(OSError):
+                print(f"train.py: note: cannot write to {err.stream} ({err}): "
+                      f"the run goes on without its lines{kept}", file=sys.stderr, flush=True)
+
     if compile_cache is not None and compile_cache[1] and compile_cache[0] is not None:
         check_writable_dir(compile_cache[0], "--compile-cache")  # a named folder: refused before any work
     made = _first_missing(config.output)  # what check_paths creates, removed again if the run fails empty
@@ -1024,7 +1067,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
             if ckpts is not None:  # on every way out: its threads must not outlive the run
                 ckpts.close()
     if json_line and main_process:
-        print(json.dumps(document), flush=True)
+        emit(json.dumps(document))
     return EXIT_OK
 
 
@@ -1221,6 +1264,12 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
     except usage_errors as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputLost as err:
+        if err.errno == errno.EPIPE:  # `| head` has read what it wanted: nothing to say
+            return _leave_the_processes(EXIT_PIPE)
+        with contextlib.suppress(OSError):
+            print(f"{prog}: error: cannot write to {err.stream}: {err}", file=sys.stderr)
+        return _leave_the_processes(EXIT_FAILED)
     except ProcessesDidNotMeet as err:
         # A thread is stuck in JAX's C++, and JAX's exit handlers would wait on it, then abort.
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from resnet_jax import interrupts
-from resnet_jax.cli import EXIT_OK, OneLineParser, UserError, check_writable_dir, report_errors
+from resnet_jax.cli import EXIT_OK, OneLineParser, UserError, check_writable_dir, emit, report_errors
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -108,11 +108,11 @@ def evaluate(args: argparse.Namespace) -> int:
             print(f"note: {png.parent} is read-only, so no confusion-matrix PNG (give --confusion-png PATH for one)",
                   file=sys.stderr, flush=True)
             png = None
-    print(_describe(ckpt), file=out, flush=True)
+    emit(_describe(ckpt), file=out)
     try:
         _, test = data_mod.load(
             spec, args.data_dir or config.data_dir, args.manual_dir or config.manual_dir, args.offline or config.offline,
-            log=lambda m: print(f"data: {m}", file=out, flush=True),
+            log=lambda m: emit(f"data: {m}", file=out),
         )
     except data_mod.DataError as err:
         raise UserError(str(err)) from err
@@ -138,15 +138,15 @@ def evaluate(args: argparse.Namespace) -> int:
         "confusion_matrix": cm.tolist(), "confusion_png": None if png is None else str(png),
     }
     if args.json:
-        print(json.dumps(report), flush=True)
+        emit(json.dumps(report))
     else:
-        print(f"test: loss {result['loss']:.4f}, acc {result['acc']:.4f} on {result['count']} examples")
-        print("accuracy per class:")
+        emit(f"test: loss {result['loss']:.4f}, acc {result['acc']:.4f} on {result['count']} examples")
+        emit("accuracy per class:")
         width = max(map(len, spec.class_names))
         for name, acc in report["per_class_acc"].items():
-            print(f"  {name:<{width}}  " + ("n/a (no examples)" if acc is None else f"{acc:.4f}"))
+            emit(f"  {name:<{width}}  " + ("n/a (no examples)" if acc is None else f"{acc:.4f}"))
         if png is not None:
-            print(f"confusion matrix: {png}")
+            emit(f"confusion matrix: {png}")
     return EXIT_OK
 
 
@@ -177,7 +177,7 @@ def predict(args: argparse.Namespace) -> int:
     x = np.concatenate(batches)
     if not len(x):
         raise UserError("no images to predict (the .npy batches are empty)")
-    print(_describe(ckpt), file=sys.stderr, flush=True)  # not in stdout: it stays the predictions alone
+    emit(_describe(ckpt), file=sys.stderr)  # not in stdout: it stays the predictions alone
     interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
     probs = training.predict(ckpt.state, x, config.resize, config.eval_batch_size)
 
@@ -188,10 +188,10 @@ def predict(args: argparse.Namespace) -> int:
             {"class": spec.class_names[i], "index": int(i), "prob": float(p[i])} for i in top
         ]})
     if args.json:
-        print(json.dumps({"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "predictions": results}), flush=True)
+        emit(json.dumps({"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "predictions": results}))
     else:
         for r in results:
-            print(f"{r['input']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top_k"]))
+            emit(f"{r['input']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top_k"]))
     return EXIT_OK
 
 

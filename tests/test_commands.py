@@ -535,3 +535,41 @@ def test_a_metrics_file_that_cannot_be_written_mid_run_is_one_line(prepared_data
     assert rc == 1 and "Traceback" not in err and "epoch 2/2" not in err, err
     assert err.strip().splitlines()[-1] == (f"train.py: error: cannot write {out / 'metrics.jsonl'}: "
                                             "No space left on device; no checkpoint was written")
+
+
+def _train_py(*args, **popen):
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, **popen)
+
+
+def test_a_closed_stdout_ends_predict_quietly_and_a_full_one_in_one_line(run, tmp_path):
+    # `train.py predict RUN x.npy | head -2` printed a 20-line BrokenPipeError traceback.
+    output, _ = run
+    np.save(tmp_path / "many.npy", np.random.default_rng(0).integers(0, 256, (4000, 28, 28), np.uint8))
+    p = _train_py("predict", output, tmp_path / "many.npy", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(f"{tmp_path / 'many.npy'}[0]: ")
+    p.stdout.close()  # what `| head -1` does; 4,000 lines do not fit in the pipe's buffer
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == cli.EXIT_PIPE and "Traceback" not in err and "Exception ignored" not in err, err
+    assert len(err.strip().splitlines()) == 1  # the checkpoint's line, on stderr before the predictions
+
+    with open("/dev/full", "w") as full:
+        p = _train_py("evaluate", output, "--offline", stdout=full, stderr=subprocess.PIPE)
+        err = p.stderr.read()
+    assert p.wait(timeout=300) == 1 and err.strip().splitlines() == [
+        "train.py evaluate: error: cannot write to stdout: No space left on device"], err
+
+
+def test_a_closed_stdout_does_not_stop_the_training(prepared_data_dir, tmp_path):
+    # `train.py --output DIR | head -3`: the first line after head left raised BrokenPipeError
+    # inside the epoch's report, and the run stopped before that epoch's checkpoint.
+    out = tmp_path / "run"
+    args = [a for a in _train_args(prepared_data_dir, out, "--epochs", 3) if a != "--json"]
+    p = _train_py(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith("data: ")
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert f"train.py: note: cannot write to stdout (Broken pipe): the run goes on without its lines; its records go on to {out}/metrics.jsonl" in err
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((out / "results.json").read_text())["history"][-1]["epoch"] == 3
