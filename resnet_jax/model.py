@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax import ops
 
@@ -277,6 +278,13 @@ class Residual(nn.Module):
     def __call__(self, x, train: bool, mask=None):
         """``mask``: optional (N,) booleans, the examples BatchNorm's batch statistics are over (train mode)."""
         x = _nhwc_float(x, "Residual")
+        if not isinstance(self.use_1x1conv, (bool, np.bool_)):
+            # Residual(3, 3), typed from the chapter, would set use_1x1conv=3: a different block, silently.
+            raise TypeError(
+                f"Residual.use_1x1conv must be True or False, got {self.use_1x1conv!r}; the chapter's "
+                "Residual(input_channels, num_channels, ...) is Residual(num_channels, ...) here: "
+                "Flax reads the input channels from the input"
+            )
         if not self.use_1x1conv and self.strides != 1:
             raise ValueError(f"Residual(strides={self.strides}) needs use_1x1conv=True: the shortcut must "
                              "downsample as the block does (as in the chapter)")

@@ -26,6 +26,16 @@ def test_residual_1x1conv_stride2_halves_and_widens():
     assert v["params"]["conv3"]["kernel"].shape == (1, 1, 3, 6)
 
 
+def test_the_chapters_residual_3_3_is_refused_not_built_with_a_1x1_conv():
+    # The chapter checks Residual(3, 3); here the second argument is use_1x1conv, and 3 built
+    # a block with a shortcut conv and the same output shape.
+    x = jnp.ones((1, 6, 6, 3))
+    with pytest.raises(TypeError, match=r"use_1x1conv must be True or False, got 3; the chapter's "
+                                        r"Residual\(input_channels, num_channels, ...\) is Residual\(num_channels, ...\)"):
+        Residual(3, 3).init(jax.random.key(0), x, train=False)
+    assert "conv3" in Residual(3, np.bool_(True)).init(jax.random.key(0), x, train=False)["params"]
+
+
 def test_numpys_float64_input_is_taken_as_float32_without_a_warning():
     import warnings
 
