@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="run directory: a checkpoint after every epoch, metrics.jsonl, results.json, curves.png")
     g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may be raised with a constant learning rate; --keep, --log-every, --offline and file locations may change; the rest must match)")
-    g.add_argument("--keep", type=int, default=d.keep, metavar="K", help="latest checkpoints kept in --output")
+    g.add_argument("--keep", type=int, default=None, metavar="K", help=f"latest checkpoints kept in --output (default: {d.keep})")
     g.add_argument("--val-split", type=int, default=d.val_split, metavar="N", help="hold out the last N training examples; keep the checkpoint of best accuracy on them in --output/best (default: off, the chapter's recipe)")
-    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps to metrics.jsonl")
+    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps to --output's metrics.jsonl (rounded up to whole dispatches)")
     g.add_argument("--json", action="store_true", help="print one final JSON line on stdout (reports go to stderr)")
     g = p.add_argument_group("PyTorch weights", "state_dicts of the chapter's nn.Sequential net (needs torch)")
     g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from this state_dict; the step count continues from its num_batches_tracked")
@@ -185,7 +185,15 @@ def _path(value: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(value))
 
 
+# Flags that only say what to do in --output: given without it, they would do nothing.
+OUTPUT_FLAGS = {"keep": "it counts the checkpoints kept there", "log_every": "its records go to DIR/metrics.jsonl"}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    if not args.output:
+        for name, why in OUTPUT_FLAGS.items():
+            if getattr(args, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} needs --output DIR ({why})")
     recipe, run = resolve(
         args.recipe, {k: getattr(args, k) for k in INGREDIENT_FLAGS},
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, resize=args.resize,
@@ -205,7 +213,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         offline=args.offline,
         output=_path(args.output),
         resume=args.resume,
-        keep=args.keep,
+        keep=Config.keep if args.keep is None else args.keep,
         val_split=args.val_split,
         log_every=args.log_every,
         dtype=args.dtype,
@@ -362,6 +370,14 @@ def open_checkpoints(config: Config, meta: dict):
     return ckpts
 
 
+def _resumable_flags() -> str:
+    """The flags --resume may change, from checkpoint.RESUMABLE_FIELDS: "--data-dir, ..., and --output"."""
+    from resnet_jax.checkpoint import RESUMABLE_FIELDS
+
+    flags = [f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE_FIELDS - {"resume"})]
+    return ", ".join(flags[:-1]) + " and " + flags[-1]
+
+
 def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
     """Whether --resume (or its absence) fits the checkpoints and files in --output; UserError if not."""
     from resnet_jax import checkpoint as ckpt_mod
@@ -379,7 +395,7 @@ def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
             if diffs:
                 raise UserError(
                     f"--resume: the checkpoint in {config.output} was trained with another configuration: "
-                    + "; ".join(diffs) + " (only --epochs, --keep, --log-every and file locations may change)"
+                    + "; ".join(diffs) + f" (only {_resumable_flags()} may change)"
                 )
             planned = saved["metadata"]["config"].get("epochs")
             r = config.recipe

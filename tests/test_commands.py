@@ -305,7 +305,8 @@ ERRORS = {
                                                          "--epochs", 3], 1,
                                       "is a file where the checkpoint of epoch 3 would be; move it elsewhere"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
-                        "lr (checkpoint 0.05, now 0.1)"),
+                        "lr (checkpoint 0.05, now 0.1) (only --data-dir, --epochs, --export-torch, --keep, --log-every, "
+                        "--manual-dir, --offline and --output may change)"),
     "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
                             "has trained 2 epochs, more than --epochs 1"),
     "output-holds-a-run": (lambda run, d, t: _train_args(d, run), 1, "already holds a run"),
@@ -456,6 +457,14 @@ def test_train_py_routes_exactly_the_commands_that_exist():
 def test_resume_without_output_is_a_bad_flag(capsys):
     assert cli.main(["--resume"]) == 2
     assert "--resume needs --output DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,why", [("--keep", "it counts the checkpoints kept there"),
+                                      ("--log-every", "its records go to DIR/metrics.jsonl")])
+def test_flags_for_the_output_folder_need_one(capsys, flag, why):
+    # Without --output they did nothing, and the run said nothing of it.
+    assert cli.main([flag, "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"train.py: error: {flag} needs --output DIR ({why})"]
 
 
 def test_the_real_entry_point_documents_and_refuses():
