@@ -27,7 +27,7 @@ from resnet_jax import files, interrupts
 from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
-from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES, resolve
+from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES
 
 # Flags that override one ingredient of --recipe; None (not given) keeps the recipe's value.
 INGREDIENT_FLAGS = (
@@ -194,17 +194,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         for name, why in OUTPUT_FLAGS.items():
             if getattr(args, name) is not None:
                 raise ConfigError(f"--{name.replace('_', '-')} needs --output DIR ({why})")
-    recipe, run = resolve(
-        args.recipe, {k: getattr(args, k) for k in INGREDIENT_FLAGS},
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, resize=args.resize,
-    )
-    return Config(
-        recipe=recipe,
+    return Config.for_recipe(
+        args.recipe,
+        {k: getattr(args, k) for k in INGREDIENT_FLAGS},
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        resize=args.resize,
         dataset=args.dataset,
-        epochs=run["epochs"],
-        batch_size=run["batch_size"],
-        lr=run["lr"],
-        resize=run["resize"],
         seed=args.seed,
         train_limit=args.train_limit,
         test_limit=args.test_limit,

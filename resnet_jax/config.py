@@ -1,7 +1,10 @@
 """The run's configuration: one frozen dataclass, validated once, at the edge.
 
 Defaults are the chapter's recipe (d2l ``train_ch6`` with lr 0.05): 10 epochs,
-batch 256, images resized to 96x96, plain SGD, float32.
+batch 256, images resized to 96x96, plain SGD, float32. Another recipe brings its
+own epochs, batch size, lr and resize: ``Config.for_recipe("best")`` is what
+``train.py --recipe best`` trains (``Config(recipe=BEST)`` would change the
+ingredients only, and keep the chapter's 10 epochs of batch 256 at lr 0.05).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from resnet_jax.data import DATASETS
 from resnet_jax.ops import IMPLS
-from resnet_jax.recipes import D2L, Recipe, problem as recipe_problem
+from resnet_jax.recipes import D2L, RUN_DEFAULTS, Recipe, resolve, problem as recipe_problem
 
 DTYPES = ("float32", "bfloat16")
 NUM_STRIDE2 = 5  # b1 conv, b1 max-pool, first residual of b3, b4, b5
@@ -77,6 +80,21 @@ class Config:
             with contextlib.suppress(TypeError):
                 object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         validate(self)
+
+    @classmethod
+    def for_recipe(cls, name: str, overrides: dict | None = None, **fields) -> "Config":
+        """The Config of ``train.py --recipe NAME``: the recipe with its run settings.
+
+        ``overrides``: ingredients to change (``{"ema_decay": 0}``), as the recipe's flags do;
+        ``fields``: any other field. epochs, batch_size, lr and resize not given are the
+        recipe's; a batch size given without an lr scales the lr where the recipe says so
+        (``recipes.resolve``), as on the command line.
+        """
+        if name not in RUN_DEFAULTS:
+            raise ConfigError(f"--recipe must be one of {', '.join(RUN_DEFAULTS)}, got {name!r}")
+        run = {k: fields.pop(k) for k in RUN_DEFAULTS[name] if k in fields}
+        recipe, settings = resolve(name, overrides, **run)
+        return cls(recipe=recipe, **settings, **fields)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

@@ -25,3 +25,18 @@ def test_the_training_examples_and_steps_per_epoch_are_train_pys():
     c = Config(train_limit=1000, val_split=100, batch_size=64)
     assert (c.train_examples, c.steps_per_epoch) == (900, 15)
     assert Config(dataset="cifar10", batch_size=50_000).steps_per_epoch == 1
+
+
+def test_a_recipes_config_has_the_recipes_run_settings_as_train_py_gives_them():
+    # Config(recipe=BEST) keeps the chapter's 10 epochs of batch 256 at lr 0.05; for_recipe is --recipe best.
+    from resnet_jax import cli
+    from resnet_jax.recipes import BEST
+
+    best = Config.for_recipe("best")
+    assert best == Config(recipe=BEST, epochs=32, batch_size=512, lr=0.4, resize=96)
+    assert best == cli.config_from_args(cli.build_parser().parse_args(["--recipe", "best"])).replace(output=None)
+    smaller = Config.for_recipe("best", {"ema_decay": 0.0}, batch_size=256, seed=3)
+    assert (smaller.lr, smaller.recipe.ema_decay, smaller.seed, smaller.epochs) == (0.2, 0.0, 3, 32)
+    assert Config.for_recipe("d2l") == Config() and Config.for_recipe("d2l", batch_size=64).lr == 0.05
+    with pytest.raises(ConfigError, match="--recipe must be one of d2l, best, got 'fast'"):
+        Config.for_recipe("fast")
