@@ -683,6 +683,8 @@ def fit(
     (dataset, train_limit, test_limit, val_split) are the caller's to apply
     (``Split.take``, ``Split.hold_out``, as :func:`resnet_jax.cli.run` does).
     ``state`` must come from ``create_train_state(..., recipe=config.recipe)``.
+    With a learning-rate schedule, the train split must give ``config.steps_per_epoch``
+    steps, the count the optimizer's schedule was built for (ValueError otherwise).
 
     Raises :class:`NonFiniteLoss` when the training loss, or the test or
     validation loss after an epoch, becomes NaN or infinite; the epoch in which
@@ -704,6 +706,16 @@ def fit(
     mesh = _mesh(devices, config.batch_size)
     replicated, _, n_dev = mesh
     bs = _train_batch_size(config, len(train), n_dev)
+    if (config.recipe.schedule != "constant" or config.recipe.warmup_epochs) and (
+            steps := -(-len(train) // bs)) != config.steps_per_epoch:
+        # The optimizer's schedule was planned in config.steps_per_epoch (make_optimizer's, train.py's):
+        # with another count it would warm up or decay at the wrong steps, silently.
+        raise ValueError(
+            f"the {config.recipe.schedule!r} learning-rate schedule counts config.steps_per_epoch = "
+            f"{config.steps_per_epoch} steps per epoch ({config.train_examples} training examples), but the "
+            f"train split gives {steps} ({len(train)} examples); give the config train_limit (and val_split) "
+            "to match the split, and build the optimizer with config.steps_per_epoch"
+        )
 
     # The splits live on the device(s) for the whole run, as uint8.
     put = lambda a: to_global(a, replicated)

@@ -117,18 +117,33 @@ def test_recipe_best_flags_train_end_to_end_and_lower_the_loss():
     args = cli.build_parser().parse_args([
         "--recipe", "best", "--resize", str(RESIZE), "--batch-size", "16", "--epochs", "6", "--ema-decay", "0.9",
         "--steps-per-dispatch", "4",  # the GPU's path: steps in a device loop
+        "--train-limit", "64",  # the split below: the schedule counts config.steps_per_epoch
     ])
     config = cli.config_from_args(args)
     assert config.recipe.name == "best" and config.recipe.ema_decay == 0.9 and config.recipe.flip
     assert config.lr == pytest.approx(0.4 * 16 / 512)  # scaled to the batch
     assert Config(**config.to_dict()) == config  # the recipe survives a round trip through JSON-able data
     train, test = _learnable(64), _learnable(32, seed=1)
-    state = _state(config, steps_per_epoch=4)
+    state = _state(config, steps_per_epoch=config.steps_per_epoch)
     result = training.fit(config, train, test, state)
     losses = [h["train_loss"] for h in result.history]
     assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
     assert np.isfinite(result.final["test_loss"]) and 0 <= result.final["test_acc"] <= 1
     assert int(result.state.step) == 24
+
+
+def test_a_split_of_another_size_than_the_schedule_was_planned_for_is_refused():
+    # 512 examples where the config says 60,000: the warmup would span 118 steps of a 1-step epoch
+    # at batch 512, and the run trained at lr ~0 without a word.
+    config = Config.for_recipe("best", resize=RESIZE, epochs=2)
+    train, test = _learnable(512), _learnable(32, seed=1)
+    state = _state(config, steps_per_epoch=config.steps_per_epoch)
+    with pytest.raises(ValueError, match=r"the 'cosine' learning-rate schedule counts config.steps_per_epoch = 118 "
+                                         r"steps per epoch \(60000 training examples\), but the train split gives 1 "
+                                         r"\(512 examples\); give the config train_limit"):
+        training.fit(config, train, test, state)
+    constant = Config(resize=RESIZE, epochs=1, batch_size=256)  # the chapter's: no schedule, any split
+    training.fit(constant, train, test, _state(constant))
 
 
 def test_bad_ingredient_flags_exit_2(capsys):
