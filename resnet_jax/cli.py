@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peak SGD learning rate; {_recipe_default('lr')}, best's scaled linearly with --batch-size")
     p.add_argument("--resize", type=int, default=None,
                    help=f"image side after bilinear resize ({MIN_RESIZE} to {MAX_RESIZE}); {_recipe_default('resize')}")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and the epoch shuffles")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, the epoch shuffles and the augmentation")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="TFDS dataset")
     g.add_argument("--data-dir", default=None, help="TFDS data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="run directory: a checkpoint after every epoch, metrics.jsonl, results.json, curves.png")
-    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may be raised with a constant learning rate; --keep, --log-every, --offline and file locations may change; the rest must match)")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may change with a constant learning rate; --keep, --log-every, --offline and file locations may change; the rest must match)")
     g.add_argument("--keep", type=int, default=None, metavar="K", help=f"latest checkpoints kept in --output (default: {d.keep})")
     g.add_argument("--val-split", type=int, default=d.val_split, metavar="N", help="hold out the last N training examples; keep the checkpoint of best accuracy on them in --output/best (default: off, the chapter's recipe)")
     g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps to --output's metrics.jsonl (rounded up to whole dispatches)")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help=f"Nesterov momentum (best {_on(BEST.nesterov)})")
     g.add_argument("--weight-decay", type=float, default=None, help=f"L2 weight decay on conv/dense kernels, not BatchNorm or biases (best {BEST.weight_decay})")
     g.add_argument("--schedule", default=None, choices=SCHEDULES, help=f"learning-rate schedule (best {BEST.schedule})")
-    g.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warmup from 0, in epochs (best {BEST.warmup_epochs})")
+    g.add_argument("--warmup-epochs", type=float, default=None, help=f"warmup, in epochs: linear from 0 (constant, cosine); with onecycle, its cosine rise from lr/25 (best {BEST.warmup_epochs})")
     g.add_argument("--label-smoothing", type=float, default=None, help=f"label smoothing of the loss (best {BEST.label_smoothing})")
     g.add_argument("--ema-decay", type=float, default=None, help=f"EMA of weights and BatchNorm statistics, used for evaluation; 0 off (best {BEST.ema_decay})")
     g.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None, help=f"average test logits over a left-right flip (best {_on(BEST.tta_flip)})")
@@ -940,7 +940,7 @@ def _fresh_state(config: Config, spec, init, say):
     return state
 
 
-def _write_run_files(config: Config, report: dict, log: list, n_train: int, say) -> None:
+def _write_run_files(config: Config, report: dict, log: list, say) -> None:
     """results.json and curves.png in --output."""
     from resnet_jax import plots
 
@@ -949,9 +949,8 @@ def _write_run_files(config: Config, report: dict, log: list, n_train: int, say)
     except OSError as err:
         raise UserError(f"could not write {config.output}/results.json: {err.strerror or err}") from err
     # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
-    spe = -(-n_train // config.batch_size)  # steps per epoch, the last batch included
     try:
-        plots.plot_curves(plots.epoch_axis(log, spe), Path(config.output) / "curves.png")
+        plots.plot_curves(plots.epoch_axis(log, config.steps_per_epoch), Path(config.output) / "curves.png")
     except OSError as err:
         raise UserError(f"could not write {config.output}/curves.png: {err}") from err
     if not report["history"]:  # --epochs 0: the model as it is, evaluated; nothing to save
@@ -1043,14 +1042,15 @@ def _remove_empty_folders(top: Path | None) -> None:
 def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) -> int:
     """run() once the paths are checked."""
 
-    # Heavy imports only once the flags are known to be good: --help and bad
-    # flags answer at once. A Ctrl-C inside them waits for their end (resnet_jax/interrupts.py).
-    # Imported here for that, ahead of the functions below, whose own imports then cost nothing.
+    # Orbax, Flax and the rest of training only once the flags are known to be good:
+    # --help and a bad flag answer in about a second (JAX itself comes with resnet_jax.config).
+    # A Ctrl-C inside these imports waits for their end (resnet_jax/interrupts.py); imported
+    # here for that, ahead of the functions below, whose own imports then cost nothing.
     with interrupts.deferred():
         import jax
 
         from resnet_jax import checkpoint as ckpt_mod
-        from resnet_jax import training
+        from resnet_jax import training  # noqa: F401  (for _train, under the deferral)
 
     with _native_stdout_to_stderr(json_line), contextlib.ExitStack() as stack:
         # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
@@ -1233,7 +1233,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     # --json line alone, without --output (whose checkpoint saves would add to that clock).
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__, "history": result.history}
     if config.output and main_process:
-        _write_run_files(config, report, log, len(train), say)
+        _write_run_files(config, report, log, say)
     if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
         _export_torch(config, result.state, say)
     return report

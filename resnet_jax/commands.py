@@ -36,7 +36,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: the run's)")
     p.add_argument("--manual-dir", default=None, help="folder with the dataset's official files (default: the run's)")
-    p.add_argument("--offline", action="store_true", help="never try to download")
+    p.add_argument("--offline", action="store_true", help="never try to download (a run trained --offline never does anyway)")
     p.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="only the first N test examples (default: as in training, so the numbers are the loop's)")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
@@ -57,7 +57,8 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 
 def _load(run_dir: str, which: str):
-    with interrupts.deferred():  # the heavy imports (resnet_jax/interrupts.py)
+    with interrupts.deferred():  # the heavy imports (resnet_jax/interrupts.py), the commands' too
+        from resnet_jax import data, images, metrics, plots, training  # noqa: F401
         from resnet_jax.checkpoint import CheckpointError, load_for_inference
 
     try:
@@ -72,10 +73,10 @@ def _describe(ckpt) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from resnet_jax import data as data_mod
+    ckpt = _load(args.run_dir, args.which)
+    from resnet_jax import data as data_mod  # imported by _load, under its deferral: no cost here
     from resnet_jax import metrics, plots, training
 
-    ckpt = _load(args.run_dir, args.which)
     config = ckpt.config
     spec = data_mod.DATASETS[config.dataset]
     limit = args.test_limit if args.test_limit is not None else config.test_limit
@@ -153,10 +154,10 @@ def evaluate(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from resnet_jax import data as data_mod
+    ckpt = _load(args.run_dir, args.which)
+    from resnet_jax import data as data_mod  # imported by _load, under its deferral: no cost here
     from resnet_jax import images, training
 
-    ckpt = _load(args.run_dir, args.which)
     config = ckpt.config
     spec = data_mod.DATASETS[config.dataset]
     if not 1 <= args.top_k <= spec.num_classes:

@@ -34,7 +34,8 @@ from an int (one count for every layer) or from the per-layer dict that
 that, ``flax_to_torch(torch_to_flax(sd), batches_tracked(sd))`` is ``sd``, key
 for key, in the same order, with the same dtypes.
 
-This module is numpy only: the Flax side never needs torch. Only reading and
+The mapping itself is NumPy arrays in, NumPy arrays out: the Flax side never needs torch
+(importing this module imports JAX and Flax, for the model's layer table). Only reading and
 writing ``.pt`` files (:func:`load_torch_checkpoint`, :func:`save_torch_checkpoint`)
 imports torch, and says how to install it when it is missing.
 """

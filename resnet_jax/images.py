@@ -1,7 +1,7 @@
 """A user's own images, made into the uint8 arrays the model was trained on.
 
 The training data reaches the model as uint8 (N, H, W, C) at the dataset's
-native size (28x28x1 for the MNIST family, 32x32x3 for CIFAR-10); the model's
+native size (28x28x1 for the MNIST family, 32x32x3 for CIFAR-10); the jitted steps'
 :func:`resnet_jax.data.preprocess` then scales to [0, 1] and resizes to
 ``--resize`` on the device. So a prediction input only has to be brought to
 that same native uint8 form, and everything after it is the training path

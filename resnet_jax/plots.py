@@ -6,7 +6,7 @@ current figure, its backend choice) is left alone for whoever imported us.
 matplotlib is imported inside the functions, so ``import resnet_jax`` and
 training runs that draw nothing never pay for it.
 
-Both functions write atomically (a temporary file in the same folder, then
+The two plotting functions write atomically (a temporary file in the same folder, then
 ``os.replace``): a reader never sees half a PNG, and a failure leaves the
 previous picture in place and no temporary file behind.
 """

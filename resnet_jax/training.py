@@ -2,11 +2,11 @@
 
 One batch's way: the uint8 splits sit on the device; each epoch draws a
 permutation with ``jax.random`` on the device; a jitted call gathers
-``steps_per_dispatch`` batches from it in turn (a ``lax.fori_loop`` around
-:func:`train_step`), preprocesses them (scale, resize) and updates the state,
-summing loss and correct predictions on the device. The host only dispatches
-and reads the sums once per chunk, one chunk late, so the device never waits
-for it.
+``steps_per_dispatch`` batches from it in turn (on GPU and TPU a ``lax.fori_loop``
+around :func:`train_step`; on CPU, where XLA runs a step inside a loop several
+times slower, one step per call), preprocesses them (scale, resize) and updates
+the state, summing loss and correct predictions on the device. The host only dispatches and reads the
+sums once per chunk, one chunk late, so the device never waits for it.
 
 Every example is seen exactly once per epoch, as with PyTorch's DataLoader
 (drop_last=False): 60,000 = 234 x 256 + 96 makes 235 steps, the last one on 96
@@ -54,8 +54,10 @@ def jit(fn: Callable, devices=None, **kwargs):
     The program is traced for that platform (the lowerings ``ops`` picks, see
     :func:`resnet_jax.ops.target_platform`) and compiled with its XLA options
     (on CPU, XLA's faster convolution kernels: ops.compiler_options; on GPU and
-    TPU none), whatever JAX's default backend is. Every program that runs the
-    network goes through here, so a benchmark measures what training runs.
+    TPU none), whatever JAX's default backend is. Every program that trains or
+    evaluates the network goes through here, so a benchmark measures what
+    training runs. (Initialisation, :func:`_jitted_init`, runs once and keeps
+    plain ``jax.jit``.)
     """
     platform = _platform(devices)
 
@@ -191,7 +193,9 @@ def train_step(
 
     The metrics are sums over the batch (``loss`` summed, ``correct``, ``count``):
     divide by ``count`` for means. ``resize`` fixes shapes, so it is static under
-    jit: ``jax.jit(train_step, static_argnames="resize")`` (:func:`fit` closes over it).
+    jit: ``training.jit(train_step, static_argnames="resize")`` (:func:`jit`: on CPU
+    it compiles with faster convolution kernels than plain ``jax.jit``); :func:`fit`
+    runs it inside its own jitted epoch programs.
 
     ``mask``: optional (B,) booleans. The step is then the step on the examples
     where ``mask`` alone (BatchNorm's statistics, the mean loss, the metrics);
@@ -705,15 +709,16 @@ def fit(
     devices = devices or jax.devices()
     mesh = _mesh(devices, config.batch_size)
     replicated, _, n_dev = mesh
-    bs = _train_batch_size(config, len(train), n_dev)
-    if (config.recipe.schedule != "constant" or config.recipe.warmup_epochs) and (
-            steps := -(-len(train) // bs)) != config.steps_per_epoch:
+    n = len(train)
+    bs = _train_batch_size(config, n, n_dev)
+    steps_per_epoch = math.ceil(n / bs)  # the last batch smaller when bs does not divide n
+    if (config.recipe.schedule != "constant" or config.recipe.warmup_epochs) and steps_per_epoch != config.steps_per_epoch:
         # The optimizer's schedule was planned in config.steps_per_epoch (make_optimizer's, train.py's):
         # with another count it would warm up or decay at the wrong steps, silently.
         raise ValueError(
             f"the {config.recipe.schedule!r} learning-rate schedule counts config.steps_per_epoch = "
             f"{config.steps_per_epoch} steps per epoch ({config.train_examples} training examples), but the "
-            f"train split gives {steps} ({len(train)} examples); give the config train_limit (and val_split) "
+            f"train split gives {steps_per_epoch} ({n} examples); give the config train_limit (and val_split) "
             "to match the split, and build the optimizer with config.steps_per_epoch"
         )
 
@@ -723,8 +728,6 @@ def fit(
     # A copy (the steps donate their input state, and the caller's arrays must survive).
     state = jax.tree_util.tree_map(put, jax.device_get(state))
 
-    n = len(train)
-    steps_per_epoch = math.ceil(n / bs)  # the last batch smaller when bs does not divide n
     K = max(1, min(steps_per_dispatch(config, _platform(devices)), steps_per_epoch))
 
     # Compile everything ahead of time so the timings below are training only.
