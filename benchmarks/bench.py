@@ -321,11 +321,11 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
     else:
         run = lambda s, rows: one_step(s, train_x, train_y, rows[0])
     eval_lowered, one_eval = compile_(
-        training.jit(lambda s, x, y, m: training.eval_step(s, x, y, m, r)),
+        training.jit(lambda s, x, y, m: training.eval_step(s, x, y, r, m)),
         state, test_x[0], test_y[0], test_m[0], counted=backend == "cpu",
     )
     if backend != "cpu":
-        _, evaluate = compile_(training.jit(functools.partial(training.evaluate, resize=r)), state, test_x, test_y, test_m)
+        _, evaluate = compile_(training.jit(functools.partial(training.evaluate_batches, resize=r)), state, test_x, test_y, test_m)
     else:  # as fit: no device loop on XLA:CPU, one call per batch
         def evaluate(s, xs, ys, ms):
             return functools.reduce(training._add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0])))

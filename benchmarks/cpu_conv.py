@@ -96,7 +96,7 @@ def torch_split_ms(n, side, cin, cout, k, stride, pad):
 
 def split(batch: int, resizes):
     """Forward, input gradient and weight gradient apart: XLA against PyTorch channels_last."""
-    import torch
+    import torch  # noqa: F401  (missing torch fails here, before the JAX half has run)
 
     opts = ops.compiler_options("cpu")
     print("| input | conv | count | xla fwd | xla dx | xla dw | torch CL fwd | torch CL dx | torch CL dw |")

@@ -214,7 +214,7 @@ def ema_update(ema, new, decay: float, step):
     return optax.incremental_update(new, ema, 1.0 - ema_decay_at(decay, step))
 
 
-def predict(apply_fn, variables: dict, x: jax.Array, tta_flip: bool = False) -> jax.Array:
+def test_logits(apply_fn, variables: dict, x: jax.Array, tta_flip: bool = False) -> jax.Array:
     """Eval-mode logits; with ``tta_flip`` the mean of the logits of ``x`` and of its mirror image.
 
     The images and their mirror images go through the network as one batch of twice the size:

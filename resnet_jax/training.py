@@ -239,7 +239,7 @@ def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
     With EMA on, the averaged weights and statistics are evaluated; with
     ``tta_flip`` the logits are averaged over each image and its mirror image.
     """
-    return recipes.predict(state.apply_fn, evaluated_variables(state), preprocess(images, resize), state.recipe.tta_flip)
+    return recipes.test_logits(state.apply_fn, evaluated_variables(state), preprocess(images, resize), state.recipe.tta_flip)
 
 
 def evaluated_variables(state: TrainState) -> dict:
@@ -249,9 +249,11 @@ def evaluated_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, resize: int,
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: int, mask: jax.Array | None = None,
               confusion: bool = False) -> Metrics:
-    """Metric sums of the model in eval mode over the examples where ``mask``.
+    """Metric sums of the model in eval mode over the batch, or the examples where ``mask``.
+
+    The arguments are :func:`train_step`'s, in its order.
 
     The loss is the plain cross-entropy, whatever the training loss. With
     ``confusion``, also the confusion matrix's counts ``[true, predicted]``.
@@ -370,13 +372,13 @@ def jit_train_chunk(
     return jit(fn, devices, donate_argnums=0), static
 
 
-def evaluate(state, images, labels, mask, resize: int, batch_sharding=None, confusion: bool = False) -> Metrics:
+def evaluate_batches(state, images, labels, mask, resize: int, batch_sharding=None, confusion: bool = False) -> Metrics:
     """Metric sums over a whole padded split (N_pad divisible by the eval batch), in one call."""
 
     def body(sums, batch):
         x, y, m = batch
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
-        return _add(sums, eval_step(state, x, y, m, resize, confusion)), None
+        return _add(sums, eval_step(state, x, y, resize, m, confusion)), None
 
     sums, _ = jax.lax.scan(body, _zeros(_num_classes(state) if confusion else None), (images, labels, mask))
     return sums
@@ -535,12 +537,12 @@ def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: b
     each device evaluates its share of it. ``confusion``: the metric sums
     include the confusion matrix (see :func:`eval_step`)."""
     if device_loop:
-        fn = functools.partial(evaluate, resize=config.resize, batch_sharding=batch_sharding, confusion=confusion)
+        fn = functools.partial(evaluate_batches, resize=config.resize, batch_sharding=batch_sharding, confusion=confusion)
         return jit(fn, devices).lower(state, x, y, m).compile()
 
     def one(s, x, y, m):
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
-        return eval_step(s, x, y, m, config.resize, confusion)
+        return eval_step(s, x, y, config.resize, m, confusion)
 
     return jit(one, devices).lower(state, x[0], y[0], m[0]).compile()
 

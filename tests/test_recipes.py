@@ -119,14 +119,14 @@ def test_ema_follows_its_update_rule():
 def test_flip_averaging(variables):
     net = ResNet18()
     x = jax.random.uniform(jax.random.key(1), (4, 24, 24, 1))
-    plain = recipes.predict(net.apply, variables, x)
-    both = recipes.predict(net.apply, variables, x, tta_flip=True)
+    plain = recipes.test_logits(net.apply, variables, x)
+    both = recipes.test_logits(net.apply, variables, x, tta_flip=True)
     mirrored = net.apply(variables, x[:, :, ::-1], train=False)
     np.testing.assert_allclose(both, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
     # Invariant to flipping the input, which plain logits are not.
-    np.testing.assert_allclose(recipes.predict(net.apply, variables, x[:, :, ::-1], tta_flip=True), both, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recipes.test_logits(net.apply, variables, x[:, :, ::-1], tta_flip=True), both, rtol=1e-5, atol=1e-6)
     assert not np.allclose(plain, mirrored, atol=1e-4)
     # One pass over both views: the network appears once in the program, as without flips.
-    convs = lambda tta: jax.jit(lambda v, x: recipes.predict(net.apply, v, x, tta_flip=tta)).lower(
+    convs = lambda tta: jax.jit(lambda v, x: recipes.test_logits(net.apply, v, x, tta_flip=tta)).lower(
         variables, x).as_text().count("stablehlo.convolution")
     assert convs(True) == convs(False) > 0

@@ -149,7 +149,7 @@ def test_one_float32_step_sharded_four_ways_equals_one_device():
 
 
 # Flip averaging evaluates the batch and its mirror image as one batch of twice the size
-# (recipes.predict): over a batch sharded on four devices that concatenation must still pair
+# (recipes.test_logits): over a batch sharded on four devices that concatenation must still pair
 # each image with its own mirror image. Evaluation only: float32 and one process suffice.
 TTA = r"""
 import jax, numpy as np
@@ -160,7 +160,7 @@ net = ResNet18()
 x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
 variables = net.init(jax.random.key(0), x, train=False)
 sharded = jax.device_put(x, NamedSharding(Mesh(np.array(jax.devices()[:4]), ("data",)), P("data")))
-tta = jax.jit(lambda v, x: recipes.predict(net.apply, v, x, tta_flip=True))(variables, sharded)
+tta = jax.jit(lambda v, x: recipes.test_logits(net.apply, v, x, tta_flip=True))(variables, sharded)
 plain = net.apply(variables, x, train=False)
 two_passes = 0.5 * (plain + net.apply(variables, x[:, :, ::-1], train=False))
 assert len(tta.sharding.device_set) == 4

@@ -245,12 +245,12 @@ def test_eval_step_masks_padding(state):
     # to "correct" (checked below, so that the comparison can fail).
     labels[5:] = np.argmax(np.asarray(training.eval_logits(state, images, RESIZE)), -1)[5:]
     mask = jnp.array([True] * 5 + [False] * 3)
-    m = training.eval_step(state, images, labels, mask, RESIZE)
-    full = training.eval_step(state, images[:5], labels[:5], jnp.ones(5, bool), RESIZE)
+    m = training.eval_step(state, images, labels, RESIZE, mask)
+    full = training.eval_step(state, images[:5], labels[:5], RESIZE)
     assert int(m["count"]) == 5
     np.testing.assert_allclose(float(m["loss"]), float(full["loss"]), rtol=1e-5)
     assert int(m["correct"]) == int(full["correct"])
-    unmasked = training.eval_step(state, images, labels, jnp.ones(8, bool), RESIZE)
+    unmasked = training.eval_step(state, images, labels, RESIZE)
     assert int(unmasked["correct"]) == int(full["correct"]) + 3
 
 
@@ -289,7 +289,7 @@ def test_fit_runs_epochs_and_reports(state):
     assert sum(parts.values()) <= f["compile_s"]
     assert 0 <= f["test_acc"] <= 1 and np.isfinite(f["train_loss"]) and f["examples_per_sec"] > 0
     # The test metrics equal a direct evaluation of the final state.
-    direct = training.eval_step(result.state, test.images, test.labels, jnp.ones(30, bool), RESIZE)
+    direct = training.eval_step(result.state, test.images, test.labels, RESIZE)
     np.testing.assert_allclose(f["test_loss"], float(direct["loss"]) / 30, rtol=1e-5)
     assert f["test_acc"] == int(direct["correct"]) / 30
 
