@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax.config import Config
 from resnet_jax.data import DatasetSpec
+from resnet_jax.errors import first_line
 
 # What fixes the model's shapes and types: a checkpoint is only ever loaded into a model
 # that agrees on all of these.
@@ -175,7 +176,7 @@ class Checkpoints:
                     item_names=("state", "meta"),
                 )
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
-            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {_first_line(err)}") from err
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {first_line(err)}") from err
         # Each manager starts a thread that cleans up temporary folders; a program that exits
         # while it runs (one that never calls close()) gets a traceback from the interpreter's
         # shutdown. Waiting for it here leaves no thread behind (it takes milliseconds).
@@ -297,7 +298,7 @@ class Checkpoints:
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint {manager.directory / str(epoch)} is unreadable (corrupt or incomplete): "
-                f"{type(err).__name__}: {_first_line(err)}"
+                f"{type(err).__name__}: {first_line(err)}"
             ) from err
         return {**meta, "path": str(manager.directory / str(epoch))}
 
@@ -477,12 +478,9 @@ def _root_cause(err: BaseException) -> str:
     while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
         seen.add(id(inner))
         err = inner
-    return f"{type(err).__name__}: {_first_line(err)}"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoint:

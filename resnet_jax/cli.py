@@ -18,14 +18,14 @@ import errno
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from resnet_jax import files, interrupts
+from resnet_jax import files, interrupts, processes, xla_cache
 from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
 from resnet_jax.data import DATASETS
+from resnet_jax.errors import UserError, check_writable_dir, first_line
 from resnet_jax.ops import IMPLS
 from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES
 
@@ -36,13 +36,7 @@ INGREDIENT_FLAGS = (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_PIPE = 0, 1, 2, 130, 143, 141
-INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
-COMPILE_CACHE_MAX_BYTES = 2 * 2**30  # --compile-cache's size limit, unless $JAX_COMPILATION_CACHE_MAX_SIZE says
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
-
-
-class UserError(Exception):
-    """Something the user can fix; printed as one line, exit 1."""
 
 
 class OutputLost(Exception):
@@ -148,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in all")
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1")
     g.add_argument("--init-timeout", type=int, default=None, metavar="S",
-                   help=f"seconds the processes wait for each other at the start (default {INIT_TIMEOUT_S}, JAX's)")
+                   help=f"seconds the processes wait for each other at the start (default {processes.INIT_TIMEOUT_S}, JAX's)")
     g = p.add_argument_group("performance (same math)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="computation dtype; parameters stay float32")
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
@@ -220,17 +214,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         init_from_torch=_path(args.init_from_torch),
         export_torch=_path(args.export_torch),
     )
-
-
-def check_writable_dir(path: Path, flag: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise UserError(f"{flag} {path} is not a writable directory: {err.strerror or err}") from err
 
 
 def check_paths(config: Config) -> None:
@@ -446,199 +429,6 @@ def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def compile_cache_setting(flag: str | None, environ=os.environ) -> tuple[Path | None, bool]:
-    """(the folder of XLA's persistent compilation cache or None for off, whether the user named it).
-
-    Compiling is most of a short GPU run: on one H200, 35 of the 62 s that ``--recipe best`` took
-    (BENCHMARKS.md). JAX can keep each compiled program on disk, keyed by the program, the
-    compiler options and the versions, and load it in a later run instead of compiling it; the
-    loaded executable is the same executable, so no result changes. JAX leaves that cache off
-    unless told where; train.py turns it on, in a folder of its own. JAX keeps only programs that
-    took a second or more to compile (the train and evaluation steps and the initialisation, one
-    program since 2026-12-04; not the few small ones around them): on 2 CPU cores that took a
-    28x28 run's compile from 5.9-6.4 s cold to 2.1-2.4 s warm, the rest being tracing and
-    lowering, which every run does (BENCHMARKS.md, "Start-up"). A setting of the process, not
-    of the run's math: it stays out of Config and of --resume's checks.
-    """
-    if flag is not None:
-        return (None, True) if flag == "off" else (Path(flag).expanduser().absolute(), True)
-    if environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own variable: the user's choice
-        return Path(environ["JAX_COMPILATION_CACHE_DIR"]).expanduser().absolute(), True
-    try:
-        base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    except RuntimeError:  # no home folder to be found: no default cache
-        return None, False
-    return base.expanduser().absolute() / "resnet_jax" / "xla", False
-
-
-def use_compile_cache(setting: tuple[Path | None, bool], say) -> Path | None:
-    """Point JAX's persistent compilation cache at the setting's folder (before anything compiles).
-
-    A folder the user named must be writable (one line, exit 1, before any work); the default
-    one, if it cannot be made, only costs the cache (one line in the log says so).
-    """
-    import jax
-
-    folder, named = setting
-    if folder is not None:
-        try:
-            check_writable_dir(folder, "--compile-cache")
-        except UserError:
-            if named:
-                raise
-            say(f"note: no compile cache (cannot write {folder}); every program is compiled afresh")
-            folder = None
-    if folder is None:
-        jax.config.update("jax_enable_compilation_cache", False)
-    else:
-        jax.config.update("jax_enable_compilation_cache", True)
-        jax.config.update("jax_compilation_cache_dir", str(folder))
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _has_filelock():
-            # Every new shape, dtype or learning rate adds programs (tens of MB each on a GPU):
-            # past this size JAX deletes the least recently used ones. That needs filelock (a
-            # dependency of ours); without it JAX would cache nothing at all, so no limit then.
-            jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
-    return folder
-
-
-# JAX's warnings about one entry of the persistent compilation cache (jax/_src/compiler.py).
-_CACHE_WARNING = r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)"
-
-
-@contextlib.contextmanager
-def repairing_compile_cache(folder: Path | None, say):
-    """Within: an entry of the compile cache in ``folder`` that JAX cannot read or finish writing
-    is deleted, and JAX's warning becomes one line.
-
-    JAX writes an entry in place (not through a temporary file), so a full disk or a killed
-    process can leave a truncated one; JAX then warns on every later run, compiles the
-    program again and never replaces the entry (it keeps any entry that exists). Deleted
-    before that compile ends, the entry is stored anew by it. Which entry is damaged:
-    those of the program's name that JAX's own reader cannot decompress.
-    """
-    import re
-    import warnings
-
-    if folder is None:
-        yield
-        return
-    pattern = re.compile(_CACHE_WARNING, re.DOTALL)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("always", message=_CACHE_WARNING, category=UserWarning)
-        show = warnings.showwarning
-
-        def one_line(message, category, filename, lineno, file=None, line=None):
-            m = pattern.match(str(message))
-            if m is None:
-                return show(message, category, filename, lineno, file, line)
-            verb, name, why = m.groups()
-            removed = _remove_damaged_entries(folder, name)
-            if verb == "writing":
-                say(f"note: could not store {name} in the compile cache {folder} ({why.strip()[:160]}); "
-                    "the next run compiles it again")
-            elif removed:
-                say(f"note: the compile cache {folder} held a damaged {name}; it was deleted, "
-                    "and the program is compiled and stored anew")
-            else:
-                say(f"note: the compile cache {folder} holds a {name} that JAX cannot read ({why.strip()[:160]}); "
-                    "it was compiled anew. Delete the folder if this recurs")
-
-        warnings.showwarning = one_line
-        yield
-
-
-def _remove_damaged_entries(folder: Path, name: str) -> list[str]:
-    """Delete the cache entries of ``name`` (a program's name or an entry's key) that do not
-    decompress with JAX's own reader; the names of those deleted."""
-    import glob
-
-    try:
-        from jax._src.compilation_cache import decompress_executable  # JAX's reading of an entry
-    except ImportError:  # another JAX: leave the entries to it
-        return []
-    exact = folder / f"{name}-cache"
-    entries = [exact] if exact.is_file() else sorted(folder.glob(f"{glob.escape(name)}-*-cache"))
-    removed = []
-    for entry in entries:
-        try:
-            decompress_executable(entry.read_bytes())
-        except OSError:  # unreadable as a file: not ours to judge
-            continue
-        except Exception:
-            for path in (entry, folder / (entry.name[: -len("-cache")] + "-atime")):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            removed.append(entry.name)
-    return removed
-
-
-def _has_filelock() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("filelock") is not None
-
-
-def distributed_settings(args: argparse.Namespace) -> dict | None:
-    """jax.distributed.initialize()'s arguments from the flags; None for a one-process run.
-
-    Launch settings, not training math: they stay out of Config (and out of --resume's checks).
-    """
-    explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
-    given = [k for k, v in explicit.items() if v is not None]
-    if args.distributed and given:
-        raise ConfigError("--distributed detects the cluster's settings; do not combine it with --coordinator/--num-processes/--process-id")
-    if args.init_timeout is not None:
-        if not (args.distributed or given):
-            raise ConfigError("--init-timeout is for runs of several processes (--distributed, or --coordinator ...)")
-        if args.init_timeout < 1:
-            raise ConfigError(f"--init-timeout must be at least 1 second, got {args.init_timeout}")
-    timeout = {"initialization_timeout": args.init_timeout or INIT_TIMEOUT_S}
-    if args.distributed:
-        return timeout
-    if not given:
-        return None
-    if len(given) < 3:
-        raise ConfigError("--coordinator, --num-processes and --process-id go together")
-    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-        raise ConfigError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
-    host, _, port = args.coordinator.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got {args.coordinator!r}")
-    return {**explicit, **timeout}
-
-
-def _check_coordinator(address: str, serves: bool) -> None:
-    """What JAX would not say in one line about --coordinator, said before it starts.
-
-    A host that does not resolve: JAX waits 5 minutes, then aborts in C++. A port already
-    in use on process 0, which serves it: JAX's service crashes the process (exit 139).
-    """
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        socket.getaddrinfo(host.strip("[]"), int(port))
-    except OSError as err:
-        raise UserError(f"--coordinator {address}: cannot resolve {host} ({err.strerror or err})") from err
-    if not serves or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
-        return
-    # Bind as JAX's service will ("[::]:PORT", all addresses; SO_REUSEADDR as gRPC sets it), and let go.
-    try:
-        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        any_address = "::"
-    except OSError:  # no IPv6 on this host
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        any_address = "0.0.0.0"
-    with probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((any_address, int(port)))
-        except OSError as err:
-            why = "it is in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
-            raise UserError(f"--coordinator {address}: process 0 serves port {port} on this host, but {why}; "
-                            "choose another port for every process") from err
-
-
 class MetricsNotWritten(Exception):
     """metrics.jsonl could not be written during training (the run stops; its checkpoints stand)."""
 
@@ -728,39 +518,6 @@ class _Reporter:
         self.close_metrics()
 
 
-# What one host may set its own way: where it finds the data. Every other setting is the run's.
-PER_HOST_FIELDS = ("data_dir", "manual_dir")
-
-
-def _check_same_settings(config: Config) -> None:
-    """A UserError, in every process, naming each setting the processes of one run disagree on.
-
-    Each process builds its own replicas: with another --seed, say, their "replicated"
-    weights would differ, and the run would train to a wrong result and exit 0. A digest
-    of each setting goes to every process (one all-gather of a few int32s).
-    """
-    import hashlib
-
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return
-    values = config.to_dict()
-    names = [name for name in values if name not in PER_HOST_FIELDS]
-    digest = lambda v: int.from_bytes(hashlib.blake2b(json.dumps(v, sort_keys=True).encode(), digest_size=4).digest(), "little") >> 1
-    mine = np.array([digest(values[name]) for name in names], np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, settings)
-    differ = [name for i, name in enumerate(names) if (every[:, i] != every[0, i]).any()]
-    if differ:
-        raise UserError(
-            "the processes of this run were started with different settings: "
-            + ", ".join(f"--{name.replace('_', '-')} (here {values[name]!r})" for name in differ)
-            + "; start every process with the same flags (only --data-dir and --manual-dir may differ)"
-        )
-
-
 OUTPUT_LOCK = ".train.lock"  # in --output while a run writes there (files.held)
 
 
@@ -777,112 +534,6 @@ def _hold_output(config: Config, stack: contextlib.ExitStack) -> None:
                         "wait for it to end, or choose another --output") from None
     except OSError as err:
         raise UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: {err.strerror or err}") from err
-
-
-SHARED_OUTPUT_WAIT_S = 10.0  # how long a process looks for process 0's file (a network file system may lag)
-
-
-def _check_shared_output(config: Config) -> None:
-    """A UserError, in every process, when --output is not one folder that all the processes share.
-
-    Every process writes its part of each checkpoint into --output, and Orbax finishes a save
-    only once all the parts are there: with each host's own disk, the first save waited forever.
-    Process 0 writes a file there under a name drawn at random (so no file left by an earlier
-    check, and no name a network file system remembers as missing, can answer for it); every
-    process then looks for it, for up to SHARED_OUTPUT_WAIT_S seconds.
-    """
-    import secrets
-
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1 or not config.output:
-        return
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))  # process 0's draw
-    marker = Path(config.output) / f".resnet_jax-shared-{token:08x}"
-    if jax.process_index() == 0:
-        marker.touch()
-    multihost_utils.sync_global_devices("resnet_jax: --output check written")
-    deadline = time.monotonic() + SHARED_OUTPUT_WAIT_S
-    while not (seen := marker.exists()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    every = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
-    if jax.process_index() == 0:
-        marker.unlink(missing_ok=True)
-    if not every.all():
-        blind = [str(i) for i in np.flatnonzero(every == 0)]
-        raise UserError(
-            f"--output {config.output} is not one folder shared by all the processes: "
-            f"process{'es' if len(blind) > 1 else ''} {', '.join(blind)} did not see a file that process 0 wrote "
-            "there; every process writes its part of each checkpoint into --output, so give a folder all the "
-            "hosts share (NFS, a bucket mount)"
-        )
-
-
-def _start_processes(distributed: dict | None) -> bool:
-    """jax.distributed.initialize() when asked; whether this is process 0 (the one that speaks and writes)."""
-    import jax
-
-    if distributed is not None:
-        if distributed.get("coordinator_address"):
-            _check_coordinator(distributed["coordinator_address"], serves=distributed["process_id"] == 0)
-        _initialize(distributed)
-    return jax.process_index() == 0
-
-
-class ProcessesDidNotMeet(UserError):
-    """jax.distributed.initialize() is still waiting at --init-timeout.
-
-    Its thread is stuck in JAX's C++ and JAX's exit handlers would wait on it: the
-    process must leave at once (:func:`report_errors`).
-    """
-
-
-def _initialize(settings: dict) -> None:
-    """jax.distributed.initialize(), with Ctrl-C heard and its timeout one line.
-
-    JAX waits for the other processes inside C++: deaf to Ctrl-C, and at its timeout it
-    aborts the process with a C++ stack trace (exit 134). So it runs in a thread, and
-    this one waits for it in short slices (a Ctrl-C is the usual KeyboardInterrupt) and
-    gives up at the timeout. JAX's own deadline is set a minute later: it never fires first.
-    """
-    import jax
-
-    settings = dict(settings)
-    timeout_s = settings.pop("initialization_timeout", INIT_TIMEOUT_S)
-    failed: list[BaseException] = []
-
-    def connect():
-        try:
-            jax.distributed.initialize(**settings, initialization_timeout=timeout_s + 60)
-        except BaseException as err:  # handed to the main thread
-            failed.append(err)
-
-    thread = threading.Thread(target=connect, name="jax.distributed.initialize", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while thread.is_alive():
-        thread.join(0.1)  # interruptible: a Ctrl-C lands here
-        if thread.is_alive() and time.monotonic() > deadline:
-            where = settings.get("coordinator_address")
-            n = settings.get("num_processes")
-            raise ProcessesDidNotMeet(
-                f"the {n} processes did not all meet at {where} within {timeout_s} s (--init-timeout): "
-                f"is process 0 running there, and every process started with the same --coordinator and --num-processes?"
-                if where else
-                f"the cluster's processes did not all meet within {timeout_s} s (--init-timeout): was every process started?"
-            )
-    if failed:
-        err = failed[0]
-        if isinstance(err, (RuntimeError, ValueError)):
-            hint = ""
-            if not settings.get("coordinator_address") and "coordinator_address" in str(err):
-                # --distributed outside a cluster JAX knows (SLURM, Open MPI, TPU pods...)
-                hint = ("; --distributed found no cluster to read the settings from (SLURM, Open MPI, "
-                        "a TPU pod...): give --coordinator, --num-processes and --process-id")
-            raise UserError(f"jax.distributed.initialize failed: {str(err).rstrip('.') if hint else err}{hint}") from err
-        raise err
 
 
 def _read_torch_init(config: Config, spec):
@@ -986,7 +637,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
         compile_cache: tuple[Path | None, bool] | None = None) -> int:
     """The whole job for a validated config: check, load, build or restore, train, write. Returns the exit code.
 
-    ``compile_cache``: :func:`compile_cache_setting`'s answer; None leaves JAX's cache as it is.
+    ``compile_cache``: :func:`xla_cache.setting`'s answer; None leaves JAX's cache as it is.
     """
     out = sys.stderr if json_line else sys.stdout
     quiet = False
@@ -1054,13 +705,13 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
 
     with _native_stdout_to_stderr(json_line), contextlib.ExitStack() as stack:
         # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
-        main_process = _start_processes(distributed)
+        main_process = processes.start(distributed)
         if not main_process:
             say = lambda msg: None
         if compile_cache is not None:  # before anything compiles
-            stack.enter_context(repairing_compile_cache(use_compile_cache(compile_cache, say), say))
-        _check_same_settings(config)
-        _check_shared_output(config)  # before the first save would wait for a part that never comes
+            stack.enter_context(xla_cache.repairing(xla_cache.use(compile_cache, say), say))
+        processes.check_same_settings(config)
+        processes.check_shared_output(config)  # before the first save would wait for a part that never comes
         if config.output and main_process:
             _hold_output(config, stack)  # before looking at what is there: two runs in one folder would mix their files
 
@@ -1214,7 +865,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             # A collective found another process gone (killed, preempted, its host down).
             where = (f"the checkpoint of epoch {kept} in {config.output} is intact: start every process again "
                      "with --resume" if kept is not None else "no checkpoint was written")
-            raise UserError(f"another process of this run stopped ({ckpt_mod._first_line(err, 160)}); {where}") from err
+            raise UserError(f"another process of this run stopped ({first_line(err, 160)}); {where}") from err
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
             raise
         where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""
@@ -1255,13 +906,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 with argparse's message on malformed flags
     try:
         config = config_from_args(args)
-        distributed = distributed_settings(args)
+        distributed = processes.settings_from_args(args)
     except ConfigError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if args.compile_cache == "":
         parser.error("--compile-cache needs a folder, or 'off'")
-    cache = compile_cache_setting(args.compile_cache)
+    cache = xla_cache.setting(args.compile_cache)
     return report_errors(parser.prog, lambda: run(config, json_line=args.json, distributed=distributed, compile_cache=cache))
 
 
@@ -1279,38 +930,21 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
         return EXIT_USAGE
     except OutputLost as err:
         if err.errno == errno.EPIPE:  # `| head` has read what it wanted: nothing to say
-            return _leave_the_processes(EXIT_PIPE)
+            return processes.leave(EXIT_PIPE)
         with contextlib.suppress(OSError):
             print(f"{prog}: error: cannot write to {err.stream}: {err}", file=sys.stderr)
-        return _leave_the_processes(EXIT_FAILED)
-    except ProcessesDidNotMeet as err:
+        return processes.leave(EXIT_FAILED)
+    except processes.ProcessesDidNotMeet as err:
         # A thread is stuck in JAX's C++, and JAX's exit handlers would wait on it, then abort.
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_FAILED)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return _leave_the_processes(EXIT_FAILED)
+        return processes.leave(EXIT_FAILED)
     except Interrupted as err:
         print(f"{prog}: {err}", file=sys.stderr)
-        return _leave_the_processes(interrupts.exit_code())
+        return processes.leave(interrupts.exit_code())
     except KeyboardInterrupt:
         print(f"{prog}: {interrupts.word()}", file=sys.stderr)
-        return _leave_the_processes(interrupts.exit_code())
-
-
-def _leave_the_processes(code: int) -> int:
-    """``code``; in a run of several processes, leave with it at once.
-
-    A run that fails or is stopped in one process usually does so because another
-    process is gone (the collectives report a reset connection). JAX's exit handler
-    then waits at its shutdown barrier for the lost process until the heartbeat
-    timeout, about 80 s, and aborts with a C++ stack trace (exit 134) under the one
-    line already printed. The run's files are written and flushed by then.
-    """
-    jax = sys.modules.get("jax")
-    if jax is None or not jax.distributed.is_initialized():
-        return code
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        return processes.leave(interrupts.exit_code())

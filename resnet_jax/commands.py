@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from resnet_jax import interrupts
-from resnet_jax.cli import EXIT_OK, OneLineParser, UserError, check_writable_dir, emit, report_errors
+from resnet_jax.cli import EXIT_OK, OneLineParser, emit, report_errors
+from resnet_jax.errors import UserError, check_writable_dir
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.errors import first_line
 from resnet_jax.files import atomic_write
 
 
@@ -280,7 +281,7 @@ def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log) -> tup
 def _unreadable(spec: DatasetSpec, data_dir: Path, err: Exception) -> DataError:
     """Prepared TFDS data that cannot be read: what to delete so that the next run prepares it again."""
     # TensorFlow's op errors wrap the reason: "{{function_node ...}} truncated record ... [Op:...]".
-    reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", _first_line(err))
+    reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", first_line(err))
     return DataError(
         f"the prepared TFDS data of {spec.tfds_name} in {data_dir} cannot be read "
         f"({type(err).__name__}: {reason}); delete {data_dir / spec.tfds_name} and run again "
@@ -331,7 +332,7 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
         # TFDS's message spans several lines; the user needs to know which file and what to do.
         raise DataError(
             f"TFDS could not prepare {spec.tfds_name}: a file has the wrong size or checksum "
-            f"({_first_line(err)}); it must be the official {spec.tfds_name} file, complete and as downloaded. "
+            f"({first_line(err)}); it must be the official {spec.tfds_name} file, complete and as downloaded. "
             + _missing_files_help(spec)
         ) from err
 
@@ -371,8 +372,6 @@ def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path) -> None:
         )
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [""])[0].rstrip(":")
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tree_digest
-from resnet_jax import cli
+from resnet_jax import cli, xla_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,11 +251,11 @@ def test_a_data_dir_that_is_a_file_is_refused_before_tfds_runs(tmp_path):
 
 def test_the_compile_cache_folder_follows_the_flag_then_jax_then_xdg(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "home", lambda: tmp_path / "home")
-    assert cli.compile_cache_setting("off", {}) == (None, True)
-    assert cli.compile_cache_setting("cc", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == (Path.cwd() / "cc", True)
-    assert cli.compile_cache_setting(None, {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == (Path("/j"), True)
-    assert cli.compile_cache_setting(None, {"XDG_CACHE_HOME": "/x"}) == (Path("/x/resnet_jax/xla"), False)
-    assert cli.compile_cache_setting(None, {}) == (tmp_path / "home/.cache/resnet_jax/xla", False)
+    assert xla_cache.setting("off", {}) == (None, True)
+    assert xla_cache.setting("cc", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == (Path.cwd() / "cc", True)
+    assert xla_cache.setting(None, {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == (Path("/j"), True)
+    assert xla_cache.setting(None, {"XDG_CACHE_HOME": "/x"}) == (Path("/x/resnet_jax/xla"), False)
+    assert xla_cache.setting(None, {}) == (tmp_path / "home/.cache/resnet_jax/xla", False)
 
 
 def test_a_named_compile_cache_that_cannot_be_written_is_refused_before_any_work(tmp_path):
@@ -320,7 +320,7 @@ def test_jaxs_compile_cache_warnings_become_one_line_and_damaged_entries_go(tmp_
     other.write_bytes(b"the start of an entry whose write failed")
     said, shown = [], []
     monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
-    with cli.repairing_compile_cache(tmp_path, said.append):
+    with xla_cache.repairing(tmp_path, said.append):
         warnings.warn("Error reading persistent compilation cache entry for 'jit_step': error: Error -5 while "
                       "decompressing data: incomplete or truncated stream")
         warnings.warn("Error writing persistent compilation cache entry for 'jit_other': OSError: "
@@ -345,13 +345,13 @@ def test_the_compile_cache_is_kept_below_its_size_limit(tmp_path, monkeypatch):
     folder = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR", tmp_path))  # this session's own (conftest.py)
     before = jax.config.jax_compilation_cache_max_size
     try:
-        assert cli.use_compile_cache((folder, True), print) == folder
-        assert jax.config.jax_compilation_cache_max_size == cli.COMPILE_CACHE_MAX_BYTES == 2 * 2**30
+        assert xla_cache.use((folder, True), print) == folder
+        assert jax.config.jax_compilation_cache_max_size == xla_cache.MAX_BYTES == 2 * 2**30
         assert jax.config.jax_compilation_cache_dir == str(folder)
         # Without filelock JAX would refuse every cache entry under a size limit: no limit then.
         jax.config.update("jax_compilation_cache_max_size", -1)
-        monkeypatch.setattr(cli, "_has_filelock", lambda: False)
-        cli.use_compile_cache((folder, True), print)
+        monkeypatch.setattr(xla_cache, "_has_filelock", lambda: False)
+        xla_cache.use((folder, True), print)
         assert jax.config.jax_compilation_cache_max_size == -1
     finally:
         jax.config.update("jax_compilation_cache_max_size", before)
@@ -421,10 +421,11 @@ def test_a_second_run_into_a_busy_output_is_refused_and_changes_nothing(prepared
         assert second.stderr.startswith(f"train.py: error: --output {out} is in use by another train.py run "
                                         f"(pid {first.pid} on "), second.stderr
         assert second.stderr.strip().endswith("); wait for it to end, or choose another --output")
-        assert first.wait(timeout=300) == 0, first.communicate()
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
     finally:
         first.kill()
-        first.wait()
+        first.communicate()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert json.loads((out / "results.json").read_text())["config"]["lr"] == 0.05

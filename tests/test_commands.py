@@ -559,12 +559,14 @@ def test_a_closed_stdout_ends_predict_quietly_and_a_full_one_in_one_line(run, tm
     assert p.stdout.readline().startswith(f"{tmp_path / 'many.npy'}[0]: ")
     p.stdout.close()  # what `| head -1` does; 4,000 lines do not fit in the pipe's buffer
     err = p.stderr.read()
+    p.stderr.close()
     assert p.wait(timeout=300) == cli.EXIT_PIPE and "Traceback" not in err and "Exception ignored" not in err, err
     assert len(err.strip().splitlines()) == 1  # the checkpoint's line, on stderr before the predictions
 
     with open("/dev/full", "w") as full:
         p = _train_py("evaluate", output, "--offline", stdout=full, stderr=subprocess.PIPE)
         err = p.stderr.read()
+    p.stderr.close()
     assert p.wait(timeout=300) == 1 and err.strip().splitlines() == [
         "train.py evaluate: error: cannot write to stdout: No space left on device"], err
 
@@ -578,6 +580,7 @@ def test_a_closed_stdout_does_not_stop_the_training(prepared_data_dir, tmp_path)
     assert p.stdout.readline().startswith("data: ")
     p.stdout.close()
     err = p.stderr.read()
+    p.stderr.close()
     assert p.wait(timeout=300) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
     assert f"train.py: note: cannot write to stdout (Broken pipe): the run goes on without its lines; its records go on to {out}/metrics.jsonl" in err
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

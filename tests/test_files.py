@@ -71,6 +71,7 @@ def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert lock.exists()  # a kill leaves the file; the kernel's lock went with the process
     start = time.monotonic()
     with files.held(lock):

@@ -1,0 +1,33 @@
+"""What a user is told when something they gave cannot work.
+
+:class:`UserError` is a mistake the user can fix: train.py prints its message as one line
+and exits 1 (resnet_jax/cli.py, ``report_errors``). The helpers here are shared by the
+modules that raise it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit 1."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of ``err``'s message, without a trailing colon, cut at ``limit`` characters:
+    what a one-line message quotes of a library's exception."""
+    text = (str(err).strip().splitlines() or [""])[0].rstrip(":")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path} is not a writable directory: {err.strerror or err}") from err

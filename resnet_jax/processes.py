@@ -1,0 +1,241 @@
+"""A run of several processes (several hosts, or several processes on one): their start,
+their agreement, and their end.
+
+JAX's own ``jax.distributed.initialize()`` connects them; this module runs it so that
+Ctrl-C and its timeout are one line (JAX alone is deaf to Ctrl-C there and aborts with a
+C++ stack trace), checks that the processes were started alike and share ``--output``,
+and makes a failed process leave at once instead of waiting at JAX's shutdown barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from resnet_jax.config import Config, ConfigError
+from resnet_jax.errors import UserError
+
+INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
+
+
+def settings_from_args(args: argparse.Namespace) -> dict | None:
+    """jax.distributed.initialize()'s arguments from the flags; None for a one-process run.
+
+    Launch settings, not training math: they stay out of Config (and out of --resume's checks).
+    """
+    explicit = {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if args.distributed and given:
+        raise ConfigError("--distributed detects the cluster's settings; do not combine it with --coordinator/--num-processes/--process-id")
+    if args.init_timeout is not None:
+        if not (args.distributed or given):
+            raise ConfigError("--init-timeout is for runs of several processes (--distributed, or --coordinator ...)")
+        if args.init_timeout < 1:
+            raise ConfigError(f"--init-timeout must be at least 1 second, got {args.init_timeout}")
+    timeout = {"initialization_timeout": args.init_timeout or INIT_TIMEOUT_S}
+    if args.distributed:
+        return timeout
+    if not given:
+        return None
+    if len(given) < 3:
+        raise ConfigError("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise ConfigError(f"--process-id must be in [0, --num-processes), got {args.process_id} of {args.num_processes}")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got {args.coordinator!r}")
+    return {**explicit, **timeout}
+
+
+def _check_coordinator(address: str, serves: bool) -> None:
+    """What JAX would not say in one line about --coordinator, said before it starts.
+
+    A host that does not resolve: JAX waits 5 minutes, then aborts in C++. A port already
+    in use on process 0, which serves it: JAX's service crashes the process (exit 139).
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except OSError as err:
+        raise UserError(f"--coordinator {address}: cannot resolve {host} ({err.strerror or err})") from err
+    if not serves or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        return
+    # Bind as JAX's service will ("[::]:PORT", all addresses; SO_REUSEADDR as gRPC sets it), and let go.
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        any_address = "::"
+    except OSError:  # no IPv6 on this host
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        any_address = "0.0.0.0"
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((any_address, int(port)))
+        except OSError as err:
+            why = "it is in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
+            raise UserError(f"--coordinator {address}: process 0 serves port {port} on this host, but {why}; "
+                            "choose another port for every process") from err
+
+
+# What one host may set its own way: where it finds the data. Every other setting is the run's.
+PER_HOST_FIELDS = ("data_dir", "manual_dir")
+
+
+def check_same_settings(config: Config) -> None:
+    """A UserError, in every process, naming each setting the processes of one run disagree on.
+
+    Each process builds its own replicas: with another --seed, say, their "replicated"
+    weights would differ, and the run would train to a wrong result and exit 0. A digest
+    of each setting goes to every process (one all-gather of a few int32s).
+    """
+    import hashlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    values = config.to_dict()
+    names = [name for name in values if name not in PER_HOST_FIELDS]
+    digest = lambda v: int.from_bytes(hashlib.blake2b(json.dumps(v, sort_keys=True).encode(), digest_size=4).digest(), "little") >> 1
+    mine = np.array([digest(values[name]) for name in names], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, settings)
+    differ = [name for i, name in enumerate(names) if (every[:, i] != every[0, i]).any()]
+    if differ:
+        raise UserError(
+            "the processes of this run were started with different settings: "
+            + ", ".join(f"--{name.replace('_', '-')} (here {values[name]!r})" for name in differ)
+            + "; start every process with the same flags (only --data-dir and --manual-dir may differ)"
+        )
+
+
+SHARED_OUTPUT_WAIT_S = 10.0  # how long a process looks for process 0's file (a network file system may lag)
+
+
+def check_shared_output(config: Config) -> None:
+    """A UserError, in every process, when --output is not one folder that all the processes share.
+
+    Every process writes its part of each checkpoint into --output, and Orbax finishes a save
+    only once all the parts are there: with each host's own disk, the first save waited forever.
+    Process 0 writes a file there under a name drawn at random (so no file left by an earlier
+    check, and no name a network file system remembers as missing, can answer for it); every
+    process then looks for it, for up to SHARED_OUTPUT_WAIT_S seconds.
+    """
+    import secrets
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1 or not config.output:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))  # process 0's draw
+    marker = Path(config.output) / f".resnet_jax-shared-{token:08x}"
+    if jax.process_index() == 0:
+        marker.touch()
+    multihost_utils.sync_global_devices("resnet_jax: --output check written")
+    deadline = time.monotonic() + SHARED_OUTPUT_WAIT_S
+    while not (seen := marker.exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    every = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    if not every.all():
+        blind = [str(i) for i in np.flatnonzero(every == 0)]
+        raise UserError(
+            f"--output {config.output} is not one folder shared by all the processes: "
+            f"process{'es' if len(blind) > 1 else ''} {', '.join(blind)} did not see a file that process 0 wrote "
+            "there; every process writes its part of each checkpoint into --output, so give a folder all the "
+            "hosts share (NFS, a bucket mount)"
+        )
+
+
+def start(distributed: dict | None) -> bool:
+    """jax.distributed.initialize() when asked; whether this is process 0 (the one that speaks and writes)."""
+    import jax
+
+    if distributed is not None:
+        if distributed.get("coordinator_address"):
+            _check_coordinator(distributed["coordinator_address"], serves=distributed["process_id"] == 0)
+        _initialize(distributed)
+    return jax.process_index() == 0
+
+
+class ProcessesDidNotMeet(UserError):
+    """jax.distributed.initialize() is still waiting at --init-timeout.
+
+    Its thread is stuck in JAX's C++ and JAX's exit handlers would wait on it: the
+    process must leave at once (:func:`resnet_jax.cli.report_errors`).
+    """
+
+
+def _initialize(settings: dict) -> None:
+    """jax.distributed.initialize(), with Ctrl-C heard and its timeout one line.
+
+    JAX waits for the other processes inside C++: deaf to Ctrl-C, and at its timeout it
+    aborts the process with a C++ stack trace (exit 134). So it runs in a thread, and
+    this one waits for it in short slices (a Ctrl-C is the usual KeyboardInterrupt) and
+    gives up at the timeout. JAX's own deadline is set a minute later: it never fires first.
+    """
+    import jax
+
+    settings = dict(settings)
+    timeout_s = settings.pop("initialization_timeout", INIT_TIMEOUT_S)
+    failed: list[BaseException] = []
+
+    def connect():
+        try:
+            jax.distributed.initialize(**settings, initialization_timeout=timeout_s + 60)
+        except BaseException as err:  # handed to the main thread
+            failed.append(err)
+
+    thread = threading.Thread(target=connect, name="jax.distributed.initialize", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive():
+        thread.join(0.1)  # interruptible: a Ctrl-C lands here
+        if thread.is_alive() and time.monotonic() > deadline:
+            where = settings.get("coordinator_address")
+            n = settings.get("num_processes")
+            raise ProcessesDidNotMeet(
+                f"the {n} processes did not all meet at {where} within {timeout_s} s (--init-timeout): "
+                f"is process 0 running there, and every process started with the same --coordinator and --num-processes?"
+                if where else
+                f"the cluster's processes did not all meet within {timeout_s} s (--init-timeout): was every process started?"
+            )
+    if failed:
+        err = failed[0]
+        if isinstance(err, (RuntimeError, ValueError)):
+            hint = ""
+            if not settings.get("coordinator_address") and "coordinator_address" in str(err):
+                # --distributed outside a cluster JAX knows (SLURM, Open MPI, TPU pods...)
+                hint = ("; --distributed found no cluster to read the settings from (SLURM, Open MPI, "
+                        "a TPU pod...): give --coordinator, --num-processes and --process-id")
+            raise UserError(f"jax.distributed.initialize failed: {str(err).rstrip('.') if hint else err}{hint}") from err
+        raise err
+
+
+def leave(code: int) -> int:
+    """``code``; in a run of several processes, leave with it at once.
+
+    A run that fails or is stopped in one process usually does so because another
+    process is gone (the collectives report a reset connection). JAX's exit handler
+    then waits at its shutdown barrier for the lost process until the heartbeat
+    timeout, about 80 s, and aborts with a C++ stack trace (exit 134) under the one
+    line already printed. The run's files are written and flushed by then.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
