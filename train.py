@@ -4,6 +4,10 @@
 import sys
 
 if __name__ == "__main__":
+    from resnet_jax.files import open_standard_streams
+
+    open_standard_streams()  # `train.py 2>&-`: /dev/null there, before anything prints or opens a file
+
     # Host memory in 2 MiB pages (Linux/glibc; RESNET_JAX_HUGE_PAGES=0 opts out):
     # restarts this command once, before JAX is imported. resnet_jax/hugepages.py says why.
     from resnet_jax.hugepages import reexec_with_huge_pages

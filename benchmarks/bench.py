@@ -10,7 +10,7 @@ For every (resize, dtype) it measures, in one process on one device:
 
 * **JAX** through ``resnet_jax.training`` itself: the programs ``fit`` runs
   (``train_chunk`` with K steps per dispatch on GPU/TPU, one ``train_step`` per
-  call on CPU, ``evaluate`` / ``eval_step``), on uint8 splits that live on the
+  call on CPU, ``evaluate_batches`` / ``eval_step``), on uint8 splits that live on the
   device, with the resize inside the step.
 * **PyTorch, the chapter's loop** as its readers run it: a ``DataLoader``
   (4 workers, as d2l's ``get_dataloader_workers``) whose dataset resizes each
@@ -272,7 +272,7 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
 
     The programs are the ones ``training.fit`` compiles: ``train_chunk`` (K
     steps in one ``fori_loop``) where fit uses K > 1, else one ``train_step``
-    per call; ``evaluate`` (one scan over the split) off CPU, else
+    per call; ``evaluate_batches`` (one scan over the split) off CPU, else
     ``eval_step`` per batch. ``steps`` defaults to fit's K for the backend.
     """
     device = jax.devices()[0]

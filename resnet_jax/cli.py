@@ -47,8 +47,11 @@ class OutputLost(Exception):
         self.errno, self.stream = err.errno, stream
 
 
-def emit(*values, file=None) -> None:
+def emit(*values, file=None, essential: bool = True) -> None:
     """print() and flush, with a failed write as :class:`OutputLost` instead of a traceback.
+
+    ``essential=False``: a line that says what is going on, not a result; a failed write
+    of it is ignored (``predict ... 2>/dev/full`` still prints its predictions).
 
     On a lost stdout, fd 1 then points at /dev/null: Python flushes sys.stdout once more at
     exit, and would print "Exception ignored ... BrokenPipeError" there.
@@ -57,6 +60,8 @@ def emit(*values, file=None) -> None:
     try:
         print(*values, file=file, flush=True)
     except OSError as err:
+        if not essential:
+            return  # the stream stays as it is: a result written to it next still fails, and says so
         if file is sys.stdout:
             with contextlib.suppress(OSError, ValueError):
                 devnull = os.open(os.devnull, os.O_WRONLY)
@@ -228,8 +233,8 @@ def check_paths(config: Config) -> None:
     _check_torch_paths(config)
     if config.output:
         if run := _enclosing_run(Path(config.output)):
-            raise UserError(f"--output {config.output} is inside the run directory {run}, whose checkpoint rotation "
-                            "would delete it; choose a folder outside it")
+            raise UserError(f"--output {config.output} is among the checkpoints of the run in {run}, which Orbax "
+                            "manages and --keep rotates away; choose a folder outside them")
         if config.resume and not (Path(config.output) / "checkpoints").is_dir():  # before anything creates a folder there
             raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
@@ -239,15 +244,22 @@ def check_paths(config: Config) -> None:
 
 
 def _enclosing_run(path: Path) -> Path | None:
-    """The run directory whose checkpoints/ or best/ folder holds ``path``, if any.
+    """The train.py run whose checkpoints ``path`` would be written among, if any.
 
-    Orbax rotates the folders in there (--keep): a run written inside one (``--output
-    RUN/checkpoints/2``, a slip of tab completion) would be deleted with it.
+    Orbax keeps a run's checkpoints in numbered folders of RUN/checkpoints and RUN/best and
+    rotates them (--keep): a run written in one (``--output RUN/checkpoints/2``, a slip of
+    tab completion) would be deleted with it, and its own folders would break the outer
+    run's (evaluate and --resume found an "incomplete" checkpoint). Symbolic links are
+    followed; another folder that happens to be named checkpoints is left alone.
     """
-    for folder in (path.absolute(), *path.absolute().parents):
-        if folder.name in ("checkpoints", "best") and any(
-                (folder.parent / name).is_file() for name in ("metrics.jsonl", "results.json")):
-            return folder.parent
+    parts = path.resolve().parts
+    for i in range(1, len(parts)):
+        if parts[i] in ("checkpoints", "best"):
+            run = Path(*parts[:i])
+            metrics = run / "metrics.jsonl"
+            ours = (run / "checkpoints").is_dir() and metrics.is_file() and not _foreign_metrics(metrics)
+            if ours and (i + 1 == len(parts) or parts[i + 1].isdigit()):
+                return run
     return None
 
 
@@ -521,19 +533,30 @@ class _Reporter:
 OUTPUT_LOCK = ".train.lock"  # in --output while a run writes there (files.held)
 
 
-def _hold_output(config: Config, stack: contextlib.ExitStack) -> None:
-    """The --output folder for this run alone, until ``stack`` closes; a UserError if another run holds it.
+class OutputBusy(UserError):
+    """Another run holds --output: the refused run must leave everything there as it is."""
+
+
+def _hold_output(config: Config, stack: contextlib.ExitStack, main_process: bool) -> None:
+    """The --output folder for this run alone, until ``stack`` closes; OutputBusy if another run holds it.
 
     Two runs started in one folder used to interleave their checkpoints and metrics.jsonl
-    records, and both could report success.
+    records, and both could report success. Process 0 takes the lock for a run of several
+    processes, and all of them hear its answer (the others waited, then crashed in C++).
     """
-    try:
-        stack.enter_context(files.held(Path(config.output) / OUTPUT_LOCK))
-    except files.Busy as err:
-        raise UserError(f"--output {config.output} is in use by another train.py run ({err.holder}); "
-                        "wait for it to end, or choose another --output") from None
-    except OSError as err:
-        raise UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: {err.strerror or err}") from err
+    problem = None
+    if main_process:
+        try:
+            stack.enter_context(files.held(Path(config.output) / OUTPUT_LOCK))
+        except files.Busy as err:
+            problem = OutputBusy(f"--output {config.output} is in use by another train.py run ({err.holder}); "
+                                 "wait for it to end, or choose another --output")
+        except OSError as err:
+            problem = UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: "
+                                f"{err.strerror or err}")
+    if processes.any_process(problem is not None):
+        raise problem or OutputBusy(f"--output {config.output} is in use by another run, or cannot be locked: "
+                                    "process 0 says which")
 
 
 def _read_torch_init(config: Config, spec):
@@ -663,6 +686,8 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
     check_paths(config)  # last: it makes the --output folder
     try:
         return _run(config, json_line, distributed, compile_cache, out, say)
+    except OutputBusy:  # the folders are the running run's, empty or not
+        raise
     except BaseException:
         _remove_empty_folders(made)
         raise
@@ -712,8 +737,8 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
             stack.enter_context(xla_cache.repairing(xla_cache.use(compile_cache, say), say))
         processes.check_same_settings(config)
         processes.check_shared_output(config)  # before the first save would wait for a part that never comes
-        if config.output and main_process:
-            _hold_output(config, stack)  # before looking at what is there: two runs in one folder would mix their files
+        if config.output:
+            _hold_output(config, stack, main_process)  # before looking at what is there: two runs in one folder would mix their files
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:

@@ -107,14 +107,14 @@ def evaluate(args: argparse.Namespace) -> int:
         try:
             check_writable_dir(png.parent, "RUN_DIR")
         except UserError:
-            print(f"note: {png.parent} is read-only, so no confusion-matrix PNG (give --confusion-png PATH for one)",
-                  file=sys.stderr, flush=True)
+            emit(f"note: {png.parent} is read-only, so no confusion-matrix PNG (give --confusion-png PATH for one)",
+                 file=sys.stderr, essential=False)
             png = None
-    emit(_describe(ckpt), file=out)
+    emit(_describe(ckpt), file=out, essential=False)
     try:
         _, test = data_mod.load(
             spec, args.data_dir or config.data_dir, args.manual_dir or config.manual_dir, args.offline or config.offline,
-            log=lambda m: emit(f"data: {m}", file=out),
+            log=lambda m: emit(f"data: {m}", file=out, essential=False),
         )
     except data_mod.DataError as err:
         raise UserError(str(err)) from err
@@ -179,7 +179,7 @@ def predict(args: argparse.Namespace) -> int:
     x = np.concatenate(batches)
     if not len(x):
         raise UserError("no images to predict (the .npy batches are empty)")
-    emit(_describe(ckpt), file=sys.stderr)  # not in stdout: it stays the predictions alone
+    emit(_describe(ckpt), file=sys.stderr, essential=False)  # not in stdout: it stays the predictions alone
     interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
     probs = training.predict(ckpt.state, x, config.resize, config.eval_batch_size)
 

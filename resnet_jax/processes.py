@@ -118,6 +118,21 @@ def check_same_settings(config: Config) -> None:
         )
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process of the run (one all-gather); ``flag`` itself for one process.
+
+    For a decision one process makes (process 0 takes --output's lock) that all must act on:
+    a process that leaves alone makes the others crash in JAX's C++ at their next collective.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 SHARED_OUTPUT_WAIT_S = 10.0  # how long a process looks for process 0's file (a network file system may lag)
 
 

@@ -432,18 +432,61 @@ def test_a_second_run_into_a_busy_output_is_refused_and_changes_nothing(prepared
     assert not (out / ".train.lock").exists()
 
 
-def test_an_output_inside_another_runs_checkpoints_is_refused(tmp_path):
-    # Orbax's rotation in the outer run (--keep) deleted the run written inside it.
+def test_an_output_among_another_runs_checkpoints_is_refused(tmp_path):
+    # Orbax's rotation in the outer run (--keep) deleted the run written inside it, and its
+    # folders made the outer run's evaluate and --resume fail on an "incomplete" checkpoint.
     run = tmp_path / "r1"
     (run / "checkpoints" / "2").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("")
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "step": 3, "train_loss": 2.0, "train_acc": 0.1}) + "\n")
+    (tmp_path / "link").symlink_to(run / "checkpoints")
     before = tree_digest(tmp_path)
-    for inner in (run / "checkpoints", run / "checkpoints" / "2", run / "checkpoints" / "2" / "new"):
+    for inner in (run / "checkpoints", run / "checkpoints" / "2", run / "checkpoints" / "2" / "new", run / "best" / "3",
+                  tmp_path / "link" / "9"):
         r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--output", inner, timeout=120)
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-            f"train.py: error: --output {inner} is inside the run directory {run}, whose checkpoint rotation would "
-            "delete it; choose a folder outside it"], r.stderr
+            f"train.py: error: --output {inner} is among the checkpoints of the run in {run}, which Orbax manages and "
+            "--keep rotates away; choose a folder outside them"], r.stderr
     assert tree_digest(tmp_path) == before
+    # Folders that only share the names: not a train.py run's, or not a numbered checkpoint.
+    (tmp_path / "proj" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "proj" / "results.json").write_text("{}")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "metrics.jsonl").write_text("step,loss\n1,2.3\n")
+    for elsewhere in (tmp_path / "proj" / "checkpoints" / "resnet18", tmp_path / "sweep" / "best",
+                      run / "checkpoints" / "notes"):
+        r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--output", elsewhere, timeout=120)
+        # Past the path checks, it stops at the data (there is none offline here): one line, not this refusal.
+        assert r.returncode == 1 and "among the checkpoints" not in r.stderr and "--offline" in r.stderr, r.stderr
+
+
+def test_a_busy_output_stops_every_process_of_a_run_in_one_line(prepared_data_dir, tmp_path):
+    # Process 0 alone took the lock and left; process 1 then crashed in JAX's C++ (exit 134).
+    from resnet_jax import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    address = f"127.0.0.1:{_free_port()}"
+    with files.held(out / ".train.lock"):  # another run, as far as these two know
+        procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                 for i in (0, 1)]
+        try:
+            results = [p.communicate(timeout=240) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert (out / ".train.lock").exists()  # the holder's file, untouched
+    for i, (p, (_, err)) in enumerate(zip(procs, results)):
+        lines = err.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+        assert lines[0] == (f"train.py: error: --output {out} is in use by another train.py run (pid {os.getpid()} on "
+                            f"{socket.gethostname()}); wait for it to end, or choose another --output" if i == 0 else
+                            f"train.py: error: --output {out} is in use by another run, or cannot be locked: "
+                            "process 0 says which"), err
 
 
 def _private_folder_works() -> bool:

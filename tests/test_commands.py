@@ -585,3 +585,22 @@ def test_a_closed_stdout_does_not_stop_the_training(prepared_data_dir, tmp_path)
     assert f"train.py: note: cannot write to stdout (Broken pipe): the run goes on without its lines; its records go on to {out}/metrics.jsonl" in err
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((out / "results.json").read_text())["history"][-1]["epoch"] == 3
+
+
+def test_a_closed_stderr_neither_stops_training_nor_costs_predict_its_result(run, prepared_data_dir, tmp_path):
+    # `train.py 2>&-`: sys.stderr was None and the progress bar crashed the run (exit 1);
+    # `predict ... 2>/dev/full`: the checkpoint's line on stderr failed and took the predictions with it.
+    out = tmp_path / "run"
+    p = subprocess.Popen(["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, str(REPO / "train.py"),
+                          *_train_args(prepared_data_dir, out)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    final, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and json.loads(final)["history"][-1]["epoch"] == 2
+    assert json.loads((out / "results.json").read_text())["history"][-1]["epoch"] == 2
+
+    output, _ = run
+    np.save(tmp_path / "two.npy", np.zeros((2, 28, 28), np.uint8))
+    with open("/dev/full", "w") as full:
+        p = _train_py("predict", output, tmp_path / "two.npy", stdout=subprocess.PIPE, stderr=full)
+        predictions, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and len(predictions.strip().splitlines()) == 2, predictions
