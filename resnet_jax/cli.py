@@ -363,7 +363,7 @@ def open_checkpoints(config: Config, meta: dict):
 
 
 def _resumable_flags() -> str:
-    """The flags --resume may change, from checkpoint.RESUMABLE_FIELDS: "--data-dir, ..., and --output"."""
+    """The flags --resume may change, from checkpoint.RESUMABLE_FIELDS: "--data-dir, ... and --output"."""
     from resnet_jax.checkpoint import RESUMABLE_FIELDS
 
     flags = [f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE_FIELDS - {"resume"})]
