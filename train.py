@@ -1,12 +1,35 @@
 #!/usr/bin/env python
 """Train the chapter's ResNet-18 on Fashion-MNIST: ``python train.py --help``."""
 
+import os
 import sys
 
-if __name__ == "__main__":
-    from resnet_jax.files import open_standard_streams
 
-    open_standard_streams()  # `train.py 2>&-`: /dev/null there, before anything prints or opens a file
+def open_standard_streams() -> None:
+    """Point a closed stdin, stdout or stderr (``train.py 2>&-``) at /dev/null.
+
+    Started with one of them closed, Python has ``sys.stderr is None`` (the progress bar
+    crashed on it), and the next file opened takes the closed descriptor's number, so that
+    writes meant for the console would land in that file. With /dev/null there, what would
+    have been printed is dropped and the run goes on. Here, with nothing imported: a Ctrl-C
+    before ``interrupts.defer()`` below would be a traceback, so this window stays short.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
+if __name__ == "__main__":
+    open_standard_streams()  # before anything prints or opens a file
 
     # Host memory in 2 MiB pages (Linux/glibc; RESNET_JAX_HUGE_PAGES=0 opts out):
     # restarts this command once, before JAX is imported. resnet_jax/hugepages.py says why.
@@ -14,7 +37,6 @@ if __name__ == "__main__":
 
     reexec_with_huge_pages()
 
-    import os
     import signal
 
     from resnet_jax import interrupts

@@ -12,13 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+# Run from a checkout, installed or not (the GPU machine has no install): the package
+# beside this folder comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from resnet_jax import hugepages  # imports no JAX
+
+if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # 2 MiB host pages, as train.py and bench.py run (see the module doc)
+
 import jax
 import numpy as np
 import jax.numpy as jnp
 
-# Run from a checkout, installed or not (the GPU machine has no install): the package
-# beside this folder comes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import training
 from resnet_jax.cli import OneLineParser
 from resnet_jax.config import Config
@@ -27,7 +32,7 @@ B, R, K = 256, 28, 4  # batch, image side, steps per call
 
 
 def timeit(name, f, *args):
-    f = jax.jit(f)
+    f = training.jit(f)  # as fit compiles: with the package's XLA:CPU options
     jax.block_until_ready(f(*args))
     t = time.perf_counter()
     jax.block_until_ready(f(*args))

@@ -9,13 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+# Run from a checkout, installed or not (the GPU machine has no install): the package
+# beside this folder comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from resnet_jax import hugepages  # imports no JAX
+
+if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # 2 MiB host pages, as train.py and bench.py run (see the module doc)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Run from a checkout, installed or not (the GPU machine has no install): the package
-# beside this folder comes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import ops
 from resnet_jax.cli import OneLineParser
 

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -118,24 +117,3 @@ def held(path: str | Path):
             path.unlink()  # while still holding it: see the inode check above
         os.close(fd)
 
-
-def open_standard_streams() -> None:
-    """Point a closed stdin, stdout or stderr (``train.py 2>&-``) at /dev/null.
-
-    A program started with one of them closed gets ``sys.stderr is None`` (the progress bar
-    then crashed), and the next file it opens takes the closed descriptor's number, so that
-    its own writes to "stdout" land in that file. With /dev/null there, what would have been
-    printed is dropped and the run goes on.
-    """
-    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
-        try:
-            os.fstat(fd)
-            continue
-        except OSError:
-            pass
-        null = os.open(os.devnull, os.O_RDWR)
-        if null != fd:
-            os.dup2(null, fd)
-            os.close(null)
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(fd, mode, closefd=False))

@@ -312,8 +312,9 @@ def steps_per_dispatch(config: Config, backend: str) -> int:
 
     On GPU and TPU a device-side loop over many steps removes the host from the
     critical path. XLA:CPU runs a step inside any while loop (lax.scan or
-    fori_loop) about 6.8x slower than the same step dispatched on its own
-    (BENCHMARKS.md, "Steps per dispatch on CPU"), and a dispatch costs nothing
+    fori_loop) many times slower than the same step dispatched on its own (about
+    40x at 28x28 with the package's options; BENCHMARKS.md, "Steps per dispatch
+    on CPU"), and a dispatch costs nothing
     next to a CPU step, so there it is one step per call.
     """
     if config.steps_per_dispatch is not None:
