@@ -459,30 +459,38 @@ def test_an_output_among_another_runs_checkpoints_is_refused(tmp_path):
         assert r.returncode == 1 and "among the checkpoints" not in r.stderr and "--offline" in r.stderr, r.stderr
 
 
+def _two_processes_into(out: Path, data_dir, cwd: Path, second_prefix=()) -> list[tuple[int, str]]:
+    """A tiny run of two processes (one host, loopback) with --output ``out``: each one's (exit code, stderr).
+
+    ``second_prefix``: what process 1's command runs under (a private mount, say)."""
+    flags = ["--data-dir", data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+    address = f"127.0.0.1:{_free_port()}"
+    commands = [[sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                 "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"] for i in (0, 1)]
+    commands[1] = [*second_prefix, *commands[1]]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}) for c in commands]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def test_a_busy_output_stops_every_process_of_a_run_in_one_line(prepared_data_dir, tmp_path):
     # Process 0 alone took the lock and left; process 1 then crashed in JAX's C++ (exit 134).
     from resnet_jax import files
 
     out = tmp_path / "out"
     out.mkdir()
-    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
-             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    address = f"127.0.0.1:{_free_port()}"
     with files.held(out / ".train.lock"):  # another run, as far as these two know
-        procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
-                                   "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-                 for i in (0, 1)]
-        try:
-            results = [p.communicate(timeout=240) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
+        results = _two_processes_into(out, prepared_data_dir, tmp_path)
         assert (out / ".train.lock").exists()  # the holder's file, untouched
-    for i, (p, (_, err)) in enumerate(zip(procs, results)):
+    for i, (code, err) in enumerate(results):
         lines = err.strip().splitlines()
-        assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+        assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
         assert lines[0] == (f"train.py: error: --output {out} is in use by another train.py run (pid {os.getpid()} on "
                             f"{socket.gethostname()}); wait for it to end, or choose another --output" if i == 0 else
                             f"train.py: error: --output {out} is in use by another run, or cannot be locked: "
@@ -503,23 +511,9 @@ def test_an_output_folder_the_hosts_do_not_share_is_refused_in_one_line_each(pre
         pytest.skip("needs unshare --mount --map-root-user, to give one process a folder of its own")
     out = tmp_path / "out"
     out.mkdir()
-    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
-             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    address = f"127.0.0.1:{_free_port()}"
-    commands = [[sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
-                 "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"] for i in (0, 1)]
-    commands[1] = ["unshare", "--mount", "--map-root-user", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
-                   str(out), *commands[1]]
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-             for c in commands]
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 1 and err.strip().splitlines()[-1:] == [
+    private = ["unshare", "--mount", "--map-root-user", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(out)]
+    for code, err in _two_processes_into(out, prepared_data_dir, tmp_path, second_prefix=private):
+        assert code == 1 and err.strip().splitlines()[-1:] == [
             f"train.py: error: --output {out} is not one folder shared by all the processes: process 1 did not see "
             "a file that process 0 wrote there; every process writes its part of each checkpoint into --output, "
             "so give a folder all the hosts share (NFS, a bucket mount)"], err[-2000:]
