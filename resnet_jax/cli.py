@@ -391,7 +391,7 @@ def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
                 )
             planned = saved["metadata"]["config"].get("epochs")
             r = config.recipe
-            if planned != config.epochs and (r.schedule != "constant" or r.warmup_epochs):
+            if planned != config.epochs and r.scheduled:
                 raise UserError(
                     f"--resume: the run was planned for {planned} epochs and its learning-rate schedule "
                     f"({r.schedule}, warmup {r.warmup_epochs:g} epochs) spans them; --epochs {config.epochs} "

@@ -60,6 +60,12 @@ class Recipe:
     def augments(self) -> bool:
         return bool(self.crop_pad or self.flip or self.erase_prob)
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes from step to step (a schedule, or a warmup): it is
+        then planned over the run's steps, epochs times steps per epoch."""
+        return self.schedule != "constant" or bool(self.warmup_epochs)
+
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 

@@ -3,10 +3,11 @@
 One batch's way: the uint8 splits sit on the device; each epoch draws a
 permutation with ``jax.random`` on the device; a jitted call gathers
 ``steps_per_dispatch`` batches from it in turn (on GPU and TPU a ``lax.fori_loop``
-around :func:`train_step`; on CPU, where XLA runs a step inside a loop several
+around :func:`train_step`; on CPU, where XLA runs a step inside a loop many
 times slower, one step per call), preprocesses them (scale, resize) and updates
-the state, summing loss and correct predictions on the device. The host only dispatches and reads the
-sums once per chunk, one chunk late, so the device never waits for it.
+the state, summing loss and correct predictions on the device. The host only
+dispatches and reads the sums once per chunk, one chunk late, so the device
+never waits for it.
 
 Every example is seen exactly once per epoch, as with PyTorch's DataLoader
 (drop_last=False): 60,000 = 234 x 256 + 96 makes 235 steps, the last one on 96
@@ -114,7 +115,7 @@ def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.
     A learning-rate schedule needs ``steps_per_epoch`` (ceil(train examples / batch size)).
     """
     if steps_per_epoch is None:
-        if config.recipe.schedule != "constant" or config.recipe.warmup_epochs:
+        if config.recipe.scheduled:
             raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
         steps_per_epoch = 1
     return recipes.make_optimizer(config.recipe, config.lr, steps_per_epoch, config.epochs)
@@ -715,7 +716,7 @@ def fit(
     n = len(train)
     bs = _train_batch_size(config, n, n_dev)
     steps_per_epoch = math.ceil(n / bs)  # the last batch smaller when bs does not divide n
-    if (config.recipe.schedule != "constant" or config.recipe.warmup_epochs) and steps_per_epoch != config.steps_per_epoch:
+    if config.recipe.scheduled and steps_per_epoch != config.steps_per_epoch:
         # The optimizer's schedule was planned in config.steps_per_epoch (make_optimizer's, train.py's):
         # with another count it would warm up or decay at the wrong steps, silently.
         raise ValueError(
