@@ -612,16 +612,16 @@ class _Programs(NamedTuple):
     compile_s: dict  # seconds each program took to trace, lower and compile: where fit's compile time goes
 
 
-def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | None, devices, mesh, K: int) -> _Programs:
+def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | None, devices, mesh,
+             bs: int, steps: int, K: int) -> _Programs:
     """Every program fit runs, lowered and compiled for these shapes and devices before the first step.
 
-    ``mesh``: :func:`_mesh`'s (replicated, batch sharding, device count); ``K``: steps per dispatch.
+    ``mesh``: :func:`_mesh`'s (replicated, batch sharding, device count); ``bs``: the training batch;
+    ``steps``: steps per epoch; ``K``: steps per dispatch.
     """
-    replicated, batch_sharding, n_dev = mesh
+    replicated, batch_sharding, _ = mesh
     put = lambda a: to_global(a, replicated)
     n = train_x.shape[0]
-    bs = _train_batch_size(config, n, n_dev)
-    steps = math.ceil(n / bs)
     masked = n % bs != 0  # the epoch ends on a smaller batch: padded, and its program masks
     seconds = {}
 
@@ -736,7 +736,7 @@ def fit(
 
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
-    programs = _compile(config, state, train_x, train_y, test, val, devices, mesh, K)
+    programs = _compile(config, state, train_x, train_y, test, val, devices, mesh, bs, steps_per_epoch, K)
     plan_fn, chunk_fn, last_fn, eval_test, eval_val, scalar = programs[:6]
     compile_s = time.perf_counter() - t0
 
