@@ -85,6 +85,10 @@ def versions() -> dict:
     }
 
 
+# What loading needs of metadata(): Checkpoints.save refuses a meta without them.
+METADATA_KEYS = ("config", "num_classes", "input_channels", "dtype")
+
+
 def metadata(config: Config, spec: DatasetSpec, steps_per_epoch: int | None = None) -> dict:
     """Everything needed to rebuild the model, its optimizer, and know what it was trained on.
 
@@ -229,8 +233,13 @@ class Checkpoints:
     def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict) -> None:
         """Save the state after ``epoch``; also as the best if its val_acc beats every earlier epoch's.
 
+        ``history``: fit's records of epochs 1..epoch; ``log``: the step log (may be empty);
+        ``meta``: :func:`metadata` (config, dataset), what :func:`load_for_inference` rebuilds the
+        model from (ValueError, nothing written, when keys are missing).
         Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails.
         """
+        if missing := [k for k in METADATA_KEYS if k not in meta]:
+            raise ValueError(f"meta lacks {', '.join(missing)}: pass checkpoint.metadata(config, spec)")
         ocp = self._ocp
         state_dict = _state_dict(state)
         args = ocp.args.Composite(

@@ -34,7 +34,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # an lr above it is inf in the float32 upda
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the flag."""
+    """A configuration value that cannot work; the message names train.py's flag, which is the
+    Config field's name with dashes (``--batch-size``: ``batch_size``)."""
 
 
 @dataclass(frozen=True)

@@ -157,15 +157,15 @@ def expected_keys(num_classes: int = 10, input_channels: int = 1) -> dict[str, t
 
 def infer_sizes(state_dict: StateDict) -> tuple[int, int]:
     """(num_classes, input_channels) as the shapes of ``7.weight`` and ``0.0.weight`` say."""
-    try:
-        num_classes = int(np.shape(state_dict["7.weight"])[0])
-        input_channels = int(np.shape(state_dict["0.0.weight"])[1])
-    except (KeyError, IndexError) as err:
-        raise ConversionError(
-            "not the chapter's ResNet-18 state_dict: cannot read the class count from '7.weight' "
-            "and the input channels from '0.0.weight'"
-        ) from err
-    return num_classes, input_channels
+    for key, axes in (("7.weight", 2), ("0.0.weight", 4)):
+        if key not in state_dict:
+            raise ConversionError(f"not the chapter's ResNet-18 state_dict: missing key '{key}'")
+        if len(np.shape(state_dict[key])) != axes:
+            raise ConversionError(
+                f"not the chapter's ResNet-18 state_dict: '{key}' has shape {tuple(np.shape(state_dict[key]))}, "
+                f"want {axes} axes"
+            )
+    return int(np.shape(state_dict["7.weight"])[0]), int(np.shape(state_dict["0.0.weight"])[1])
 
 
 def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: int) -> dict[str, np.ndarray]:
@@ -272,12 +272,23 @@ def flax_to_torch(
     ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``,
     or write a file with :func:`save_torch_checkpoint`.
     """
+    if not isinstance(variables, Mapping):
+        raise ConversionError(
+            f"expected the variables {{'params': ..., 'batch_stats': ...}}, got a {type(variables).__name__}"
+            " (of a TrainState, pass training.evaluated_variables(state))"
+        )
+    if "params" not in variables and "b1" in variables:
+        raise ConversionError("got the params alone: pass {'params': params, 'batch_stats': batch_stats}")
     if num_classes is None or input_channels is None:
-        try:
-            kernel_in, k_classes = np.shape(_flax_leaf(variables, "params", ("dense",), "kernel"))
-            c_in = np.shape(_flax_leaf(variables, "params", ("b1", "conv"), "kernel"))[2]
-        except ValueError as err:
-            raise ConversionError("not ResNet-18 variables: 'params/dense/kernel' or 'params/b1/conv/kernel' has the wrong rank") from err
+        # A missing variable is named by _flax_leaf; only the shapes' unpacking can fail here.
+        dense = np.shape(_flax_leaf(variables, "params", ("dense",), "kernel"))
+        stem = np.shape(_flax_leaf(variables, "params", ("b1", "conv"), "kernel"))
+        if len(dense) != 2 or len(stem) != 4:
+            raise ConversionError(
+                f"not ResNet-18 variables: 'params/dense/kernel' has shape {dense} (want 2 axes) and "
+                f"'params/b1/conv/kernel' {stem} (want 4)"
+            )
+        k_classes, c_in = dense[1], stem[2]
         num_classes = k_classes if num_classes is None else num_classes
         input_channels = c_in if input_channels is None else input_channels
     layers = layer_table(num_classes, input_channels)

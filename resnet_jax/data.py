@@ -420,6 +420,11 @@ def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
         raise TypeError(f"preprocess takes uint8 images (0-255, as data.load gives them), got {images.dtype}")
     if images.ndim != 4:
         raise ValueError(f"preprocess takes NHWC images (N, H, W, C), got shape {images.shape}")
+    if isinstance(size, jax.Array):  # a tracer: jax.jit(train_step) without static_argnames
+        raise TypeError(
+            "the image size must be a Python int, got a JAX array: under jit, make it static "
+            "(training.jit(train_step, static_argnames='resize'))"
+        )
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"preprocess resizes to a positive integer size, got {size!r}")
     x = images.astype(jnp.float32) / 255.0

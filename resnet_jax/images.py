@@ -20,15 +20,16 @@ from typing import Sequence
 
 import numpy as np
 
-from resnet_jax.data import DatasetSpec
+from resnet_jax.data import DATASETS, DatasetSpec
 
 
 class ImageError(Exception):
     """An input file that cannot be used; the message names the file and why."""
 
 
-def load_images(paths: Sequence[str | Path], spec: DatasetSpec) -> np.ndarray:
-    """Image files (anything Pillow opens: PNG, JPEG, ...) as uint8 (N, size, size, channels) for ``spec``.
+def load_images(paths: Sequence[str | Path], spec: DatasetSpec | str) -> np.ndarray:
+    """Image files (anything Pillow opens: PNG, JPEG, ...) as uint8 (N, size, size, channels) for ``spec``
+    (a :class:`~resnet_jax.data.DatasetSpec` or its name, as ``data.load`` takes: ``"fashion_mnist"``).
 
     Each file is converted the way the dataset's own images are:
 
@@ -62,6 +63,10 @@ def load_images(paths: Sequence[str | Path], spec: DatasetSpec) -> np.ndarray:
 
     if isinstance(paths, (str, Path)):  # one path would otherwise be read as a sequence of characters
         raise TypeError("load_images takes a sequence of paths; wrap a single path in a list")
+    if isinstance(spec, str):
+        if spec not in DATASETS:
+            raise ValueError(f"unknown dataset {spec!r}: one of {', '.join(DATASETS)}")
+        spec = DATASETS[spec]
     size, channels = spec.image_size, spec.channels
     out = np.zeros((len(paths), size, size, channels), np.uint8)
     for i, path in enumerate(paths):

@@ -234,6 +234,12 @@ class BatchNorm(nn.Module):
         their unbiased variance included. Eval mode ignores it."""
         if train and x.size == 0:  # (shapes are static) statistics of nothing: NaN running averages, silently
             raise ValueError(f"BatchNorm in train mode needs at least one value per channel, got shape {x.shape}")
+        if not self.is_initializing() and not self.has_variable("batch_stats", "mean"):
+            # Flax would create fresh statistics (mean 0, var 1) in train mode and go on, silently.
+            raise ValueError(
+                "BatchNorm has no running statistics: apply the model to {'params': ..., 'batch_stats': ...}, "
+                "not the params alone"
+            )
         features = x.shape[-1]
         pdt = self.param_dtype
         scale = self.param("scale", nn.initializers.ones, (features,), pdt)
@@ -422,6 +428,11 @@ class ResNet18(nn.Module):
     meaningless and must be left out of the loss.
     ``apply(..., mutable=['intermediates'])`` also returns the pooled features
     under ``intermediates/pool``; ``capture_intermediates`` gives b1..b5.
+
+    Reverse-mode autodiff (``grad``, ``vjp``, and ``jvp`` of a ``grad``) works everywhere;
+    forward mode (``jvp``, ``jacfwd``) does not go through train-mode BatchNorm nor, on CPU,
+    the max-pool, whose faster lowerings define their own VJPs. In eval mode
+    ``conv_impl="xla"`` (the same maths) takes forward mode.
     """
 
     num_classes: int = 10

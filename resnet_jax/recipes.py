@@ -11,7 +11,7 @@ does.
 The functions here are pure and know nothing of the training loop:
 :func:`make_optimizer` (Optax), :func:`loss` (cross-entropy with optional label
 smoothing), :func:`ema_update` (exponential moving average of weights and
-BatchNorm statistics) and :func:`predict` (logits, optionally averaged over a
+BatchNorm statistics) and :func:`test_logits` (logits, optionally averaged over a
 left-right flip).
 """
 

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from resnet_jax import ops, recipes
 from resnet_jax.augment import augment
 from resnet_jax.config import Config
-from resnet_jax.data import Split, preprocess
+from resnet_jax.data import DATASETS, Split, preprocess
 from resnet_jax.model import ResNet18, init_variables
 from resnet_jax.recipes import D2L, Recipe
 
@@ -100,10 +100,13 @@ class TrainState(train_state.TrainState):
     ema_batch_stats: Any = None
 
 
-def make_model(config: Config, num_classes: int = 10, input_channels: int = 1) -> ResNet18:
+def make_model(config: Config, num_classes: int | None = None, input_channels: int | None = None) -> ResNet18:
+    """The ResNet-18 ``config`` trains: its dtype and conv lowering; the class and channel counts of
+    ``config.dataset`` unless given (Fashion-MNIST: 10 classes, 1 channel)."""
+    spec = DATASETS[config.dataset]  # Config has checked the name
     return ResNet18(
-        num_classes=num_classes,
-        input_channels=input_channels,
+        num_classes=spec.num_classes if num_classes is None else num_classes,
+        input_channels=spec.channels if input_channels is None else input_channels,
         dtype=jnp.dtype(config.dtype),
         conv_impl=config.conv_impl,
     )
@@ -166,6 +169,14 @@ def _num_classes(state: TrainState) -> int:
     return state.params["dense"]["bias"].shape[0]
 
 
+def _check_images(state: TrainState, images) -> None:
+    """Refuse images the state's model cannot take, naming the shape given, before preprocess
+    resizes it (an NCHW batch (N, 1, 28, 28) was reported as the resized (N, 28, 28, 28))."""
+    channels = state.params["b1"]["conv"]["kernel"].shape[2]
+    if np.ndim(images) != 4 or np.shape(images)[-1] != channels:
+        raise ValueError(f"the model takes uint8 NHWC images (N, H, W, {channels}), got shape {np.shape(images)}")
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy (nn.CrossEntropyLoss(reduction='none'))."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -206,6 +217,7 @@ def train_step(
     d2l this is the chapter's step, operation for operation. With label
     smoothing the reported loss is the smoothed loss that is minimised.
     """
+    _check_images(state, images)
     r = state.recipe
     if r.augments:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.aug_key), state.step)
@@ -240,6 +252,7 @@ def eval_logits(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
     With EMA on, the averaged weights and statistics are evaluated; with
     ``tta_flip`` the logits are averaged over each image and its mirror image.
     """
+    _check_images(state, images)
     return recipes.test_logits(state.apply_fn, evaluated_variables(state), preprocess(images, resize), state.recipe.tta_flip)
 
 
@@ -276,8 +289,7 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     call compiles one program of one shape however many batches N makes.
     """
     images = np.asarray(images)  # a list of arrays too
-    if np.ndim(images) != 4:
-        raise ValueError(f"predict takes uint8 images (N, H, W, C), got shape {np.shape(images)}")
+    _check_images(state, images)
     if len(images) == 0:
         return np.zeros((0, _num_classes(state)), np.float32)
     batch_size = max(1, min(batch_size, len(images)))

@@ -358,6 +358,17 @@ def test_load_for_inference_rebuilds_the_runs_learning_rate_schedule(tmp_path, g
     assert not all(np.array_equal(a, b) for a, b in zip(got, jax.tree_util.tree_leaves(loaded.params)))
 
 
+def test_save_refuses_a_meta_that_loading_could_not_use_and_writes_nothing(tmp_path):
+    # A meta of {} was saved, and load_for_inference then failed with "unusable metadata: KeyError".
+    config = Config(resize=17)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    ckpts = Checkpoints(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"meta lacks config, num_classes, input_channels, dtype: pass checkpoint.metadata\(config, spec\)"):
+        ckpts.save(state, 1, [{"epoch": 1}], [], {})
+    assert ckpts.latest_epoch() is None
+    ckpts.close()
+
+
 def test_a_program_that_never_closes_its_checkpoints_exits_quietly(tmp_path):
     # Orbax's cleanup thread, still running at exit, printed a 43-line traceback (3 runs in 3).
     script = "import sys\nfrom resnet_jax import checkpoint\nprint(checkpoint.Checkpoints(sys.argv[1]).latest_epoch())\n"

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -463,8 +464,12 @@ def _state_dict():
          "'1.0.bn1.running_mean' has shape (65,)"),
         (lambda sd: sd.update({"0.1.num_batches_tracked": np.array(-5, np.int64)}),
          "'0.1.num_batches_tracked' is -5, expected a count (0 or more)"),
+        # The two keys the sizes are read from: named too (they were "cannot read the class count").
+        (lambda sd: sd.pop("7.weight"), "missing key '7.weight'"),
+        (lambda sd: sd.pop("0.0.weight"), "missing key '0.0.weight'"),
+        (lambda sd: sd.update({"7.weight": np.zeros(10, np.float32)}), "'7.weight' has shape (10,), want 2 axes"),
     ],
-    ids=["missing", "extra", "conv-shape", "bn-shape", "negative-count"],
+    ids=["missing", "extra", "conv-shape", "bn-shape", "negative-count", "missing-dense", "missing-stem", "dense-rank"],
 )
 def test_a_bad_state_dict_is_refused_naming_the_key(edit, message):
     sd = _state_dict()
@@ -494,6 +499,25 @@ def test_bad_flax_variables_are_refused_naming_the_variable():
     variables["params"]["b2"]["extra"] = {"kernel": np.zeros(1)}
     with pytest.raises(convert.ConversionError, match="unexpected Flax variable 'params/b2/extra/kernel'"):
         convert.flax_to_torch(variables)
+    # The variables the sizes are read from: named as missing, not as "the wrong rank".
+    for path in (("dense",), ("b1",)):
+        variables = convert.torch_to_flax(_state_dict())
+        del variables["params"][path[0]]
+        want = "params/dense/kernel" if path == ("dense",) else "params/b1/conv/kernel"
+        with pytest.raises(convert.ConversionError, match=f"missing Flax variable '{want}'"):
+            convert.flax_to_torch(variables)
+    variables = convert.torch_to_flax(_state_dict())
+    variables["params"]["dense"]["kernel"] = np.zeros(5, np.float32)
+    with pytest.raises(convert.ConversionError, match=r"'params/dense/kernel' has shape \(5,\) \(want 2 axes\)"):
+        convert.flax_to_torch(variables)
+
+
+def test_params_alone_or_a_train_state_are_refused_saying_what_to_pass():
+    variables = convert.torch_to_flax(_state_dict())
+    with pytest.raises(convert.ConversionError, match=r"got the params alone: pass \{'params': params"):
+        convert.flax_to_torch(variables["params"])
+    with pytest.raises(convert.ConversionError, match=r"got a SimpleNamespace .*training.evaluated_variables\(state\)"):
+        convert.flax_to_torch(types.SimpleNamespace(params=variables["params"]))
 
 
 def test_missing_torch_says_how_to_install_it(monkeypatch, tmp_path):

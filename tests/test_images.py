@@ -37,6 +37,14 @@ def test_native_size_rgb_png_for_cifar_is_taken_exactly(tmp_path):
     np.testing.assert_array_equal(out[0], a)
 
 
+def test_the_dataset_may_be_given_by_name_as_data_load_takes_it(tmp_path):
+    a = _gradient(32, 32)
+    path = _save(tmp_path / "c.png", a)
+    np.testing.assert_array_equal(load_images([path], "cifar10"), load_images([path], COLOUR))
+    with pytest.raises(ValueError, match="unknown dataset 'fashion': one of fashion_mnist"):
+        load_images([path], "fashion")
+
+
 def test_colour_to_greyscale_is_the_luma_of_itu_601(tmp_path):
     a = _gradient(28, 28)
     out = load_images([_save(tmp_path / "c.png", a)], GRAY)[0, ..., 0].astype(int)

@@ -254,6 +254,13 @@ def _init(module, shape, dtype=jnp.float32, *args):
     return module.init(jax.random.key(0), jnp.zeros(shape, dtype), *args)
 
 
+def _params_alone(train: bool):
+    net = ResNet18()
+    variables = init_variables(net, jax.random.key(0), 28)
+    x = jnp.zeros((2, 28, 28, 1))
+    return net.apply({"params": variables["params"]}, x, train=train, mutable=["batch_stats"] if train else False)
+
+
 @pytest.mark.parametrize("build, error, message", [
     (lambda: _init(ResNet18(num_classes=0), (1, 28, 28, 1)), ValueError, "ResNet18.num_classes must be >= 1, got 0"),
     (lambda: _init(ResNet18(input_channels=0), (1, 28, 28, 0)), ValueError, "ResNet18.input_channels must be >= 1, got 0"),
@@ -279,6 +286,9 @@ def _init(module, shape, dtype=jnp.float32, *args):
     (lambda: _init(Residual(64, strides=2), (1, 8, 8, 64), jnp.float32, False), ValueError,
      "Residual(strides=2) needs use_1x1conv=True"),
     (lambda: resnet_block(64, 128, -1), ValueError, "num_residuals must be >= 0, got -1"),
+    # The params alone in train mode: Flax made fresh statistics (mean 0, var 1) and went on.
+    (lambda: _params_alone(train=True), ValueError, "BatchNorm has no running statistics: apply the model to {'params'"),
+    (lambda: _params_alone(train=False), ValueError, "BatchNorm has no running statistics: apply the model to {'params'"),
 ])
 def test_impossible_modules_and_inputs_are_named(build, error, message):
     with pytest.raises(error) as caught:
@@ -298,3 +308,18 @@ def test_conv2d_refuses_impossible_sizes(field, value, message):
     settings = {"features": 4, "kernel_size": 3, "strides": 1, "padding": 1, field: value}
     with pytest.raises(ValueError, match=message):
         Conv2d(**settings).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_forward_mode_autodiff_goes_through_the_eval_model_with_xla_lowerings():
+    # As the ResNet18 docstring says: the custom-VJP max-pool (CPU) refuses jvp; conv_impl="xla" does not.
+    x = jnp.asarray(np.random.default_rng(0).random((2, 28, 28, 1)), jnp.float32)
+    t = jnp.ones_like(x)
+    net = ResNet18(conv_impl="xla")
+    variables = init_variables(net, jax.random.key(0), 28)
+    f = lambda x: net.apply(variables, x, train=False)
+    _, tangent = jax.jvp(f, (x,), (t,))
+    eps = 1e-3
+    np.testing.assert_allclose(tangent, (f(x + eps * t) - f(x - eps * t)) / (2 * eps), rtol=2e-2, atol=2e-3)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            jax.jvp(lambda x: ResNet18().apply(variables, x, train=False), (x,), (t,))

@@ -50,6 +50,16 @@ def test_a_fresh_state_is_built_by_one_program_with_the_values_of_op_by_op(recip
     assert training._jitted_init(training.make_model(config)) is training._jitted_init(model)
 
 
+def test_make_model_takes_the_class_and_channel_counts_from_the_configs_dataset():
+    # A config for CIFAR-10 must not give Fashion-MNIST's one-channel model (fit then refused its images).
+    cifar = training.make_model(Config(dataset="cifar10"))
+    assert (cifar.num_classes, cifar.input_channels) == (10, 3)
+    fashion = training.make_model(Config())
+    assert (fashion.num_classes, fashion.input_channels) == (10, 1)
+    given = training.make_model(Config(dataset="cifar10"), num_classes=5, input_channels=1)
+    assert (given.num_classes, given.input_channels) == (5, 1)
+
+
 def test_update_is_params_minus_lr_times_grads(state):
     images, labels = _batch()
     new, metrics = jax.jit(training.train_step, static_argnums=3)(state, images, labels, RESIZE)
@@ -315,7 +325,7 @@ def test_fit_refuses_a_state_made_for_another_recipe(state):
 
 
 def test_misused_inputs_are_refused_not_silently_wrong(state):
-    images, _ = _batch(4)
+    images, labels = _batch(4)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     # uint8 into the model: its layers would compute in uint8 (weights rounded to 0).
     with pytest.raises(TypeError, match="ResNet18 takes float input, got uint8 \\(images scaled to \\[0, 1\\]\\)"):
@@ -328,8 +338,17 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
     # Images without their batch axis: named, not "not enough values to unpack".
     with pytest.raises(ValueError, match=r"preprocess takes NHWC images \(N, H, W, C\), got shape \(28, 28, 1\)"):
         preprocess(jnp.asarray(images[0]), RESIZE)
-    with pytest.raises(ValueError, match=r"predict takes uint8 images \(N, H, W, C\), got shape \(28, 28, 1\)"):
+    with pytest.raises(ValueError, match=r"the model takes uint8 NHWC images \(N, H, W, 1\), got shape \(28, 28, 1\)"):
         training.predict(state, images[0], RESIZE)
+    # NCHW images: named as given, not as the (N, 28, 28, 28) that resizing H=1, W=28 made of them.
+    nchw = images.transpose(0, 3, 1, 2)
+    for call in (lambda: training.predict(state, nchw, RESIZE), lambda: training.train_step(state, nchw, labels, RESIZE),
+                 lambda: training.eval_step(state, nchw, labels, RESIZE)):
+        with pytest.raises(ValueError, match=r"the model takes uint8 NHWC images \(N, H, W, 1\), got shape \(4, 1, 28, 28\)"):
+            call()
+    # A traced image size (jax.jit without static_argnames): says what to do, not "got JitTracer".
+    with pytest.raises(TypeError, match="the image size must be a Python int, got a JAX array: under jit, make it static"):
+        jax.jit(training.train_step)(state, images, labels, RESIZE)
     # No images: no probabilities (rather than "need at least one array to concatenate").
     assert training.predict(state, images[:0], RESIZE).shape == (0, 10)
     np.testing.assert_array_equal(training.predict(state, list(images), RESIZE), training.predict(state, images, RESIZE))
