@@ -52,6 +52,7 @@ if __name__ == "__main__":
     interrupts.install()  # from here a Ctrl-C is a KeyboardInterrupt, never lost (resnet_jax/interrupts.py)
 
     code = main()
+    interrupts.exiting()  # a signal from here on: one line, 130 or 143, at once
     if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
         # Ctrl-C or SIGTERM was handled: the message is out, the checkpoint saved and its files
         # closed. A second signal is ignored from here; JAX's exit handlers would race its own

@@ -229,7 +229,8 @@ class Session:
             # Autotuning (timing candidate kernels for every conv) is part of each cold compile:
             # off, XLA takes its heuristic choice. Whether the compile saved pays for slower kernels.
             self.train("recipe", "d2l bf16, XLA_FLAGS=--xla_gpu_autotune_level=0", [*flags, "--compile-cache", "off"],
-                       env={"XLA_FLAGS": "--xla_gpu_autotune_level=0"}),
+                       # the machine's own XLA_FLAGS kept: autotuning the one difference from the first row
+                       env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_autotune_level=0".strip()}),
         ]
         self.write("## recipe: `--seed 0 --dtype bfloat16` (the chapter's recipe in bf16), three ways\n\n"
                    + runs_table(recs, speed=True) + "\n\n" + compile_table(recs))

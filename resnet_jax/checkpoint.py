@@ -230,12 +230,13 @@ class Checkpoints:
     def latest_epoch(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict) -> None:
+    def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict, best_only: bool = False) -> None:
         """Save the state after ``epoch``; also as the best if its val_acc beats every earlier epoch's.
 
         ``history``: fit's records of epochs 1..epoch; ``log``: the step log (may be empty);
         ``meta``: :func:`metadata` (config, dataset), what :func:`load_for_inference` rebuilds the
         model from (ValueError, nothing written, when keys are missing).
+        ``best_only``: the best checkpoint alone (:meth:`repair_best`).
         Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails.
         """
         if missing := [k for k in METADATA_KEYS if k not in meta]:
@@ -249,7 +250,7 @@ class Checkpoints:
         )
         val_acc = history[-1].get("val_acc") if history else None
         earlier = [r["val_acc"] for r in history[:-1] if r.get("val_acc") is not None]
-        targets = [(self.latest, None)]
+        targets = [] if best_only else [(self.latest, None)]
         if self.best is not None and val_acc is not None and (not earlier or val_acc > max(earlier)):
             targets.append((self.best, {"val_acc": val_acc}))
         # A full disk is the usual failure: found here, it is one clean message. Found by
@@ -263,6 +264,19 @@ class Checkpoints:
                     manager.wait_until_finished()
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
                 raise CheckpointError(self._not_saved(epoch, manager, f"{type(err).__name__}: {err}")) from err
+
+    def repair_best(self, restored: "Checkpoint") -> bool:
+        """Save ``restored`` (the latest checkpoint) as the best too if it is the best epoch and ``best/``
+        lacks it: a run killed between an epoch's two saves left ``best/`` on an earlier epoch, which
+        --resume then kept for good. True if it saved."""
+        if self.best is None or self.best.latest_step() == restored.epoch or not restored.history:
+            return False
+        val_acc = restored.history[-1].get("val_acc")
+        earlier = [r["val_acc"] for r in restored.history[:-1] if r.get("val_acc") is not None]
+        if val_acc is None or (earlier and val_acc <= max(earlier)):  # save()'s rule: strictly better
+            return False
+        self.save(restored.state, restored.epoch, restored.history, restored.log, restored.metadata, best_only=True)
+        return True
 
     def _not_saved(self, epoch: int, manager, why: str) -> str:
         kept = self.latest_epoch()
@@ -296,10 +310,8 @@ class Checkpoints:
         step_dir = manager.directory / str(epoch)
         missing = [item for item in ("meta", "state") if not (step_dir / item).is_dir()]
         if missing:  # an interrupted copy, or a folder made by hand: say so, and what would be used instead
-            earlier = [s for s in manager.all_steps() if s < epoch]
-            instead = (f"remove it to use the checkpoint of epoch {max(earlier)}" if earlier
-                       else "there is no earlier checkpoint")
-            raise CheckpointError(f"checkpoint {step_dir} is incomplete (no {' and no '.join(m + '/' for m in missing)}); {instead}")
+            raise CheckpointError(f"checkpoint {step_dir} is incomplete (no {' and no '.join(m + '/' for m in missing)}); "
+                                  f"{_instead(manager, epoch)}")
         try:
             meta = manager.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta
             if not isinstance(meta, dict) or not {"epoch", "history", "metadata"} <= set(meta):
@@ -307,7 +319,7 @@ class Checkpoints:
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint {manager.directory / str(epoch)} is unreadable (corrupt or incomplete): "
-                f"{type(err).__name__}: {first_line(err)}"
+                f"{type(err).__name__}: {first_line(err)}; {_instead(manager, epoch)}"
             ) from err
         return {**meta, "path": str(manager.directory / str(epoch))}
 
@@ -327,8 +339,10 @@ class Checkpoints:
         # Check before Orbax reads: its restore reads all arrays at once and, at the first
         # failure, abandons the other reads, which print a traceback each when collected.
         problem = arrays_problem(path / "state", abstract, meta.get("digests"))  # none before 2026-12-04
-        if problem:
+        if problem and problem.startswith("does not fit"):  # another model's: older ones are no better
             raise CheckpointError(f"checkpoint {path} {problem}")
+        if problem:  # damaged: the earlier checkpoints may be whole
+            raise CheckpointError(f"checkpoint {path} {problem}; {_instead(manager, epoch)}")
         try:
             restored = manager.restore(
                 epoch, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
@@ -337,6 +351,12 @@ class Checkpoints:
         except Exception as err:
             raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
+
+
+def _instead(manager, epoch: int) -> str:
+    """What a damaged checkpoint of ``epoch`` leaves: the way to the one before it, if any."""
+    earlier = [s for s in manager.all_steps() if s < epoch]
+    return f"remove it to use the checkpoint of epoch {max(earlier)}" if earlier else "there is no earlier checkpoint"
 
 
 def _digest(array: np.ndarray) -> str:
@@ -385,6 +405,8 @@ def arrays_problem(state_dir: Path, abstract, expected_digests: dict[str, str] |
         return f"is unreadable (corrupt or incomplete): {_root_cause(err)}"
     wanted = {_name(k): leaf for k, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
     key = {name: name.replace("/", ".") for name in wanted}  # each array's name in the database
+    if not stored & set(key.values()):  # none of the arrays: a damaged save, not another model
+        return "is incomplete: it holds none of the model's arrays"
     if missing := sorted(n for n in wanted if key[n] not in stored):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         return f"does not fit this model: it has no array {missing[0]}{more}"

@@ -232,11 +232,14 @@ def check_paths(config: Config) -> None:
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
     _check_torch_paths(config)
     if config.output:
+        try:  # Orbax hands paths to C++ as UTF-8: it failed at the first save, after an epoch's work
+            config.output.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"--output {config.output!r}: the path is not valid UTF-8, which Orbax's "
+                            "checkpoints need; choose another folder name") from None
         if run := _enclosing_run(Path(config.output)):
             raise UserError(f"--output {config.output} is among the checkpoints of the run in {run}, which Orbax "
                             "manages and --keep rotates away; choose a folder outside them")
-        if config.resume and not (Path(config.output) / "checkpoints").is_dir():  # before anything creates a folder there
-            raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
@@ -263,6 +266,18 @@ def _enclosing_run(path: Path) -> Path | None:
     return None
 
 
+def _own_export(config: Config, target: Path) -> bool:
+    """Whether ``target`` is the export of the run that --resume continues (its results.json says so):
+    the one file an export may replace."""
+    if not (config.resume and config.output):
+        return False
+    try:
+        earlier = json.loads((Path(config.output) / "results.json").read_text())["config"].get("export_torch")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(earlier) and Path(earlier).resolve() == target.resolve()
+
+
 def _check_torch_paths(config: Config) -> None:
     """--init-from-torch must be a file, --export-torch's folder writable, and torch importable."""
     # On --resume the checkpoint holds the weights: the file is not read again.
@@ -281,6 +296,9 @@ def _check_torch_paths(config: Config) -> None:
         if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
                             "it would overwrite the weights the run started from; give another name")
+        if target.exists() and not _own_export(config, target):  # another run's model, say: kept
+            raise UserError(f"--export-torch {config.export_torch} already exists, and this run did not write it: "
+                            "give another name, or remove it first")
         check_writable_dir(target.resolve().parent, "--export-torch's folder")
     if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
@@ -334,6 +352,19 @@ def _foreign_metrics(path: Path) -> bool:
     return False
 
 
+def _holds_a_run(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint or a run's results (what --resume continues, or refuses)."""
+    with contextlib.suppress(OSError):
+        if any(p.name.isdigit() for p in (out / "checkpoints").iterdir()):
+            return True
+    return bool(_run_files(out))
+
+
+def _run_files(out: Path) -> list[str]:
+    """The RUN_FILES a run left in ``out`` (an empty folder, as Checkpoints() makes, does not count)."""
+    return [name for name in RUN_FILES if (p := out / name).is_file() or (p.is_dir() and any(p.iterdir()))]
+
+
 def open_checkpoints(config: Config, meta: dict):
     """The run directory's checkpoints, after checking that --resume (or its absence) fits what is there."""
     if not config.output:
@@ -342,7 +373,7 @@ def open_checkpoints(config: Config, meta: dict):
 
     out = Path(config.output)
     # Before Checkpoints() creates its (empty) folders: what another run left here.
-    found = [name for name in RUN_FILES if (p := out / name).is_file() or (p.is_dir() and any(p.iterdir()))]
+    found = _run_files(out)
     if not config.resume and _foreign_metrics(out / "metrics.jsonl"):
         raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
                         "would overwrite it; choose another --output (or move that file)")
@@ -402,7 +433,7 @@ def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
                 f"--output {config.output} already holds a run (checkpoint of epoch {latest}); "
                 "pass --resume to continue it, or choose another --output"
             )
-        elif found:  # no checkpoint, but another run's results (its checkpoints deleted, or --epochs 0)
+        elif found:  # no checkpoint, but another run's results (its checkpoints deleted)
             raise UserError(
                 f"--output {config.output} already holds another run's {', '.join(found)}; "
                 "choose another --output (or remove them)"
@@ -627,9 +658,6 @@ def _write_run_files(config: Config, report: dict, log: list, say) -> None:
         plots.plot_curves(plots.epoch_axis(log, config.steps_per_epoch), Path(config.output) / "curves.png")
     except OSError as err:
         raise UserError(f"could not write {config.output}/curves.png: {err}") from err
-    if not report["history"]:  # --epochs 0: the model as it is, evaluated; nothing to save
-        say(f"no epoch trained, so no checkpoint; results in {config.output}/results.json")
-        return
     say(f"checkpoints in {config.output}/checkpoints"
         + (f" and {config.output}/best" if config.val_split else "")
         + "; metrics in metrics.jsonl, results.json, curves.png")
@@ -647,13 +675,18 @@ def _export_torch(config: Config, state, say) -> None:
     from resnet_jax import convert, training
 
     variables = jax.device_get(training.evaluated_variables(state))
-    # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
-    try:
-        convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(state.step)))
-    except OSError as err:
-        raise UserError(f"--export-torch {config.export_torch}: {err.strerror or err}") from err
     what = "the weights' moving average (EMA), the model evaluated" if state.ema_params is not None else "the final weights"
-    say(f"exported {what} as a PyTorch state_dict to {config.export_torch}")
+    # A Ctrl-C or SIGTERM inside torch.save broke its zip writer: a traceback, or a signal lost.
+    # Held until the file is whole and named; then it ends the run (130 or 143) as anywhere else.
+    with interrupts.deferred():
+        try:
+            # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
+            convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(state.step)))
+        except Exception as err:  # OSError, or torch's RuntimeError around one (a full disk)
+            cause = err if isinstance(err, OSError) else err.__context__ if isinstance(err.__context__, OSError) else err
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
+            raise UserError(f"--export-torch {config.export_torch}: not written: {why}") from err
+        say(f"exported {what} as a PyTorch state_dict to {config.export_torch}")
 
 
 def run(config: Config, json_line: bool = False, distributed: dict | None = None,
@@ -748,6 +781,11 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         # Everything that can be checked without the data first: a wrong file or --resume fails at once.
         spec = DATASETS[config.dataset]
         init = _read_torch_init(config, spec)
+        if config.resume and not _holds_a_run(Path(config.output)):
+            # Nothing to continue yet (a first start, or a run stopped before its first checkpoint):
+            # a script that always passes --resume starts the run.
+            say(f"--resume: {config.output} holds no checkpoint yet: starting the run at epoch 1")
+            config = config.replace(resume=False)
         meta = ckpt_mod.metadata(config, spec)
         ckpts = open_checkpoints(config, meta)
         try:
@@ -811,6 +849,11 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         except ckpt_mod.CheckpointError as err:
             raise UserError(f"--resume: {err}") from err
         state, history, log = restored.state, restored.history, restored.log
+        try:
+            if ckpts.repair_best(restored):
+                say(f"best: saved epoch {restored.epoch}, the best so far, which the interrupted run had not")
+        except ckpt_mod.CheckpointError as err:
+            raise UserError(f"--resume: {err}") from err
         # A finished run: its results.json is already the right one. (A run stopped after its
         # last checkpoint has none, or the one of an earlier, shorter run that --resume
         # extended: it goes on below, trains nothing, and writes them.)
@@ -876,7 +919,9 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             f"the last good checkpoint (epoch {kept}) in {config.output} is unchanged"
             if kept is not None else "no checkpoint was written"
         )
-        raise UserError(f"{err}: {where}; try a smaller --lr") from err
+        # A resumed run keeps its --lr (differences() refuses another): the advice is a new run.
+        retry = " in a new --output (a resumed run keeps its --lr)" if config.output else ""
+        raise UserError(f"{err}: {where}; train again with a smaller --lr{retry}") from err
     except ckpt_mod.CheckpointError as err:
         ckpt_mod.quiet_abandoned_writes()
         raise UserError(str(err)) from err

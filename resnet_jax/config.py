@@ -163,6 +163,9 @@ def validate(c: Config) -> None:
         _positive_int(c.log_every, "--log-every")
     if c.resume and not c.output:
         raise ConfigError("--resume needs --output DIR (the run directory to continue)")
+    if c.epochs == 0 and c.output:  # its folder could be neither continued (no checkpoint) nor reused (results)
+        raise ConfigError("--epochs 0 trains nothing and saves no checkpoint: leave out --output "
+                          "(the untrained model's test metrics are printed)")
     if c.val_split is not None:
         _positive_int(c.val_split, "--val-split")
         available = c.train_limit if c.train_limit is not None else spec.num_train

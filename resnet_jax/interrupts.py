@@ -93,6 +93,22 @@ def install() -> None:
         sys.excepthook = _excepthook
 
 
+def _late(signum, frame):
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    how = "terminated" if signum == signal.SIGTERM else "interrupted"
+    os.write(2, f"train.py: {how} while exiting\n".encode())
+    os._exit(128 + signum)
+
+
+def exiting() -> None:
+    """After the run (its files written, its last line printed): a signal ends the process at once, with
+    one line and 130 or 143. A KeyboardInterrupt raised in Python's own shutdown was swallowed
+    (see _excepthook): exit 130 with no word."""
+    if threading.current_thread() is threading.main_thread():
+        _set(_late)
+
+
 def seen() -> bool:
     return _seen is not None
 

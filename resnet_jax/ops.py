@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,14 @@ def compiler_options(platform: str) -> dict | None:
     try:
         cpu = jax.devices("cpu")[0]
         jax.jit(lambda a: a + 1, compiler_options=_CPU_OPTIONS).lower(jax.device_put(jnp.float32(0), cpu)).compile()
-    except Exception:  # an unknown option or enum value: keep XLA's defaults
+    except Exception as err:  # an unknown option or enum value: keep XLA's defaults, and say what it costs
+        warnings.warn(
+            f"this jaxlib does not take resnet_jax's XLA:CPU options {_CPU_OPTIONS} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the network runs with its "
+            "default kernels on CPU (jaxlib 0.10's default, YNNPACK, computes this network's convolutions "
+            "1.2-3.5x slower: BENCHMARKS.md, \"CPU conv lowering\")",
+            RuntimeWarning, stacklevel=2,
+        )
         return None
     return dict(_CPU_OPTIONS)
 

@@ -10,6 +10,7 @@ and makes a failed process leave at once instead of waiting at JAX's shutdown ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -206,6 +207,11 @@ def _initialize(settings: dict) -> None:
     settings = dict(settings)
     timeout_s = settings.pop("initialization_timeout", INIT_TIMEOUT_S)
     failed: list[BaseException] = []
+    # JAX's preemption service (on by default) puts a C++ SIGTERM handler in place of train.py's:
+    # a SIGTERM (a scheduler's preemption) was then only logged, and the run trained on to its end
+    # and exited 0. train.py's handler keeps the last epoch and stops, as on one process.
+    with contextlib.suppress(AttributeError):  # (should a later JAX drop the option)
+        jax.config.update("jax_enable_preemption_service", False)
 
     def connect():
         try:

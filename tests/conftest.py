@@ -20,6 +20,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+# The suite is written for CPU (forced host devices, small shapes; its subprocesses too). On a GPU
+# machine each of -n auto's processes would otherwise claim 75% of the GPU's memory (JAX's
+# preallocation) and fail. Set JAX_PLATFORMS yourself to run it on another platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """How many processes ``-n auto`` (pyproject's addopts) starts: one per core, at most 4.
 

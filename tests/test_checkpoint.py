@@ -198,7 +198,7 @@ def _garble(path: Path):
     path.write_bytes(data)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "meta", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "garble", "meta", "delete", "manifest"])
 def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
     directory = tmp_path / "run"
     shutil.copytree(uninterrupted[0], directory)
@@ -210,12 +210,16 @@ def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
         _garble(biggest)
     elif damage == "meta":
         (step / "meta" / "metadata").write_text('{"epoch": 3, "hist')
+    elif damage == "manifest":  # every array gone: it was named "does not fit this model", as if another model's
+        (step / "state" / "manifest.ocdbt").unlink()
     else:
         biggest.unlink()
     # Garbled bytes usually fail to decode; sometimes (CI, once) the compressed chunk still decodes,
-    # to other values, and the saved digests catch it instead. Either way: refused, named corrupt.
+    # to other values, and the saved digests catch it instead. Either way: refused, named corrupt,
+    # with the way to the earlier checkpoint (the run keeps epochs 2 and 3).
     with pytest.raises(CheckpointError, match=r"checkpoints/3 is (unreadable \(corrupt|corrupt: array \S+ is not what "
-                                              r"was saved)"):
+                                              r"was saved|incomplete: it holds none of the model's arrays).*; "
+                                              r"remove it to use the checkpoint of epoch 2$"):
         checkpoint.load_for_inference(directory)
 
 
@@ -367,6 +371,33 @@ def test_save_refuses_a_meta_that_loading_could_not_use_and_writes_nothing(tmp_p
         ckpts.save(state, 1, [{"epoch": 1}], [], {})
     assert ckpts.latest_epoch() is None
     ckpts.close()
+
+
+def test_resume_saves_the_best_epoch_that_a_kill_between_the_two_saves_left_out(tmp_path):
+    # Killed after epoch 2's latest save and before its best save, best/ stayed on epoch 1 for good.
+    config = Config(resize=17)
+    meta = checkpoint.metadata(config, FASHION_MNIST)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    history = [{"epoch": 1, "val_acc": 0.2}, {"epoch": 2, "val_acc": 0.4}]
+    with Checkpoints(tmp_path, track_best=True) as ckpts:
+        ckpts.save(state, 1, history[:1], [], meta)
+        best, ckpts.best = ckpts.best, None  # the kill: epoch 2's best save never happens
+        ckpts.save(state.replace(step=state.step + 1), 2, history, [], meta)
+        ckpts.best = best
+    with Checkpoints(tmp_path) as ckpts:
+        assert (ckpts.latest_epoch(), ckpts.best.latest_step()) == (2, 1)
+        restored = ckpts.restore(state)
+        assert ckpts.repair_best(restored) and ckpts.best.latest_step() == 2
+        assert not ckpts.repair_best(restored)  # once
+        assert int(ckpts.restore(state, "best").state.step) == int(restored.state.step)
+    # An epoch no better than an earlier one is not the best: nothing to repair.
+    history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.4}]
+    with Checkpoints(tmp_path / "tie", track_best=True) as ckpts:
+        ckpts.save(state, 1, history[:1], [], meta)
+        ckpts.best, best = None, ckpts.best
+        ckpts.save(state, 2, history, [], meta)
+        ckpts.best = best
+        assert not ckpts.repair_best(ckpts.restore(state)) and ckpts.best.latest_step() == 1
 
 
 def test_a_program_that_never_closes_its_checkpoints_exits_quietly(tmp_path):

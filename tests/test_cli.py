@@ -151,6 +151,21 @@ def test_two_processes_train_as_one_through_train_py(prepared_data_dir, tmp_path
     assert both["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
 
 
+def test_sigterm_still_reaches_train_pys_handler_after_jax_distributed_starts():
+    # JAX's preemption service replaced the SIGTERM handler: a preempted multi-process run only
+    # logged "SIGTERM caught", trained on to its end and exited 0.
+    script = (
+        "import signal, sys\nfrom resnet_jax import interrupts, processes\ninterrupts.install()\n"
+        f"processes._initialize({{'coordinator_address': '127.0.0.1:{_free_port()}', 'num_processes': 1, 'process_id': 0}})\n"
+        "try:\n    signal.raise_signal(signal.SIGTERM)\nexcept KeyboardInterrupt:\n"
+        "    print('handled', interrupts.exit_code())\n    sys.stdout.flush()\n    import os\n    os._exit(0)\n"
+        "print('not handled')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.stdout == "handled 143\n", (r.stdout, r.stderr[-2000:])
+
+
 def test_a_coordinator_port_in_use_is_named_at_once(tmp_path):
     # Process 0 serves the port; JAX's service crashed the process (exit 139) when it was taken.
     with socket.socket() as taken:
@@ -236,6 +251,18 @@ def test_unwritable_output_is_refused_before_training(tmp_path):
     r = train_py("--output", blocker / "sub", "--data-dir", tmp_path / "tfds", "--offline")
     assert r.returncode == 1 and "--output" in r.stderr and "not a writable directory" in r.stderr
     assert "Traceback" not in r.stderr and blocker.read_text() == "keep me"
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_before_training(tmp_path):
+    # Orbax takes paths to C++ as UTF-8: the first save failed ("Unable to cast Python instance"),
+    # after an epoch's work, leaving a temporary checkpoint folder behind.
+    output = os.fsencode(tmp_path) + b"/bad\xfcname"
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--output", output, "--data-dir", str(tmp_path / "tfds"),
+                        "--offline"], capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert "the path is not valid UTF-8, which Orbax's checkpoints need" in err
+    assert not os.path.exists(output) and not (tmp_path / "tfds").exists()
 
 
 def test_missing_manual_dir_is_refused(tmp_path):

@@ -235,9 +235,10 @@ def _foreign_metrics(tmp):
     return tmp / "mine"
 
 
-def _empty_folder(tmp):
-    (tmp / "empty").mkdir()
-    return tmp / "empty"
+def _results_only(tmp):
+    (tmp / "done").mkdir()
+    (tmp / "done" / "results.json").write_text('{"history": []}')
+    return tmp / "done"
 
 
 def _with_an_empty_step(src, dst):
@@ -291,10 +292,9 @@ ERRORS = {
     "init-from-a-folder": (lambda run, d, t: [*_train_args(d, t / "o"), "--init-from-torch", t], 1,
                            "is a directory, not a file"),
     "predict-top-k-0": (lambda run, d, t: ["predict", run, t / "x.png", "--top-k", 0], 2, "--top-k must be in 1..10"),
-    "resume-without-checkpoint": (lambda run, d, t: [*_train_args(d, _empty_folder(t)), "--resume"], 1,
-                                  "--resume: no checkpoint in"),
-    "resume-a-mistyped-folder": (lambda run, d, t: [*_train_args(d, t / "typo"), "--resume"], 1,
-                                 "--resume: no checkpoint in"),
+    # (--resume on an empty or new folder starts the run: test_resume_starts_a_run_that_has_no_checkpoint_yet...)
+    "resume-results-without-checkpoint": (lambda run, d, t: [*_train_args(d, _results_only(t)), "--resume"], 1,
+                                          "--resume: no checkpoint in"),
     "resume-with-another-val-split": (lambda run, d, t: [*_train_args(d, _copy_without_best(run, t / "c")), "--resume",
                                                          "--val-split", 16], 1, "val_split"),
     "resume-corrupt": (lambda run, d, t: [*_train_args(d, _garbled(run, t / "c")), "--resume", "--epochs", 3], 1,
@@ -445,6 +445,24 @@ def test_resume_refuses_more_epochs_when_the_schedule_spans_the_planned_ones(pre
     assert tree_digest(output) == before
     rc, out, err = _main(*args, "--resume")  # the same plan: nothing left to train, and that is fine
     assert rc == 0, err
+
+
+def test_resume_starts_a_run_that_has_no_checkpoint_yet_and_refuses_results_without_one(prepared_data_dir, tmp_path):
+    # "A script may always pass --resume": on a new folder it said "no checkpoint to continue from".
+    output = tmp_path / "new"
+    args = [*_train_args(prepared_data_dir, output), "--epochs", 1, "--resume"]
+    rc, out, err = _main(*args)
+    assert rc == 0, err
+    assert f"--resume: {output} holds no checkpoint yet: starting the run at epoch 1" in err  # (--json: notes on stderr)
+    assert (output / "checkpoints" / "1").is_dir() and (output / "results.json").is_file()
+    rc, out, err = _main(*args)
+    assert rc == 0 and "nothing to do" in err, err
+    # Results but no checkpoint (removed by hand): nothing to continue, and not a place to start.
+    shutil.rmtree(output / "checkpoints")
+    before = tree_digest(output)
+    rc, out, err = _main(*args)
+    assert rc == 1 and err.strip().splitlines() == [f"train.py: error: --resume: no checkpoint in {output} to continue from"]
+    assert tree_digest(output) == before
 
 
 def test_train_py_routes_exactly_the_commands_that_exist():

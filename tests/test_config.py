@@ -40,3 +40,10 @@ def test_a_recipes_config_has_the_recipes_run_settings_as_train_py_gives_them():
     assert Config.for_recipe("d2l") == Config() and Config.for_recipe("d2l", batch_size=64).lr == 0.05
     with pytest.raises(ConfigError, match="--recipe must be one of d2l, best, got 'fast'"):
         Config.for_recipe("fast")
+
+
+def test_zero_epochs_with_an_output_folder_is_refused():
+    # The folder it left could be neither resumed (no checkpoint) nor used again (its results.json).
+    with pytest.raises(ConfigError, match="--epochs 0 trains nothing and saves no checkpoint: leave out --output"):
+        Config(epochs=0, output="/tmp/somewhere")
+    assert Config(epochs=0).epochs == 0  # without a folder: the untrained model evaluated

@@ -653,10 +653,18 @@ def test_cli_zero_epochs_export_returns_the_imported_file(prepared_data_dir, tmp
     for key in (k for k in start if k.endswith("num_batches_tracked")):
         start[key].fill_(3)
     torch.save(start, tmp_path / "start.pt")
-    (tmp_path / "back.pt").write_bytes(b"an old export, to be replaced whole")
-    r = train_py("--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 64,
-                 "--epochs", 0, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
-                 "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "back.pt")
+    # An existing file is never replaced by an export it is not (another run's model, say).
+    (tmp_path / "back.pt").write_bytes(b"someone's model")
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 64,
+             "--epochs", 0, "--resize", 28, "--batch-size", 32, "--eval-batch-size", 64,
+             "--init-from-torch", tmp_path / "start.pt", "--export-torch", tmp_path / "back.pt"]
+    r = train_py(*flags)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"train.py: error: --export-torch {tmp_path / 'back.pt'} already exists, and this run did not write it: "
+        "give another name, or remove it first"], r.stderr
+    assert (tmp_path / "back.pt").read_bytes() == b"someone's model"
+    (tmp_path / "back.pt").unlink()
+    r = train_py(*flags)
     assert r.returncode == 0, r.stderr
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     assert list(back) == list(start) and all(torch.equal(back[k], start[k]) for k in start)
@@ -681,6 +689,13 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     assert r.returncode == 0 and "nothing to do" in r.stdout and "exported the final weights" in r.stdout, r.stderr
     first, again = (torch.load(tmp_path / name, weights_only=True) for name in ("first.pt", "again.pt"))
     assert list(first) == list(again) and all(torch.equal(first[k], again[k]) for k in first)
+    # Its own export (results.json names it) may be written again; another run's may not.
+    r = train_py(*flags, "--resume", "--export-torch", tmp_path / "first.pt")
+    assert r.returncode == 0 and "exported the final weights" in r.stdout, r.stderr
+    other = [a if a != tmp_path / "run" else tmp_path / "other" for a in flags]
+    r = train_py(*other, "--export-torch", tmp_path / "first.pt")
+    assert r.returncode == 1 and "first.pt already exists, and this run did not write it" in r.stderr, r.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def _good_checkpoint(tmp_path):

@@ -85,3 +85,67 @@ def test_a_second_signal_while_the_first_waits_stops_at_once(first, second, code
     assert r.returncode == code and r.stdout == "" and r.stderr.splitlines() == [
         f"train.py: {word} again: stopped at once; a checkpoint being written may be left incomplete "
         "(the earlier ones are kept)"], r.stderr
+
+
+def _fake_state():
+    import types
+
+    import jax
+    import numpy as np
+
+    from resnet_jax import ResNet18, init_variables
+
+    v = init_variables(ResNet18(), jax.random.key(0), 28)
+    return types.SimpleNamespace(params=v["params"], batch_stats=v["batch_stats"], ema_params=None,
+                                 step=np.int32(3))
+
+
+def test_a_ctrl_c_during_the_export_waits_for_the_whole_file_then_ends_the_run(interrupts_installed, monkeypatch, tmp_path):
+    # Raised inside torch.save, it broke the zip writer (a 43-line traceback), or was lost (exit 0).
+    from resnet_jax import cli, convert
+    from resnet_jax.config import Config
+
+    real, lines = convert.save_torch_checkpoint, []
+
+    def save_with_a_signal(path, variables, steps):
+        signal.raise_signal(signal.SIGINT)
+        real(path, variables, steps)
+
+    monkeypatch.setattr(convert, "save_torch_checkpoint", save_with_a_signal)
+    with pytest.raises(KeyboardInterrupt):
+        cli._export_torch(Config(export_torch=str(tmp_path / "m.pt")), _fake_state(), lines.append)
+    assert lines == [f"exported the final weights as a PyTorch state_dict to {tmp_path / 'm.pt'}"]
+    assert (tmp_path / "m.pt").is_file() and convert.load_torch_checkpoint(tmp_path / "m.pt")[1] == 3
+
+
+def test_an_export_onto_a_full_disk_is_one_line_naming_the_error(monkeypatch, tmp_path):
+    # torch.save reports a full disk as a RuntimeError around the OSError: it was a traceback.
+    import errno
+
+    from resnet_jax import cli, convert
+    from resnet_jax.config import Config
+    from resnet_jax.errors import UserError
+
+    def full(path, variables, steps):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25855680 vs 25855576")
+
+    monkeypatch.setattr(convert, "save_torch_checkpoint", full)
+    with pytest.raises(UserError, match=r"^--export-torch .*m.pt: not written: No space left on device$"):
+        cli._export_torch(Config(export_torch=str(tmp_path / "m.pt")), _fake_state(), print)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_after_the_run_is_one_line_not_a_silent_exit(sig, code):
+    # After main() returned (the export written, say), the KeyboardInterrupt came in Python's
+    # shutdown, where it is swallowed: exit 130 with no word of why.
+    script = (
+        "import signal, sys\nfrom resnet_jax import interrupts\ninterrupts.install()\nprint('done')\n"
+        f"interrupts.exiting()\nsignal.raise_signal(signal.{sig})\nsys.exit(0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    word = "terminated" if sig == "SIGTERM" else "interrupted"
+    assert r.returncode == code and r.stdout == "done\n" and r.stderr.splitlines() == [f"train.py: {word} while exiting"], r

@@ -81,6 +81,13 @@ def test_cpu_lowering_rule(hw, k, s, p, want):
     assert ops.cpu_prefers_patches(hw, k, s, p) is want
 
 
+def test_a_jaxlib_without_the_cpu_options_keeps_its_defaults_and_says_so(monkeypatch):
+    # The option is experimental: a jaxlib that renamed it lost the faster kernels without a word.
+    monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option_for_the_test": "1"})
+    with pytest.warns(RuntimeWarning, match="this jaxlib does not take resnet_jax's XLA:CPU options"):
+        assert ops.compiler_options.__wrapped__("cpu") is None
+
+
 def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack():
     opts = ops.compiler_options("cpu")
     assert ops.compiler_options("gpu") is None and ops.compiler_options("tpu") is None
