@@ -158,17 +158,6 @@ def _xla_flops(lowered, compiled) -> float | None:
     return None
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
@@ -354,7 +343,7 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
 
     stats = device.memory_stats() or {}
     flops_train, flops_eval = _xla_flops(step_lowered, one_step), _xla_flops(eval_lowered, one_eval)
-    kind = device.device_kind if backend != "cpu" else cpu_name()
+    kind = device.device_kind if backend != "cpu" else training.cpu_name()
     return make_row(
         "jax", f"JAX resnet_jax (conv_impl={config.conv_impl})", r, config.dtype, bs, kind, backend,
         Timings(train_s, eval_s, K), len(test), compile_s, stats.get("peak_bytes_in_use"),
@@ -429,7 +418,7 @@ def _torch_sync(device):
 def _torch_device_name(device) -> str:
     import torch
 
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else training.cpu_name()
 
 
 def _torch_peak(device):
@@ -721,7 +710,7 @@ def environment(argv: list[str]) -> dict:
         versions["torch"] = torch.__version__
     d = jax.devices()[0]
     return {
-        "jax_device": d.device_kind if d.platform != "cpu" else cpu_name(),
+        "jax_device": d.device_kind if d.platform != "cpu" else training.cpu_name(),
         "jax_backend": d.platform,
         "cpu_count": os.cpu_count(),
         "host_pages": "2 MiB (glibc.malloc.hugetlb=1)" if hugepages.active() else "default (4 KiB unless the kernel says always)",

@@ -260,6 +260,12 @@ class Checkpoints:
         for manager, metrics in targets:
             try:
                 with _absl_quiet():  # Orbax's threads log each failure with a traceback; the error below says it once
+                    if manager is self.best:
+                        # A best checkpoint of this epoch or a later one is from the run before a resume
+                        # redid those epochs (its latest checkpoints removed): superseded, and in the way
+                        # (Orbax: "StepAlreadyExistsError", after the epoch's work).
+                        for stale in [s for s in manager.all_steps() if s >= epoch]:
+                            manager.delete(stale)
                     manager.save(epoch, args=args, metrics=metrics, force=True)
                     manager.wait_until_finished()
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
@@ -269,7 +275,9 @@ class Checkpoints:
         """Save ``restored`` (the latest checkpoint) as the best too if it is the best epoch and ``best/``
         lacks it: a run killed between an epoch's two saves left ``best/`` on an earlier epoch, which
         --resume then kept for good. True if it saved."""
-        if self.best is None or self.best.latest_step() == restored.epoch or not restored.history:
+        if self.best is None or not restored.history:
+            return False
+        if (kept := self.best.latest_step()) is not None and kept >= restored.epoch:  # there, or a later one
             return False
         val_acc = restored.history[-1].get("val_acc")
         earlier = [r["val_acc"] for r in restored.history[:-1] if r.get("val_acc") is not None]

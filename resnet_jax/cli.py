@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import platform
 import sys
 import threading
 import time
@@ -272,10 +273,24 @@ def _own_export(config: Config, target: Path) -> bool:
     if not (config.resume and config.output):
         return False
     try:
-        earlier = json.loads((Path(config.output) / "results.json").read_text())["config"].get("export_torch")
+        results = json.loads((Path(config.output) / "results.json").read_text())
+        earlier = [results["config"].get("export_torch"), *results.get("exports", [])]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return bool(earlier) and Path(earlier).resolve() == target.resolve()
+    return any(e and Path(e).resolve() == target.resolve() for e in earlier)
+
+
+def _record_export(config: Config) -> None:
+    """Add the export to the run's results.json ("exports"): the file is then this run's to write again
+    (an export of a finished run, --resume --export-torch, changes nothing else there)."""
+    path = Path(config.output) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        if config.export_torch not in results.setdefault("exports", []):
+            results["exports"].append(config.export_torch)
+            files.write_json(path, results)
+    except (OSError, ValueError, AttributeError):  # the export is written; only writing it again needs the record
+        pass
 
 
 def _check_torch_paths(config: Config) -> None:
@@ -686,6 +701,8 @@ def _export_torch(config: Config, state, say) -> None:
             cause = err if isinstance(err, OSError) else err.__context__ if isinstance(err.__context__, OSError) else err
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
             raise UserError(f"--export-torch {config.export_torch}: not written: {why}") from err
+        if config.output:
+            _record_export(config)
         say(f"exported {what} as a PyTorch state_dict to {config.export_torch}")
 
 
@@ -780,12 +797,14 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
 
         # Everything that can be checked without the data first: a wrong file or --resume fails at once.
         spec = DATASETS[config.dataset]
-        init = _read_torch_init(config, spec)
         if config.resume and not _holds_a_run(Path(config.output)):
             # Nothing to continue yet (a first start, or a run stopped before its first checkpoint):
-            # a script that always passes --resume starts the run.
+            # a script that always passes --resume starts the run, as it would have without the flag:
+            # --init-from-torch, skipped by check_paths on --resume, is checked and read after all.
             say(f"--resume: {config.output} holds no checkpoint yet: starting the run at epoch 1")
             config = config.replace(resume=False)
+            _check_torch_paths(config)
+        init = _read_torch_init(config, spec)
         meta = ckpt_mod.metadata(config, spec)
         ckpts = open_checkpoints(config, meta)
         try:
@@ -919,8 +938,9 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             f"the last good checkpoint (epoch {kept}) in {config.output} is unchanged"
             if kept is not None else "no checkpoint was written"
         )
-        # A resumed run keeps its --lr (differences() refuses another): the advice is a new run.
-        retry = " in a new --output (a resumed run keeps its --lr)" if config.output else ""
+        # A resumed run keeps its --lr (differences() refuses another): with a checkpoint kept the
+        # advice is a new folder; without one, the same folder takes a new run.
+        retry = " in a new --output (a resumed run keeps its --lr)" if kept is not None else ""
         raise UserError(f"{err}: {where}; train again with a smaller --lr{retry}") from err
     except ckpt_mod.CheckpointError as err:
         ckpt_mod.quiet_abandoned_writes()
@@ -952,11 +972,16 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
 
     # Every epoch's record (fit's clock in wall_s): a script reads time to accuracy from the
     # --json line alone, without --output (whose checkpoint saves would add to that clock).
-    report = {**f, "config": config.to_dict(), "jax_version": jax.__version__, "history": result.history}
+    # And what reproducing it needs beyond the config: the libraries, Python, the CPU (XLA:CPU's
+    # speed differs threefold between machines) and the command line.
+    report = {**f, "config": config.to_dict(), "jax_version": jax.__version__, "history": result.history,
+              "versions": ckpt_mod.versions(), "python": platform.python_version(),
+              "cpu": training.cpu_name(), "argv": sys.argv[1:]}
     if config.output and main_process:
         _write_run_files(config, report, log, say)
     if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
         _export_torch(config, result.state, say)
+        report["exports"] = [config.export_torch]  # as _export_torch recorded it in results.json
     return report
 
 

@@ -16,6 +16,7 @@ pure JAX function applied inside the jitted steps: the host only moves uint8.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import os
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import first_line
+from resnet_jax import files
 from resnet_jax.files import atomic_write
 
 
@@ -216,22 +218,47 @@ def load(
         spec = DATASETS[spec]
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     cache = cache_path(spec, data_dir)
-    if cache.exists():
-        try:
-            with np.load(cache) as z:
-                splits = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
-            _check(spec, *splits)
+    if (splits := _read_cache(spec, cache, log)) is not None:
+        return splits
+    # One program at a time prepares a data dir: two runs started together on a new one
+    # collided in TFDS's renames ("Cannot rename ... already exists"), and one of them failed.
+    with _preparing(spec, data_dir, log):
+        if (splits := _read_cache(spec, cache, log)) is not None:  # written by the run we waited for
             return splits
-        except Exception as err:  # the cache is disposable: truncated, garbled (bad CRC, EOFError), foreign...
-            log(f"ignoring unreadable array cache {cache} ({type(err).__name__}: {err}); reading the TFDS data again")
-
-    train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log)
-    _check(spec, train, test)
-    try:
-        _save_atomically(cache, train, test)
-    except OSError as err:  # a read-only data_dir still works, just without the cache
-        log(f"could not write the array cache {cache}: {err}")
+        train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log)
+        _check(spec, train, test)
+        try:
+            _save_atomically(cache, train, test)
+        except OSError as err:  # a read-only data_dir still works, just without the cache
+            log(f"could not write the array cache {cache}: {err}")
     return train, test
+
+
+def _read_cache(spec: DatasetSpec, cache: Path, log) -> tuple[Split, Split] | None:
+    """The splits from the array cache; None when there is none or it cannot be used (it is then rebuilt)."""
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache) as z:
+            splits = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
+        _check(spec, *splits)
+        return splits
+    except Exception as err:  # the cache is disposable: truncated, garbled (bad CRC, EOFError), foreign...
+        log(f"ignoring unreadable array cache {cache} ({type(err).__name__}: {err}); reading the TFDS data again")
+        return None
+
+
+@contextlib.contextmanager
+def _preparing(spec: DatasetSpec, data_dir: Path, log):
+    """Hold ``data_dir``'s lock for ``spec`` (waiting for another program that holds it); without a
+    lock where the folder cannot take one (read-only: nothing will be written there either)."""
+    lock = data_dir / f".resnet_jax-{spec.tfds_name}.lock"
+    say = lambda holder: log(f"waiting for {holder or 'another program'}, which is preparing {spec.tfds_name} in {data_dir}")
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):
+            data_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(files.held(lock, on_wait=say))
+        yield
 
 
 def _import_tfds():

@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _umask() -> int:
@@ -75,9 +76,11 @@ class Busy(OSError):
 
 
 @contextlib.contextmanager
-def held(path: str | Path):
+def held(path: str | Path, on_wait: Callable[[str], None] | None = None):
     """An exclusive lock on the file ``path`` for the ``with`` block, or :class:`Busy` at once.
 
+    With ``on_wait``, a held lock is waited for instead: ``on_wait(holder)`` is called once
+    first (holder: what the holder wrote, its pid and host), and Ctrl-C ends the wait.
     The lock is the kernel's (``flock``), so it ends with the process however that ends (a
     kill, a crash): a lock file left behind never blocks anyone. The file is deleted on the
     way out, and a lock taken on a file that another holder has just deleted is dropped and
@@ -93,11 +96,15 @@ def held(path: str | Path):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip()
-            os.close(fd)
-            raise Busy(path, holder) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+                if on_wait is None:
+                    raise Busy(path, holder) from None
+                on_wait(holder)
+                on_wait = lambda holder: None  # said once, however many holders come and go
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(fd)
             raise

@@ -124,7 +124,7 @@ def problem(r: Recipe) -> str | None:
     if not number(r.momentum) or not 0 <= r.momentum < 1:
         return f"--momentum must be in [0, 1), got {r.momentum!r}"
     if r.nesterov and r.momentum == 0:
-        return "--nesterov needs a --momentum > 0"
+        return "--nesterov needs a --momentum > 0 (--recipe best turns it on: add --no-nesterov for plain SGD)"
     if not number(r.weight_decay) or r.weight_decay < 0:
         return f"--weight-decay must be a finite number >= 0, got {r.weight_decay!r}"
     if r.schedule not in SCHEDULES:

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -499,6 +501,17 @@ def _to_host(m: Metrics) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def describe_devices(devices) -> str:
     d = devices[0]
     kind = f" ({d.device_kind})" if d.platform != "cpu" else ""
@@ -727,6 +740,7 @@ def fit(
     hooks = hooks or Hooks()
     history = list(history or [])
     start_epoch = history[-1]["epoch"] if history else 0
+    wall_before = history[-1].get("wall_s", 0.0) if history else 0.0  # the clock of the epochs already trained
     t_start = time.perf_counter()
     devices = devices or jax.devices()
     mesh = _mesh(devices, config.batch_size)
@@ -775,7 +789,7 @@ def fit(
     hooks.on_start(info)
 
     monitor = _StepMonitor(int(jax.device_get(state.step)), config.log_every, hooks.on_log)
-    train_time, last = 0.0, None
+    last = None
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         monitor.new_epoch()
@@ -797,7 +811,6 @@ def fit(
         if pending is not None:
             monitor.add(*pending, epoch + 1)
         epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
         hooks.on_progress(done, steps_per_epoch, train_metrics)
         test_metrics = eval_test(state)
         last = {
@@ -818,14 +831,17 @@ def fit(
         for split, key in (("test", "test_loss"), ("validation", "val_loss")):
             if key in last and not math.isfinite(last[key]):
                 raise NonFiniteLoss(monitor.step, monitor.step, epoch + 1, last[key], split=split)
-        # Since fit() began: compile, training, evaluation and earlier checkpoints included
-        # (the clock of "test accuracy X after Y seconds").
-        last["wall_s"] = time.perf_counter() - t_start
+        # Since training began: compile, training, evaluation and earlier checkpoints included
+        # (the clock of "test accuracy X after Y seconds"). A resumed run goes on from its
+        # checkpoint's clock: each process's compile counts, an interrupted epoch's lost time not.
+        last["wall_s"] = wall_before + time.perf_counter() - t_start
         history.append(last)
         hooks.on_epoch(last)
         hooks.on_checkpoint(state, history)
 
-    epochs_run = config.epochs - start_epoch
+    # The run's figures, from every epoch's record: a resumed run's earlier epochs count too.
+    trained = [r for r in history if r.get("epoch_train_s")]
+    train_time = sum(r["epoch_train_s"] for r in trained)
     if last is None and history:  # resumed after the last epoch: nothing left to train
         last = history[-1]
     if last is None:  # zero epochs: report the model as it is
@@ -838,13 +854,16 @@ def fit(
         "train_acc": last["train_acc"],
         "test_loss": last["test_loss"],
         "test_acc": last["test_acc"],
-        "examples_per_sec": (n * max(epochs_run, 0) / train_time) if train_time > 0 else None,
+        "examples_per_sec": (n * len(trained) / train_time) if train_time > 0 else None,
         "train_time_s": train_time,
+        "batch_size": bs,  # config.batch_size, or the whole training set when that is smaller
+        "steps_per_epoch": steps_per_epoch,
+        "resumed_from_epoch": start_epoch,  # 0 for a run trained in one go; == epochs: nothing left to train
         "compile_s": compile_s,
         "compile_s_by_program": programs.compile_s,
         "steps_per_dispatch": info["steps_per_dispatch"],
         "static_trip_count": info["static_trip_count"],
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": wall_before + time.perf_counter() - t_start,
         "device": info["device"],
         "backend": info["backend"],
     }

@@ -390,6 +390,17 @@ def test_resume_saves_the_best_epoch_that_a_kill_between_the_two_saves_left_out(
         assert ckpts.repair_best(restored) and ckpts.best.latest_step() == 2
         assert not ckpts.repair_best(restored)  # once
         assert int(ckpts.restore(state, "best").state.step) == int(restored.state.step)
+    # The latest checkpoint removed by hand (damaged, say) with best/ ahead of it: nothing to repair
+    # (it claimed a save it did not make), and redoing that epoch replaces best's copy (Orbax
+    # refused it as existing, after the epoch's work).
+    with Checkpoints(tmp_path / "ahead", track_best=True) as ckpts:
+        ckpts.save(state, 1, history[:1], [], meta)
+        ckpts.save(state.replace(step=state.step + 1), 2, history, [], meta)
+        ckpts.latest.delete(2)
+        restored = ckpts.restore(state)
+        assert restored.epoch == 1 and not ckpts.repair_best(restored) and ckpts.best.all_steps() == [2]
+        ckpts.save(state.replace(step=state.step + 2), 2, history, [], meta)
+        assert ckpts.best.all_steps() == [2] and int(ckpts.restore(state, "best").state.step) == int(state.step) + 2
     # An epoch no better than an earlier one is not the best: nothing to repair.
     history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.4}]
     with Checkpoints(tmp_path / "tie", track_best=True) as ckpts:

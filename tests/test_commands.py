@@ -147,6 +147,15 @@ def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_same_run(run, prepa
     resumed = json.loads(out.strip().splitlines()[-1])
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_acc"):
         assert resumed[key] == final[key], key
+    # The run's figures are the whole run's, not the resuming process's alone (its clock went
+    # backwards from epoch 1 to 2, and train time and examples/sec covered epoch 2 only).
+    h = resumed["history"]
+    assert resumed["resumed_from_epoch"] == 1 and [r["epoch"] for r in h] == [1, 2]
+    assert h[0]["wall_s"] < h[1]["wall_s"] <= resumed["wall_time_s"]
+    assert resumed["train_time_s"] == pytest.approx(sum(r["epoch_train_s"] for r in h))
+    n = h[0]["examples_per_sec"] * h[0]["epoch_train_s"]  # the training examples of one epoch
+    assert resumed["examples_per_sec"] == pytest.approx(2 * n / resumed["train_time_s"])
+    assert final["resumed_from_epoch"] == 0 and resumed["versions"]["resnet_jax"] and resumed["cpu"]
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -485,6 +494,13 @@ def test_flags_for_the_output_folder_need_one(capsys, flag, why):
     assert capsys.readouterr().err.strip().splitlines() == [f"train.py: error: {flag} needs --output DIR ({why})"]
 
 
+def test_a_momentum_sweep_down_to_zero_is_told_how_under_the_best_recipe(capsys):
+    # --recipe best turns Nesterov on: "--nesterov needs a --momentum > 0" named a flag never given.
+    assert cli.main(["--recipe", "best", "--momentum", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train.py: error: --nesterov needs a --momentum > 0 (--recipe best turns it on: add --no-nesterov for plain SGD)"]
+
+
 def test_the_real_entry_point_documents_and_refuses():
     def train_py(*args):
         return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)],
@@ -511,7 +527,12 @@ def test_a_nan_loss_is_one_line_naming_the_step_and_the_kept_checkpoint(run, pre
     rc, out, err = _main(*args)
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "loss became nan at step 7 (epoch 3)" in err and "last good checkpoint (epoch 2)" in err
+    # The advice can be followed: --resume would keep the lr, so a new folder (it said "try a smaller --lr").
+    assert "train again with a smaller --lr in a new --output (a resumed run keeps its --lr)" in err
     assert Checkpoints(output).latest.all_steps() == [1, 2]
+    # With no checkpoint kept, the same folder takes a new run: no new folder asked for.
+    rc, out, err = _main(*[a for a in _train_args(prepared_data_dir, tmp_path / "fresh") if a != "--json"])
+    assert rc == 1 and err.strip().endswith("no checkpoint was written; train again with a smaller --lr"), err
 
 
 def test_out_of_device_memory_is_one_line_naming_the_flags(prepared_data_dir, tmp_path, monkeypatch):

@@ -689,6 +689,9 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     assert r.returncode == 0 and "nothing to do" in r.stdout and "exported the final weights" in r.stdout, r.stderr
     first, again = (torch.load(tmp_path / name, weights_only=True) for name in ("first.pt", "again.pt"))
     assert list(first) == list(again) and all(torch.equal(first[k], again[k]) for k in first)
+    # The same command again: the file is this run's export now (it was refused as another's).
+    r = train_py(*flags, "--resume", "--export-torch", tmp_path / "again.pt")
+    assert r.returncode == 0 and "exported the final weights" in r.stdout, r.stderr
     # Its own export (results.json names it) may be written again; another run's may not.
     r = train_py(*flags, "--resume", "--export-torch", tmp_path / "first.pt")
     assert r.returncode == 0 and "exported the final weights" in r.stdout, r.stderr
@@ -696,6 +699,19 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     r = train_py(*other, "--export-torch", tmp_path / "first.pt")
     assert r.returncode == 1 and "first.pt already exists, and this run did not write it" in r.stderr, r.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_cli_resume_on_a_new_folder_starts_from_the_torch_file(prepared_data_dir, tmp_path):
+    # --resume on a folder without a checkpoint starts the run: from --init-from-torch's weights,
+    # as without --resume (they were skipped, the run began from a random init and said nothing).
+    torch.save(torch_reference.make_initialised_net(seed=4).state_dict(), tmp_path / "start.pt")
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 64, "--epochs", 1,
+             "--resize", 28, "--batch-size", 32, "--resume"]
+    r = train_py(*flags, "--init-from-torch", tmp_path / "start.pt", "--output", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    assert "holds no checkpoint yet: starting the run at epoch 1" in r.stdout and "init: weights from" in r.stdout
+    r = train_py(*flags, "--init-from-torch", tmp_path / "missing.pt", "--output", tmp_path / "b")
+    assert r.returncode == 1 and "--init-from-torch" in r.stderr and "no such file" in r.stderr, r.stderr
 
 
 def _good_checkpoint(tmp_path):

@@ -29,6 +29,39 @@ def test_a_dataset_may_be_named(prepared_data_dir):
         data.load("fashion", prepared_data_dir, offline=True)
 
 
+def test_two_loads_at_once_on_a_new_data_dir_prepare_it_once(prepared_data_dir, tmp_path, monkeypatch):
+    # Two runs started together on a new --data-dir both ran TFDS's preparation, and one failed in
+    # its renames ("Cannot rename ... already exists"). Now the second waits, then reads the cache.
+    import threading
+    import time
+
+    splits = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
+    calls, logs = [], []
+
+    def slow_tfds(spec, data_dir, manual_dir, offline, log):
+        calls.append(data_dir)
+        time.sleep(1.0)
+        return splits
+
+    monkeypatch.setattr(data, "_load_with_tfds", slow_tfds)
+    new = tmp_path / "new"
+    results = [None, None]
+
+    def load(i):
+        results[i] = data.load(data.FASHION_MNIST, new, offline=True, log=logs.append)
+
+    first = threading.Thread(target=load, args=(0,))
+    first.start()
+    while not calls:
+        time.sleep(0.01)
+    load(1)
+    first.join()
+    assert len(calls) == 1
+    assert any(m.startswith("waiting for pid ") and "which is preparing fashion_mnist in" in m for m in logs), logs
+    assert all(np.array_equal(r[0].images, splits[0].images) for r in results)
+    assert sorted(p.name for p in new.iterdir()) == ["resnet_jax_cache"]  # the lock file is gone
+
+
 def test_later_loads_come_from_the_array_cache_without_tensorflow(prepared_data_dir):
     cache = data.cache_path(data.FASHION_MNIST, prepared_data_dir)
     assert cache.is_file()
