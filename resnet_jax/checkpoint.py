@@ -248,10 +248,8 @@ class Checkpoints:
             meta=ocp.args.JsonSave({"epoch": epoch, "history": history, "log": log, "metadata": meta,
                                     "digests": digests(state_dict)}),
         )
-        val_acc = history[-1].get("val_acc") if history else None
-        earlier = [r["val_acc"] for r in history[:-1] if r.get("val_acc") is not None]
         targets = [] if best_only else [(self.latest, None)]
-        if self.best is not None and val_acc is not None and (not earlier or val_acc > max(earlier)):
+        if self.best is not None and (val_acc := _best_so_far(history)) is not None:
             targets.append((self.best, {"val_acc": val_acc}))
         # A full disk is the usual failure: found here, it is one clean message. Found by
         # Orbax mid-write, it also leaves its writer threads printing tracebacks.
@@ -275,14 +273,9 @@ class Checkpoints:
         """Save ``restored`` (the latest checkpoint) as the best too if it is the best epoch and ``best/``
         lacks it: a run killed between an epoch's two saves left ``best/`` on an earlier epoch, which
         --resume then kept for good. True if it saved."""
-        if self.best is None or not restored.history:
-            return False
-        if (kept := self.best.latest_step()) is not None and kept >= restored.epoch:  # there, or a later one
-            return False
-        val_acc = restored.history[-1].get("val_acc")
-        earlier = [r["val_acc"] for r in restored.history[:-1] if r.get("val_acc") is not None]
-        if val_acc is None or (earlier and val_acc <= max(earlier)):  # save()'s rule: strictly better
-            return False
+        kept = self.best.latest_step() if self.best is not None else None
+        if self.best is None or (kept is not None and kept >= restored.epoch) or _best_so_far(restored.history) is None:
+            return False  # no best/ kept; best/ holds this epoch or a later one; or this epoch is not the best
         self.save(restored.state, restored.epoch, restored.history, restored.log, restored.metadata, best_only=True)
         return True
 
@@ -359,6 +352,13 @@ class Checkpoints:
         except Exception as err:
             raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
+
+
+def _best_so_far(history: list[dict]) -> float | None:
+    """The last epoch's val_acc if it beats every earlier epoch's (what goes into best/), else None."""
+    val_acc = history[-1].get("val_acc") if history else None
+    earlier = [r["val_acc"] for r in history[:-1] if r.get("val_acc") is not None]
+    return val_acc if val_acc is not None and (not earlier or val_acc > max(earlier)) else None
 
 
 def _instead(manager, epoch: int) -> str:

@@ -5,7 +5,8 @@ PNGs, the array cache, exported PyTorch weights, bench.json) goes through
 :func:`atomic_write`: a reader never sees half a file, and a failure (a full
 disk, Ctrl-C) leaves the previous file in place and no temporary file behind.
 
-:func:`held` keeps a second program out of a folder that one is writing (a run's --output).
+:func:`held` keeps a second program out of a folder that one is writing (a run's --output),
+or has it wait its turn (a data dir being prepared).
 """
 
 from __future__ import annotations

@@ -36,10 +36,17 @@ def epoch_axis(log: list[dict], steps_per_epoch: int) -> list[dict]:
     A step record carries the global step, which a run started from a PyTorch
     checkpoint counts on from the file's; the run's first step is found from
     its epoch records (epoch e ends at step first + e * steps_per_epoch).
+
+    With step records, the train curves are theirs alone: an epoch record's train loss, the
+    epoch's average, sits at the same x as the last step record's, the average of the last
+    few steps, and the line jumped between the two at every epoch's end.
     """
     epochs = [r for r in log if r["kind"] == "epoch"]
     step0 = epochs[0]["step"] - epochs[0]["epoch"] * steps_per_epoch if epochs else 0
-    return [{**r, "epoch": (r["step"] - step0) / steps_per_epoch} if r["kind"] == "steps" else r for r in log]
+    if not any(r["kind"] == "steps" for r in log):
+        return list(log)
+    return [{**r, "epoch": (r["step"] - step0) / steps_per_epoch} if r["kind"] == "steps"
+            else {k: v for k, v in r.items() if k not in ("train_loss", "train_acc")} for r in log]
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
@@ -58,7 +65,7 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
 
     fig = Figure(figsize=(5.0, 3.5), dpi=100)  # d2l's default figure size is (3.5, 2.5); a bit larger to read
     ax = fig.add_subplot()
-    last_epoch = 0.0
+    last_epoch, first_epoch = 0.0, float("inf")
     for key, label, style, colour in _CURVES:
         points = [
             (float(r["epoch"]), float(r[key]))
@@ -68,10 +75,11 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, style, color=colour, label=label, marker="." if len(points) == 1 else None)
-            last_epoch = max(last_epoch, max(xs))
+            last_epoch, first_epoch = max(last_epoch, max(xs)), min(first_epoch, min(xs))
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, however the axis is scaled
-    ax.set_xlim(1 if last_epoch > 1 else 0, max(last_epoch, 1))
+    # From epoch 1, as the chapter's plot; from 0 when step records fall inside the first epoch.
+    ax.set_xlim(1 if last_epoch > 1 and first_epoch >= 1 else 0, max(last_epoch, 1))
     ax.grid(True)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

@@ -64,6 +64,16 @@ def test_step_records_sit_at_their_fraction_of_the_run_even_from_a_torch_checkpo
     assert [r["epoch"] for r in plots.epoch_axis(fresh, 8)] == [0.5, 1]
 
 
+def test_with_step_records_the_train_curves_are_theirs_alone():
+    # The epoch's average and the last steps' average at one x: the line jumped at every epoch's end.
+    log = [{"kind": "steps", "step": 4, "train_loss": 2.0}, {"kind": "steps", "step": 8, "train_loss": 1.2},
+           {"kind": "epoch", "epoch": 1, "step": 8, "train_loss": 1.7, "train_acc": 0.4, "test_acc": 0.5}]
+    axis = plots.epoch_axis(log, 8)
+    assert [r.get("train_loss") for r in axis] == [2.0, 1.2, None] and axis[2]["test_acc"] == 0.5
+    epochs_only = [r for r in log if r["kind"] == "epoch"]
+    assert plots.epoch_axis(epochs_only, 8) == epochs_only  # without step records: as they are
+
+
 def test_confusion_matrix_png(tmp_path):
     rng = np.random.default_rng(0)
     cm = rng.integers(0, 50, (10, 10)) + np.diag(rng.integers(500, 1000, 10))
