@@ -474,6 +474,18 @@ def test_resume_starts_a_run_that_has_no_checkpoint_yet_and_refuses_results_with
     assert tree_digest(output) == before
 
 
+def test_resume_saves_the_best_epoch_a_kill_between_its_two_saves_left_out(prepared_data_dir, tmp_path):
+    # Killed after epoch 1's checkpoint and before its best/ copy: --resume keeps best/ right and says so.
+    output = tmp_path / "out"
+    args = [*_train_args(prepared_data_dir, output), "--epochs", 1]
+    rc, out, err = _main(*args)
+    assert rc == 0, err
+    shutil.rmtree(output / "best")
+    rc, out, err = _main(*args, "--resume")
+    assert rc == 0 and "best: saved epoch 1, the best so far, which the interrupted run had not" in err, err
+    assert Checkpoints(output, read_only=True).best.all_steps() == [1]
+
+
 def test_train_py_routes_exactly_the_commands_that_exist():
     from resnet_jax import commands
 

@@ -86,3 +86,19 @@ def test_an_out_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         gpu_session.main(["--data", str(_data(tmp_path)), "--out", str(tmp_path / "f")])
     assert exit_.value.code == 2 and f"--out {tmp_path / 'f'} is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("machine, expected", [(None, "--xla_gpu_autotune_level=0"),
+                                               ("--xla_gpu_enable_triton_gemm=false",
+                                                "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0")])
+def test_the_autotuning_row_keeps_the_machines_xla_flags(tmp_path, monkeypatch, machine, expected):
+    # Autotuning must be the one difference from the cold row: the machine's own XLA_FLAGS stay.
+    if machine is None:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("XLA_FLAGS", machine)
+    session = gpu_session.Session(tmp_path, budget=60, dry_run=True, data=tmp_path)
+    envs = []
+    monkeypatch.setattr(session, "run", lambda step, name, argv, env=None: envs.append(env) or {"name": name, "status": "ok"})
+    session.recipe()
+    assert envs == [None, None, {"XLA_FLAGS": expected}]

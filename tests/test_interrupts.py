@@ -149,3 +149,17 @@ def test_a_signal_after_the_run_is_one_line_not_a_silent_exit(sig, code):
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     word = "terminated" if sig == "SIGTERM" else "interrupted"
     assert r.returncode == code and r.stdout == "done\n" and r.stderr.splitlines() == [f"train.py: {word} while exiting"], r
+
+
+def test_train_py_turns_a_signal_after_main_into_one_line():
+    # The wiring of the test above: train.py itself calls interrupts.exiting() once main() is
+    # back. Here main() does nothing and the signal comes from an exit handler, as late as one can.
+    script = (
+        "import atexit, os, runpy, signal, sys, time\nimport resnet_jax.cli as cli\n"
+        "def late():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n"
+        "cli.main = lambda: (atexit.register(late), 0)[1]\n"
+        f"sys.argv = ['train.py']\nrunpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "RESNET_JAX_HUGE_PAGES": "0"})
+    assert r.returncode == 143 and r.stderr.splitlines()[-1:] == ["train.py: terminated while exiting"], r

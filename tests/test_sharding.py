@@ -242,3 +242,29 @@ def test_a_checkpoint_written_on_four_devices_is_read_on_one_and_two(tmp_path):
     saved = _on_devices(4, CKPT_ACROSS, "save", str(tmp_path / "run"))
     assert _on_devices(1, CKPT_ACROSS, "load", str(tmp_path / "run")) == saved
     assert _on_devices(2, CKPT_ACROSS, "load", str(tmp_path / "run")) == saved
+
+
+# The data mesh takes JAX's own device order (jax.make_mesh: on TPUs a ring over the chips'
+# links), and falls back to the plain order where make_mesh cannot lay the devices out. On CPU
+# both orders are the same, so a stand-in make_mesh reverses them to show which one is used.
+MESH_ORDER = r"""
+import jax, numpy as np
+from jax.sharding import Mesh
+from resnet_jax import training
+devices = jax.devices()
+real = jax.make_mesh
+jax.make_mesh = lambda shape, names, axis_types=None, devices=None: Mesh(np.asarray(devices[::-1]), names)
+assert list(training._mesh(devices)[1].mesh.devices) == devices[::-1]
+def refuses(*args, **kwargs):
+    raise ValueError("cannot lay out these devices")
+jax.make_mesh = refuses
+replicated, batch, n = training._mesh(devices[1:3], batch_size=8)
+assert list(batch.mesh.devices) == devices[1:3] and n == 2
+jax.make_mesh = real
+assert list(training._mesh(devices)[1].mesh.devices) == devices
+print("ok")
+"""
+
+
+def test_the_data_mesh_takes_jaxs_device_order_and_falls_back_to_the_plain_one():
+    assert _on_devices(4, MESH_ORDER) == "ok"
