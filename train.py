@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Train the chapter's ResNet-18 on Fashion-MNIST: ``python train.py --help``."""
+"""Train the chapter's ResNet-18 on Fashion-MNIST: ``python train.py --help``.
+
+The training itself starts in resnet_jax/cli.py (``main``); this file only prepares the process
+for it: console streams, host memory pages, and Ctrl-C during JAX's import.
+"""
 
 import os
 import sys
@@ -29,6 +33,15 @@ def open_standard_streams() -> None:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # Ctrl-C and SIGTERM blocked, that is held pending, not lost, until the handlers below are
+    # in place. The block and a pending signal outlive the restart for huge pages (execve keeps
+    # both), which runs the interpreter's start-up a second time: a Ctrl-C there was a traceback
+    # or a silent death (exit -2). Only the first start-up, before this line, is Python's own.
+    held = hasattr(signal, "pthread_sigmask")  # (not on Windows)
+    if held:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     open_standard_streams()  # before anything prints or opens a file
 
     # Host memory in 2 MiB pages (Linux/glibc; RESNET_JAX_HUGE_PAGES=0 opts out):
@@ -37,14 +50,16 @@ if __name__ == "__main__":
 
     reexec_with_huge_pages()
 
-    import signal
-
     from resnet_jax import interrupts
 
     # Ctrl-C (or SIGTERM) during JAX's import is remembered, not raised (inside jaxlib's
-    # initialisation a KeyboardInterrupt aborts the process), and acted on right after it.
+    # initialisation a KeyboardInterrupt aborts the process), and acted on right after it;
+    # so is one held since the start (delivered as the block is lifted).
     interrupts.defer()
-    from resnet_jax.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
+    if held:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.SIGNALS)
+    from resnet_jax.cli import main
+    from resnet_jax.console import EXIT_INTERRUPTED, EXIT_TERMINATED
 
     if interrupts.seen():
         print(f"train.py: {interrupts.word()}", file=sys.stderr, flush=True)

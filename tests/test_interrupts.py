@@ -163,3 +163,18 @@ def test_train_py_turns_a_signal_after_main_into_one_line():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO), "RESNET_JAX_HUGE_PAGES": "0"})
     assert r.returncode == 143 and r.stderr.splitlines()[-1:] == ["train.py: terminated while exiting"], r
+
+
+def test_a_signal_held_through_the_restart_is_one_line_once_train_py_listens(tmp_path):
+    # train.py blocks SIGINT and SIGTERM from its first line to its handlers, so that one sent
+    # during the restart for huge pages (the interpreter's start-up again) waits instead of
+    # being a traceback or a silent death. Here the signal is already pending, blocked, when
+    # train.py starts (execve keeps both): it must come through, once train.py listens.
+    script = (
+        "import os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        f"os.execv(sys.executable, [sys.executable, {str(REPO / 'train.py')!r}, '--data-dir', {str(tmp_path)!r}, '--offline'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 130 and r.stderr.splitlines() == ["train.py: interrupted"], r
