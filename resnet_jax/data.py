@@ -10,7 +10,7 @@ import TensorFlow.
 TensorFlow is only imported to prepare or read TFDS data, and is told to see no
 GPU before it does anything, so it never takes accelerator memory from JAX.
 
-Preprocessing (the recipe's ``ToTensor`` + ``Resize``) is :func:`preprocess`, a
+Preprocessing (the chapter's ``ToTensor`` + ``Resize``) is :func:`preprocess`, a
 pure JAX function applied inside the jitted steps: the host only moves uint8.
 """
 
@@ -174,8 +174,16 @@ class Split:
         return len(self.labels)
 
     def take(self, n: int | None) -> "Split":
-        """The first ``n`` examples (all when ``n`` is None)."""
-        return self if n is None else Split(self.images[:n], self.labels[:n])
+        """The first ``n`` examples (all when ``n`` is None); ValueError unless 1 <= n <= len(self).
+
+        Strict, as train.py's --train-limit is: numpy's slicing would take -5 as "all but the
+        last 5" and 70,000 as all 60,000, and a typo would go unnoticed.
+        """
+        if n is None:
+            return self
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= len(self):
+            raise ValueError(f"take needs an integer 1 <= n <= {len(self)} (the split's size), got {n!r}")
+        return Split(self.images[:n], self.labels[:n])
 
     def hold_out(self, n: int) -> tuple["Split", "Split"]:
         """(all but the last ``n`` examples, the last ``n``): a validation split carved from this one.
@@ -329,11 +337,7 @@ def _missing_files_help(spec: DatasetSpec) -> str:
 def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
     if manual_dir is not None:
         manual_dir = Path(manual_dir).expanduser()
-        missing = [f for f in spec.files if not (manual_dir / f).is_file()]
-        if missing:
-            raise DataError(
-                f"--manual-dir {manual_dir} lacks {', '.join(missing)}. {_missing_files_help(spec)}"
-            )
+        _check_manual_files(builder, spec, manual_dir)
     elif offline:
         raise DataError(
             f"{spec.tfds_name} is not prepared in {data_dir} and downloads are off (--offline). "
@@ -347,8 +351,6 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
                 f"{spec.tfds_name} is not prepared in {data_dir} and cannot be downloaded "
                 f"({reason}). " + _missing_files_help(spec)
             )
-    if manual_dir is not None:
-        _check_manual_files(builder, spec, manual_dir)
     log(f"preparing {spec.tfds_name} with TFDS in {data_dir} (once)")
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
     try:
@@ -365,23 +367,28 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
 
 
 def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path) -> None:
-    """Every file in ``manual_dir`` against TFDS's own registered size and SHA-256, before TFDS starts.
+    """Every file in ``manual_dir`` there, and of TFDS's own registered size and SHA-256, before TFDS starts.
 
     TFDS would find a wrong file too, but only after printing its progress bars,
-    and it names only the first; this names every wrong file, in one message.
+    and it names only the first; this names every missing and every wrong file, in one message.
     """
     import hashlib
 
     try:
         expected = {info.filename: info for info in builder.url_infos.values()}
     except Exception:  # a TFDS without url_infos: its own check during preparation remains
-        return
-    wrong = []
+        expected = {}
+    missing, wrong = [], []
     for name in spec.files:
+        path = manual_dir / name
+        if not path.is_file():
+            unpacked = manual_dir / name.removesuffix(".gz")
+            kept = name.endswith(".gz") and unpacked.is_file()  # gunzip'ed by hand, or by a browser
+            missing.append(name + (f" (its unpacked {unpacked.name} is there: give the file as downloaded)" if kept else ""))
+            continue
         info = expected.get(name)
         if info is None or info.size is None or not info.checksum:
             continue
-        path = manual_dir / name
         size = path.stat().st_size
         if size != int(info.size):
             wrong.append(f"{name} has {size:,} bytes, the official file {int(info.size):,}")
@@ -393,12 +400,13 @@ def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path) -> None:
         if digest.hexdigest() != info.checksum:
             wrong.append(f"{name} has the right size but not the official SHA-256")
     if wrong:
+        lacks = f" lacks {', '.join(missing)};" if missing else ":"
         raise DataError(
-            f"--manual-dir {manual_dir}: {'; '.join(wrong)}. They must be the official {spec.tfds_name} "
+            f"--manual-dir {manual_dir}{lacks} {'; '.join(wrong)}. They must be the official {spec.tfds_name} "
             "files, complete and as downloaded (still compressed). " + _missing_files_help(spec)
         )
-
-
+    if missing:
+        raise DataError(f"--manual-dir {manual_dir} lacks {', '.join(missing)}. {_missing_files_help(spec)}")
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:
@@ -435,7 +443,7 @@ def _save_atomically(path: Path, train: Split, test: Split) -> None:
 def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
     """uint8 NHWC -> float in [0, 1], bilinearly resized to ``size`` x ``size``.
 
-    The recipe does ``transforms.Resize(96)`` on the PIL image and then
+    The chapter's code does ``transforms.Resize(96)`` on the PIL image and then
     ``ToTensor()``. Here the order is swapped (scale, then resize in float) so
     it runs on the device inside the jitted step. The interpolation is the same
     as PIL's bilinear filter (equal to 5e-6 when PIL resizes in float mode);

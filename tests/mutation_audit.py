@@ -110,9 +110,13 @@ def run(name: str, file: str, old: str, new: str, tree: Path) -> tuple[bool, str
 
 
 def main(names: list[str]) -> int:
+    if {"-h", "--help"} & set(names):
+        print(__doc__.split("\n\n", 1)[1].rstrip() + "\n\nThe mutations: " + ", ".join(m[0] for m in MUTATIONS))
+        return 0
     unknown = set(names) - {m[0] for m in MUTATIONS}
     if unknown:
-        print(f"no such mutation: {', '.join(sorted(unknown))}", file=sys.stderr)
+        print(f"no such mutation: {', '.join(sorted(unknown))} (the mutations: "
+              f"{', '.join(m[0] for m in MUTATIONS)})", file=sys.stderr)
         return 2
     missed = []
     with tempfile.TemporaryDirectory(prefix="resnet_jax_mutants_") as tmp:

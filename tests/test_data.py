@@ -169,3 +169,30 @@ def test_preprocess_scales_and_resizes_like_the_recipe():
     assert np.abs(ours[..., 0] - pil_u8 / 255.0).max() <= 1 / 255 + 1e-6
     # No resize at the native size: ToTensor's x / 255 (XLA multiplies by 1/255: within 1 ulp).
     np.testing.assert_allclose(np.asarray(data.preprocess(jnp.asarray(images), 28)), images / np.float32(255), rtol=1.2e-7, atol=0)
+
+
+def test_take_refuses_what_numpy_slicing_would_quietly_accept():
+    split = data.Split(np.zeros((10, 28, 28, 1), np.uint8), np.arange(10, dtype=np.int32))
+    assert split.take(None) is split and len(split.take(10)) == 10 and split.take(np.int64(3)).labels.tolist() == [0, 1, 2]
+    for n in (-5, 0, 11, 2.5, True):  # -5 was all but the last 5; 11 was all 10
+        with pytest.raises(ValueError, match=r"take needs an integer 1 <= n <= 10 \(the split's size\)"):
+            split.take(n)
+
+
+def test_missing_unpacked_and_wrong_files_are_named_in_one_message(tmp_path, manual_dir):
+    # They were named one kind per run: first the missing file, and only once that was
+    # fixed the truncated one; the unpacked copy sitting there went unmentioned.
+    import gzip
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (manual / f).symlink_to(manual_dir / f)
+    (manual / "train-labels-idx1-ubyte").write_bytes(gzip.decompress((manual_dir / "train-labels-idx1-ubyte.gz").read_bytes()))
+    (manual / "t10k-labels-idx1-ubyte.gz").write_bytes((manual_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()[:1000])
+    with pytest.raises(data.DataError) as err:
+        data.load(data.FASHION_MNIST, tmp_path / "tfds", manual, offline=True)
+    assert str(err.value).startswith(
+        f"--manual-dir {manual} lacks train-labels-idx1-ubyte.gz (its unpacked train-labels-idx1-ubyte is there: "
+        "give the file as downloaded); t10k-labels-idx1-ubyte.gz has 1,000 bytes, the official file 5,148. "
+        "They must be the official fashion_mnist files"), err.value
