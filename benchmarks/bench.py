@@ -73,7 +73,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from resnet_jax import data, training  # noqa: E402
-from resnet_jax.cli import EXIT_FAILED, EXIT_USAGE, OneLineParser, UserError, check_writable_dir  # noqa: E402
+from resnet_jax.console import EXIT_FAILED, EXIT_USAGE, OneLineParser  # noqa: E402
+from resnet_jax.errors import UserError, check_writable_dir  # noqa: E402
 from resnet_jax.files import write_json  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST, Split  # noqa: E402

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import ops
-from resnet_jax.cli import OneLineParser, check_sizes
+from resnet_jax.console import OneLineParser, check_sizes
 
 
 def network_convs(resize: int):

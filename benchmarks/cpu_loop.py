@@ -25,7 +25,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from resnet_jax import training
-from resnet_jax.cli import OneLineParser
+from resnet_jax.console import OneLineParser
 from resnet_jax.config import Config
 
 B, R, K = 256, 28, 4  # batch, image side, steps per call

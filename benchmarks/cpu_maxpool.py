@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import ops
-from resnet_jax.cli import OneLineParser
+from resnet_jax.console import OneLineParser
 
 
 def median_ms(f, *args):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import training
-from resnet_jax.cli import OneLineParser, check_sizes
+from resnet_jax.console import OneLineParser, check_sizes
 from resnet_jax.config import Config
 from resnet_jax.ops import IMPLS
 

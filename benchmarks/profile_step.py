@@ -38,7 +38,7 @@ import jax
 # beside this folder comes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet_jax import training  # noqa: E402
-from resnet_jax.cli import OneLineParser, check_sizes  # noqa: E402
+from resnet_jax.console import OneLineParser, check_sizes  # noqa: E402
 from resnet_jax.config import DTYPES, Config, ConfigError  # noqa: E402
 from resnet_jax.data import FASHION_MNIST  # noqa: E402
 

@@ -59,7 +59,7 @@ from resnet_jax.errors import first_line
 # that agrees on all of these.
 MODEL_KEYS = ("num_classes", "input_channels", "dtype")
 # Config fields a resumed run may change: where files are and how long to train (epochs
-# only where the learning rate does not depend on them: cli.open_checkpoints checks).
+# only where the learning rate does not depend on them: rundir._check_resume checks).
 # Every other field changes the training math, or its bits (conv lowering, steps per
 # dispatch, eval batch), and would break the promise of an exact resume.
 RESUMABLE_FIELDS = frozenset(
@@ -339,7 +339,7 @@ class Checkpoints:
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract)
         # Check before Orbax reads: its restore reads all arrays at once and, at the first
         # failure, abandons the other reads, which print a traceback each when collected.
-        problem = arrays_problem(path / "state", abstract, meta.get("digests"))  # none before 2026-12-04
+        problem = arrays_problem(path / "state", abstract, meta.get("digests"))  # older checkpoints hold no digests
         if problem and problem.startswith("does not fit"):  # another model's: older ones are no better
             raise CheckpointError(f"checkpoint {path} {problem}")
         if problem:  # damaged: the earlier checkpoints may be whole
@@ -520,8 +520,6 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(err)}"
 
 
-
-
 def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoint:
     """A checkpoint with its model and optimizer rebuilt from its own metadata.
 
@@ -559,7 +557,7 @@ def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:
     if m["dtype"] != config.dtype:
         raise CheckpointError(f"checkpoint {meta['path']} metadata disagrees: dtype {m['dtype']} vs config {config.dtype}")
     # The state's optimizer is the run's, schedule included, so that training can go on from it
-    # (written before 2026-12-05, the metadata holds no steps per epoch: train.py's, from the config).
+    # (an older checkpoint's metadata holds no steps per epoch: train.py's, from the config).
     steps_per_epoch = m.get("steps_per_epoch") or config.steps_per_epoch
     tx = training.make_optimizer(config, steps_per_epoch=steps_per_epoch)
     template = jax.eval_shape(

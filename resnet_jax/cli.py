@@ -7,28 +7,34 @@ Exit codes: 0 done; 2 a bad flag (nothing was started); 1 the run could not be
 done (no data, an unwritable --output, a bad PyTorch checkpoint...); 130
 interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 stdout's reader went away
 (``| head``), as for a program that SIGPIPE ends. A user's mistake gets one line
-on stderr, never a traceback.
+on stderr, never a traceback (resnet_jax/console.py).
+
+Read in this order: :func:`main` (flags -> Config), :func:`run` (paths checked,
+resnet_jax/rundir.py), :func:`_run` (processes, devices, checkpoints opened),
+:func:`_train` (data, state, ``training.fit``, the report).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
-from resnet_jax import files, interrupts, processes, xla_cache
+from resnet_jax import interrupts, processes, rundir, xla_cache
 from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
+from resnet_jax.console import (EXIT_OK, EXIT_USAGE, OneLineParser, OutputLost, counted, emit, native_stdout_to_stderr,
+                                report_errors)
 from resnet_jax.data import DATASETS
 from resnet_jax.errors import UserError, check_writable_dir, first_line
+from resnet_jax.interrupts import Interrupted
 from resnet_jax.ops import IMPLS
 from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES
+
 
 # Flags that override one ingredient of --recipe; None (not given) keeps the recipe's value.
 INGREDIENT_FLAGS = (
@@ -36,39 +42,8 @@ INGREDIENT_FLAGS = (
     "ema_decay", "tta_flip", "crop_pad", "flip", "erase_prob",
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_PIPE = 0, 1, 2, 130, 143, 141
+
 COMMANDS = ("evaluate", "predict")  # train.py's other commands; anything else trains
-
-
-class OutputLost(Exception):
-    """A line could not be written to the console: its reader went away (``| head``), or its disk is full."""
-
-    def __init__(self, err: OSError, stream: str):
-        super().__init__(err.strerror or str(err))
-        self.errno, self.stream = err.errno, stream
-
-
-def emit(*values, file=None, essential: bool = True) -> None:
-    """print() and flush, with a failed write as :class:`OutputLost` instead of a traceback.
-
-    ``essential=False``: a line that says what is going on, not a result; a failed write
-    of it is ignored (``predict ... 2>/dev/full`` still prints its predictions).
-
-    On a lost stdout, fd 1 then points at /dev/null: Python flushes sys.stdout once more at
-    exit, and would print "Exception ignored ... BrokenPipeError" there.
-    """
-    file = file or sys.stdout
-    try:
-        print(*values, file=file, flush=True)
-    except OSError as err:
-        if not essential:
-            return  # the stream stays as it is: a result written to it next still fails, and says so
-        if file is sys.stdout:
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-        raise OutputLost(err, "stdout" if file is sys.stdout else "stderr" if file is sys.stderr else "the output") from None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,24 +59,6 @@ def _recipe_default(key: str) -> str:
 
 def _on(flag: bool) -> str:
     return "on" if flag else "off"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit 2), not the whole usage block before it."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def check_sizes(parser: argparse.ArgumentParser, batch: int, resizes: list[int]) -> None:
-    """The benchmark scripts' --batch and --resize, within train.py's limits; else one line, exit 2."""
-    if batch < 1:
-        parser.error(f"--batch must be a positive integer, got {batch}")
-    for resize in resizes:
-        try:
-            Config(resize=resize)
-        except ConfigError as err:
-            parser.error(str(err))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,257 +179,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-def check_paths(config: Config) -> None:
-    """Everything about files that can be checked before any work.
-
-    The --output folder is created (to test it) last, so that no other refusal leaves it behind.
-    """
-    if config.data_dir and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
-        raise UserError(f"--data-dir {config.data_dir} is not a directory")
-    if config.manual_dir and not Path(config.manual_dir).is_dir():
-        raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
-    _check_torch_paths(config)
-    if config.output:
-        try:  # Orbax hands paths to C++ as UTF-8: it failed at the first save, after an epoch's work
-            config.output.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"--output {config.output!r}: the path is not valid UTF-8, which Orbax's "
-                            "checkpoints need; choose another folder name") from None
-        if run := _enclosing_run(Path(config.output)):
-            raise UserError(f"--output {config.output} is among the checkpoints of the run in {run}, which Orbax "
-                            "manages and --keep rotates away; choose a folder outside them")
-        for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
-            if (path := Path(config.output) / sub).exists() and not path.is_dir():
-                raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
-        check_writable_dir(Path(config.output), "--output")
-
-
-def _enclosing_run(path: Path) -> Path | None:
-    """The train.py run whose checkpoints ``path`` would be written among, if any.
-
-    Orbax keeps a run's checkpoints in numbered folders of RUN/checkpoints and RUN/best and
-    rotates them (--keep): a run written in one (``--output RUN/checkpoints/2``, a slip of
-    tab completion) would be deleted with it, and its own folders would break the outer
-    run's (evaluate and --resume found an "incomplete" checkpoint). Symbolic links are
-    followed; another folder that happens to be named checkpoints is left alone.
-    """
-    parts = path.resolve().parts
-    for i in range(1, len(parts)):
-        if parts[i] in ("checkpoints", "best"):
-            run = Path(*parts[:i])
-            metrics = run / "metrics.jsonl"
-            ours = (run / "checkpoints").is_dir() and metrics.is_file() and not _foreign_metrics(metrics)
-            if ours and (i + 1 == len(parts) or parts[i + 1].isdigit()):
-                return run
-    return None
-
-
-def _own_export(config: Config, target: Path) -> bool:
-    """Whether ``target`` is the export of the run that --resume continues (its results.json says so):
-    the one file an export may replace."""
-    if not (config.resume and config.output):
-        return False
-    try:
-        results = json.loads((Path(config.output) / "results.json").read_text())
-        earlier = [results["config"].get("export_torch"), *results.get("exports", [])]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return any(e and Path(e).resolve() == target.resolve() for e in earlier)
-
-
-def _record_export(config: Config) -> None:
-    """Add the export to the run's results.json ("exports"): the file is then this run's to write again
-    (an export of a finished run, --resume --export-torch, changes nothing else there)."""
-    path = Path(config.output) / "results.json"
-    try:
-        results = json.loads(path.read_text())
-        if config.export_torch not in results.setdefault("exports", []):
-            results["exports"].append(config.export_torch)
-            files.write_json(path, results)
-    except (OSError, ValueError, AttributeError):  # the export is written; only writing it again needs the record
-        pass
-
-
-def _check_torch_paths(config: Config) -> None:
-    """--init-from-torch must be a file, --export-torch's folder writable, and torch importable."""
-    # On --resume the checkpoint holds the weights: the file is not read again.
-    loads = config.init_from_torch and not config.resume
-    if loads and not Path(config.init_from_torch).is_file():
-        what = " is a directory, not a file" if Path(config.init_from_torch).is_dir() else ": no such file"
-        raise UserError(f"--init-from-torch {config.init_from_torch}{what}")
-    if config.export_torch:
-        target = Path(config.export_torch)
-        if target.is_dir():
-            raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
-        if target.exists() and not target.is_file():
-            raise UserError(f"--export-torch {config.export_torch} exists and is not a regular file (a device?); give a file name")
-        if target.suffix.lower() not in (".pt", ".pth"):  # a typo must not overwrite results.json or any other file
-            raise UserError(f"--export-torch {config.export_torch} does not end in .pt or .pth")
-        if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
-            raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
-                            "it would overwrite the weights the run started from; give another name")
-        if target.exists() and not _own_export(config, target):  # another run's model, say: kept
-            raise UserError(f"--export-torch {config.export_torch} already exists, and this run did not write it: "
-                            "give another name, or remove it first")
-        check_writable_dir(target.resolve().parent, "--export-torch's folder")
-    if loads or config.export_torch:
-        from resnet_jax.convert import ConversionError, import_torch
-
-        try:
-            import_torch()
-        except ConversionError as err:
-            flag = "--init-from-torch" if loads else "--export-torch"
-            raise UserError(f"{flag}: {err}") from err
-
-
-class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM) during training; says which checkpoint a --resume would continue from."""
-
-    def __init__(self, epoch: int | None, output: str | None):
-        how = interrupts.word()
-        if epoch is not None:
-            msg = f"{how}; the checkpoint of epoch {epoch} is in {output}: continue with --resume"
-        elif output:
-            msg = f"{how} before the first epoch ended; no checkpoint was written"
-        else:
-            msg = f"{how} (no --output, nothing saved)"
-        super().__init__(msg)
-
-
-# What a run leaves in --output besides checkpoints/: a new run must not overwrite another's.
-# (metrics.jsonl is not among them: a run stopped before its first checkpoint leaves one,
-# and the same command run again must simply start over. A metrics.jsonl that is not
-# ours, though, is someone's file: _foreign_metrics.)
-RUN_FILES = ("results.json", "curves.png", "best")
-
-
-OUR_RECORD_KEYS = {"epoch", "step", "train_loss", "train_acc"}  # in every record of metrics.jsonl (training.py)
-
-
-def _foreign_metrics(path: Path) -> bool:
-    """Whether ``path`` is a non-empty file that no run of ours wrote.
-
-    Each of our lines is a JSON record of kind "epoch" or "steps" with its epoch, step and train metrics.
-    """
-    try:
-        if not path.is_file() or path.stat().st_size == 0:
-            return False
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or rec.get("kind") not in ("epoch", "steps") or not OUR_RECORD_KEYS <= rec.keys():
-                    return True
-    except (OSError, UnicodeDecodeError, ValueError):
-        return True
-    return False
-
-
-def _holds_a_run(out: Path) -> bool:
-    """Whether ``out`` holds a checkpoint or a run's results (what --resume continues, or refuses)."""
-    with contextlib.suppress(OSError):
-        if any(p.name.isdigit() for p in (out / "checkpoints").iterdir()):
-            return True
-    return bool(_run_files(out))
-
-
-def _run_files(out: Path) -> list[str]:
-    """The RUN_FILES a run left in ``out`` (an empty folder, as Checkpoints() makes, does not count)."""
-    return [name for name in RUN_FILES if (p := out / name).is_file() or (p.is_dir() and any(p.iterdir()))]
-
-
-def open_checkpoints(config: Config, meta: dict):
-    """The run directory's checkpoints, after checking that --resume (or its absence) fits what is there."""
-    if not config.output:
-        return None
-    from resnet_jax import checkpoint as ckpt_mod
-
-    out = Path(config.output)
-    # Before Checkpoints() creates its (empty) folders: what another run left here.
-    found = _run_files(out)
-    if not config.resume and _foreign_metrics(out / "metrics.jsonl"):
-        raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
-                        "would overwrite it; choose another --output (or move that file)")
-    created = [d for d in (out, out / "checkpoints", out / "best") if not d.exists()]
-    try:
-        ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)
-    except ckpt_mod.CheckpointError as err:
-        raise UserError(str(err)) from err
-    try:
-        _check_resume(config, meta, ckpts, found)
-    except BaseException:
-        ckpts.close()  # its threads must not outlive a refusal (they print tracebacks at exit)
-        for d in reversed(created):  # nor its empty folders: a refused command leaves the folder as it was
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
-    return ckpts
-
-
-def _resumable_flags() -> str:
-    """The flags --resume may change, from checkpoint.RESUMABLE_FIELDS: "--data-dir, ... and --output"."""
-    from resnet_jax.checkpoint import RESUMABLE_FIELDS
-
-    flags = [f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE_FIELDS - {"resume"})]
-    return ", ".join(flags[:-1]) + " and " + flags[-1]
-
-
-def _check_resume(config: Config, meta: dict, ckpts, found: list[str]) -> None:
-    """Whether --resume (or its absence) fits the checkpoints and files in --output; UserError if not."""
-    from resnet_jax import checkpoint as ckpt_mod
-
-    try:
-        latest = ckpts.latest_epoch()
-        if config.resume:
-            if latest is None:
-                raise UserError(f"--resume: no checkpoint in {config.output} to continue from")
-            saved = ckpts.read_meta()
-            if saved["epoch"] > config.epochs:
-                raise UserError(f"--resume: the checkpoint in {config.output} has trained {saved['epoch']} epochs, "
-                                f"more than --epochs {config.epochs}")
-            diffs = ckpt_mod.differences(saved["metadata"], meta)
-            if diffs:
-                raise UserError(
-                    f"--resume: the checkpoint in {config.output} was trained with another configuration: "
-                    + "; ".join(diffs) + f" (only {_resumable_flags()} may change)"
-                )
-            planned = saved["metadata"]["config"].get("epochs")
-            r = config.recipe
-            if planned != config.epochs and r.scheduled:
-                raise UserError(
-                    f"--resume: the run was planned for {planned} epochs and its learning-rate schedule "
-                    f"({r.schedule}, warmup {r.warmup_epochs:g} epochs) spans them; --epochs {config.epochs} "
-                    "would change the rates of steps already taken. Resume with the same --epochs, or train a new run"
-                )
-        elif latest is not None:
-            raise UserError(
-                f"--output {config.output} already holds a run (checkpoint of epoch {latest}); "
-                "pass --resume to continue it, or choose another --output"
-            )
-        elif found:  # no checkpoint, but another run's results (its checkpoints deleted)
-            raise UserError(
-                f"--output {config.output} already holds another run's {', '.join(found)}; "
-                "choose another --output (or remove them)"
-            )
-    except ckpt_mod.CheckpointError as err:
-        raise UserError(str(err)) from err
-
-
-@contextlib.contextmanager
-def _signals_ignored():
-    """Ctrl-C and SIGTERM ignored inside (main thread only; elsewhere signals cannot be set, nor arrive)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in interrupts.SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def _oom_summary(err: BaseException) -> str:
     """XLA's out-of-memory message, first line only ("Out of memory allocating N bytes", with N in GB)."""
     import re
@@ -494,7 +200,8 @@ class MetricsNotWritten(Exception):
 class _Reporter:
     """What a training run shows and logs: the console lines, a progress bar, metrics.jsonl.
 
-    Its methods are fit's hooks (training.Hooks). Every record also goes into ``log``
+    on_start, on_progress and on_log are fit's hooks (training.Hooks); on_epoch is called by
+    _train's on_checkpoint hook, with the save. Every record also goes into ``log``
     (the checkpoints keep it, so that a resumed run's metrics.jsonl is whole).
     """
 
@@ -532,7 +239,7 @@ class _Reporter:
         c = self.config
         self.say(
             f"training on {info['device']} (JAX {jax.__version__}, {info['backend']} backend): "
-            f"{c.epochs} epochs x {info['steps_per_epoch']} steps of {info['batch_size']}, "
+            f"{counted(c.epochs, 'epoch')} x {counted(info['steps_per_epoch'], 'step')} of {info['batch_size']}, "
             f"{c.resize}x{c.resize}, lr {c.lr:g}, {c.dtype}, recipe {c.recipe.name}; "
             f"compiled in {info['compile_s']:.1f} s"
         )
@@ -576,35 +283,6 @@ class _Reporter:
         self.close_metrics()
 
 
-OUTPUT_LOCK = ".train.lock"  # in --output while a run writes there (files.held)
-
-
-class OutputBusy(UserError):
-    """Another run holds --output: the refused run must leave everything there as it is."""
-
-
-def _hold_output(config: Config, stack: contextlib.ExitStack, main_process: bool) -> None:
-    """The --output folder for this run alone, until ``stack`` closes; OutputBusy if another run holds it.
-
-    Two runs started in one folder used to interleave their checkpoints and metrics.jsonl
-    records, and both could report success. Process 0 takes the lock for a run of several
-    processes, and all of them hear its answer (the others waited, then crashed in C++).
-    """
-    problem = None
-    if main_process:
-        try:
-            stack.enter_context(files.held(Path(config.output) / OUTPUT_LOCK))
-        except files.Busy as err:
-            problem = OutputBusy(f"--output {config.output} is in use by another train.py run ({err.holder}); "
-                                 "wait for it to end, or choose another --output")
-        except OSError as err:
-            problem = UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: "
-                                f"{err.strerror or err}")
-    if processes.any_process(problem is not None):
-        raise problem or OutputBusy(f"--output {config.output} is in use by another run, or cannot be locked: "
-                                    "process 0 says which")
-
-
 def _read_torch_init(config: Config, spec):
     """--init-from-torch's (variables, batch counters), read and checked before the data: fail early."""
     if not config.init_from_torch or config.resume:  # a resumed run's checkpoint holds the weights
@@ -637,17 +315,12 @@ def _load_data(config: Config, spec, say):
     return train, test, val
 
 
-def _fresh_state(config: Config, spec, init, say):
+def _fresh_state(config: Config, init, say):
     """The train state before the first step: PyTorch's init (in distribution), or --init-from-torch's weights."""
-    import jax
-
     from resnet_jax import training
 
-    model = training.make_model(config, spec.num_classes, spec.channels)
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     # The schedule counts in Config.steps_per_epoch, as load_for_inference rebuilds it.
-    tx = training.make_optimizer(config, steps_per_epoch=config.steps_per_epoch)
-    state = training.create_train_state(model, tx, init_key, init[0] if init else None, recipe=config.recipe)
+    state = training.initial_state(config, init[0] if init else None)
     if init:
         # PyTorch's BatchNorm counters are the number of training steps the weights have had
         # (resnet_jax/convert.py); continuing that count keeps --export-torch's counters true.
@@ -658,24 +331,6 @@ def _fresh_state(config: Config, spec, init, say):
         disagree = "" if isinstance(init[1], int) else ", the largest of its BatchNorm counters, which differ"
         say(f"init: weights from {config.init_from_torch} (step {counts}{disagree})")
     return state
-
-
-def _write_run_files(config: Config, report: dict, log: list, say) -> None:
-    """results.json and curves.png in --output."""
-    from resnet_jax import plots
-
-    try:
-        files.write_json(Path(config.output) / "results.json", report)
-    except OSError as err:
-        raise UserError(f"could not write {config.output}/results.json: {err.strerror or err}") from err
-    # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
-    try:
-        plots.plot_curves(plots.epoch_axis(log, config.steps_per_epoch), Path(config.output) / "curves.png")
-    except OSError as err:
-        raise UserError(f"could not write {config.output}/curves.png: {err}") from err
-    say(f"checkpoints in {config.output}/checkpoints"
-        + (f" and {config.output}/best" if config.val_split else "")
-        + "; metrics in metrics.jsonl, results.json, curves.png")
 
 
 def _export_torch(config: Config, state, say) -> None:
@@ -702,7 +357,7 @@ def _export_torch(config: Config, state, say) -> None:
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
             raise UserError(f"--export-torch {config.export_torch}: not written: {why}") from err
         if config.output:
-            _record_export(config)
+            rundir.record_export(config)
         say(f"exported {what} as a PyTorch state_dict to {config.export_torch}")
 
 
@@ -732,37 +387,15 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
 
     if compile_cache is not None and compile_cache[1] and compile_cache[0] is not None:
         check_writable_dir(compile_cache[0], "--compile-cache")  # a named folder: refused before any work
-    made = _first_missing(config.output)  # what check_paths creates, removed again if the run fails empty
-    check_paths(config)  # last: it makes the --output folder
+    made = rundir.first_missing(config.output)  # what rundir.check_paths creates, removed again if the run fails empty
+    rundir.check_paths(config)  # last: it makes the --output folder
     try:
         return _run(config, json_line, distributed, compile_cache, out, say)
-    except OutputBusy:  # the folders are the running run's, empty or not
+    except rundir.OutputBusy:  # the folders are the running run's, empty or not
         raise
     except BaseException:
-        _remove_empty_folders(made)
+        rundir.remove_empty_folders(made)
         raise
-
-
-def _first_missing(path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (``path`` itself, or an ancestor); None if it exists."""
-    if not path:
-        return None
-    path = Path(path).absolute()
-    if path.exists():
-        return None
-    while not path.parent.exists():
-        path = path.parent
-    return path
-
-
-def _remove_empty_folders(top: Path | None) -> None:
-    """``top`` and the folders below it, if they hold no file: what a run that failed before
-    writing anything made (its --output, an empty checkpoints/). A file anywhere keeps it."""
-    if top is None or not top.is_dir():
-        return
-    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
-        with contextlib.suppress(OSError):  # not empty: it stays
-            os.rmdir(folder)
 
 
 def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) -> int:
@@ -778,7 +411,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         from resnet_jax import checkpoint as ckpt_mod
         from resnet_jax import training  # noqa: F401  (for _train, under the deferral)
 
-    with _native_stdout_to_stderr(json_line), contextlib.ExitStack() as stack:
+    with native_stdout_to_stderr(json_line), contextlib.ExitStack() as stack:
         # Every process trains (and joins Orbax's checkpoint saves); only process 0 speaks and writes files.
         main_process = processes.start(distributed)
         if not main_process:
@@ -788,7 +421,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         processes.check_same_settings(config)
         processes.check_shared_output(config)  # before the first save would wait for a part that never comes
         if config.output:
-            _hold_output(config, stack, main_process)  # before looking at what is there: two runs in one folder would mix their files
+            rundir.hold_output(config, stack, main_process)  # before looking at what is there: two runs in one folder would mix their files
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:
@@ -797,16 +430,16 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
 
         # Everything that can be checked without the data first: a wrong file or --resume fails at once.
         spec = DATASETS[config.dataset]
-        if config.resume and not _holds_a_run(Path(config.output)):
+        if config.resume and not rundir.holds_a_run(Path(config.output)):
             # Nothing to continue yet (a first start, or a run stopped before its first checkpoint):
             # a script that always passes --resume starts the run, as it would have without the flag:
-            # --init-from-torch, skipped by check_paths on --resume, is checked and read after all.
+            # --init-from-torch, skipped by rundir.check_paths on --resume, is checked and read after all.
             say(f"--resume: {config.output} holds no checkpoint yet: starting the run at epoch 1")
             config = config.replace(resume=False)
-            _check_torch_paths(config)
+            rundir.check_torch_paths(config)
         init = _read_torch_init(config, spec)
         meta = ckpt_mod.metadata(config, spec)
-        ckpts = open_checkpoints(config, meta)
+        ckpts = rundir.open_checkpoints(config, meta)
         try:
             document = _train(config, spec, init, meta, ckpts, say, json_line, main_process)
         finally:
@@ -815,36 +448,6 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
     if json_line and main_process:
         emit(json.dumps(document))
     return EXIT_OK
-
-
-@contextlib.contextmanager
-def _native_stdout_to_stderr(active: bool):
-    """With --json, stdout carries the JSON line alone: what native code prints there goes to stderr.
-
-    Python's own reports already go to stderr, but C++ libraries write to file descriptor 1
-    directly (Gloo, JAX's CPU collectives between processes, announces each connection there).
-    So fd 1 points at stderr while the run works, and is put back for the JSON line.
-    """
-    if not active:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _results_epoch(output) -> int | None:
-    """The last epoch that ``output``/results.json reports; None if it is missing or unreadable."""
-    try:
-        history = json.loads((Path(output) / "results.json").read_text())["history"]
-        return int(history[-1]["epoch"]) if history else 0
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, main_process: bool) -> dict | None:
@@ -859,7 +462,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
 
     train, test, val = _load_data(config, spec, say)
     interrupts.check()
-    state = _fresh_state(config, spec, init, say)
+    state = _fresh_state(config, init, say)
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record
     if config.resume:
@@ -876,15 +479,15 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         # A finished run: its results.json is already the right one. (A run stopped after its
         # last checkpoint has none, or the one of an earlier, shorter run that --resume
         # extended: it goes on below, trains nothing, and writes them.)
-        if restored.epoch == config.epochs and _results_epoch(config.output) == restored.epoch:
-            say(f"{config.output} has trained all {config.epochs} epochs (checkpoint {restored.path}): nothing to do; "
+        if restored.epoch == config.epochs and rundir.results_epoch(config.output) == restored.epoch:
+            say(f"{config.output} has trained all {counted(config.epochs, 'epoch')} (checkpoint {restored.path}): nothing to do; "
                 "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
             if config.export_torch and main_process:  # the way to export a run that finished without the flag
                 _export_torch(config, state, say)
             if not (json_line and main_process):
                 return None
             try:
-                return json.loads((Path(config.output) / "results.json").read_text())
+                return rundir.read_results(config.output)
             except (OSError, ValueError) as err:
                 raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
@@ -896,9 +499,10 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     reporter = _Reporter(config, say, main_process, log)
     unsaved = None  # (state, history) while a save is under way, for a Ctrl-C that lands in it
 
-    # fit calls on_epoch and then at once on_checkpoint. Together they report the epoch
-    # (its line, metrics.jsonl) and save it, with a Ctrl-C or SIGTERM held until both are
-    # done (interrupts.deferred): an epoch whose line was printed is then always kept.
+    # fit calls on_checkpoint after each epoch; it reports the epoch (its line, metrics.jsonl)
+    # and saves it, with a Ctrl-C or SIGTERM held until both are done (interrupts.deferred):
+    # an epoch whose line was printed is then always kept. (fit's own on_epoch hook, called
+    # before it, is left unset here: the report belongs with the save.)
     # (Without that, a signal between the line and the save lost the epoch, 1 in 12 tries.)
     def on_checkpoint(state, history):
         nonlocal unsaved
@@ -924,7 +528,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             # The cut-short save's writer threads may still be finishing in its temporary
             # folder, which the new save must first remove ("Directory not empty": 3 in 8
             # tries, Ctrl-C 0.08-0.12 s after an epoch's line): a few tries, half a second apart.
-            with _signals_ignored():
+            with interrupts.ignored():
                 for attempt in range(4):
                     try:
                         ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
@@ -978,7 +582,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
               "versions": ckpt_mod.versions(), "python": platform.python_version(),
               "cpu": training.cpu_name(), "argv": sys.argv[1:]}
     if config.output and main_process:
-        _write_run_files(config, report, log, say)
+        rundir.write_run_files(config, report, log, say)
     if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
         _export_torch(config, result.state, say)
         report["exports"] = [config.export_torch]  # as _export_torch recorded it in results.json
@@ -1009,37 +613,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compile-cache needs a folder, or 'off'")
     cache = xla_cache.setting(args.compile_cache)
     return report_errors(parser.prog, lambda: run(config, json_line=args.json, distributed=distributed, compile_cache=cache))
-
-
-def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ()) -> int:
-    """``fn()``'s exit code, with a user's mistake or Ctrl-C as one line on stderr instead of a trace.
-
-    ``usage_errors``: exceptions that mean a flag value cannot work (exit 2);
-    :class:`UserError` means the run could not be done (exit 1). Shared by
-    training and train.py's other commands, so every command exits alike.
-    """
-    try:
-        return fn()
-    except usage_errors as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputLost as err:
-        if err.errno == errno.EPIPE:  # `| head` has read what it wanted: nothing to say
-            return processes.leave(EXIT_PIPE)
-        with contextlib.suppress(OSError):
-            print(f"{prog}: error: cannot write to {err.stream}: {err}", file=sys.stderr)
-        return processes.leave(EXIT_FAILED)
-    except processes.ProcessesDidNotMeet as err:
-        # A thread is stuck in JAX's C++, and JAX's exit handlers would wait on it, then abort.
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_FAILED)
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return processes.leave(EXIT_FAILED)
-    except Interrupted as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return processes.leave(interrupts.exit_code())
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupts.word()}", file=sys.stderr)
-        return processes.leave(interrupts.exit_code())

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from resnet_jax import interrupts
-from resnet_jax.cli import EXIT_OK, OneLineParser, emit, report_errors
+from resnet_jax.console import EXIT_OK, OneLineParser, emit, report_errors
 from resnet_jax.errors import UserError, check_writable_dir
 
 

@@ -1,7 +1,7 @@
 """What a user is told when something they gave cannot work.
 
 :class:`UserError` is a mistake the user can fix: train.py prints its message as one line
-and exits 1 (resnet_jax/cli.py, ``report_errors``). The helpers here are shared by the
+and exits 1 (resnet_jax/console.py, ``report_errors``). The helpers here are shared by the
 modules that raise it.
 """
 

@@ -18,6 +18,10 @@ raised inside jaxlib's initialisation, a KeyboardInterrupt aborts the process.
 The same holds while an epoch's checkpoint is written. A second signal in such
 a wait ends the process at once (one line, exit 130 or 143).
 
+:class:`Interrupted` is how a training run that stopped for a signal says so (which
+checkpoint --resume would continue from); :func:`ignored` holds both signals off while a
+cut-short checkpoint is saved again.
+
 Light on purpose: train.py sets it up before importing JAX.
 """
 
@@ -150,3 +154,31 @@ def deferred():
     finally:
         _set(_handler)
     check()
+
+
+@contextlib.contextmanager
+def ignored():
+    """Ctrl-C and SIGTERM ignored inside (main thread only; elsewhere signals cannot be set, nor arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM) during training; says which checkpoint a --resume would continue from."""
+
+    def __init__(self, epoch: int | None, output: str | None):
+        how = word()
+        if epoch is not None:
+            msg = f"{how}; the checkpoint of epoch {epoch} is in {output}: continue with --resume"
+        elif output:
+            msg = f"{how} before the first epoch ended; no checkpoint was written"
+        else:
+            msg = f"{how} (no --output, nothing saved)"
+        super().__init__(msg)

@@ -19,7 +19,7 @@ them:
 * :class:`BatchNorm` is ``nn.BatchNorm2d``: epsilon 1e-5, momentum 0.1 in
   PyTorch's convention, and running variance updated with the *unbiased* batch
   variance, which ``flax.linen.BatchNorm`` does not do.
-* Initialisation is the recipe's (d2l ``train_ch6``): Xavier-uniform for every
+* Initialisation is the chapter's (d2l ``train_ch6``): Xavier-uniform for every
   conv and dense kernel; biases keep PyTorch's default U(-1/sqrt(fan_in),
   1/sqrt(fan_in)); BatchNorm scale 1, bias 0, running mean 0, running var 1.
 

@@ -190,7 +190,7 @@ class ProcessesDidNotMeet(UserError):
     """jax.distributed.initialize() is still waiting at --init-timeout.
 
     Its thread is stuck in JAX's C++ and JAX's exit handlers would wait on it: the
-    process must leave at once (:func:`resnet_jax.cli.report_errors`).
+    process must leave at once (:func:`resnet_jax.console.report_errors`).
     """
 
 

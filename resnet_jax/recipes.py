@@ -9,7 +9,7 @@ fields; :data:`RUN_DEFAULTS` says what each recipe sets them to when no flag
 does.
 
 The functions here are pure and know nothing of the training loop:
-:func:`make_optimizer` (Optax), :func:`loss` (cross-entropy with optional label
+:func:`sgd` (the Optax optimizer; ``training.make_optimizer(config)`` calls it), :func:`loss` (cross-entropy with optional label
 smoothing), :func:`ema_update` (exponential moving average of weights and
 BatchNorm statistics) and :func:`test_logits` (logits, optionally averaged over a
 left-right flip).
@@ -167,7 +167,7 @@ def weight_decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-def make_optimizer(r: Recipe, lr: float, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+def sgd(r: Recipe, lr: float, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
     """SGD as the recipe says. For d2l this is exactly ``optax.sgd(lr)``: the chapter's step, unchanged.
 
     Weight decay is coupled (L2 added to the gradient before momentum, as in

@@ -51,6 +51,7 @@ from resnet_jax.data import DATASETS, Split, preprocess
 from resnet_jax.model import ResNet18, init_variables
 from resnet_jax.recipes import D2L, Recipe
 
+
 def jit(fn: Callable, devices=None, **kwargs):
     """``jax.jit`` for the platform of ``devices`` (default: ``jax.devices()``).
 
@@ -62,11 +63,11 @@ def jit(fn: Callable, devices=None, **kwargs):
     training runs. (Initialisation, :func:`_jitted_init`, runs once and keeps
     plain ``jax.jit``.)
     """
-    platform = _platform(devices)
+    target = _platform(devices)
 
     @functools.wraps(fn)  # the signature, for static_argnames
     def traced(*args, **kw):
-        with ops.targeting(platform):
+        with ops.targeting(target):
             return fn(*args, **kw)
 
     # The program's name (jit_train_rows, ...: profiles, the compile cache) stays fn's, partials included.
@@ -74,7 +75,7 @@ def jit(fn: Callable, devices=None, **kwargs):
     while isinstance(inner, functools.partial):
         inner = inner.func
     traced.__name__ = traced.__qualname__ = getattr(inner, "__name__", "program")
-    return jax.jit(traced, compiler_options=ops.compiler_options(platform), **kwargs)
+    return jax.jit(traced, compiler_options=ops.compiler_options(target), **kwargs)
 
 
 def _platform(devices=None) -> str:
@@ -123,7 +124,7 @@ def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.
         if config.recipe.scheduled:
             raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
         steps_per_epoch = 1
-    return recipes.make_optimizer(config.recipe, config.lr, steps_per_epoch, config.epochs)
+    return recipes.sgd(config.recipe, config.lr, steps_per_epoch, config.epochs)
 
 
 def create_train_state(
@@ -157,6 +158,22 @@ def create_train_state(
     # Flax starts the count at the Python int 0, which steps taken outside jit keep as a Python
     # int (saved as int64); the jitted steps, and checkpoints' templates, have an int32 array.
     return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def init_key(seed: int) -> jax.Array:
+    """The key a run's initial weights come from: a pure function of the seed, apart from
+    :func:`epoch_key`'s shuffles."""
+    return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def initial_state(config: Config, variables: dict | None = None) -> TrainState:
+    """The state train.py starts a run from: ``config.dataset``'s model, ``config``'s optimizer (a
+    schedule counts ``config.steps_per_epoch``), weights drawn from ``config.seed`` (or ``variables``).
+
+    Given the same config, ``fit`` then computes what ``python train.py`` computes.
+    """
+    tx = make_optimizer(config, steps_per_epoch=config.steps_per_epoch)
+    return create_train_state(make_model(config), tx, init_key(config.seed), variables, recipe=config.recipe)
 
 
 @functools.cache
@@ -329,8 +346,8 @@ def steps_per_dispatch(config: Config, backend: str) -> int:
     critical path. XLA:CPU runs a step inside any while loop (lax.scan or
     fori_loop) many times slower than the same step dispatched on its own (about
     40x at 28x28 with the package's options; BENCHMARKS.md, "Steps per dispatch
-    on CPU"), and a dispatch costs nothing
-    next to a CPU step, so there it is one step per call.
+    on CPU"), and a dispatch costs nothing next to a CPU step, so there it is one
+    step per call.
     """
     if config.steps_per_dispatch is not None:
         return config.steps_per_dispatch
@@ -720,8 +737,8 @@ def fit(
 
     The splits are used as given: ``config``'s data-selection fields
     (dataset, train_limit, test_limit, val_split) are the caller's to apply
-    (``Split.take``, ``Split.hold_out``, as :func:`resnet_jax.cli.run` does).
-    ``state`` must come from ``create_train_state(..., recipe=config.recipe)``.
+    (``Split.take``, ``Split.hold_out``, as ``resnet_jax.cli._load_data`` does).
+    ``state`` must come from :func:`initial_state` (or ``create_train_state(..., recipe=config.recipe)``).
     With a learning-rate schedule, the train split must give ``config.steps_per_epoch``
     steps, the count the optimizer's schedule was built for (ValueError otherwise).
 
@@ -769,7 +786,8 @@ def fit(
     # Compile everything ahead of time so the timings below are training only.
     t0 = time.perf_counter()
     programs = _compile(config, state, train_x, train_y, test, val, devices, mesh, bs, steps_per_epoch, K)
-    plan_fn, chunk_fn, last_fn, eval_test, eval_val, scalar = programs[:6]
+    plan_fn, chunk_fn, last_fn = programs.plan, programs.chunk, programs.last_chunk
+    eval_test, eval_val, scalar = programs.eval_test, programs.eval_val, programs.scalar
     compile_s = time.perf_counter() - t0
 
     info = {

@@ -55,6 +55,23 @@ def test_a_short_run_reports_and_writes_metrics(prepared_data_dir, tmp_path):
     assert saved["test_acc"] == final["test_acc"] and saved["config"]["train_limit"] == 300
 
 
+
+def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_dir, capsys):
+    # README's Python example: initial_state(config), then fit. It drew its weights from another
+    # key than train.py did, so a learner's numbers disagreed with the command's.
+    from resnet_jax import data, training
+    from resnet_jax.config import Config
+
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", 96, "--test-limit", 48, "--epochs", 1,
+             "--resize", 17, "--batch-size", 32, "--seed", 3, "--json"]
+    assert cli.main(list(map(str, flags))) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = Config(epochs=1, resize=17, batch_size=32, train_limit=96, test_limit=48, seed=3)
+    train, test = data.load("fashion_mnist", data_dir=str(prepared_data_dir), offline=True)
+    result = training.fit(config, train.take(96), test.take(48), training.initial_state(config))
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert result.final[key] == final[key], key
+
 BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--epochs", "-1"], "--epochs must be a non-negative integer"),

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import tree_digest
-from resnet_jax import cli, data, training
+from resnet_jax import cli, console, data, rundir, training
 from resnet_jax.checkpoint import Checkpoints, load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -450,7 +450,7 @@ def test_resume_refuses_more_epochs_when_the_schedule_spans_the_planned_ones(pre
     assert rc == 0, err
     before = tree_digest(output)
     rc, out, err = _main(*args, "--resume", "--epochs", 2)
-    assert rc == 1 and "planned for 1 epochs" in err and "cosine" in err and err.count("\n") == 1
+    assert rc == 1 and "planned for 1 epoch and" in err and "cosine" in err and err.count("\n") == 1
     assert tree_digest(output) == before
     rc, out, err = _main(*args, "--resume")  # the same plan: nothing left to train, and that is fine
     assert rc == 0, err
@@ -582,8 +582,8 @@ def test_other_runtime_errors_are_not_called_out_of_memory(prepared_data_dir, tm
 ])
 def test_a_metrics_file_is_ours_only_if_every_line_is_our_record(tmp_path, text, foreign):
     (tmp_path / "metrics.jsonl").write_text(text)
-    assert cli._foreign_metrics(tmp_path / "metrics.jsonl") is foreign
-    assert cli._foreign_metrics(tmp_path / "absent.jsonl") is False
+    assert rundir.foreign_metrics(tmp_path / "metrics.jsonl") is foreign
+    assert rundir.foreign_metrics(tmp_path / "absent.jsonl") is False
 
 
 def test_a_metrics_file_that_cannot_be_written_mid_run_is_one_line(prepared_data_dir, tmp_path):
@@ -611,7 +611,7 @@ def test_a_closed_stdout_ends_predict_quietly_and_a_full_one_in_one_line(run, tm
     p.stdout.close()  # what `| head -1` does; 4,000 lines do not fit in the pipe's buffer
     err = p.stderr.read()
     p.stderr.close()
-    assert p.wait(timeout=300) == cli.EXIT_PIPE and "Traceback" not in err and "Exception ignored" not in err, err
+    assert p.wait(timeout=300) == console.EXIT_PIPE and "Traceback" not in err and "Exception ignored" not in err, err
     assert len(err.strip().splitlines()) == 1  # the checkpoint's line, on stderr before the predictions
 
     with open("/dev/full", "w") as full:

@@ -22,7 +22,7 @@ def test_d2l_preset_is_the_chapter():
     # d2l keeps lr 0.05 whatever the batch, as the program always did.
     assert recipes.resolve("d2l", batch_size=128)[1]["lr"] == 0.05
     # The optimizer is plain SGD with a constant lr: the same transformation as optax.sgd(0.05).
-    tx = recipes.make_optimizer(D2L, 0.05, 10, 2)
+    tx = recipes.sgd(D2L, 0.05, 10, 2)
     g = {"w": jnp.array([1.0, -2.0])}
     upd, _ = tx.update(g, tx.init(g), g)
     np.testing.assert_array_equal(upd["w"], optax.sgd(0.05).update(g, optax.sgd(0.05).init(g), g)[0]["w"])
@@ -56,7 +56,7 @@ def test_weight_decay_mask_excludes_batchnorm_and_biases(variables):
     # 20 convs (17 + 3 1x1 shortcuts) and the dense layer.
     assert len(decayed) == 21
     # And the optimizer applies it so: a zero gradient moves kernels only.
-    tx = recipes.make_optimizer(BEST.replace(momentum=0.0, nesterov=False, warmup_epochs=0, schedule="constant"), 1.0, 10, 1)
+    tx = recipes.sgd(BEST.replace(momentum=0.0, nesterov=False, warmup_epochs=0, schedule="constant"), 1.0, 10, 1)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     upd, _ = tx.update(zeros, tx.init(params), params)
     for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(upd), jax.tree_util.tree_leaves(params)):
@@ -65,7 +65,7 @@ def test_weight_decay_mask_excludes_batchnorm_and_biases(variables):
 
 
 def test_nesterov_momentum_update():
-    tx = recipes.make_optimizer(Recipe(momentum=0.9, nesterov=True), 0.1, 10, 1)
+    tx = recipes.sgd(Recipe(momentum=0.9, nesterov=True), 0.1, 10, 1)
     p = {"kernel": jnp.array([1.0])}
     g = {"kernel": jnp.array([2.0])}
     s = tx.init(p)
