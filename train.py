@@ -15,8 +15,8 @@ def open_standard_streams() -> None:
     Started with one of them closed, Python has ``sys.stderr is None`` (the progress bar
     crashed on it), and the next file opened takes the closed descriptor's number, so that
     writes meant for the console would land in that file. With /dev/null there, what would
-    have been printed is dropped and the run goes on. Here, with nothing imported: a Ctrl-C
-    before ``interrupts.defer()`` below would be a traceback, so this window stays short.
+    have been printed is dropped and the run goes on. (Ctrl-C and SIGTERM are blocked by
+    then, so nothing imported here is cut short.)
     """
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
@@ -57,7 +57,7 @@ if __name__ == "__main__":
     # so is one held since the start (delivered as the block is lifted).
     interrupts.defer()
     if held:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.SIGNALS)
+        interrupts.release_held()
     from resnet_jax.cli import main
     from resnet_jax.console import EXIT_INTERRUPTED, EXIT_TERMINATED
 

@@ -876,7 +876,7 @@ def run(args, argv: list[str], say=print) -> dict:
     n_eval = args.eval_examples or (10_000 if backend != "cpu" else 4 * args.batch)
     if args.data:
         train, test = load_npz(args.data)
-        train, test = train.take(args.train_examples), test.take(n_eval)
+        train, test = train.take(min(args.train_examples, len(train))), test.take(min(n_eval, len(test)))
         data_note = f"the array cache {args.data} ({len(train):,} train images, the first {len(test):,} test images)"
     else:
         train, test = synthetic_splits(args.train_examples, n_eval)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from resnet_jax import interrupts
 from resnet_jax.console import EXIT_OK, OneLineParser, emit, report_errors
-from resnet_jax.errors import UserError, check_writable_dir
+from resnet_jax.errors import UserError, check_output_file, check_writable_dir
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -92,16 +92,10 @@ def evaluate(args: argparse.Namespace) -> int:
     # read-only (a shared or archived run): then there is no PNG, and a note says so.
     if args.confusion_png:
         png = Path(args.confusion_png)
-        if png.is_dir():
-            raise UserError(f"--confusion-png {png} is a directory, not a file name")
-        if png.suffix.lower() != ".png":  # a typo must not overwrite results.json or any other file
-            raise UserError(f"--confusion-png {png} does not end in .png")
-        if png.exists() and not png.is_file():
-            raise UserError(f"--confusion-png {png} exists and is not a regular file (a device?); give a file name")
         if png.name == "curves.png" and (png.parent / "metrics.jsonl").is_file():  # train.py's plot of a run
             raise UserError(f"--confusion-png {png} is the training curves of the run in {png.parent}; "
                             "give another file name")
-        check_writable_dir(png.resolve().parent, "--confusion-png's folder")
+        check_output_file(png, "--confusion-png", (".png",))
     else:
         png = Path(args.run_dir) / f"confusion_{args.which}.png"
         try:

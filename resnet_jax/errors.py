@@ -22,6 +22,19 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+    """A file a command is about to write: a file name (not a folder, nor a device), with one of
+    ``suffixes`` (so that a typo cannot overwrite results.json or any other file), in a folder
+    that can be written. A UserError naming ``flag`` if not."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory, not a file name")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path} exists and is not a regular file (a device?); give a file name")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path} does not end in {' or '.join(suffixes)}")
+    check_writable_dir(path.resolve().parent, f"{flag}'s folder")
+
+
 def check_writable_dir(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file, not a directory")

@@ -87,6 +87,24 @@ def defer() -> None:
         _set(_record)
 
 
+def release_held() -> None:
+    """Unblock SIGINT and SIGTERM, which train.py blocks from its first line (``pthread_sigmask``)
+    until :func:`defer` has set its handler; a signal that came meanwhile counts as the first.
+
+    Both may be pending at once (a Ctrl-C, then a scheduler's SIGTERM): delivered together,
+    the second would read as a second signal in a wait ("again: stopped at once").
+    """
+    def first(signum, frame):
+        global _seen
+        if _seen is None:
+            _seen = signum
+
+    previous = {s: signal.signal(s, first) for s in SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # CPython runs the handlers of pending signals before it returns
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM as above (main thread only: elsewhere signals can be neither set nor received)."""
     global _seen

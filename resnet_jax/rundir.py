@@ -17,7 +17,7 @@ from pathlib import Path
 from resnet_jax import files, processes
 from resnet_jax.config import Config
 from resnet_jax.console import counted
-from resnet_jax.errors import UserError, check_writable_dir
+from resnet_jax.errors import UserError, check_output_file, check_writable_dir
 
 RESULTS = "results.json"  # the run's final report (write_run_files), and the --json line
 
@@ -64,19 +64,13 @@ def check_torch_paths(config: Config) -> None:
         raise UserError(f"--init-from-torch {config.init_from_torch}{what}")
     if config.export_torch:
         target = Path(config.export_torch)
-        if target.is_dir():
-            raise UserError(f"--export-torch {config.export_torch} is a directory, not a file name")
-        if target.exists() and not target.is_file():
-            raise UserError(f"--export-torch {config.export_torch} exists and is not a regular file (a device?); give a file name")
-        if target.suffix.lower() not in (".pt", ".pth"):  # a typo must not overwrite results.json or any other file
-            raise UserError(f"--export-torch {config.export_torch} does not end in .pt or .pth")
+        check_output_file(target, "--export-torch", (".pt", ".pth"))
         if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
                             "it would overwrite the weights the run started from; give another name")
         if target.exists() and not _own_export(config, target):  # another run's model, say: kept
             raise UserError(f"--export-torch {config.export_torch} already exists, and this run did not write it: "
                             "give another name, or remove it first")
-        check_writable_dir(target.resolve().parent, "--export-torch's folder")
     if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
 
@@ -108,7 +102,7 @@ def record_export(config: Config) -> None:
         if config.export_torch not in results.setdefault("exports", []):
             results["exports"].append(config.export_torch)
             files.write_json(Path(config.output) / RESULTS, results)
-    except (OSError, ValueError, AttributeError):  # the export is written; only writing it again needs the record
+    except (OSError, ValueError, AttributeError, TypeError):  # the export is written; only writing it again needs the record
         pass
 
 

@@ -55,7 +55,6 @@ def test_a_short_run_reports_and_writes_metrics(prepared_data_dir, tmp_path):
     assert saved["test_acc"] == final["test_acc"] and saved["config"]["train_limit"] == 300
 
 
-
 def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_dir, capsys):
     # README's Python example: initial_state(config), then fit. It drew its weights from another
     # key than train.py did, so a learner's numbers disagreed with the command's.
@@ -71,6 +70,7 @@ def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_di
     result = training.fit(config, train.take(96), test.take(48), training.initial_state(config))
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert result.final[key] == final[key], key
+
 
 BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size must be a positive integer"),

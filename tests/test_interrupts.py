@@ -178,3 +178,18 @@ def test_a_signal_held_through_the_restart_is_one_line_once_train_py_listens(tmp
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 130 and r.stderr.splitlines() == ["train.py: interrupted"], r
+
+
+def test_a_ctrl_c_and_a_sigterm_held_together_are_one_signal_not_a_second_in_a_wait():
+    # Both pending at the unblock used to print "interrupted again: stopped at once; a checkpoint
+    # being written may be left incomplete" at start-up, where no checkpoint is written.
+    script = (
+        "import os, signal\nfrom resnet_jax import interrupts\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
+        "os.kill(os.getpid(), signal.SIGINT)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "interrupts.defer()\ninterrupts.release_held()\n"
+        "print(interrupts.word(), interrupts.exit_code(), signal.getsignal(signal.SIGINT) is interrupts._record)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout == "interrupted 130 True\n" and r.stderr == "", r
