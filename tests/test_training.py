@@ -441,7 +441,6 @@ def test_bfloat16_compute_lowers_the_loss_and_keeps_float32_state():
 def test_the_initial_state_draws_from_the_seeds_init_key_as_train_py_always_has():
     # The derivation of a run's weights from --seed: a change would make every seed another run
     # (and README's example disagreed with train.py while it used another key).
-
     config = Config(seed=3, resize=17)
     state = training.initial_state(config)
     expected = training.create_train_state(training.make_model(config), training.make_optimizer(config),
