@@ -666,10 +666,7 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
 
 def bench_full_recipe(config: Config, train: Split, test: Split) -> dict:
     """``training.fit`` end to end: the whole recipe, compile and per-epoch evaluation included."""
-    model = training.make_model(config, FASHION_MNIST.num_classes, FASHION_MNIST.channels)
-    state = training.create_train_state(
-        model, training.make_optimizer(config), jax.random.fold_in(jax.random.key(config.seed), 0)
-    )
+    state = training.initial_state(config)  # what train.py starts from
     t0 = time.perf_counter()
     result = training.fit(config, train, test, state)
     wall = time.perf_counter() - t0
