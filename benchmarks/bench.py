@@ -189,7 +189,7 @@ def load_npz(path: str) -> tuple[Split, Split]:
     try:
         with z:
             train, test = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
-        data._check(FASHION_MNIST, train, test)  # the shapes and dtype data.load insists on
+        data.check_splits(FASHION_MNIST, train, test)  # the shapes and dtype data.load insists on
     except (OSError, ValueError, KeyError, data.DataError) as err:
         raise UserError(f"--data {path} is not a readable resnet_jax array cache: {err}") from err
     return train, test
@@ -271,7 +271,7 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
     put = functools.partial(jax.device_put, device=device)
     train_x, train_y = put(train.images), put(train.labels)
     eval_bs = min(config.eval_batch_size, len(test))
-    test_x, test_y, test_m = map(put, training._pad_split(test, eval_bs))
+    test_x, test_y, test_m = map(put, training.pad_batches(test, eval_bs))
     model = training.make_model(config, FASHION_MNIST.num_classes, FASHION_MNIST.channels)
     state = put(training.create_train_state(model, training.make_optimizer(config), jax.random.key(config.seed)))
 
@@ -318,7 +318,7 @@ def bench_jax(config: Config, train: Split, test: Split, repeats: int, steps: in
         _, evaluate = compile_(training.jit(functools.partial(training.evaluate_batches, resize=r)), state, test_x, test_y, test_m)
     else:  # as fit: no device loop on XLA:CPU, one call per batch
         def evaluate(s, xs, ys, ms):
-            return functools.reduce(training._add, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0])))
+            return functools.reduce(training.add_metrics, (one_eval(s, xs[i], ys[i], ms[i]) for i in range(xs.shape[0])))
 
     # Shuffled batch rows, (chunks, K, B), on the device. fit draws them once per
     # epoch (training.epoch_plan); that is not part of a step, so it is not timed.

@@ -73,7 +73,7 @@ def _describe(ckpt) -> str:
     return f"checkpoint {ckpt.path}: epoch {ckpt.epoch}, {c.dataset}, {c.resize}x{c.resize}, {c.dtype}"
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def evaluate_command(args: argparse.Namespace) -> int:
     ckpt = _load(args.run_dir, args.which)
     from resnet_jax import data as data_mod  # imported by _load, under its deferral: no cost here
     from resnet_jax import metrics, plots, training
@@ -146,7 +146,7 @@ def evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def predict(args: argparse.Namespace) -> int:
+def predict_command(args: argparse.Namespace) -> int:
     import numpy as np
 
     ckpt = _load(args.run_dir, args.which)
@@ -195,7 +195,7 @@ class UsageError(Exception):
     """A flag value that cannot work (exit 2)."""
 
 
-COMMANDS = {"evaluate": (build_evaluate_parser, evaluate), "predict": (build_predict_parser, predict)}
+COMMANDS = {"evaluate": (build_evaluate_parser, evaluate_command), "predict": (build_predict_parser, predict_command)}
 
 
 def main(command: str, argv: list[str]) -> int:

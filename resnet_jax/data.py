@@ -234,7 +234,7 @@ def load(
         if (splits := _read_cache(spec, cache, log)) is not None:  # written by the run we waited for
             return splits
         train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log)
-        _check(spec, train, test)
+        check_splits(spec, train, test)
         try:
             _save_atomically(cache, train, test)
         except OSError as err:  # a read-only data_dir still works, just without the cache
@@ -249,7 +249,7 @@ def _read_cache(spec: DatasetSpec, cache: Path, log) -> tuple[Split, Split] | No
     try:
         with np.load(cache) as z:
             splits = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
-        _check(spec, *splits)
+        check_splits(spec, *splits)
         return splits
     except Exception as err:  # the cache is disposable: truncated, garbled (bad CRC, EOFError), foreign...
         log(f"ignoring unreadable array cache {cache} ({type(err).__name__}: {err}); reading the TFDS data again")
@@ -420,7 +420,8 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
         return f"no connection to {parts.hostname}: {err}"
 
 
-def _check(spec: DatasetSpec, train: Split, test: Split) -> None:
+def check_splits(spec: DatasetSpec, train: Split, test: Split) -> None:
+    """Raise DataError unless both splits have the shapes and dtype of ``spec`` (uint8 NHWC, one label each)."""
     shape = (spec.image_size, spec.image_size, spec.channels)
     for name, split, n in (("train", train, spec.num_train), ("test", test, spec.num_test)):
         if split.images.shape != (n, *shape) or split.images.dtype != np.uint8 or split.labels.shape != (n,):

@@ -323,7 +323,8 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     return np.concatenate(out)
 
 
-def _add(a: Metrics, b: Metrics) -> Metrics:
+def add_metrics(a: Metrics, b: Metrics) -> Metrics:
+    """The sum of two metric-sum dicts (loss, correct, count, confusion), key by key."""
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
@@ -373,7 +374,7 @@ def train_chunk(state, images, labels, batch_idx, num_steps, resize: int, batch_
     def body(i, carry):
         state, sums = carry
         state, m = train_rows(state, images, labels, batch_idx[i], resize, batch_sharding, masked)
-        return state, _add(sums, m)
+        return state, add_metrics(sums, m)
 
     return jax.lax.fori_loop(0, num_steps, body, (state, _zeros()))
 
@@ -411,7 +412,7 @@ def evaluate_batches(state, images, labels, mask, resize: int, batch_sharding=No
     def body(sums, batch):
         x, y, m = batch
         x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
-        return _add(sums, eval_step(state, x, y, resize, m, confusion)), None
+        return add_metrics(sums, eval_step(state, x, y, resize, m, confusion)), None
 
     sums, _ = jax.lax.scan(body, _zeros(_num_classes(state) if confusion else None), (images, labels, mask))
     return sums
@@ -548,7 +549,12 @@ def to_global(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _pad_split(split: Split, batch: int):
+def pad_batches(split: Split, batch: int):
+    """``split`` as whole batches for evaluation: (images, labels, mask), each (B, batch, ...).
+
+    The last batch is padded with zero images; ``mask`` is False on the padding,
+    so the metric sums count every example once and nothing else.
+    """
     n = len(split)
     n_pad = math.ceil(n / batch) * batch
     pad = n_pad - n
@@ -594,13 +600,13 @@ def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: b
 def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, devices, confusion: bool = False):
     """state -> host metrics (loss, acc, count, and with ``confusion`` the confusion matrix)
     over ``split``, compiled now for ``devices``; the split goes to the device(s)."""
-    x, y, m = map(put, _pad_split(split, _eval_batch_size(config, len(split), len(devices))))
+    x, y, m = map(put, pad_batches(split, _eval_batch_size(config, len(split), len(devices))))
     # No device loop on XLA:CPU (see steps_per_dispatch): one call per batch.
     device_loop = _platform(devices) != "cpu"
     fn = _eval_program(config, state, x, y, m, batch_sharding, device_loop, confusion, devices)
     if device_loop:
         return lambda s: _to_host(fn(s, x, y, m))
-    return lambda s: _to_host(functools.reduce(_add, (fn(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
+    return lambda s: _to_host(functools.reduce(add_metrics, (fn(s, x[i], y[i], m[i]) for i in range(x.shape[0]))))
 
 
 def _mesh(devices, batch_size: int | None = None):
@@ -818,7 +824,7 @@ def fit(
             steps = min(K, steps_per_epoch - c * K)
             fn = last_fn if c == num_chunks - 1 else chunk_fn
             state, m = fn(state, train_x, train_y, rows[c], scalar(steps))
-            sums = _add(sums, m)
+            sums = add_metrics(sums, m)
             done += steps
             # Read the previous chunk's sums while this one runs: the device never waits for the host.
             if pending is not None:

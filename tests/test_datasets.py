@@ -151,7 +151,7 @@ def test_cifar10_shaped_data_trains_through_the_loop():
     shape = (spec.image_size, spec.image_size, spec.channels)
     train = data.Split(rng.integers(0, 256, (8, *shape), dtype=np.uint8), rng.integers(0, 10, 8).astype(np.int32))
     test = data.Split(rng.integers(0, 256, (4, *shape), dtype=np.uint8), rng.integers(0, 10, 4).astype(np.int32))
-    data._check(spec, *(data.Split(np.repeat(s.images[:1], n, 0), np.zeros(n, np.int32))
+    data.check_splits(spec, *(data.Split(np.repeat(s.images[:1], n, 0), np.zeros(n, np.int32))
                         for s, n in ((train, spec.num_train), (test, spec.num_test))))
 
     model = training.make_model(config, spec.num_classes, spec.channels)

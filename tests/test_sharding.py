@@ -190,7 +190,7 @@ put = lambda a: training.to_global(a, replicated)
 state = jax.tree_util.tree_map(put, jax.device_get(state))
 rng = np.random.default_rng(0)
 split = Split(rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 12).astype(np.int32))
-x, y, m = map(put, training._pad_split(split, 8))
+x, y, m = map(put, training.pad_batches(split, 8))
 for device_loop in (False, True):
     args = (x, y, m) if device_loop else (x[0], y[0], m[0])
     flops, sums = [], []
