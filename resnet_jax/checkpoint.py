@@ -151,6 +151,18 @@ def _state_dict(state) -> dict:
     return serialization.to_state_dict(state)
 
 
+def _check_meta_describes(state, meta: dict) -> None:
+    """ValueError unless ``meta`` describes the state's model: the model load_for_inference builds from
+    it must take the saved arrays (a checkpoint that cannot be loaded is not written)."""
+    params = state.params if hasattr(state, "params") else state["params"]
+    have = {"num_classes": params["dense"]["bias"].shape[0], "input_channels": params["b1"]["conv"]["kernel"].shape[2]}
+    if wrong := [f"{k} {meta[k]!r} (the state's model: {v})" for k, v in have.items() if meta.get(k) != v]:
+        raise ValueError(f"meta says {', '.join(wrong)}: pass checkpoint.metadata(config, spec) of the model's "
+                         "dataset, or set those keys to the model's")
+    if "class_names" in meta and len(meta["class_names"]) != have["num_classes"]:
+        raise ValueError(f"meta names {len(meta['class_names'])} classes; the state's model has {have['num_classes']}")
+
+
 class Checkpoints:
     """The checkpoints of one run directory: save after an epoch, restore latest or best.
 
@@ -241,6 +253,7 @@ class Checkpoints:
         """
         if missing := [k for k in METADATA_KEYS if k not in meta]:
             raise ValueError(f"meta lacks {', '.join(missing)}: pass checkpoint.metadata(config, spec)")
+        _check_meta_describes(state, meta)
         ocp = self._ocp
         state_dict = _state_dict(state)
         args = ocp.args.Composite(
@@ -560,7 +573,8 @@ def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:
     # (an older checkpoint's metadata holds no steps per epoch: train.py's, from the config).
     steps_per_epoch = m.get("steps_per_epoch") or config.steps_per_epoch
     tx = training.make_optimizer(config, steps_per_epoch=steps_per_epoch)
+    plan = training.built_from(config, steps_per_epoch)
     template = jax.eval_shape(
-        lambda: training.create_train_state(model, tx, jax.random.key(0), recipe=config.recipe)
+        lambda: training.create_train_state(model, tx, jax.random.key(0), recipe=config.recipe).replace(built_from=plan)
     )
     return ckpts.restore(template, which, meta)

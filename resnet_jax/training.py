@@ -94,10 +94,15 @@ class TrainState(train_state.TrainState):
     step t uses ``fold_in(aug_key, t)``, so a run is reproducible and a resumed
     one continues the same stream) and the EMA of the weights and statistics.
     Each stays None when its ingredient is off, as everything is for d2l.
+
+    ``built_from``: the config values the model and ``tx`` were built from (:func:`built_from`),
+    so that :func:`fit` can refuse a config that asks for another learning rate or dtype; None
+    when unknown (``create_train_state`` with a model and optimizer of one's own).
     """
 
     batch_stats: Any = None
     recipe: Recipe = struct.field(pytree_node=False, default=D2L)
+    built_from: tuple | None = struct.field(pytree_node=False, default=None)
     aug_key: jax.Array | None = None
     ema_params: Any = None
     ema_batch_stats: Any = None
@@ -125,6 +130,17 @@ def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.
             raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
         steps_per_epoch = 1
     return recipes.sgd(config.recipe, config.lr, steps_per_epoch, config.epochs)
+
+
+def built_from(config: Config, steps_per_epoch: int | None = None) -> tuple:
+    """The values of ``config`` that :func:`make_model` and :func:`make_optimizer` build from, besides
+    the recipe: dtype, conv lowering, learning rate, and with a schedule the epochs and steps per
+    epoch it spans (default ``config.steps_per_epoch``). As (name, value) pairs: a static field."""
+    plan = (("dtype", config.dtype), ("conv_impl", config.conv_impl), ("lr", config.lr))
+    if config.recipe.scheduled:
+        spe = config.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+        plan += (("epochs", config.epochs), ("steps_per_epoch", spe))
+    return plan
 
 
 def create_train_state(
@@ -173,7 +189,8 @@ def initial_state(config: Config, variables: dict | None = None) -> TrainState:
     Given the same config, ``fit`` then computes what ``python train.py`` computes.
     """
     tx = make_optimizer(config, steps_per_epoch=config.steps_per_epoch)
-    return create_train_state(make_model(config), tx, init_key(config.seed), variables, recipe=config.recipe)
+    state = create_train_state(make_model(config), tx, init_key(config.seed), variables, recipe=config.recipe)
+    return state.replace(built_from=built_from(config))
 
 
 @functools.cache
@@ -304,14 +321,15 @@ def _probabilities(resize: int):
 def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, num_classes) of uint8 images (N, H, W, C), in eval mode.
 
-    Batches of ``min(batch_size, N)`` images, the last one padded, so the
-    call compiles one program of one shape however many batches N makes.
+    Batches of ``batch_size`` images, or for fewer images the next power of two at or above N,
+    the last batch padded: a process compiles at most one program per power of two below
+    ``batch_size`` and one of ``batch_size``, however many calls of whatever N it makes.
     """
     images = np.asarray(images)  # a list of arrays too
     _check_images(state, images)
     if len(images) == 0:
         return np.zeros((0, _num_classes(state)), np.float32)
-    batch_size = max(1, min(batch_size, len(images)))
+    batch_size = max(1, min(batch_size, 1 << (len(images) - 1).bit_length()))
     probs_fn = _probabilities(resize)
     out = []
     for start in range(0, len(images), batch_size):
@@ -719,6 +737,24 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     return _Programs(plan_fn, chunk_fn, last_fn, eval_test, eval_val, scalar, seconds)
 
 
+def _check_state_fits_config(state: TrainState, config: Config) -> None:
+    """ValueError where ``state`` was built for another recipe, learning rate (schedule), dtype or
+    conv lowering than ``config`` says: fit trains with the state's optimizer and model, so the
+    config's values would be silently ignored."""
+    hint = "build the state from this config: initial_state(config, variables={'params': ..., 'batch_stats': ...})"
+    if state.recipe != config.recipe:  # else the recipe's augmentation, smoothing and EMA are silently off
+        raise ValueError(
+            f"the state was made for recipe {state.recipe.name!r} {state.recipe} but config.recipe is "
+            f"{config.recipe.name!r} {config.recipe}: pass recipe=config.recipe to create_train_state"
+        )
+    # A state of create_train_state's, with a model and optimizer of the caller's own (built_from
+    # None), is the caller's to match; one of initial_state's or load_for_inference's is checked.
+    ours = dict(built_from(config))
+    diffs = [f"{k} {v!r} (config: {ours.get(k)!r})" for k, v in state.built_from or () if ours.get(k) != v]
+    if diffs:
+        raise ValueError(f"the state was built for {', '.join(diffs)}; fit would train with the state's: {hint}")
+
+
 def fit(
     config: Config,
     train: Split,
@@ -744,19 +780,22 @@ def fit(
     The splits are used as given: ``config``'s data-selection fields
     (dataset, train_limit, test_limit, val_split) are the caller's to apply
     (``Split.take``, ``Split.hold_out``, as ``resnet_jax.cli._load_data`` does).
-    ``state`` must come from :func:`initial_state` (or ``create_train_state(..., recipe=config.recipe)``).
+    ``state`` must come from :func:`initial_state` (or ``create_train_state(..., recipe=config.recipe)``):
+    fit trains with the state's model and optimizer, so a state that :func:`initial_state` (or
+    ``checkpoint.load_for_inference``) built for another learning rate, schedule, dtype or conv
+    lowering than ``config`` is refused (ValueError).
     With a learning-rate schedule, the train split must give ``config.steps_per_epoch``
     steps, the count the optimizer's schedule was built for (ValueError otherwise).
 
     Raises :class:`NonFiniteLoss` when the training loss, or the test or
     validation loss after an epoch, becomes NaN or infinite; the epoch in which
     it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
+
+    Each call compiles its programs anew (``compile_s`` in the result): on CPU seconds per
+    program. JAX's persistent compilation cache, which train.py turns on
+    (``jax.config.update("jax_compilation_cache_dir", DIR)``), makes a repeated call load them.
     """
-    if state.recipe != config.recipe:  # else the recipe's augmentation, smoothing and EMA are silently off
-        raise ValueError(
-            f"the state was made for recipe {state.recipe.name!r} {state.recipe} but config.recipe is "
-            f"{config.recipe.name!r} {config.recipe}: pass recipe=config.recipe to create_train_state"
-        )
+    _check_state_fits_config(state, config)
     for name, split in (("train", train), ("test", test), ("val", val)):
         if split is not None:
             _check_split(name, split, state)
@@ -861,7 +900,8 @@ def fit(
         last["wall_s"] = wall_before + time.perf_counter() - t_start
         history.append(last)
         hooks.on_epoch(last)
-        hooks.on_checkpoint(state, history)
+        # A copy: the next epoch's steps donate (delete) `state`, and a hook may keep what it gets.
+        hooks.on_checkpoint(jax.tree_util.tree_map(jnp.copy, state), list(history))
 
     # The run's figures, from every epoch's record: a resumed run's earlier epochs count too.
     trained = [r for r in history if r.get("epoch_train_s")]

@@ -369,6 +369,11 @@ def test_save_refuses_a_meta_that_loading_could_not_use_and_writes_nothing(tmp_p
     ckpts = Checkpoints(tmp_path / "run")
     with pytest.raises(ValueError, match=r"meta lacks config, num_classes, input_channels, dtype: pass checkpoint.metadata\(config, spec\)"):
         ckpts.save(state, 1, [{"epoch": 1}], [], {})
+    # A meta of another model's (a 5-class model saved with Fashion-MNIST's metadata) could not be loaded.
+    five = training.create_train_state(training.make_model(config, num_classes=5), training.make_optimizer(config),
+                                       jax.random.key(0))
+    with pytest.raises(ValueError, match=r"meta says num_classes 10 \(the state's model: 5\)"):
+        ckpts.save(five, 1, [{"epoch": 1}], [], checkpoint.metadata(config, FASHION_MNIST))
     assert ckpts.latest_epoch() is None
     ckpts.close()
 

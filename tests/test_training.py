@@ -283,8 +283,14 @@ def test_fit_runs_epochs_and_reports(state):
     test = Split(images[70:], labels[70:])
     config = Config(epochs=2, batch_size=16, resize=RESIZE, steps_per_dispatch=2, eval_batch_size=8)
     seen = []
-    result = training.fit(config, train, test, state, training.Hooks(on_epoch=seen.append))
+    kept = []  # what a hook may keep: per-epoch snapshots (the next epoch's steps donate fit's own state)
+    result = training.fit(config, train, test, state, training.Hooks(
+        on_epoch=seen.append, on_checkpoint=lambda s, h: kept.append((s, h))))
     assert [r["epoch"] for r in result.history] == [1, 2] == [r["epoch"] for r in seen]
+    assert [len(h) for _, h in kept] == [1, 2] and [int(s.step) for s, _ in kept] == [5, 10]
+    first, last = (jax.tree_util.tree_leaves(s.params) for s, _ in kept)
+    assert all(np.array_equal(a, b) for a, b in zip(last, jax.tree_util.tree_leaves(result.state.params)))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, last))
     # 70 = 4 x 16 + 6: five steps an epoch, the last one on 6 examples.
     assert int(result.state.step) == 10 and result.history[-1]["step"] == 10
     f = result.final
@@ -322,6 +328,31 @@ def test_fit_refuses_a_state_made_for_another_recipe(state):
     config = Config(epochs=1, batch_size=16, resize=RESIZE, recipe=BEST)  # state: create_train_state's default, d2l
     with pytest.raises(ValueError, match="state was made for recipe 'd2l'.*pass recipe=config.recipe to create_train_state"):
         training.fit(config, Split(images, labels), Split(images, labels), state)
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.5}, {"dtype": "bfloat16"}, {"conv_impl": "xla"}, {"epochs": 3}])
+def test_fit_refuses_a_state_built_for_another_optimizer_or_model(change):
+    # fit trains with the state's optimizer and model: a config asking for another learning rate
+    # (or schedule length, dtype, conv lowering) was silently ignored.
+    from resnet_jax.recipes import BEST
+
+    images, labels = _batch(32, seed=5)
+    config = Config(epochs=2, batch_size=16, resize=RESIZE, recipe=BEST, train_limit=32, steps_per_dispatch=1)
+    built = training.initial_state(config)
+    name, value = next(iter(change.items()))
+    with pytest.raises(ValueError, match=rf"state was built for {name} .*\(config: {value!r}\).*initial_state\(config"):
+        training.fit(config.replace(**change), Split(images, labels), Split(images, labels), built)
+
+
+def test_predict_compiles_one_program_per_power_of_two_of_small_calls(state):
+    images, _ = _batch(9)
+    fn = training._probabilities(RESIZE)
+    before = fn._cache_size()
+    out = {n: training.predict(state, images[:n], RESIZE) for n in (5, 6, 7, 8)}  # all padded to 8
+    assert fn._cache_size() - before == 1
+    np.testing.assert_allclose(out[5], out[8][:5], rtol=1e-6, atol=1e-7)
+    training.predict(state, images[:9], RESIZE, batch_size=8)  # two batches of 8
+    assert fn._cache_size() - before == 1
 
 
 def test_misused_inputs_are_refused_not_silently_wrong(state):
