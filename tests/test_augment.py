@@ -52,8 +52,47 @@ def test_crop_is_a_translation_with_zero_fill():
         padded = np.pad(xi, ((4, 4), (4, 4), (0, 0)))
         hits = [(dy, dx) for dy in range(9) for dx in range(9) if np.array_equal(padded[dy:dy + 28, dx:dx + 28], yi)]
         assert hits, "output is not a crop of the zero-padded image"
-    # All 81 offsets are reachable; over 64 images at least the extremes of each axis should show.
+    # Over 64 images the extremes of each axis show (all 81 shifts: the test below).
     assert (y[:, :4] == 0).all(axis=(1, 2, 3)).any() and (y[:, -4:] == 0).all(axis=(1, 2, 3)).any()
+    assert (y[:, :, :4] == 0).all(axis=(1, 2, 3)).any() and (y[:, :, -4:] == 0).all(axis=(1, 2, 3)).any()
+
+
+def test_crop_offsets_reach_every_shift_drawn_independently_per_axis():
+    # One bright pixel in the middle: where it lands is the shift. 2,000 draws over 81 shifts,
+    # each 1/81 likely: all of them show (else a shift is unreachable, or both axes share one draw).
+    x = np.zeros((2000, 28, 28, 1), np.uint8)
+    x[:, 14, 14] = 255
+    y = np.asarray(augment.random_crop(jax.random.key(3), jnp.asarray(x), 4))[..., 0]
+    flat = y.reshape(len(y), -1).argmax(1)
+    shifts = {(int(r) - 14, int(c) - 14) for r, c in zip(*np.unravel_index(flat, (28, 28)))}
+    assert shifts == {(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)}
+
+
+def test_erasing_boxes_are_placed_and_shaped_as_drawn():
+    # Float images of -1 and noise in [0, 1): the erased box is exactly where the output is >= 0.
+    n, h = 2000, 28
+    y = np.asarray(augment.random_erasing(jax.random.key(7), -jnp.ones((n, h, h, 1)), 1.0))[..., 0]
+    erased = y >= 0
+    rows, cols = erased.any(2), erased.any(1)
+    y0, x0, eh, ew = rows.argmax(1), cols.argmax(1), rows.sum(1), cols.sum(1)
+    assert (erased.sum((1, 2)) == eh * ew).all()  # one rectangle each
+    area = eh * ew / (h * h)
+    assert area.min() < 0.05 and area.max() > 0.35  # the area range (0.02, 0.4), clipped and rounded
+    # Aspect log-uniform over (0.3, 3.3): as often tall as wide, rarely square.
+    log_aspect = np.log(eh / ew)
+    assert abs(np.median(log_aspect)) < 0.15 and (eh != ew).mean() > 0.7
+    assert 0.35 < (eh > ew).mean() < 0.65 and abs(log_aspect).max() > 0.9
+    # Corners uniform over the places the box fits, touching each edge, and drawn apart per axis.
+    for start, size in ((y0, eh), (x0, ew)):
+        fits = size < h
+        assert (start[fits] == 0).any() and (start[fits] + size[fits] == h).any()
+    uy, ux = (y0 + 0.5) / (h - eh + 1), (x0 + 0.5) / (h - ew + 1)
+    assert abs(np.corrcoef(uy, ux)[0, 1]) < 0.1
+
+
+def test_erasing_noise_spans_the_whole_uint8_range():
+    y = np.asarray(augment.random_erasing(jax.random.key(8), jnp.full((64, 28, 28, 1), 128, jnp.uint8), 1.0))
+    assert y.min() == 0 and y.max() == 255
 
 
 def test_flip_mirrors_about_half():

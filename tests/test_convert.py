@@ -468,8 +468,13 @@ def _state_dict():
         (lambda sd: sd.pop("7.weight"), "missing key '7.weight'"),
         (lambda sd: sd.pop("0.0.weight"), "missing key '0.0.weight'"),
         (lambda sd: sd.update({"7.weight": np.zeros(10, np.float32)}), "'7.weight' has shape (10,), want 2 axes"),
+        # Integer weights would be cast silently; a fractional count would be truncated.
+        (lambda sd: sd.update({"0.0.weight": np.zeros((64, 1, 7, 7), np.int64)}), "'0.0.weight' has dtype int64, expected floating point"),
+        (lambda sd: sd.update({"0.1.num_batches_tracked": np.array(2.5, np.float32)}),
+         "'0.1.num_batches_tracked' has dtype float32, expected an integer"),
     ],
-    ids=["missing", "extra", "conv-shape", "bn-shape", "negative-count", "missing-dense", "missing-stem", "dense-rank"],
+    ids=["missing", "extra", "conv-shape", "bn-shape", "negative-count", "missing-dense", "missing-stem", "dense-rank",
+         "integer-weight", "float-count"],
 )
 def test_a_bad_state_dict_is_refused_naming_the_key(edit, message):
     sd = _state_dict()

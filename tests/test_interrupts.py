@@ -33,6 +33,9 @@ def test_the_swallowed_ctrl_c_is_not_printed_but_other_unraisables_are(interrupt
         def __del__(self):
             raise self.exc
 
+    interrupts._seen = None  # no signal came: a KeyboardInterrupt from elsewhere is not ours to hide
+    RaisesOnDelete(KeyboardInterrupt())
+    assert "KeyboardInterrupt" in capsys.readouterr().err
     interrupts._seen = True
     RaisesOnDelete(KeyboardInterrupt())  # dropped at once: its __del__'s exception is "unraisable"
     assert capsys.readouterr().err == ""
@@ -206,15 +209,17 @@ def test_a_signal_the_launcher_ignored_or_blocked_is_left_so():
         "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"  # pending: the launcher's, for later
-        "interrupts.hold()\ninterrupts.defer()\ninterrupts.release_held()\ninterrupts.install()\n"
+        "interrupts.hold()\nprint(repr(os.environ[interrupts.LAUNCHER_ENV]))\n"  # for the restart: what the launcher blocked
+        "interrupts.defer()\ninterrupts.release_held()\ninterrupts.install()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "with interrupts.ignored(), interrupts.deferred():\n    pass\n"
         "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()),\n"
         "      signal.SIGTERM in signal.sigpending(), interrupts.seen(), interrupts.LAUNCHER_ENV in os.environ)\n"
+        "interrupts.exiting()\nprint(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert r.returncode == 0 and r.stdout == "True True True False False\n" and r.stderr == "", r
+                       env={k: v for k, v in os.environ.items() if k != interrupts.LAUNCHER_ENV} | {"PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout == "'SIGTERM'\nTrue True True False False\nTrue\n" and r.stderr == "", r
 
 
 @pytest.mark.parametrize("launcher", ["nothing", "ignores SIGINT, blocks SIGTERM"])

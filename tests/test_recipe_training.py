@@ -113,6 +113,58 @@ def test_best_step_augments_reproducibly_and_follows_the_ema_rule():
     assert not _equal_trees(base, ev(s2.replace(ema_params=halved), batch.images, batch.labels, RESIZE, mask))
 
 
+def test_each_ingredient_of_best_is_wired_into_the_steps():
+    # What the recipe says, assembled here from its parts, against what the steps compute: the loss
+    # with the recipe's smoothing, on the batch augmented with each of its ingredients; evaluation
+    # of the EMA weights and statistics, averaged over flips, scored by the plain cross-entropy.
+    from resnet_jax import augment, recipes
+
+    r = BEST
+    assert r.label_smoothing and r.erase_prob and r.flip and r.crop_pad and r.tta_flip and r.ema_decay
+    config = Config(resize=RESIZE, batch_size=16, epochs=2, recipe=r)
+    state = _state(config)
+    batch = _learnable(16)
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.aug_key), state.step)
+    augmented = augment.augment(key, batch.images, r.crop_pad, r.flip, r.erase_prob)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def train_loss(images, smoothing):
+        logits, _ = state.apply_fn(variables, preprocess(images, RESIZE), train=True, mutable=["batch_stats"])
+        return float(jnp.sum(recipes.loss(logits, batch.labels, smoothing)))
+
+    want = train_loss(augmented, r.label_smoothing)
+    _, m = jax.jit(training.train_step, static_argnums=3)(state, batch.images, batch.labels, RESIZE)
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    # Each ingredient moves that loss ten times the tolerance or more, so none can be dropped unseen.
+    without = [train_loss(augmented, 0.0), train_loss(augment.augment(key, batch.images, r.crop_pad, r.flip, 0.0), r.label_smoothing),
+               train_loss(augment.augment(key, batch.images, r.crop_pad, False, r.erase_prob), r.label_smoothing),
+               train_loss(augment.augment(key, batch.images, 0, r.flip, r.erase_prob), r.label_smoothing)]
+    assert all(abs(w - want) > 1e-4 * abs(want) for w in without), (want, without)
+
+    # EMA statistics unlike the live ones, so that evaluating with the live ones shows; and a
+    # sharper last layer than a fresh one's (nearly uniform outputs, whatever the input).
+    ema_params = {**state.ema_params, "dense": {**state.ema_params["dense"], "kernel": 30 * state.ema_params["dense"]["kernel"]}}
+    s = state.replace(ema_params=ema_params,
+                      ema_batch_stats=jax.tree_util.tree_map(lambda v: 0.5 * v - 0.1, state.ema_batch_stats))
+    x = preprocess(batch.images, RESIZE)
+
+    def eval_loss(variables, flip=True, smoothing=0.0):
+        logits = s.apply_fn(variables, x, train=False)
+        if flip:
+            logits = 0.5 * (logits + s.apply_fn(variables, x[:, :, ::-1], train=False))
+        return float(jnp.sum(recipes.loss(logits, batch.labels, smoothing))), int(jnp.sum(jnp.argmax(logits, -1) == batch.labels))
+
+    ema = {"params": s.ema_params, "batch_stats": s.ema_batch_stats}
+    want_loss, want_correct = eval_loss(ema)
+    got = jax.jit(training.eval_step, static_argnums=3)(s, batch.images, batch.labels, RESIZE)
+    np.testing.assert_allclose(float(got["loss"]), want_loss, rtol=1e-5)
+    assert int(got["correct"]) == want_correct
+    others = [eval_loss({"params": s.ema_params, "batch_stats": s.batch_stats})[0], eval_loss(ema, flip=False)[0],
+              eval_loss(ema, smoothing=r.label_smoothing)[0]]
+    assert all(abs(o - want_loss) > 1e-4 * abs(want_loss) for o in others), (want_loss, others)
+
+
 def test_recipe_best_flags_train_end_to_end_and_lower_the_loss():
     args = cli.build_parser().parse_args([
         "--recipe", "best", "--resize", str(RESIZE), "--batch-size", "16", "--epochs", "6", "--ema-decay", "0.9",
