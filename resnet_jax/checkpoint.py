@@ -176,21 +176,23 @@ class Checkpoints:
         self.directory = Path(os.path.abspath(directory))  # Orbax takes absolute paths only
         common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
         try:
-            self.latest = ocp.CheckpointManager(
-                self.directory / "checkpoints",
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=not read_only, **common),
-                item_names=("state", "meta"),
-            )
-            self.best = None
-            if track_best or (self.directory / "best").is_dir():
-                self.best = ocp.CheckpointManager(
-                    self.directory / "best",
-                    options=ocp.CheckpointManagerOptions(
-                        max_to_keep=1, best_fn=lambda metrics: metrics["val_acc"], best_mode="max",
-                        keep_checkpoints_without_metrics=False, cleanup_tmp_directories=not read_only, **common,
-                    ),
+            # Orbax warns that a read-only manager keeps and deletes nothing: as intended, so not shown.
+            with _absl_quiet() if read_only else contextlib.nullcontext():
+                self.latest = ocp.CheckpointManager(
+                    self.directory / "checkpoints",
+                    options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=not read_only, **common),
                     item_names=("state", "meta"),
                 )
+                self.best = None
+                if track_best or (self.directory / "best").is_dir():
+                    self.best = ocp.CheckpointManager(
+                        self.directory / "best",
+                        options=ocp.CheckpointManagerOptions(
+                            max_to_keep=1, best_fn=lambda metrics: metrics["val_acc"], best_mode="max",
+                            keep_checkpoints_without_metrics=False, cleanup_tmp_directories=not read_only, **common,
+                        ),
+                        item_names=("state", "meta"),
+                    )
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {first_line(err)}") from err
         # Each manager starts a thread that cleans up temporary folders; a program that exits
@@ -549,8 +551,7 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
         raise CheckpointError(
             f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR){hint}"
         )
-    with _absl_quiet():  # Orbax warns that a read-only manager keeps and deletes nothing: as intended
-        ckpts = Checkpoints(directory, read_only=True)
+    ckpts = Checkpoints(directory, read_only=True)
     try:
         return _load_for_inference(ckpts, which)
     finally:

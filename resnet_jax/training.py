@@ -245,6 +245,9 @@ def train_step(
     it compiles with faster convolution kernels than plain ``jax.jit``); :func:`fit`
     runs it inside its own jitted epoch programs.
 
+    ``labels``: int (B,) class indices in 0..num_classes-1, not checked here (under jit they
+    cannot be): one out of range gives a NaN or a wrong loss. :func:`fit` checks its splits.
+
     ``mask``: optional (B,) booleans. The step is then the step on the examples
     where ``mask`` alone (BatchNorm's statistics, the mean loss, the metrics);
     the others are padding and change nothing.
@@ -308,6 +311,9 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: i
     The loss is the plain cross-entropy, whatever the training loss. With
     ``confusion``, also the confusion matrix's counts ``[true, predicted]``.
     """
+    if isinstance(confusion, jax.Array):  # a tracer: jax.jit(eval_step) with confusion not static
+        raise TypeError("confusion must be a Python bool, got a JAX array: under jit, make it static "
+                        "(training.jit(eval_step, static_argnames=('resize', 'confusion')))")
     logits = eval_logits(state, images, resize)
     return _sums(cross_entropy(logits, labels), logits, labels, mask, confusion)
 
@@ -573,6 +579,8 @@ def pad_batches(split: Split, batch: int):
     The last batch is padded with zero images; ``mask`` is False on the padding,
     so the metric sums count every example once and nothing else.
     """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
     n = len(split)
     n_pad = math.ceil(n / batch) * batch
     pad = n_pad - n

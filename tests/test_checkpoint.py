@@ -425,3 +425,13 @@ def test_a_program_that_never_closes_its_checkpoints_exits_quietly(tmp_path):
         assert r.returncode == 0 and r.stdout == "None\n" and r.stderr == "", r.stderr[-2000:]
     with Checkpoints(tmp_path / "run") as ckpts:
         assert ckpts.latest_epoch() is None
+
+
+def test_a_read_only_view_of_a_run_logs_no_warnings(uninterrupted, caplog):
+    # Orbax warned three times that a read-only manager keeps and deletes nothing: as intended.
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with Checkpoints(uninterrupted[0], read_only=True) as ckpts:
+        assert ckpts.latest_epoch() == 3
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -380,6 +380,10 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
     # A traced image size (jax.jit without static_argnames): says what to do, not "got JitTracer".
     with pytest.raises(TypeError, match="the image size must be a Python int, got a JAX array: under jit, make it static"):
         jax.jit(training.train_step)(state, images, labels, RESIZE)
+    with pytest.raises(TypeError, match="confusion must be a Python bool, got a JAX array: under jit, make it static"):
+        jax.jit(training.eval_step, static_argnames="resize")(state, images, labels, RESIZE, None, True)
+    with pytest.raises(ValueError, match="batch must be a positive int, got 0"):
+        training.pad_batches(Split(images, labels), 0)
     # No images: no probabilities (rather than "need at least one array to concatenate").
     assert training.predict(state, images[:0], RESIZE).shape == (0, 10)
     np.testing.assert_array_equal(training.predict(state, list(images), RESIZE), training.predict(state, images, RESIZE))
