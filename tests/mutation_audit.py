@@ -75,6 +75,17 @@ MUTATIONS = [
      "return jnp.where(flip, images[:, ::-1, :, :], images)"),
     ("crop_offsets_short", "resnet_jax/augment.py", "offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)",
      "offsets = jax.random.randint(key, (n, 2), 0, 2 * pad)"),
+    ("erase_square", "resnet_jax/augment.py", "jnp.sqrt(frac * h * w * ratio)", "jnp.sqrt(frac * h * w)"),
+    # The recipe's ingredients, each dropped where the steps use it.
+    ("train_no_smoothing", "resnet_jax/training.py", "losses = recipes.loss(logits, labels, r.label_smoothing)",
+     "losses = recipes.loss(logits, labels, 0.0)"),
+    ("train_no_erasing", "resnet_jax/training.py", "augment(key, images, r.crop_pad, r.flip, r.erase_prob)",
+     "augment(key, images, r.crop_pad, r.flip, 0.0)"),
+    ("eval_ema_live_stats", "resnet_jax/training.py",
+     'return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}',
+     'return {"params": state.ema_params, "batch_stats": state.batch_stats}'),
+    ("eval_no_flip_average", "resnet_jax/training.py", "preprocess(images, resize), state.recipe.tta_flip)",
+     "preprocess(images, resize), False)"),
 ]
 
 # Mutations that cannot change a result of this network, so no test can (or need) catch them.
