@@ -39,13 +39,9 @@ if __name__ == "__main__":
     # in place. The block and a pending signal outlive the restart for huge pages (execve keeps
     # both), which runs the interpreter's start-up a second time: a Ctrl-C there was a traceback
     # or a silent death (exit -2). Only the first start-up, before this line, is Python's own.
-    # A signal the launcher blocked or ignored stays so (resnet_jax/interrupts.py).
     held = hasattr(signal, "pthread_sigmask")  # (not on Windows)
     if held:
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        from resnet_jax import interrupts  # (light: no JAX)
-
-        interrupts.hold(before)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     open_standard_streams()  # before anything prints or opens a file
 
     # Host memory in 2 MiB pages (Linux/glibc; RESNET_JAX_HUGE_PAGES=0 opts out):

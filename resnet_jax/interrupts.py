@@ -22,10 +22,6 @@ a wait ends the process at once (one line, exit 130 or 143).
 checkpoint --resume would continue from); :func:`ignored` holds both signals off while a
 cut-short checkpoint is saved again.
 
-A signal the launcher blocked or ignored (``trap '' INT``; a non-interactive shell's
-``python train.py &`` ignores Ctrl-C, so that a Ctrl-C meant for the script leaves the
-background run alone) is left as it found it: neither handled nor unblocked (:func:`hold`).
-
 Light on purpose: train.py sets it up before importing JAX.
 """
 
@@ -40,47 +36,6 @@ import threading
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _seen = None  # the signal that came (SIGINT or SIGTERM), None before one
-_unblocked = None  # SIGNALS but those the launcher blocked: what release_held unblocks
-_ours = None  # of those, the ones the launcher did not ignore either: the signals handled here
-
-# Which of SIGNALS the launcher blocked ("SIGINT,SIGTERM", "" for neither), handed from train.py's
-# first start-up to its restart for huge pages, where the block is train.py's own. (An ignored
-# signal stays ignored through execve: that one the restart sees for itself.)
-LAUNCHER_ENV = "RESNET_JAX_LAUNCHER_BLOCKED"
-
-
-def _note_launcher(blocked) -> None:
-    global _unblocked, _ours
-    _unblocked = tuple(s for s in SIGNALS if s not in blocked)
-    _ours = tuple(s for s in _unblocked if signal.getsignal(s) != signal.SIG_IGN)
-
-
-def _our_signals() -> tuple:
-    """SIGNALS but those the launcher blocked or ignored: as :func:`hold` found them, or as they are now."""
-    if _ours is None:
-        _note_launcher(signal.pthread_sigmask(signal.SIG_BLOCK, ()) if hasattr(signal, "pthread_sigmask") else ())
-    return _ours
-
-
-def hold(before=None) -> None:
-    """train.py's first line: block SIGINT and SIGTERM, which keeps one that comes pending (not
-    lost) until :func:`release_held`, and note which of them the launcher had blocked or ignored.
-    Those stay as they were for the whole run; the others are train.py's to handle.
-
-    ``before``: the signal mask before the block, where the caller blocked them already.
-
-    On the restart for huge pages the block found is train.py's own: which the launcher
-    blocked comes from the first start-up, through the environment (:data:`LAUNCHER_ENV`).
-    """
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    before = blocked if before is None else before
-    saved = os.environ.get(LAUNCHER_ENV)
-    if saved is None:
-        launcher = {s for s in SIGNALS if s in before}
-        os.environ[LAUNCHER_ENV] = ",".join(s.name for s in SIGNALS if s in launcher)
-    else:
-        launcher = {s for s in SIGNALS if s.name in saved.split(",")}
-    _note_launcher(launcher)
 
 
 def _handler(signum, frame):
@@ -116,7 +71,7 @@ def _record(signum, frame):
 
 
 def _set(handler) -> None:
-    for signum in _our_signals():
+    for signum in SIGNALS:
         signal.signal(signum, handler)
 
 
@@ -133,9 +88,8 @@ def defer() -> None:
 
 
 def release_held() -> None:
-    """Unblock SIGINT and SIGTERM, which train.py blocks from its first line (:func:`hold`)
+    """Unblock SIGINT and SIGTERM, which train.py blocks from its first line (``pthread_sigmask``)
     until :func:`defer` has set its handler; a signal that came meanwhile counts as the first.
-    One the launcher had blocked stays blocked.
 
     Both may be pending at once (a Ctrl-C, then a scheduler's SIGTERM): delivered together,
     the second would read as a second signal in a wait ("again: stopped at once").
@@ -145,9 +99,8 @@ def release_held() -> None:
         if _seen is None:
             _seen = signum
 
-    os.environ.pop(LAUNCHER_ENV, None)  # (the processes this run starts have launchers of their own: this one)
-    previous = {s: signal.signal(s, first) for s in _our_signals()}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _unblocked)  # CPython runs the handlers of pending signals before it returns
+    previous = {s: signal.signal(s, first) for s in SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # CPython runs the handlers of pending signals before it returns
     for s, handler in previous.items():
         signal.signal(s, handler)
 
@@ -210,8 +163,7 @@ def deferred():
     Around the heavy imports (JAX, Flax, Orbax): :func:`defer`'s reason. Outside the
     main thread, or before :func:`install`, it changes nothing.
     """
-    ours = _our_signals()
-    if threading.current_thread() is not threading.main_thread() or not ours or signal.getsignal(ours[0]) is not _handler:
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not _handler:
         yield
         return
     _set(_record)
@@ -228,7 +180,7 @@ def ignored():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in _our_signals()}  # (SIG_IGN would drop a pending blocked one)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
     try:
         yield
     finally:

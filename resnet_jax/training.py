@@ -328,8 +328,10 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     """Class probabilities (N, num_classes) of uint8 images (N, H, W, C), in eval mode.
 
     Batches of ``batch_size`` images, or for fewer images the next power of two at or above N,
-    the last batch padded: a process compiles at most one program per power of two below
-    ``batch_size`` and one of ``batch_size``, however many calls of whatever N it makes.
+    the last batch padded: with one state, a process compiles at most one program per power of
+    two below ``batch_size`` and one of ``batch_size``, however many calls of whatever N it
+    makes. (Another state object, a checkpoint loaded again say, compiles its own: the state's
+    optimizer, a static part of it, is another object.)
     """
     images = np.asarray(images)  # a list of arrays too
     _check_images(state, images)
@@ -489,8 +491,9 @@ class Hooks:
     on_epoch: Callable[[dict], None] = lambda record: None
     # Train loss/acc over the last config.log_every steps (at dispatch granularity).
     on_log: Callable[[dict], None] = lambda record: None
-    # After each epoch's record, with the state that ends it and the history so far: save here.
-    on_checkpoint: Callable[[TrainState, list[dict]], None] = lambda state, history: None
+    # After each epoch's record, with a copy of the state that ends it (the hook may keep it) and
+    # the history so far: save here.
+    on_checkpoint: Callable[[TrainState, list[dict]], None] | None = None
 
 
 class _StepMonitor:
@@ -749,7 +752,8 @@ def _check_state_fits_config(state: TrainState, config: Config) -> None:
     """ValueError where ``state`` was built for another recipe, learning rate (schedule), dtype or
     conv lowering than ``config`` says: fit trains with the state's optimizer and model, so the
     config's values would be silently ignored."""
-    hint = "build the state from this config: initial_state(config, variables={'params': ..., 'batch_stats': ...})"
+    hint = ("use a config with the state's values, or start afresh from its weights with "
+            "initial_state(config, variables={'params': ..., 'batch_stats': ...}) (a new optimizer state, step 0)")
     if state.recipe != config.recipe:  # else the recipe's augmentation, smoothing and EMA are silently off
         raise ValueError(
             f"the state was made for recipe {state.recipe.name!r} {state.recipe} but config.recipe is "
@@ -908,8 +912,9 @@ def fit(
         last["wall_s"] = wall_before + time.perf_counter() - t_start
         history.append(last)
         hooks.on_epoch(last)
-        # A copy: the next epoch's steps donate (delete) `state`, and a hook may keep what it gets.
-        hooks.on_checkpoint(jax.tree_util.tree_map(jnp.copy, state), list(history))
+        if hooks.on_checkpoint is not None:
+            # A copy: the next epoch's steps donate (delete) `state`, and a hook may keep what it gets.
+            hooks.on_checkpoint(jax.tree_util.tree_map(jnp.copy, state), list(history))
 
     # The run's figures, from every epoch's record: a resumed run's earlier epochs count too.
     trained = [r for r in history if r.get("epoch_train_s")]

@@ -4,7 +4,6 @@ import atexit
 import hashlib
 import os
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
@@ -25,13 +24,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # machine each of -n auto's processes would otherwise claim 75% of the GPU's memory (JAX's
 # preallocation) and fail. Set JAX_PLATFORMS yourself to run it on another platform.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-# Many tests send Ctrl-C to train.py. Started in the background of a script (`.ci/run &`), pytest
-# has Ctrl-C ignored, which its subprocesses inherit, and train.py leaves an ignored Ctrl-C
-# ignored, as it should (resnet_jax/interrupts.py); so the suite hears Ctrl-C itself, and its
-# subprocesses start with the default.
-if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

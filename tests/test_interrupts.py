@@ -172,16 +172,14 @@ def test_a_signal_held_through_the_restart_is_one_line_once_train_py_listens(tmp
     # train.py blocks SIGINT and SIGTERM from its first line to its handlers, so that one sent
     # during the restart for huge pages (the interpreter's start-up again) waits instead of
     # being a traceback or a silent death. Here the signal is already pending, blocked, when
-    # train.py starts (execve keeps both): it must come through, once train.py listens. The
-    # environment says what the first start-up found: a launcher that blocked nothing (else
-    # the block would be the launcher's, and kept).
+    # train.py starts (execve keeps both): it must come through, once train.py listens.
     script = (
         "import os, signal, sys\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         f"os.execv(sys.executable, [sys.executable, {str(REPO / 'train.py')!r}, '--data-dir', {str(tmp_path)!r}, '--offline'])\n"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO), interrupts.LAUNCHER_ENV: ""})
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 130 and r.stderr.splitlines() == ["train.py: interrupted"], r
 
 
@@ -190,7 +188,7 @@ def test_a_ctrl_c_and_a_sigterm_held_together_are_one_signal_not_a_second_in_a_w
     # being written may be left incomplete" at start-up, where no checkpoint is written.
     script = (
         "import os, signal\nfrom resnet_jax import interrupts\n"
-        "interrupts.hold()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
         "os.kill(os.getpid(), signal.SIGINT)\nos.kill(os.getpid(), signal.SIGTERM)\n"
         "interrupts.defer()\ninterrupts.release_held()\n"
         "print(interrupts.word(), interrupts.exit_code(), signal.getsignal(signal.SIGINT) is interrupts._record)\n"
@@ -200,31 +198,11 @@ def test_a_ctrl_c_and_a_sigterm_held_together_are_one_signal_not_a_second_in_a_w
     assert r.returncode == 0 and r.stdout == "interrupted 130 True\n" and r.stderr == "", r
 
 
-def test_a_signal_the_launcher_ignored_or_blocked_is_left_so():
-    # A non-interactive shell's `python train.py &` ignores Ctrl-C (so that one meant for the
-    # script leaves the background run alone); a launcher may hold SIGTERM blocked to deliver it
-    # later. train.py used to put its handler on both and unblock both.
-    script = (
-        "import os, signal\nfrom resnet_jax import interrupts\n"
-        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"  # pending: the launcher's, for later
-        "interrupts.hold()\nprint(repr(os.environ[interrupts.LAUNCHER_ENV]))\n"  # for the restart: what the launcher blocked
-        "interrupts.defer()\ninterrupts.release_held()\ninterrupts.install()\n"
-        "os.kill(os.getpid(), signal.SIGINT)\n"
-        "with interrupts.ignored(), interrupts.deferred():\n    pass\n"
-        "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()),\n"
-        "      signal.SIGTERM in signal.sigpending(), interrupts.seen(), interrupts.LAUNCHER_ENV in os.environ)\n"
-        "interrupts.exiting()\nprint(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={k: v for k, v in os.environ.items() if k != interrupts.LAUNCHER_ENV} | {"PYTHONPATH": str(REPO)})
-    assert r.returncode == 0 and r.stdout == "'SIGTERM'\nTrue True True False False\nTrue\n" and r.stderr == "", r
-
-
 @pytest.mark.parametrize("launcher", ["nothing", "ignores SIGINT, blocks SIGTERM"])
-def test_train_py_keeps_the_launchers_signals_through_its_restart_for_huge_pages(launcher):
-    # After the restart the block is train.py's own; what the launcher did must come through it.
+def test_train_py_handles_both_signals_whatever_its_launcher_left_them(launcher, monkeypatch):
+    # A script's background `python train.py &` starts with Ctrl-C ignored (a non-interactive
+    # shell's rule), and `kill -INT $pid` must still stop it; a blocked mask inherited from a
+    # launcher is lifted. Through the restart for huge pages too, which runs where it would.
     from resnet_jax import hugepages
 
     setup = "" if launcher == "nothing" else (
@@ -232,18 +210,32 @@ def test_train_py_keeps_the_launchers_signals_through_its_restart_for_huge_pages
     inner = (
         "import os, runpy, signal, sys\nimport resnet_jax.cli as cli\nfrom resnet_jax import hugepages, interrupts\n"
         "def main():\n"
-        "    h = signal.getsignal(signal.SIGINT)\n"
-        "    print('ignored' if h == signal.SIG_IGN else 'ours' if h is interrupts._handler else h,\n"
-        "          sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())),\n"
-        "          hugepages.active(), interrupts.LAUNCHER_ENV in os.environ)\n"
+        "    print([signal.getsignal(s) is interrupts._handler for s in (signal.SIGINT, signal.SIGTERM)],\n"
+        "          sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())), hugepages.active())\n"
         "    return 0\n"
         "cli.main = main\n"
         f"sys.argv = ['train.py']\nrunpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n"
     )
     script = f"import os, signal, sys\n{setup}os.execv(sys.executable, [sys.executable, '-c', {inner!r}])\n"
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, interrupts.LAUNCHER_ENV)}
+    for name in ("GLIBC_TUNABLES", hugepages.OPT_OUT):
+        monkeypatch.delenv(name, raising=False)
+    restarts = hugepages.wanted()  # in the environment the child gets
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={**env, "PYTHONPATH": str(REPO)})
-    restarted = hugepages.wanted() or hugepages.active()  # (this machine's: a test process may run with the tunable set)
-    want = "ours [] " if launcher == "nothing" else "ignored ['SIGTERM'] "
-    assert r.returncode == 0 and r.stdout == f"{want}{restarted} False\n", r
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout == f"[True, True] [] {restarts}\n", r
+
+
+def test_kill_int_stops_a_train_py_that_a_script_started_in_the_background():
+    # bash -c '... &': the background command starts with Ctrl-C ignored. Whenever the signal
+    # lands (held at start-up, or in main), the run stops with 130, not after main's 20 s.
+    inner = (
+        "import runpy, sys, time\nimport resnet_jax.cli as cli\n"
+        "def main():\n    try:\n        time.sleep(20)\n    except KeyboardInterrupt:\n        return 130\n    return 0\n"
+        "cli.main = main\n"
+        f"sys.argv = ['train.py']\nrunpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n"
+    )
+    script = f'{sys.executable} -c "$INNER" & pid=$!; sleep 2; kill -INT $pid; wait $pid; echo rc=$?'
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "INNER": inner})
+    assert r.stdout.strip() == "rc=130" and time.monotonic() - t0 < 15, r

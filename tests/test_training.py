@@ -344,7 +344,10 @@ def test_fit_refuses_a_state_built_for_another_optimizer_or_model(change):
         training.fit(config.replace(**change), Split(images, labels), Split(images, labels), built)
 
 
-def test_predict_compiles_one_program_per_power_of_two_of_small_calls(state):
+def test_predict_compiles_one_program_per_power_of_two_of_small_calls():
+    # A state of its own: the programs counted are this test's, whatever ran before it.
+    config = Config(resize=RESIZE)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(1))
     images, _ = _batch(9)
     fn = training._probabilities(RESIZE)
     before = fn._cache_size()
