@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import platform
 import time
 from dataclasses import dataclass, field
@@ -582,7 +583,7 @@ def pad_batches(split: Split, batch: int):
     The last batch is padded with zero images; ``mask`` is False on the padding,
     so the metric sums count every example once and nothing else.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:  # NumPy ints too
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     n = len(split)
     n_pad = math.ceil(n / batch) * batch

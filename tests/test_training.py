@@ -387,6 +387,7 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
         jax.jit(training.eval_step, static_argnames="resize")(state, images, labels, RESIZE, None, True)
     with pytest.raises(ValueError, match="batch must be a positive int, got 0"):
         training.pad_batches(Split(images, labels), 0)
+    assert training.pad_batches(Split(images, labels), np.int64(3))[2].shape == (2, 3)
     # No images: no probabilities (rather than "need at least one array to concatenate").
     assert training.predict(state, images[:0], RESIZE).shape == (0, 10)
     np.testing.assert_array_equal(training.predict(state, list(images), RESIZE), training.predict(state, images, RESIZE))
