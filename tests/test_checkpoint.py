@@ -1,6 +1,7 @@
 """Checkpoints and exact resume, on tiny synthetic splits through training.fit (the CLI is tests/test_commands.py)."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -435,3 +436,26 @@ def test_a_read_only_view_of_a_run_logs_no_warnings(uninterrupted, caplog):
     with Checkpoints(uninterrupted[0], read_only=True) as ckpts:
         assert ckpts.latest_epoch() == 3
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_checkpoint_saved_on_a_gpu_is_read_on_a_cpu(uninterrupted, tmp_path):
+    # Orbax records each array's devices in the checkpoint's _sharding file, and restores onto
+    # them unless told otherwise: a GPU's checkpoint names "cuda:0", which a CPU-only machine
+    # lacks. No GPU here, so the copy's records are rewritten as a one-GPU program writes them;
+    # restore and load_for_inference give their own devices and must not read these.
+    directory, _, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
+    ckpts.close()
+    files = sorted(directory.glob("*/*/state/_sharding"))
+    assert len(files) >= 3  # the kept epochs' and best's
+    gpu = json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": "cuda:0"})
+    for f in files:
+        f.write_text(json.dumps(dict.fromkeys(json.loads(f.read_text()), gpu)))
+    # Not vacuous: Orbax on its own now refuses the arrays.
+    import orbax.checkpoint as ocp
+
+    with pytest.raises(ValueError, match="Topology mismatch"):
+        ocp.StandardCheckpointer().restore(directory / "checkpoints" / str(restored.epoch) / "state")
+    with Checkpoints(directory, read_only=True) as read:
+        assert _leaves_equal(read.restore(_fresh_state()).state, restored.state)
+        assert read.restore(_fresh_state(), which="best").epoch >= 1
+    assert _leaves_equal(checkpoint.load_for_inference(directory).state.params, restored.state.params)
