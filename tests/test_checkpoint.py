@@ -440,9 +440,10 @@ def test_a_read_only_view_of_a_run_logs_no_warnings(uninterrupted, caplog):
 
 def test_a_checkpoint_saved_on_a_gpu_is_read_on_a_cpu(uninterrupted, tmp_path):
     # Orbax records each array's devices in the checkpoint's _sharding file, and restores onto
-    # them unless told otherwise: a GPU's checkpoint names "cuda:0", which a CPU-only machine
-    # lacks. No GPU here, so the copy's records are rewritten as a one-GPU program writes them;
-    # restore and load_for_inference give their own devices and must not read these.
+    # them unless told otherwise. An array saved on one GPU outside a mesh is recorded as
+    # "cuda:0", which a CPU-only machine lacks (a mesh records device ids, which may be missing
+    # too: the four-to-one-device test in test_sharding.py). No GPU here, so the copy's records
+    # are rewritten that way; restore and load_for_inference give their own devices instead.
     directory, _, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
     ckpts.close()
     files = sorted(directory.glob("*/*/state/_sharding"))
