@@ -64,7 +64,11 @@ def jit(fn: Callable, devices=None, **kwargs):
     training runs. (Initialisation, :func:`_jitted_init`, runs once and keeps
     plain ``jax.jit``.)
     """
-    target = _platform(devices)
+    return _jit_for(fn, _platform(devices), **kwargs)
+
+
+def _jit_for(fn: Callable, target: str, **kwargs):
+    """:func:`jit` for the platform named ``target`` ("cpu", "gpu", "tpu")."""
 
     @functools.wraps(fn)  # the signature, for static_argnames
     def traced(*args, **kw):
@@ -81,6 +85,22 @@ def jit(fn: Callable, devices=None, **kwargs):
 
 def _platform(devices=None) -> str:
     return (devices[0] if devices else jax.devices()[0]).platform
+
+
+@functools.lru_cache(maxsize=16)
+def _program(fn: Callable, target: str, statics: tuple = (), **jit_kwargs):
+    """``jit(functools.partial(fn, **dict(statics)))`` for platform ``target``, made once per
+    (fn, target, statics, jit options) in a process.
+
+    fit and evaluate_split build their programs here rather than with a new jit each call: JAX
+    caches a jitted function's traced and compiled programs by its arguments' structure, shapes
+    and shardings, so with the same jitted function a repeated call lowers and compiles in a
+    millisecond instead of seconds (evaluate_split in a loop of one's own, fit continued on its
+    result's state). A state built anew (another ``initial_state``) has another optimizer, a
+    static part of its structure, so its programs are compiled again, as jax.jit would. Each
+    entry holds its compiled programs; the 16 most recently used are kept.
+    """
+    return _jit_for(functools.partial(fn, **dict(statics)), target, **jit_kwargs)
 
 
 Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count
@@ -426,11 +446,15 @@ def jit_train_chunk(
     the epoch has a smaller last batch. (Shared with the benchmark, so that it times
     the program fit runs.)
     """
+    statics, static = _chunk_statics(K, steps, resize, batch_sharding, masked)
+    return jit(functools.partial(train_chunk, **dict(statics)), devices, donate_argnums=0), static
+
+
+def _chunk_statics(K: int, steps: int, resize: int, batch_sharding, masked: bool) -> tuple[tuple, bool]:
+    """:func:`train_chunk`'s static arguments for :func:`jit_train_chunk`, and whether K is one of them."""
     static = steps % K == 0
-    fn = functools.partial(
-        train_chunk, resize=resize, batch_sharding=batch_sharding, masked=masked, **({"num_steps": K} if static else {})
-    )
-    return jit(fn, devices, donate_argnums=0), static
+    statics = (("resize", resize), ("batch_sharding", batch_sharding), ("masked", masked))
+    return statics + ((("num_steps", K),) if static else ()), static
 
 
 def evaluate_batches(state, images, labels, mask, resize: int, batch_sharding=None, confusion: bool = False) -> Metrics:
@@ -616,15 +640,16 @@ def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: b
     Either way each batch is sharded over the devices like training's, so that
     each device evaluates its share of it. ``confusion``: the metric sums
     include the confusion matrix (see :func:`eval_step`)."""
+    statics = (("resize", config.resize), ("batch_sharding", batch_sharding), ("confusion", confusion))
     if device_loop:
-        fn = functools.partial(evaluate_batches, resize=config.resize, batch_sharding=batch_sharding, confusion=confusion)
-        return jit(fn, devices).lower(state, x, y, m).compile()
+        return _program(evaluate_batches, _platform(devices), statics).lower(state, x, y, m).compile()
+    return _program(_eval_batch, _platform(devices), statics).lower(state, x[0], y[0], m[0]).compile()
 
-    def one(s, x, y, m):
-        x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
-        return eval_step(s, x, y, config.resize, m, confusion)
 
-    return jit(one, devices).lower(state, x[0], y[0], m[0]).compile()
+def _eval_batch(state, x, y, m, resize: int, batch_sharding=None, confusion: bool = False) -> Metrics:
+    """:func:`eval_step` on one padded batch, sharded over the devices like training's."""
+    x, y, m = (_constrain(a, batch_sharding) for a in (x, y, m))
+    return eval_step(state, x, y, resize, m, confusion)
 
 
 def _make_evaluator(config: Config, state, split: Split, put, batch_sharding, devices, confusion: bool = False):
@@ -675,6 +700,9 @@ def evaluate_split(config: Config, state: TrainState, split: Split, devices=None
     With ``confusion``, also ``"confusion"``: the (num_classes, num_classes)
     counts of [true class, predicted class], from the same pass over the
     network (its trace is the number of correct predictions).
+
+    Repeated calls on states of one lineage (the steps of one training run) reuse the program
+    compiled by the first (:func:`_program`).
     """
     _check_split("evaluated", split, state)
     devices = devices or jax.devices()
@@ -717,16 +745,17 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
 
     # Every input and output sharding is explicit: indices, like the data, are replicated.
     scalar = lambda v: put(np.int32(v))
+    target = _platform(devices)
+    plan_statics = (("seed", config.seed), ("n", n), ("batch_size", bs), ("chunk", K))
     plan_fn = timed("shuffle", lambda: (
-        jit(functools.partial(epoch_plan, seed=config.seed, n=n, batch_size=bs, chunk=K), devices, out_shardings=replicated)
-        .lower(scalar(0))
-        .compile()
+        _program(epoch_plan, target, plan_statics, out_shardings=replicated).lower(scalar(0)).compile()
     ))
     idx_spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
 
     if K > 1:
         # One program for every step, the epoch's smaller last batch included (masked).
-        chunk, static = jit_train_chunk(K, steps, config.resize, batch_sharding, devices, masked)
+        statics, static = _chunk_statics(K, steps, config.resize, batch_sharding, masked)
+        chunk = _program(train_chunk, target, statics, donate_argnums=0)
         args = (state, train_x, train_y, idx_spec((K, bs))) + (() if static else (scalar(0),))
         compiled = timed("train", lambda: chunk.lower(*args).compile())
         chunk_fn = last_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
@@ -736,8 +765,9 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
         # 0.4 s on 2 cores that is several seconds, more than the 2 s of a second compile.
         # So the full batches run unmasked, and the last, smaller one in a masked program.
         def compile_rows(masked_rows: bool):
-            fn = functools.partial(train_rows, resize=config.resize, batch_sharding=batch_sharding, masked=masked_rows)
-            one = jit(fn, devices, donate_argnums=0).lower(state, train_x, train_y, idx_spec((bs,))).compile()
+            statics = (("resize", config.resize), ("batch_sharding", batch_sharding), ("masked", masked_rows))
+            program = _program(train_rows, target, statics, donate_argnums=0)
+            one = program.lower(state, train_x, train_y, idx_spec((bs,))).compile()
             return lambda s, x, y, rows, steps: one(s, x, y, rows[0])
 
         chunk_fn = last_fn = timed("train", lambda: compile_rows(steps == 1 and masked))
@@ -804,9 +834,11 @@ def fit(
     validation loss after an epoch, becomes NaN or infinite; the epoch in which
     it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
 
-    Each call compiles its programs anew (``compile_s`` in the result): on CPU seconds per
-    program. JAX's persistent compilation cache, which train.py turns on
-    (``jax.config.update("jax_compilation_cache_dir", DIR)``), makes a repeated call load them.
+    The programs are compiled before the first step (``compile_s`` in the result: on CPU seconds
+    per program). A call on the same state's lineage (``result.state`` with ``history``, to go on
+    training) reuses the ones this process compiled (:func:`_program`); a state built anew
+    compiles its own, which JAX's persistent compilation cache, when turned on as train.py does
+    (``jax.config.update("jax_compilation_cache_dir", DIR)``), loads instead.
     """
     _check_state_fits_config(state, config)
     for name, split in (("train", train), ("test", test), ("val", val)):
