@@ -87,19 +87,30 @@ def _platform(devices=None) -> str:
     return (devices[0] if devices else jax.devices()[0]).platform
 
 
-@functools.lru_cache(maxsize=16)
-def _program(fn: Callable, target: str, statics: tuple = (), **jit_kwargs):
+def _program(fn: Callable, target: str, statics: tuple = (), state=None, **jit_kwargs):
     """``jit(functools.partial(fn, **dict(statics)))`` for platform ``target``, made once per
-    (fn, target, statics, jit options) in a process.
+    (fn, target, statics, structure of ``state``, jit options) in a process.
 
     fit and evaluate_split build their programs here rather than with a new jit each call: JAX
     caches a jitted function's traced and compiled programs by its arguments' structure, shapes
     and shardings, so with the same jitted function a repeated call lowers and compiles in a
     millisecond instead of seconds (evaluate_split in a loop of one's own, fit continued on its
-    result's state). A state built anew (another ``initial_state``) has another optimizer, a
-    static part of its structure, so its programs are compiled again, as jax.jit would. Each
-    entry holds its compiled programs; the 16 most recently used are kept.
+    result's state).
+
+    ``state``, for the programs that take one: its tree structure (the model, the optimizer, the
+    recipe: the static parts) is part of the key, so that each state lineage has jitted functions
+    of its own and the cache's bound, 8 of them, bounds the compiled programs it keeps. (Keyed
+    without it, each state built anew, with an optimizer of its own, added its programs to the
+    same jitted functions for the life of the process: 45 MiB per fit at 17x17.) JAX's default
+    PRNG implementation is part of the key as well: ``jax.random.key`` inside a program (the
+    epoch's shuffle) is traced with it, and JAX's own cache does not tell them apart.
     """
+    structure = None if state is None else jax.tree_util.tree_structure(state)
+    return _cached_program(fn, target, statics, structure, jax.config.jax_default_prng_impl, **jit_kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_program(fn: Callable, target: str, statics: tuple, structure, prng_impl: str, **jit_kwargs):
     return _jit_for(functools.partial(fn, **dict(statics)), target, **jit_kwargs)
 
 
@@ -642,8 +653,8 @@ def _eval_program(config: Config, state, x, y, m, batch_sharding, device_loop: b
     include the confusion matrix (see :func:`eval_step`)."""
     statics = (("resize", config.resize), ("batch_sharding", batch_sharding), ("confusion", confusion))
     if device_loop:
-        return _program(evaluate_batches, _platform(devices), statics).lower(state, x, y, m).compile()
-    return _program(_eval_batch, _platform(devices), statics).lower(state, x[0], y[0], m[0]).compile()
+        return _program(evaluate_batches, _platform(devices), statics, state).lower(state, x, y, m).compile()
+    return _program(_eval_batch, _platform(devices), statics, state).lower(state, x[0], y[0], m[0]).compile()
 
 
 def _eval_batch(state, x, y, m, resize: int, batch_sharding=None, confusion: bool = False) -> Metrics:
@@ -755,7 +766,7 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     if K > 1:
         # One program for every step, the epoch's smaller last batch included (masked).
         statics, static = _chunk_statics(K, steps, config.resize, batch_sharding, masked)
-        chunk = _program(train_chunk, target, statics, donate_argnums=0)
+        chunk = _program(train_chunk, target, statics, state, donate_argnums=0)
         args = (state, train_x, train_y, idx_spec((K, bs))) + (() if static else (scalar(0),))
         compiled = timed("train", lambda: chunk.lower(*args).compile())
         chunk_fn = last_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
@@ -766,7 +777,7 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
         # So the full batches run unmasked, and the last, smaller one in a masked program.
         def compile_rows(masked_rows: bool):
             statics = (("resize", config.resize), ("batch_sharding", batch_sharding), ("masked", masked_rows))
-            program = _program(train_rows, target, statics, donate_argnums=0)
+            program = _program(train_rows, target, statics, state, donate_argnums=0)
             one = program.lower(state, train_x, train_y, idx_spec((bs,))).compile()
             return lambda s, x, y, rows, steps: one(s, x, y, rows[0])
 

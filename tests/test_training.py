@@ -379,6 +379,24 @@ def test_a_repeated_evaluation_or_a_continued_fit_compiles_nothing(steps_per_dis
     assert compiled >= 1
 
 
+def test_the_cached_shuffle_program_follows_jaxs_prng_implementation():
+    # epoch_plan's jax.random.key is traced with JAX's default PRNG implementation, which JAX's
+    # own jit cache does not key on: a fit after a switch reused the old implementation's shuffle.
+    statics = (("seed", 0), ("n", 40), ("batch_size", 8), ("chunk", 1))
+    planned = lambda: np.asarray(training._program(training.epoch_plan, "cpu", statics).lower(jnp.int32(0)).compile()(jnp.int32(0)))
+    default = jax.config.jax_default_prng_impl
+    before = planned()
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        after = planned()
+        want = np.asarray(training.epoch_plan(0, seed=0, n=40, batch_size=8, chunk=1))
+    finally:
+        jax.config.update("jax_default_prng_impl", default)
+    np.testing.assert_array_equal(after, want)
+    assert not np.array_equal(after, before)  # not vacuous: the implementations shuffle apart
+    np.testing.assert_array_equal(planned(), before)
+
+
 def test_predict_compiles_one_program_per_power_of_two_of_small_calls():
     # A state of its own: the programs counted are this test's, whatever ran before it.
     config = Config(resize=RESIZE)
