@@ -350,10 +350,9 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: i
     return _sums(cross_entropy(logits, labels), logits, labels, mask, confusion)
 
 
-@functools.cache
-def _probabilities(resize: int):
-    """predict's jitted function for ``resize``, made once: repeated predict calls reuse its compilations."""
-    return jit(lambda state, images: jax.nn.softmax(eval_logits(state, images, resize).astype(jnp.float32), axis=-1))
+def _probabilities(state: TrainState, images: jax.Array, resize: int) -> jax.Array:
+    """predict's program: softmax of the eval-mode logits, in float32."""
+    return jax.nn.softmax(eval_logits(state, images, resize).astype(jnp.float32), axis=-1)
 
 
 def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int = 1000) -> np.ndarray:
@@ -370,7 +369,7 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     if len(images) == 0:
         return np.zeros((0, _num_classes(state)), np.float32)
     batch_size = max(1, min(batch_size, 1 << (len(images) - 1).bit_length()))
-    probs_fn = _probabilities(resize)
+    probs_fn = _program(_probabilities, _platform(), (("resize", resize),), state)  # repeated calls reuse it
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]

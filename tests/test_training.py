@@ -402,7 +402,7 @@ def test_predict_compiles_one_program_per_power_of_two_of_small_calls():
     config = Config(resize=RESIZE)
     state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(1))
     images, _ = _batch(9)
-    fn = training._probabilities(RESIZE)
+    fn = training._program(training._probabilities, "cpu", (("resize", RESIZE),), state)  # predict's jitted function
     before = fn._cache_size()
     out = {n: training.predict(state, images[:n], RESIZE) for n in (5, 6, 7, 8)}  # all padded to 8
     assert fn._cache_size() - before == 1
