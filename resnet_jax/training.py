@@ -453,8 +453,9 @@ def jit_train_chunk(
 
     ``steps``: the epoch's steps. When K divides them every chunk is full: K is passed
     as a Python int, and the jitted function takes no step count. ``masked``: whether
-    the epoch has a smaller last batch. (Shared with the benchmark, so that it times
-    the program fit runs.)
+    the epoch has a smaller last batch. (For the benchmark: fit compiles the same function,
+    static arguments and options, both from :func:`_chunk_statics`, through its cache,
+    :func:`_program`; so the benchmark times the program fit runs, compiled afresh.)
     """
     statics, static = _chunk_statics(K, steps, resize, batch_sharding, masked)
     return jit(functools.partial(train_chunk, **dict(statics)), devices, donate_argnums=0), static
