@@ -302,7 +302,8 @@ def _load_data(config: Config, spec, say):
     t0 = time.perf_counter()
     try:
         train, test = data_mod.load(
-            spec, config.data_dir, config.manual_dir, config.offline, log=lambda m: say(f"data: {m}")
+            spec, config.data_dir, config.manual_dir, config.offline, log=lambda m: say(f"data: {m}"),
+            arg_names=data_mod.FLAG_NAMES,
         )
     except data_mod.DataError as err:
         raise UserError(str(err)) from err

@@ -108,7 +108,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     try:
         _, test = data_mod.load(
             spec, args.data_dir or config.data_dir, args.manual_dir or config.manual_dir, args.offline or config.offline,
-            log=lambda m: emit(f"data: {m}", file=out, essential=False),
+            log=lambda m: emit(f"data: {m}", file=out, essential=False), arg_names=data_mod.FLAG_NAMES,
         )
     except data_mod.DataError as err:
         raise UserError(str(err)) from err

@@ -40,6 +40,12 @@ class DataError(Exception):
     """The data cannot be had; the message says what to do."""
 
 
+# How a DataError names load's arguments, in the caller's own terms: a Python caller reads
+# "manual_dir", a user of train.py its flags (resnet_jax/cli.py passes FLAG_NAMES).
+ARG_NAMES = {"manual_dir": "manual_dir", "data_dir": "data_dir", "offline": "offline=True"}
+FLAG_NAMES = {"manual_dir": "--manual-dir", "data_dir": "--data-dir", "offline": "--offline"}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the program needs to know about a TFDS dataset before touching it."""
@@ -211,6 +217,8 @@ def load(
     manual_dir: str | Path | None = None,
     offline: bool = False,
     log: Callable[[str], None] = lambda msg: None,
+    *,
+    arg_names: dict[str, str] = ARG_NAMES,
 ) -> tuple[Split, Split]:
     """(train, test) splits of ``spec`` from the array cache, preparing it through TFDS on first use.
 
@@ -218,7 +226,8 @@ def load(
     their checksums). ``offline``: never try a download; fail with instructions
     if the data is neither prepared nor in ``manual_dir``.
     ``spec``: a :class:`DatasetSpec` (``FASHION_MNIST``...) or its name in ``DATASETS``.
-    Raises :class:`DataError` with a message for the user when the data cannot be had.
+    Raises :class:`DataError` with a message for the user when the data cannot be had; the message
+    names the arguments as ``arg_names`` says (``FLAG_NAMES``: as train.py's flags).
     """
     if isinstance(spec, str):
         if spec not in DATASETS:
@@ -233,7 +242,7 @@ def load(
     with _preparing(spec, data_dir, log):
         if (splits := _read_cache(spec, cache, log)) is not None:  # written by the run we waited for
             return splits
-        train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log)
+        train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log, arg_names)
         check_splits(spec, train, test)
         try:
             _save_atomically(cache, train, test)
@@ -262,11 +271,22 @@ def _preparing(spec: DatasetSpec, data_dir: Path, log):
     lock where the folder cannot take one (read-only: nothing will be written there either)."""
     lock = data_dir / f".resnet_jax-{spec.tfds_name}.lock"
     say = lambda holder: log(f"waiting for {holder or 'another program'}, which is preparing {spec.tfds_name} in {data_dir}")
-    with contextlib.ExitStack() as stack:
-        with contextlib.suppress(OSError):
-            data_dir.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(files.held(lock, on_wait=say))
-        yield
+    # The folders made here for the lock, deepest first: a load that fails (offline, no files)
+    # takes away those it left empty, so a mistyped --data-dir leaves no trace.
+    made = [d for d in (data_dir, *data_dir.parents) if not d.exists()]
+    try:
+        with contextlib.ExitStack() as stack:
+            with contextlib.suppress(OSError):
+                data_dir.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(files.held(lock, on_wait=say))
+            yield
+    except BaseException:
+        for d in made:
+            try:
+                d.rmdir()  # only an empty folder goes; whatever TFDS wrote there stays
+            except OSError:
+                break
+        raise
 
 
 def _import_tfds():
@@ -289,7 +309,7 @@ def _import_tfds():
     return tfds
 
 
-def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log) -> tuple[Split, Split]:
+def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log, names) -> tuple[Split, Split]:
     tfds = _import_tfds()
     absl = logging.getLogger("absl")
     level = absl.level
@@ -298,50 +318,50 @@ def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log) -> tup
         builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
         prepared = builder.is_prepared()
     except Exception as err:  # a garbled dataset_info.json...
-        raise _unreadable(spec, data_dir, err) from err
+        raise _unreadable(spec, data_dir, err, names) from err
     finally:
         absl.setLevel(level)
     if not prepared:
-        _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log)
+        _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names)
     splits = []
     try:
         for name in ("train", "test"):
             arrays = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
             splits.append(Split(np.asarray(arrays["image"], np.uint8), np.asarray(arrays["label"], np.int32)))
     except Exception as err:  # a truncated or deleted record file (TensorFlow's DataLossError, NotFoundError)...
-        raise _unreadable(spec, data_dir, err) from err
+        raise _unreadable(spec, data_dir, err, names) from err
     return splits[0], splits[1]
 
 
-def _unreadable(spec: DatasetSpec, data_dir: Path, err: Exception) -> DataError:
+def _unreadable(spec: DatasetSpec, data_dir: Path, err: Exception, names) -> DataError:
     """Prepared TFDS data that cannot be read: what to delete so that the next run prepares it again."""
     # TensorFlow's op errors wrap the reason: "{{function_node ...}} truncated record ... [Op:...]".
     reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", first_line(err))
     return DataError(
         f"the prepared TFDS data of {spec.tfds_name} in {data_dir} cannot be read "
         f"({type(err).__name__}: {reason}); delete {data_dir / spec.tfds_name} and run again "
-        "(TFDS prepares it anew, from --manual-dir or a download), or give another --data-dir"
+        f"(TFDS prepares it anew, from {names['manual_dir']} or a download), or give another {names['data_dir']}"
     )
 
 
-def _missing_files_help(spec: DatasetSpec) -> str:
+def _missing_files_help(spec: DatasetSpec, names) -> str:
     files = ", ".join(spec.files)
     where = spec.url if len(spec.files) > 1 else spec.file_urls[0]
     return (
         f"Download the official {'files' if len(spec.files) > 1 else 'file'} ({files}) from {where} "
         f"(see {spec.homepage}), put {'them' if len(spec.files) > 1 else 'it'} as downloaded in one folder, "
-        f"and pass that folder with --manual-dir." + (f" {spec.note}" if spec.note else "")
+        f"and pass that folder as {names['manual_dir']}." + (f" {spec.note}" if spec.note else "")
     )
 
 
-def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
+def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names) -> None:
     if manual_dir is not None:
         manual_dir = Path(manual_dir).expanduser()
-        _check_manual_files(builder, spec, manual_dir)
+        _check_manual_files(builder, spec, manual_dir, names)
     elif offline:
         raise DataError(
-            f"{spec.tfds_name} is not prepared in {data_dir} and downloads are off (--offline). "
-            + _missing_files_help(spec)
+            f"{spec.tfds_name} is not prepared in {data_dir} and downloads are off ({names['offline']}). "
+            + _missing_files_help(spec, names)
         )
     else:
         # TFDS retries a failed download for minutes; a quick probe fails in seconds.
@@ -349,7 +369,7 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
         if reason:
             raise DataError(
                 f"{spec.tfds_name} is not prepared in {data_dir} and cannot be downloaded "
-                f"({reason}). " + _missing_files_help(spec)
+                f"({reason}). " + _missing_files_help(spec, names)
             )
     log(f"preparing {spec.tfds_name} with TFDS in {data_dir} (once)")
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
@@ -362,11 +382,11 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log) -> None:
         raise DataError(
             f"TFDS could not prepare {spec.tfds_name}: a file has the wrong size or checksum "
             f"({first_line(err)}); it must be the official {spec.tfds_name} file, complete and as downloaded. "
-            + _missing_files_help(spec)
+            + _missing_files_help(spec, names)
         ) from err
 
 
-def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path) -> None:
+def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path, names) -> None:
     """Every file in ``manual_dir`` there, and of TFDS's own registered size and SHA-256, before TFDS starts.
 
     TFDS would find a wrong file too, but only after printing its progress bars,
@@ -402,11 +422,11 @@ def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path) -> None:
     if wrong:
         lacks = f" lacks {', '.join(missing)};" if missing else ":"
         raise DataError(
-            f"--manual-dir {manual_dir}{lacks} {'; '.join(wrong)}. They must be the official {spec.tfds_name} "
-            "files, complete and as downloaded (still compressed). " + _missing_files_help(spec)
+            f"{names['manual_dir']} {manual_dir}{lacks} {'; '.join(wrong)}. They must be the official {spec.tfds_name} "
+            "files, complete and as downloaded (still compressed). " + _missing_files_help(spec, names)
         )
     if missing:
-        raise DataError(f"--manual-dir {manual_dir} lacks {', '.join(missing)}. {_missing_files_help(spec)}")
+        raise DataError(f"{names['manual_dir']} {manual_dir} lacks {', '.join(missing)}. {_missing_files_help(spec, names)}")
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:

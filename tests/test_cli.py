@@ -259,6 +259,7 @@ def test_no_data_offline_exits_1_with_instructions(tmp_path):
     r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--epochs", "1")
     assert r.returncode == 1
     assert "--manual-dir" in r.stderr and "train-images-idx3-ubyte.gz" in r.stderr
+    assert "(--offline)" in r.stderr and "manual_dir" not in r.stderr  # the flags' names, not load's arguments
     assert "Traceback" not in r.stderr
 
 

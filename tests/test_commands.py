@@ -183,6 +183,7 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folders(tmp_path):
     rc, out, err = _main("--data-dir", tmp_path / "no-data", "--offline", "--output", tmp_path / "runs" / "r1")
     assert rc == 1 and "downloads are off (--offline)" in err, err
     assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "no-data").exists()  # nor the data dir it made to lock it while looking
     # A folder that was there before stays, and so does anything a failed run finds in it.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")
@@ -336,6 +337,8 @@ ERRORS = {
                            "exists and is not a regular file"),
     "evaluate-data-dir-a-file": (lambda run, d, t: ["evaluate", run, "--data-dir", _text_as_png(t)], 1,
                                  "notes.png is not a directory"),
+    "evaluate-no-data-offline": (lambda run, d, t: ["evaluate", run, "--data-dir", t / "empty", "--offline"], 1,
+                                 "downloads are off (--offline)"),
     "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
                                   "--confusion-png's folder"),
 }

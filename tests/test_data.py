@@ -38,7 +38,7 @@ def test_two_loads_at_once_on_a_new_data_dir_prepare_it_once(prepared_data_dir, 
     splits = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
     calls, logs = [], []
 
-    def slow_tfds(spec, data_dir, manual_dir, offline, log):
+    def slow_tfds(spec, data_dir, *args):
         calls.append(data_dir)
         time.sleep(1.0)
         return splits
@@ -52,7 +52,9 @@ def test_two_loads_at_once_on_a_new_data_dir_prepare_it_once(prepared_data_dir, 
 
     first = threading.Thread(target=load, args=(0,))
     first.start()
+    deadline = time.monotonic() + 60
     while not calls:
+        assert first.is_alive() and time.monotonic() < deadline, "the first load never reached TFDS"
         time.sleep(0.01)
     load(1)
     first.join()
@@ -81,7 +83,13 @@ def test_offline_without_data_says_where_to_put_the_files(tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load(data.FASHION_MNIST, tmp_path / "empty", offline=True)
     msg = str(err.value)
-    assert "--manual-dir" in msg and "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+    assert "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+    # In the caller's terms: a Python caller reads load's arguments, train.py's user its flags.
+    assert "(offline=True)" in msg and "pass that folder as manual_dir" in msg and "--" not in msg
+    with pytest.raises(data.DataError) as err:
+        data.load(data.FASHION_MNIST, tmp_path / "empty", offline=True, arg_names=data.FLAG_NAMES)
+    msg = str(err.value)
+    assert "(--offline)" in msg and "pass that folder as --manual-dir" in msg and "manual_dir" not in msg
 
 
 def test_manual_dir_missing_files_are_named(tmp_path, manual_dir):
@@ -193,6 +201,6 @@ def test_missing_unpacked_and_wrong_files_are_named_in_one_message(tmp_path, man
     with pytest.raises(data.DataError) as err:
         data.load(data.FASHION_MNIST, tmp_path / "tfds", manual, offline=True)
     assert str(err.value).startswith(
-        f"--manual-dir {manual} lacks train-labels-idx1-ubyte.gz (its unpacked train-labels-idx1-ubyte is there: "
+        f"manual_dir {manual} lacks train-labels-idx1-ubyte.gz (its unpacked train-labels-idx1-ubyte is there: "
         "give the file as downloaded); t10k-labels-idx1-ubyte.gz has 1,000 bytes, the official file 5,148. "
         "They must be the official fashion_mnist files"), err.value

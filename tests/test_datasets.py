@@ -70,7 +70,7 @@ def test_offline_without_data_names_that_datasets_files(name, tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load(spec, tmp_path / "empty", offline=True)
     msg = str(err.value)
-    assert "\n" not in msg and msg.startswith(f"{name} is not prepared") and "--manual-dir" in msg
+    assert "\n" not in msg and msg.startswith(f"{name} is not prepared") and "as manual_dir" in msg
     for f, url in zip(spec.files, spec.file_urls):
         assert f in msg
     assert (spec.url in msg) and spec.homepage in msg
