@@ -144,12 +144,27 @@ def make_model(config: Config, num_classes: int | None = None, input_channels: i
     """The ResNet-18 ``config`` trains: its dtype and conv lowering; the class and channel counts of
     ``config.dataset`` unless given (Fashion-MNIST: 10 classes, 1 channel)."""
     spec = DATASETS[config.dataset]  # Config has checked the name
-    return ResNet18(
-        num_classes=spec.num_classes if num_classes is None else num_classes,
-        input_channels=spec.channels if input_channels is None else input_channels,
-        dtype=jnp.dtype(config.dtype),
-        conv_impl=config.conv_impl,
+    return _model(
+        spec.num_classes if num_classes is None else num_classes,
+        spec.channels if input_channels is None else input_channels,
+        jnp.dtype(config.dtype),
+        config.conv_impl,
     )
+
+
+# make_model and make_optimizer give the same object for the same values, so that two states
+# built from equal configs have equal static parts (a state's apply_fn is a bound method, which
+# compares its module by identity; an optimizer compares its functions by identity): fit and
+# evaluate_split then reuse the programs the first state compiled (see _program) instead of
+# compiling them again for each state built anew, a seed sweep for instance.
+@functools.lru_cache(maxsize=32)
+def _model(num_classes: int, input_channels: int, dtype, conv_impl: str) -> ResNet18:
+    return ResNet18(num_classes=num_classes, input_channels=input_channels, dtype=dtype, conv_impl=conv_impl)
+
+
+@functools.lru_cache(maxsize=32)
+def _sgd(recipe: Recipe, lr: float, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+    return recipes.sgd(recipe, lr, steps_per_epoch, epochs)
 
 
 def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.GradientTransformation:
@@ -157,11 +172,11 @@ def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.
 
     A learning-rate schedule needs ``steps_per_epoch`` (ceil(train examples / batch size)).
     """
+    if not config.recipe.scheduled:  # a constant learning rate: the run's length plays no part
+        return _sgd(config.recipe, config.lr, 1, 1)
     if steps_per_epoch is None:
-        if config.recipe.scheduled:
-            raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
-        steps_per_epoch = 1
-    return recipes.sgd(config.recipe, config.lr, steps_per_epoch, config.epochs)
+        raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
+    return _sgd(config.recipe, config.lr, steps_per_epoch, config.epochs)
 
 
 def built_from(config: Config, steps_per_epoch: int | None = None) -> tuple:
@@ -847,8 +862,10 @@ def fit(
 
     The programs are compiled before the first step (``compile_s`` in the result: on CPU seconds
     per program). A call on the same state's lineage (``result.state`` with ``history``, to go on
-    training) reuses the ones this process compiled (:func:`_program`); a state built anew
-    compiles its own, which JAX's persistent compilation cache, when turned on as train.py does
+    training) reuses the ones this process compiled (:func:`_program`), and so does a state
+    :func:`initial_state` builds anew from an equal config (another seed compiles only its
+    shuffle). A state with a model or optimizer of one's own compiles its own, which JAX's
+    persistent compilation cache, when turned on as train.py does
     (``jax.config.update("jax_compilation_cache_dir", DIR)``), loads instead.
     """
     _check_state_fits_config(state, config)

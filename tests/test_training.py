@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -344,16 +345,26 @@ def test_fit_refuses_a_state_built_for_another_optimizer_or_model(change):
         training.fit(config.replace(**change), Split(images, labels), Split(images, labels), built)
 
 
-def _compiles(fn):
-    """fn's result, and how many programs XLA compiled while it ran (JAX's own compile events)."""
+def _compiled(fn):
+    """fn's result, and the names of the functions XLA compiled while it ran (JAX's own compile events)."""
     names = []
-    listener = lambda name, secs, **kwargs: names.append(name)
+
+    def listener(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         out = fn()
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    return out, names.count("/jax/core/compile/backend_compile_duration")
+    return out, names
+
+
+def _compiles(fn):
+    """fn's result, and how many programs XLA compiled while it ran."""
+    out, names = _compiled(fn)
+    return out, len(names)
 
 
 @pytest.mark.parametrize("steps_per_dispatch", [1, 2], ids=["step-per-call", "device-loop"])
@@ -361,7 +372,9 @@ def test_a_repeated_evaluation_or_a_continued_fit_compiles_nothing(steps_per_dis
     # Each call used to build its programs with a new jax.jit: evaluate_split in a loop of one's
     # own, or fit continued on its result's state, compiled everything again (1.3 of the 1.8 s
     # of a 1,000-image evaluation at 28x28 on 2 CPU cores; on a GPU nearly all of it).
-    config = Config(epochs=1, batch_size=16, resize=RESIZE, eval_batch_size=8, steps_per_dispatch=steps_per_dispatch)
+    # An lr of its own: a state of equal config built by another test shares its programs (see below).
+    config = Config(epochs=1, batch_size=16, resize=RESIZE, eval_batch_size=8, steps_per_dispatch=steps_per_dispatch,
+                    lr=0.03 + steps_per_dispatch / 1000)
     state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(2))
     images, labels = _batch(60, seed=8)
     train, test = Split(images[:40], labels[:40]), Split(images[40:], labels[40:])
@@ -377,6 +390,27 @@ def test_a_repeated_evaluation_or_a_continued_fit_compiles_nothing(steps_per_dis
     # Another confusion flag, resize or split size is another program, as it must be.
     _, compiled = _compiles(lambda: training.evaluate_split(config, state, test, confusion=True))
     assert compiled >= 1
+
+
+def test_a_state_built_anew_from_an_equal_config_compiles_nothing_again():
+    # A sweep in one process (seeds, or a notebook cell run again): each initial_state used to
+    # bring a model.apply and an optimizer of its own, static parts of the state that JAX's jit
+    # cache compares by identity, so every fit compiled all its programs again.
+    config = Config(epochs=1, batch_size=16, resize=RESIZE, eval_batch_size=8, lr=0.0421)  # no other test's lr
+    images, labels = _batch(60, seed=9)
+    train, test = Split(images[:40], labels[:40]), Split(images[40:], labels[40:])
+    first, names = _compiled(lambda: training.fit(config, train, test, training.initial_state(config)))
+    assert names  # not vacuous: the first fit compiles its programs
+    again, names = _compiled(lambda: training.fit(config, train, test, training.initial_state(config)))
+    timings = ("epoch_train_s", "examples_per_sec", "wall_s")
+    same = lambda a, b: [[{k: v for k, v in r.items() if k not in timings} for r in h] for h in (a, b)]
+    assert names == [] and operator.eq(*same(again.history, first.history))
+    # Another seed: new weights and a new shuffle, whose program is the only one compiled (the seed is static to it).
+    other, names = _compiled(lambda: training.fit(config.replace(seed=1), train, test, training.initial_state(config.replace(seed=1))))
+    assert len(names) == 1 and "epoch_plan" in names[0] and not operator.eq(*same(other.history, first.history))
+    # Another learning rate is another optimizer, and so other programs.
+    _, names = _compiled(lambda: training.fit(config.replace(lr=0.0422), train, test, training.initial_state(config.replace(lr=0.0422))))
+    assert len(names) >= 2
 
 
 def test_the_cached_shuffle_program_follows_jaxs_prng_implementation():
@@ -399,7 +433,7 @@ def test_the_cached_shuffle_program_follows_jaxs_prng_implementation():
 
 def test_predict_compiles_one_program_per_power_of_two_of_small_calls():
     # A state of its own: the programs counted are this test's, whatever ran before it.
-    config = Config(resize=RESIZE)
+    config = Config(resize=RESIZE, lr=0.0123)  # an lr no other test uses: equal configs share programs
     state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(1))
     images, _ = _batch(9)
     fn = training._program(training._probabilities, "cpu", (("resize", RESIZE),), state)  # predict's jitted function
