@@ -25,7 +25,8 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +43,8 @@ class DataError(Exception):
 
 # How a DataError names load's arguments, in the caller's own terms: a Python caller reads
 # "manual_dir", a user of train.py its flags (resnet_jax/cli.py passes FLAG_NAMES).
-ARG_NAMES = {"manual_dir": "manual_dir", "data_dir": "data_dir", "offline": "offline=True"}
-FLAG_NAMES = {"manual_dir": "--manual-dir", "data_dir": "--data-dir", "offline": "--offline"}
+ARG_NAMES = MappingProxyType({"manual_dir": "manual_dir", "data_dir": "data_dir", "offline": "offline=True"})
+FLAG_NAMES = MappingProxyType({"manual_dir": "--manual-dir", "data_dir": "--data-dir", "offline": "--offline"})
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def load(
     offline: bool = False,
     log: Callable[[str], None] = lambda msg: None,
     *,
-    arg_names: dict[str, str] = ARG_NAMES,
+    arg_names: Mapping[str, str] = ARG_NAMES,
 ) -> tuple[Split, Split]:
     """(train, test) splits of ``spec`` from the array cache, preparing it through TFDS on first use.
 
@@ -227,13 +228,19 @@ def load(
     if the data is neither prepared nor in ``manual_dir``.
     ``spec``: a :class:`DatasetSpec` (``FASHION_MNIST``...) or its name in ``DATASETS``.
     Raises :class:`DataError` with a message for the user when the data cannot be had; the message
-    names the arguments as ``arg_names`` says (``FLAG_NAMES``: as train.py's flags).
+    names the arguments as ``arg_names`` says (``FLAG_NAMES``: as train.py's flags; any it leaves
+    out as in ``ARG_NAMES``).
     """
+    names = {**ARG_NAMES, **arg_names}
     if isinstance(spec, str):
         if spec not in DATASETS:
             raise ValueError(f"unknown dataset {spec!r}; one of {', '.join(DATASETS)}")
         spec = DATASETS[spec]
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if offline and manual_dir is None and not data_dir.exists():
+        # Nothing to read and nothing to prepare from: said before the lock below makes the
+        # folder, so a mistyped --data-dir leaves no trace.
+        raise _offline_error(spec, data_dir, names)
     cache = cache_path(spec, data_dir)
     if (splits := _read_cache(spec, cache, log)) is not None:
         return splits
@@ -242,7 +249,7 @@ def load(
     with _preparing(spec, data_dir, log):
         if (splits := _read_cache(spec, cache, log)) is not None:  # written by the run we waited for
             return splits
-        train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log, arg_names)
+        train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log, names)
         check_splits(spec, train, test)
         try:
             _save_atomically(cache, train, test)
@@ -271,22 +278,11 @@ def _preparing(spec: DatasetSpec, data_dir: Path, log):
     lock where the folder cannot take one (read-only: nothing will be written there either)."""
     lock = data_dir / f".resnet_jax-{spec.tfds_name}.lock"
     say = lambda holder: log(f"waiting for {holder or 'another program'}, which is preparing {spec.tfds_name} in {data_dir}")
-    # The folders made here for the lock, deepest first: a load that fails (offline, no files)
-    # takes away those it left empty, so a mistyped --data-dir leaves no trace.
-    made = [d for d in (data_dir, *data_dir.parents) if not d.exists()]
-    try:
-        with contextlib.ExitStack() as stack:
-            with contextlib.suppress(OSError):
-                data_dir.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(files.held(lock, on_wait=say))
-            yield
-    except BaseException:
-        for d in made:
-            try:
-                d.rmdir()  # only an empty folder goes; whatever TFDS wrote there stays
-            except OSError:
-                break
-        raise
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):
+            data_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(files.held(lock, on_wait=say))
+        yield
 
 
 def _import_tfds():
@@ -354,15 +350,19 @@ def _missing_files_help(spec: DatasetSpec, names) -> str:
     )
 
 
+def _offline_error(spec: DatasetSpec, data_dir: Path, names) -> DataError:
+    return DataError(
+        f"{spec.tfds_name} is not prepared in {data_dir} and downloads are off ({names['offline']}). "
+        + _missing_files_help(spec, names)
+    )
+
+
 def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names) -> None:
     if manual_dir is not None:
         manual_dir = Path(manual_dir).expanduser()
         _check_manual_files(builder, spec, manual_dir, names)
     elif offline:
-        raise DataError(
-            f"{spec.tfds_name} is not prepared in {data_dir} and downloads are off ({names['offline']}). "
-            + _missing_files_help(spec, names)
-        )
+        raise _offline_error(spec, data_dir, names)
     else:
         # TFDS retries a failed download for minutes; a quick probe fails in seconds.
         reason = _unreachable(spec.url)

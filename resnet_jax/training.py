@@ -145,8 +145,8 @@ def make_model(config: Config, num_classes: int | None = None, input_channels: i
     ``config.dataset`` unless given (Fashion-MNIST: 10 classes, 1 channel)."""
     spec = DATASETS[config.dataset]  # Config has checked the name
     return _model(
-        spec.num_classes if num_classes is None else num_classes,
-        spec.channels if input_channels is None else input_channels,
+        int(spec.num_classes if num_classes is None else num_classes),
+        int(spec.channels if input_channels is None else input_channels),
         jnp.dtype(config.dtype),
         config.conv_impl,
     )
@@ -176,7 +176,7 @@ def make_optimizer(config: Config, steps_per_epoch: int | None = None) -> optax.
         return _sgd(config.recipe, config.lr, 1, 1)
     if steps_per_epoch is None:
         raise ValueError(f"the {config.recipe.schedule!r} schedule needs steps_per_epoch")
-    return _sgd(config.recipe, config.lr, steps_per_epoch, config.epochs)
+    return _sgd(config.recipe, config.lr, int(steps_per_epoch), config.epochs)
 
 
 def built_from(config: Config, steps_per_epoch: int | None = None) -> tuple:

@@ -132,7 +132,7 @@ def main(names: list[str]) -> int:
     missed = []
     with tempfile.TemporaryDirectory(prefix="resnet_jax_mutants_") as tmp:
         tree = Path(tmp) / "tree"
-        shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", "__pycache__", ".gpu_data", "runs"))
+        shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", ".ci-floors-venv", "__pycache__", ".gpu_data", "runs"))
         for name, file, old, new in MUTATIONS:
             if names and name not in names:
                 continue

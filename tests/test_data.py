@@ -48,7 +48,8 @@ def test_two_loads_at_once_on_a_new_data_dir_prepare_it_once(prepared_data_dir, 
     results = [None, None]
 
     def load(i):
-        results[i] = data.load(data.FASHION_MNIST, new, offline=True, log=logs.append)
+        # (A manual_dir to prepare from: offline without one, a new data dir fails at once.)
+        results[i] = data.load(data.FASHION_MNIST, new, tmp_path / "manual", offline=True, log=logs.append)
 
     first = threading.Thread(target=load, args=(0,))
     first.start()
@@ -90,6 +91,10 @@ def test_offline_without_data_says_where_to_put_the_files(tmp_path):
         data.load(data.FASHION_MNIST, tmp_path / "empty", offline=True, arg_names=data.FLAG_NAMES)
     msg = str(err.value)
     assert "(--offline)" in msg and "pass that folder as --manual-dir" in msg and "manual_dir" not in msg
+    with pytest.raises(data.DataError) as err:  # names left out keep their argument names
+        data.load(data.FASHION_MNIST, tmp_path / "empty", offline=True, arg_names={"manual_dir": "--fmnist-dir"})
+    assert "(offline=True)" in str(err.value) and "pass that folder as --fmnist-dir" in str(err.value)
+    assert not (tmp_path / "empty").exists()  # offline with nothing to prepare from: no folder made
 
 
 def test_manual_dir_missing_files_are_named(tmp_path, manual_dir):

@@ -1,41 +1,35 @@
 """pyproject.toml's lower bounds are the versions .ci/run tests them with (.ci/floors.txt)."""
 
-import re
-import sys
+import tomllib
 from pathlib import Path
 
-import pytest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    tomllib = pytest.importorskip("tomli")
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
-BOUND = re.compile(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*>=\s*([0-9][0-9.]*)\s*(?:;.*)?$")
-
-
-def _name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _lower_bounds() -> dict[str, set[str]]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     bounds = {}
-    for requirement in requirements:
-        if m := BOUND.match(requirement.strip()):
-            bounds.setdefault(_name(m[1]), set()).add(m[2])
+    for requirement in map(Requirement, requirements):
+        for spec in requirement.specifier:
+            # Only ">=" bounds from below: another operator would be a floor this test cannot read.
+            assert spec.operator in (">=", "<", "<=", "!="), f"{requirement}: use >= for a lower bound"
+            if spec.operator == ">=":
+                bounds.setdefault(canonicalize_name(requirement.name), set()).add(spec.version)
     return bounds
 
 
 def _pins() -> dict[str, str]:
     pins = {}
     for line in (REPO / ".ci" / "floors.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[_name(name)] = version
+        if line := line.split("#")[0].strip():
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
     return pins
 
 
