@@ -454,7 +454,7 @@ def test_a_checkpoint_saved_on_a_gpu_is_read_on_a_cpu(uninterrupted, tmp_path):
     # Not vacuous: Orbax on its own now refuses the arrays.
     import orbax.checkpoint as ocp
 
-    # (Orbax 0.12 says "Topology mismatch"; 0.11 "Device cuda:0 was not found in jax.local_devices()".)
+    # (Orbax 0.12.8 says "Topology mismatch"; 0.11 said "Device cuda:0 was not found in jax.local_devices()".)
     with pytest.raises(ValueError, match="Topology mismatch|cuda:0 was not found"):
         ocp.StandardCheckpointer().restore(directory / "checkpoints" / str(restored.epoch) / "state")
     with Checkpoints(directory, read_only=True) as read:
