@@ -43,10 +43,36 @@ def test_the_swallowed_ctrl_c_is_not_printed_but_other_unraisables_are(interrupt
     assert "ValueError: kept" in capsys.readouterr().err
 
 
+def _wait_until_train_py_runs(p: subprocess.Popen, deadline_s: float = 60.0) -> None:
+    """Return once train.py's first line has run in process ``p`` (or ``p`` has ended).
+
+    Timed from the process's start instead, a signal on a loaded machine (CI's two workers
+    compiling) landed in Python's own start-up, before train.py could do anything about it
+    (exit -2, as for any Python program). That line blocks SIGINT and SIGTERM until JAX's import
+    begins under a handler for both; Python alone never handles SIGTERM. So either one seen in
+    /proc/PID/status means train.py runs, from its first line to its end.
+    """
+    status = Path(f"/proc/{p.pid}/status")
+    if not status.exists():  # not Linux: time from the start, as before
+        return
+    blocked_or_caught = (1 << (signal.SIGINT - 1), 1 << (signal.SIGTERM - 1))
+    t0 = time.monotonic()
+    while p.poll() is None and time.monotonic() - t0 < deadline_s:
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # ended between poll() and the read
+            return
+        if int(fields["SigBlk"], 16) & blocked_or_caught[0] or int(fields["SigCgt"], 16) & blocked_or_caught[1]:
+            return
+        time.sleep(0.002)
+    assert p.poll() is not None, f"train.py did not start within {deadline_s} s"
+
+
 @pytest.mark.parametrize("sig, after_s", [("SIGINT", 0.15), ("SIGINT", 0.7), ("SIGINT", 1.5), ("SIGINT", 3.0),
                                           ("SIGTERM", 0.7), ("SIGTERM", 3.0)])
 def test_ctrl_c_or_sigterm_early_in_train_py_exits_130_or_143_with_one_message(prepared_data_dir, tmp_path, sig, after_s):
-    # 0.15 s: numpy and jaxlib importing (a KeyboardInterrupt inside jaxlib's initialisation
+    # Times from train.py's first line (see _wait_until_train_py_runs): 0.15 s: the restart for
+    # huge pages, numpy and jaxlib importing (a KeyboardInterrupt inside jaxlib's initialisation
     # aborts the process: exit 134); 0.7 s: JAX's import (a Ctrl-C used to be a 34-line trace,
     # or swallowed by JAX's gc callback so that the run trained to the end); 1.5 and 3 s:
     # Flax/Orbax imports, loading, compiling. SIGTERM (kill, a scheduler) alike: exit 143,
@@ -57,6 +83,7 @@ def test_ctrl_c_or_sigterm_early_in_train_py_exits_130_or_143_with_one_message(p
          "--train-limit", "512", "--test-limit", "256", "--output", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
+    _wait_until_train_py_runs(p)
     time.sleep(after_s)
     p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
