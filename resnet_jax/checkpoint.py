@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import numbers
 import os
 import sys
 import warnings
@@ -51,6 +52,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from resnet_jax import files
 from resnet_jax.config import Config
 from resnet_jax.data import DatasetSpec
 from resnet_jax.errors import first_line
@@ -167,15 +169,33 @@ class Checkpoints:
     """The checkpoints of one run directory: save after an epoch, restore latest or best.
 
     A context manager: ``with Checkpoints(run_dir) as ckpts:`` closes it on leaving.
+
+    Unless ``read_only``, it holds the run folder's lock (``files.RUN_LOCK``, as train.py
+    does) until closed, on process 0 of a run of several: it cleans up the temporary
+    folders of unfinished saves, which are a running train.py's save in progress (that
+    save failed). A folder another program writes is refused (CheckpointError); read it
+    with ``read_only=True``, as :func:`load_for_inference` does.
     """
 
     def __init__(self, directory: str | Path, keep: int = 3, track_best: bool = False, read_only: bool = False):
         import orbax.checkpoint as ocp
 
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep is how many checkpoints to keep: an int >= 1 (or None for all), got {keep!r}")
         self._ocp = ocp
         self.directory = Path(os.path.abspath(directory))  # Orbax takes absolute paths only
+        self.latest = self.best = None
+        self._lock = contextlib.ExitStack()
         common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
         try:
+            if not read_only and jax.process_index() == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                try:
+                    self._lock.enter_context(files.held(self.directory / files.RUN_LOCK, reentrant=True))
+                except files.Busy as err:
+                    raise CheckpointError(
+                        f"{self.directory} is being written by another program ({err.holder}); to read it "
+                        "meanwhile, open it with read_only=True (load_for_inference does)") from None
             # Orbax warns that a read-only manager keeps and deletes nothing: as intended, so not shown.
             with _absl_quiet() if read_only else contextlib.nullcontext():
                 self.latest = ocp.CheckpointManager(
@@ -193,28 +213,36 @@ class Checkpoints:
                         ),
                         item_names=("state", "meta"),
                     )
+            # Each manager starts a thread that cleans up temporary folders; a program that exits
+            # while it runs (one that never calls close()) gets a traceback from the interpreter's
+            # shutdown. Waiting for it here leaves no thread behind (it takes milliseconds).
+            self._await_cleanup()
+            # A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
+            # when it saves that epoch. Someone put it there; it is theirs to move.
+            for folder in ("checkpoints", "best"):
+                with contextlib.suppress(OSError):
+                    for entry in (self.directory / folder).iterdir():
+                        if entry.name.isdigit() and not entry.is_dir():
+                            raise CheckpointError(
+                                f"{entry} is a file where the checkpoint of epoch {entry.name} would be; move it elsewhere")
+        except CheckpointError:
+            self.close()
+            raise
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
+            self.close()
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {first_line(err)}") from err
-        # Each manager starts a thread that cleans up temporary folders; a program that exits
-        # while it runs (one that never calls close()) gets a traceback from the interpreter's
-        # shutdown. Waiting for it here leaves no thread behind (it takes milliseconds).
-        self._await_cleanup()
-        # A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
-        # when it saves that epoch. Someone put it there; it is theirs to move.
-        for folder in ("checkpoints", "best"):
-            with contextlib.suppress(OSError):
-                for entry in (self.directory / folder).iterdir():
-                    if entry.name.isdigit() and not entry.is_dir():
-                        raise CheckpointError(
-                            f"{entry} is a file where the checkpoint of epoch {entry.name} would be; move it elsewhere")
 
     def close(self) -> None:
-        """Close Orbax's managers (idempotent); ``with Checkpoints(...) as ckpts:`` does it on leaving."""
-        self._await_cleanup()
-        for manager in (self.latest, self.best):
-            if manager is not None:
-                with _absl_quiet():
-                    manager.close()
+        """Close Orbax's managers and release the lock (idempotent); ``with Checkpoints(...) as ckpts:`` does it on leaving."""
+        try:
+            with contextlib.suppress(Exception):  # a cleanup that fails (the folder gone) must not keep the lock
+                self._await_cleanup()
+            for manager in (self.latest, self.best):
+                if manager is not None:
+                    with _absl_quiet():
+                        manager.close()
+        finally:
+            self._lock.close()
 
     def _await_cleanup(self) -> None:
         for manager in (self.latest, self.best):
@@ -256,6 +284,15 @@ class Checkpoints:
         if missing := [k for k in METADATA_KEYS if k not in meta]:
             raise ValueError(f"meta lacks {', '.join(missing)}: pass checkpoint.metadata(config, spec)")
         _check_meta_describes(state, meta)
+        # The epoch names the checkpoint's folder and is what resume continues after: a float
+        # made a folder "4.0", a numpy int failed after the write began, and an epoch at or
+        # below the latest replaced or hid a later checkpoint.
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 1:
+            raise ValueError(f"epoch is the number of epochs done: an int >= 1, got {epoch!r}")
+        epoch = int(epoch)
+        if not best_only and (kept := self.latest_epoch()) is not None and epoch <= kept:
+            raise ValueError(f"{self.latest.directory} holds the checkpoint of epoch {kept} already: "
+                             f"save epochs in order (got {epoch})")
         ocp = self._ocp
         state_dict = _state_dict(state)
         args = ocp.args.Composite(
@@ -282,7 +319,7 @@ class Checkpoints:
                     manager.save(epoch, args=args, metrics=metrics, force=True)
                     manager.wait_until_finished()
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
-                raise CheckpointError(self._not_saved(epoch, manager, f"{type(err).__name__}: {err}")) from err
+                raise CheckpointError(self._not_saved(epoch, manager, f"{type(err).__name__}: {first_line(err)}")) from err
 
     def repair_best(self, restored: "Checkpoint") -> bool:
         """Save ``restored`` (the latest checkpoint) as the best too if it is the best epoch and ``best/``
@@ -312,7 +349,10 @@ class Checkpoints:
         leaves = jax.tree_util.tree_leaves(_state_dict(state))
         raw = sum(x.size * x.dtype.itemsize if hasattr(x, "dtype") else 8 for x in leaves)  # 8: a Python step count
         need = copies * raw + (4 << 20)
-        free = shutil.disk_usage(self.directory).free
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError as err:  # the folder moved or deleted under the run, a stale network mount
+            return f"cannot reach {self.directory}: {err.strerror or first_line(err)}"
         if free >= need:
             return None
         return f"only {free / 1e6:.0f} MB free on its disk, and {'a checkpoint takes' if copies == 1 else f'{copies} checkpoints take'} about {need / 1e6:.0f} MB"
@@ -551,11 +591,27 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
         raise CheckpointError(
             f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR){hint}"
         )
-    ckpts = Checkpoints(directory, read_only=True)
-    try:
-        return _load_for_inference(ckpts, which)
-    finally:
-        ckpts.close()
+    for attempt in range(3):
+        listed = _listing(directory)
+        try:
+            with Checkpoints(directory, read_only=True) as ckpts:
+                return _load_for_inference(ckpts, which)
+        except CheckpointError:
+            # Read while a train.py run saves and rotates (--keep), the checkpoint can be deleted
+            # under the reader: "corrupt", "unreadable", or gone. If the folder changed meanwhile,
+            # read the newer checkpoint; a checkpoint that fails in a folder at rest is reported.
+            if attempt == 2 or _listing(directory) == listed:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _listing(directory: Path) -> list[str]:
+    """The entries of a run's checkpoints/ and best/ (epochs, and Orbax's temporary folders while it saves)."""
+    names = []
+    for folder in ("checkpoints", "best"):
+        with contextlib.suppress(OSError):
+            names += sorted(f"{folder}/{p.name}" for p in (directory / folder).iterdir())
+    return names
 
 
 def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from resnet_jax import interrupts, processes, rundir, xla_cache
+from resnet_jax import files, interrupts, processes, rundir, xla_cache
 from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
 from resnet_jax.console import (EXIT_OK, EXIT_USAGE, OneLineParser, OutputLost, counted, emit, native_stdout_to_stderr,
                                 report_errors)
@@ -447,7 +447,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
             if ckpts is not None:  # on every way out: its threads must not outlive the run
                 ckpts.close()
     if json_line and main_process:
-        emit(json.dumps(document))
+        emit(json.dumps(files.json_safe(document), allow_nan=False))
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet_jax import interrupts
+from resnet_jax import files, interrupts
 from resnet_jax.console import EXIT_OK, OneLineParser, emit, report_errors
 from resnet_jax.errors import UserError, check_output_file, check_writable_dir
 
@@ -134,7 +134,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         "confusion_matrix": cm.tolist(), "confusion_png": None if png is None else str(png),
     }
     if args.json:
-        emit(json.dumps(report))
+        emit(json.dumps(files.json_safe(report), allow_nan=False))
     else:
         emit(f"test: loss {result['loss']:.4f}, acc {result['acc']:.4f} on {result['count']} examples")
         emit("accuracy per class:")
@@ -184,7 +184,8 @@ def predict_command(args: argparse.Namespace) -> int:
             {"class": spec.class_names[i], "index": int(i), "prob": float(p[i])} for i in top
         ]})
     if args.json:
-        emit(json.dumps({"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "predictions": results}))
+        document = {"checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "predictions": results}
+        emit(json.dumps(files.json_safe(document), allow_nan=False))
     else:
         for r in results:
             emit(f"{r['input']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top_k"]))

@@ -187,8 +187,12 @@ def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: i
                 raise ConversionError(f"'{key}' has dtype {a.dtype}, expected an integer")
             if a < 0:  # a count of training steps
                 raise ConversionError(f"'{key}' is {int(a)}, expected a count (0 or more)")
+            if a > np.iinfo(np.int32).max:  # the train state counts its steps in int32: it wrapped, silently
+                raise ConversionError(f"'{key}' is {int(a)}, more than the 2**31 - 1 steps a train state counts")
         elif not np.issubdtype(a.dtype, np.floating):
             raise ConversionError(f"'{key}' has dtype {a.dtype}, expected floating point")
+        elif key.endswith("running_var") and (a < 0).any():  # NaN from the first normalisation on
+            raise ConversionError(f"'{key}' has negative values (down to {float(a.min()):.3g}): a variance is 0 or more")
         arrays[key] = a
     return arrays
 

@@ -5,8 +5,8 @@ PNGs, the array cache, exported PyTorch weights, bench.json) goes through
 :func:`atomic_write`: a reader never sees half a file, and a failure (a full
 disk, Ctrl-C) leaves the previous file in place and no temporary file behind.
 
-:func:`held` keeps a second program out of a folder that one is writing (a run's --output),
-or has it wait its turn (a data dir being prepared).
+:func:`held` keeps a second program out of a folder that one is writing (a run's --output,
+whose lock is :data:`RUN_LOCK`), or has it wait its turn (a data dir being prepared).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -61,10 +63,22 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         raise
 
 
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float as None (null): JSON has no such numbers, and
+    ``json.dumps`` would write ``NaN``, which JSON readers refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-    """``obj`` as indented JSON with a final newline, atomically."""
+    """``obj`` as indented JSON with a final newline, atomically (:func:`json_safe`)."""
     with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
         f.write("\n")
 
 
@@ -76,8 +90,14 @@ class Busy(OSError):
         self.holder = holder
 
 
+RUN_LOCK = ".train.lock"  # in a run folder while a program writes its checkpoints (train.py, Checkpoints)
+
+_held_here: dict[str, int] = {}  # the locks this process holds (by real path): how many holds each
+_held_here_guard = threading.Lock()
+
+
 @contextlib.contextmanager
-def held(path: str | Path, on_wait: Callable[[str], None] | None = None):
+def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reentrant: bool = False):
     """An exclusive lock on the file ``path`` for the ``with`` block, or :class:`Busy` at once.
 
     With ``on_wait``, a held lock is waited for instead: ``on_wait(holder)`` is called once
@@ -87,6 +107,10 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None):
     way out, and a lock taken on a file that another holder has just deleted is dropped and
     taken again, so two programs never both hold one. Where ``fcntl`` is missing (Windows)
     nothing is locked.
+
+    ``reentrant``: if this process holds the lock already (train.py holds its run folder's
+    when it opens the folder's Checkpoints), the ``with`` block simply runs under that hold.
+    Off by default: a data dir's lock also keeps out the other threads of this process.
     """
     try:
         import fcntl
@@ -94,6 +118,20 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None):
         yield
         return
     path = Path(path)
+    key = os.path.realpath(path)
+    with _held_here_guard:
+        nested = reentrant and key in _held_here
+        if nested:
+            _held_here[key] += 1
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_here_guard:
+                _held_here[key] -= 1
+                if not _held_here[key]:
+                    del _held_here[key]
+        return
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -116,11 +154,17 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None):
         if same:
             break
         os.close(fd)  # the previous holder deleted the file as we took it: take the new one
+    with _held_here_guard:
+        _held_here[key] = _held_here.get(key, 0) + 1
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
+        with _held_here_guard:
+            _held_here[key] -= 1
+            if not _held_here[key]:
+                del _held_here[key]
         with contextlib.suppress(OSError):
             path.unlink()  # while still holding it: see the inode check above
         os.close(fd)

@@ -155,8 +155,8 @@ def _copy_restored(uninterrupted, tmp_path):
     """A copy of the 3-epoch run: its folder, that folder's digest, its Checkpoints, its latest checkpoint."""
     directory = tmp_path / "run"
     shutil.copytree(uninterrupted[0], directory)
-    before = tree_digest(directory)
     ckpts = Checkpoints(directory, keep=2)
+    before = tree_digest(directory)  # with the lock file that ckpts holds while open
     return directory, before, ckpts, ckpts.restore(_fresh_state())
 
 
@@ -379,6 +379,38 @@ def test_save_refuses_a_meta_that_loading_could_not_use_and_writes_nothing(tmp_p
     ckpts.close()
 
 
+def test_save_takes_epochs_in_order_and_writes_nothing_else(tmp_path):
+    # A float epoch made a folder "4.0"; a numpy int failed after the write began (and left
+    # Orbax's temporary folder); an epoch at or below the latest was saved, and the same
+    # process then disagreed with a reloaded one about which checkpoint was the latest.
+    config = Config(resize=17)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    meta = checkpoint.metadata(config, FASHION_MNIST)
+    with Checkpoints(tmp_path / "run") as ckpts:
+        for bad in (0, -1, 4.0, "5", True):
+            with pytest.raises(ValueError, match=r"epoch is the number of epochs done: an int >= 1, got "):
+                ckpts.save(state, bad, [{"epoch": 1}], [], meta)
+        ckpts.save(state, np.int64(2), [{"epoch": 1}, {"epoch": 2}], [], meta)
+        for bad in (1, 2):
+            with pytest.raises(ValueError, match=rf"holds the checkpoint of epoch 2 already: save epochs in order \(got {bad}\)"):
+                ckpts.save(state, bad, [{"epoch": 1}], [], meta)
+        assert ckpts.latest.all_steps() == [2]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+    assert checkpoint.load_for_inference(tmp_path / "run").epoch == 2
+
+
+def test_a_run_folder_gone_before_a_save_is_one_message(tmp_path):
+    # Moved or deleted under a running train.py: the room check's disk_usage raised, a traceback.
+    config = Config(resize=17)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    ckpts = Checkpoints(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"could not save the checkpoint of epoch 1 in .*: cannot reach .*run: "
+                                              r"No such file or directory; no earlier checkpoint"):
+        ckpts.save(state, 1, [{"epoch": 1}], [], checkpoint.metadata(config, FASHION_MNIST))
+    ckpts.close()
+
+
 def test_resume_saves_the_best_epoch_that_a_kill_between_the_two_saves_left_out(tmp_path):
     # Killed after epoch 2's latest save and before its best save, best/ stayed on epoch 1 for good.
     config = Config(resize=17)
@@ -461,3 +493,71 @@ def test_a_checkpoint_saved_on_a_gpu_is_read_on_a_cpu(uninterrupted, tmp_path):
         assert _leaves_equal(read.restore(_fresh_state()).state, restored.state)
         assert read.restore(_fresh_state(), which="best").epoch >= 1
     assert _leaves_equal(checkpoint.load_for_inference(directory).state.params, restored.state.params)
+
+
+def test_a_folder_another_program_writes_is_refused_for_writing_and_left_as_it_is(tmp_path):
+    # A script that opened a live run's Checkpoints cleaned up its save in progress (Orbax's
+    # temporary folder): the run failed with "Save failed: 1/1 params are missing".
+    from resnet_jax import files
+
+    run = tmp_path / "run"
+    in_progress = run / "checkpoints" / "3.orbax-checkpoint-tmp-1234"
+    in_progress.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom resnet_jax import files\n"
+         "with files.held(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(run / files.RUN_LOCK)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(CheckpointError, match=r"is being written by another program \(pid \d+ on .*\); to read it "
+                                                  r"meanwhile, open it with read_only=True"):
+            Checkpoints(run)
+        assert in_progress.is_dir()
+        with Checkpoints(run, read_only=True) as ckpts:  # reading is fine
+            assert ckpts.latest_epoch() is None
+        assert in_progress.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The writer is gone: the folder is ours, its unfinished save cleaned up, the lock held while open.
+    with Checkpoints(run), Checkpoints(run):  # a second one in the same process nests
+        assert not in_progress.exists() and (run / files.RUN_LOCK).is_file()
+        with pytest.raises(files.Busy):
+            with files.held(run / files.RUN_LOCK):  # what train.py, or another process, would meet
+                pass
+    assert not (run / files.RUN_LOCK).exists()
+    with files.held(run / files.RUN_LOCK):
+        pass
+
+
+@pytest.mark.parametrize("keep", [0, -1, 2.0, True])
+def test_keep_is_a_positive_count(tmp_path, keep):
+    # keep=0 kept nothing: every save was deleted, and "no checkpoint" at the next load.
+    with pytest.raises(ValueError, match="keep is how many checkpoints to keep: an int >= 1"):
+        Checkpoints(tmp_path / "run", keep=keep)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_rotated_away_while_read_is_read_again_from_the_newer_one(uninterrupted, tmp_path, monkeypatch):
+    # load_for_inference (evaluate, predict) beside a train.py --keep 1 run: one read in three
+    # reported the checkpoint being rotated away as corrupt, with the advice to remove it.
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    real, calls = checkpoint._load_for_inference, []
+
+    def rotated_on_first_read(ckpts, which):
+        calls.append(which)
+        if len(calls) == 1:  # a save begins meanwhile, and the rotation deletes what was being read
+            (directory / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir()
+            raise CheckpointError("checkpoint .../3 is corrupt")
+        return real(ckpts, which)
+
+    monkeypatch.setattr(checkpoint, "_load_for_inference", rotated_on_first_read)
+    assert checkpoint.load_for_inference(directory).epoch == 3 and len(calls) == 2
+    # In a folder at rest, a failing checkpoint is reported at once.
+    calls.clear()
+    monkeypatch.setattr(checkpoint, "_load_for_inference", lambda ckpts, which: calls.append(which) or
+                        (_ for _ in ()).throw(CheckpointError("checkpoint .../3 is corrupt")))
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        checkpoint.load_for_inference(directory)
+    assert len(calls) == 1

@@ -233,6 +233,12 @@ def _checkpoints_as_a_file(tmp):
     return tmp / "o"
 
 
+def _a_folder_named(tmp, name):
+    # Found only when written, after the whole training (exit 1, the run's results lost).
+    (tmp / "o" / name).mkdir(parents=True)
+    return tmp / "o"
+
+
 def _without_checkpoints(src, dst):
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "checkpoints")
@@ -311,6 +317,10 @@ ERRORS = {
                        "--resume: checkpoint"),
     "checkpoints-is-a-file": (lambda run, d, t: _train_args(d, _checkpoints_as_a_file(t)), 1,
                               "checkpoints is not a folder"),
+    "results-json-is-a-folder": (lambda run, d, t: _train_args(d, _a_folder_named(t, "results.json")), 1,
+                                 "results.json is a folder, and the run writes its results there"),
+    "curves-png-is-a-folder": (lambda run, d, t: _train_args(d, _a_folder_named(t, "curves.png")), 1,
+                               "curves.png is a folder, and the run writes its curves there"),
     "resume-with-a-file-as-epoch-3": (lambda run, d, t: [*_train_args(d, _with_a_file_as_a_step(run, t / "c")), "--resume",
                                                          "--epochs", 3], 1,
                                       "is a file where the checkpoint of epoch 3 would be; move it elsewhere"),

@@ -76,3 +76,12 @@ def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
     start = time.monotonic()
     with files.held(lock):
         assert time.monotonic() - start < 1
+
+
+def test_json_safe_writes_non_finite_numbers_as_null(tmp_path):
+    # json.dumps wrote "test_loss": NaN, which JSON readers (jq, JSON.parse) refuse.
+    doc = {"test_loss": float("nan"), "acc": 0.5, "per_class": [float("inf"), -float("inf"), 1.0], "n": 3, "s": "NaN"}
+    want = {"test_loss": None, "acc": 0.5, "per_class": [None, None, 1.0], "n": 3, "s": "NaN"}
+    assert json.loads(json.dumps(files.json_safe(doc), allow_nan=False)) == want
+    files.write_json(tmp_path / "r.json", doc)
+    assert json.loads((tmp_path / "r.json").read_text()) == want
