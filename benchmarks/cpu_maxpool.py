@@ -40,8 +40,8 @@ def main():
     OneLineParser(prog="benchmarks/cpu_maxpool.py", description=__doc__.splitlines()[0]).parse_args()
     for shape in [(64, 14, 14, 64), (64, 48, 48, 64), (256, 14, 14, 64)]:
         y = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
-        g = jax.random.normal(jax.random.key(1), ops.max_pool(y, impl="xla").shape)
-        grad = lambda impl: jax.grad(lambda y: jnp.sum(ops.max_pool(y, impl=impl) * g))
+        g = jax.random.normal(jax.random.key(1), ops.max_pool(y, 3, 2, 1, impl="xla").shape)
+        grad = lambda impl: jax.grad(lambda y: jnp.sum(ops.max_pool(y, 3, 2, 1, impl=impl) * g))
         print(f"{shape}: reduce_window {median_ms(grad('xla'), y):.1f} ms, "
               f"slices {median_ms(grad('slices'), y):.1f} ms (forward+backward)", flush=True)
 

@@ -77,8 +77,10 @@ def random_erasing(
     """Random erasing (Zhong et al., 2017): with probability ``prob`` replace a random rectangle by noise.
 
     The rectangle covers a fraction of the image drawn uniformly from
-    ``area``, with an aspect ratio (height / width) drawn log-uniformly from
-    ``aspect``; the paper's defaults. It is filled with per-pixel uniform noise
+    ``area``, with an aspect ratio (height / width) drawn from ``aspect``: the
+    paper's ranges, but log-uniformly as torchvision's RandomErasing draws it (the
+    paper draws it uniformly, which makes tall rectangles about three times as likely
+    as wide ones with these bounds). It is filled with per-pixel uniform noise
     over the value range (0..255 for uint8, [0, 1) for floats), the paper's
     best variant. One difference: where the paper redraws a rectangle that does
     not fit, we clip its sides to the image, which keeps the function free of

@@ -93,6 +93,12 @@ class Config:
         """
         if name not in RUN_DEFAULTS:
             raise ConfigError(f"--recipe must be one of {', '.join(RUN_DEFAULTS)}, got {name!r}")
+        ingredients = [f.name for f in dataclasses.fields(Recipe) if f.name != "name"]
+        if unknown := sorted(set(overrides or {}) - set(ingredients)):
+            if unknown[0] in {f.name for f in dataclasses.fields(cls)}:  # lr, epochs...: Recipe() raised a TypeError
+                raise ConfigError(f"{unknown[0]} is a run setting, not an ingredient of the recipe: pass it as a "
+                                  f"keyword, Config.for_recipe({name!r}, {unknown[0]}=...)")
+            raise ConfigError(f"{unknown[0]!r} is not an ingredient of a recipe; they are: {', '.join(ingredients)}")
         run = {k: fields.pop(k) for k in RUN_DEFAULTS[name] if k in fields}
         recipe, settings = resolve(name, overrides, **run)
         return cls(recipe=recipe, **settings, **fields)
@@ -145,7 +151,7 @@ def validate(c: Config) -> None:
     if isinstance(c.resize, bool) or not isinstance(c.resize, int) or not MIN_RESIZE <= c.resize <= MAX_RESIZE:
         raise ConfigError(
             f"--resize must be an integer in [{MIN_RESIZE}, {MAX_RESIZE}] (ResNet-18 halves the image "
-            f"{NUM_STRIDE2} times; the images are 28x28), got {c.resize!r}"
+            f"{NUM_STRIDE2} times; {spec.tfds_name}'s images are {spec.image_size}x{spec.image_size}), got {c.resize!r}"
         )
     if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**32:
         raise ConfigError(f"--seed must be an integer in [0, 2**32), got {c.seed!r}")

@@ -168,7 +168,7 @@ def _count(x, mask, dtype):
     if mask is None:
         return math.prod(x.shape[:-1])
     # At least one: a batch with no valid example gives statistics of 0, not NaN (fit never
-    # runs one; if run, it would still move the running averages toward those zeros).
+    # runs one; BatchNorm then keeps its running averages as they were).
     return jnp.maximum(jnp.sum(mask, dtype=dtype), 1) * per_example
 
 
@@ -258,8 +258,12 @@ class BatchNorm(nn.Module):
                 # zero or fail, so a last batch of one example does not stop a run.
                 unbiased = var * (n / (max(n - 1, 1) if mask is None else jnp.maximum(n - 1, 1)))
                 m = self.momentum
-                running_mean.value = (1.0 - m) * running_mean.value + m * mean
-                running_var.value = (1.0 - m) * running_var.value + m * unbiased
+                new_mean = (1.0 - m) * running_mean.value + m * mean
+                new_var = (1.0 - m) * running_var.value + m * unbiased
+                if mask is not None:  # no valid example, no statistics: the averages stay as they were
+                    new_mean = jnp.where(jnp.any(mask), new_mean, running_mean.value)
+                    new_var = jnp.where(jnp.any(mask), new_var, running_var.value)
+                running_mean.value, running_var.value = new_mean, new_var
             return y
         mul = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
         return (x.astype(dtype) - running_mean.value.astype(dtype)) * mul.astype(dtype) + bias.astype(dtype)
@@ -417,17 +421,33 @@ class Stage(nn.Module):
 STAGES: Sequence[tuple[int, int, bool]] = ((64, 64, True), (64, 128, False), (128, 256, False), (256, 512, False))
 
 
+def check_mask(mask, n: int, who: str) -> None:
+    """Refuse a mask that is not (n,) booleans.
+
+    A float or integer mask (0.5s, or counts) would weigh the examples instead of
+    selecting them: BatchNorm's statistics and the loss came out wrong without an error.
+    Shape and dtype are static, so this runs once, when the program is traced.
+    """
+    if jnp.shape(mask) != (n,):
+        raise ValueError(f"{who}'s mask has one boolean per image, shape ({n},); got {jnp.shape(mask)}")
+    if jnp.result_type(mask) != jnp.bool_:
+        raise TypeError(f"{who}'s mask selects images: booleans, not {jnp.result_type(mask).name} "
+                        "(for weights of your own, weigh the per-example losses)")
+
+
 class ResNet18(nn.Module):
     """The chapter's ``net``: b1, b2..b5, global average pool, flatten, Linear(512, num_classes).
 
-    Input: NHWC images with ``input_channels`` channels (float, any size the five
-    stride-2 reductions leave at least 1x1). Output: float32 logits (``param_dtype`` if wider).
+    Input: NHWC images with ``input_channels`` channels (float, any size: every
+    stride-2 reduction leaves at least 1x1; training's lower bound is Config's). Output:
+    float32 logits (``param_dtype`` if wider).
     ``mask`` (train mode): optional (N,) booleans; every BatchNorm takes its batch
     statistics over those examples only, as if the batch held them alone (how
     fit pads the epoch's last, smaller batch). The logits of the others are
     meaningless and must be left out of the loss.
-    ``apply(..., mutable=['intermediates'])`` also returns the pooled features
-    under ``intermediates/pool``; ``capture_intermediates`` gives b1..b5.
+    ``apply(..., mutable=['intermediates'])`` also returns the pooled features,
+    ``(N, 512)``, as ``['intermediates']['pool'][0]`` (Flax's ``sow`` keeps a tuple);
+    ``capture_intermediates`` gives b1..b5.
 
     Reverse-mode autodiff (``grad``, ``vjp``, and ``jvp`` of a ``grad``) works everywhere;
     forward mode (``jvp``, ``jacfwd``) does not go through train-mode BatchNorm nor, on CPU,
@@ -455,8 +475,8 @@ class ResNet18(nn.Module):
             )
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"ResNet18.dtype is what the layers compute in: a float dtype, got {jnp.dtype(self.dtype).name}")
-        if mask is not None and jnp.shape(mask) != (x.shape[0],):
-            raise ValueError(f"ResNet18's mask has one boolean per image, shape ({x.shape[0]},); got {jnp.shape(mask)}")
+        if mask is not None:
+            check_mask(mask, x.shape[0], "ResNet18")
         common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)
         wide = jnp.promote_types(jnp.float32, self.param_dtype)  # float32, or float64 for verification
         x = Stem(name="b1", **common)(x, train, mask)

@@ -8,8 +8,8 @@ symmetric zero padding) in NHWC/HWIO. Two lowerings:
 * ``"patches"``: gather the kernel taps as strided slices, concatenate them on
   the channel axis and do one matmul. Taps that read only padding for every
   output position are dropped, so a 3x3 conv on a 1x1 map becomes a dense layer
-  (only the centre tap touches data) and a 3x3 stride-1 conv on a 2x2 map uses
-  four taps per output instead of nine. XLA:CPU runs its generic convolution on
+  (only the centre tap touches data) and a 3x3 stride-2 conv on a 2x2 map keeps
+  four of its nine taps. XLA:CPU runs its generic convolution on
   such small maps with many channels at a few GFLOP/s, while the matmul goes
   through its fast GEMM (BENCHMARKS.md, "CPU conv lowering", has the numbers).
 
@@ -195,8 +195,12 @@ def _conv2d_patches(x, kernel, stride: int, padding: int):
 POOL_IMPLS = ("auto", "xla", "slices")
 
 
-def max_pool(x, window: int = 3, stride: int = 2, padding: int = 1, impl: str = "auto"):
+def max_pool(x, window: int, stride: int | None = None, padding: int = 0, impl: str = "auto"):
     """``nn.MaxPool2d(window, stride, padding)`` in NHWC: -inf padding, gradient to the first maximum.
+
+    The defaults are PyTorch's (``stride`` = ``window``, no padding); the stem's pool is
+    ``max_pool(x, 3, 2, 1)``. As in PyTorch, ``padding`` may be at most half the window:
+    more would give whole windows of padding, whose maximum is -inf.
 
     ``"xla"`` is ``reduce_window`` (its gradient is XLA's select-and-scatter).
     ``"slices"`` takes the max over the window's strided slices, with a custom
@@ -207,6 +211,12 @@ def max_pool(x, window: int = 3, stride: int = 2, padding: int = 1, impl: str = 
     """
     if impl not in POOL_IMPLS:
         raise ValueError(f"max-pool impl must be one of {POOL_IMPLS}, got {impl!r}")
+    stride = window if stride is None else stride
+    for name, value, least in (("window", window, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"max_pool's {name} must be an int >= {least} (square windows), got {value!r}")
+    if padding > window // 2:
+        raise ValueError(f"max_pool's padding must be at most half the window ({window} // 2 = {window // 2}), got {padding}")
     if impl == "auto":
         impl = "slices" if target_platform() == "cpu" else "xla"
     if impl == "xla":

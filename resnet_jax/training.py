@@ -49,7 +49,7 @@ from resnet_jax import ops, recipes
 from resnet_jax.augment import augment
 from resnet_jax.config import Config
 from resnet_jax.data import DATASETS, Split, preprocess
-from resnet_jax.model import ResNet18, init_variables
+from resnet_jax.model import ResNet18, check_mask, init_variables
 from resnet_jax.recipes import D2L, Recipe
 
 
@@ -297,13 +297,17 @@ def train_step(
 
     ``mask``: optional (B,) booleans. The step is then the step on the examples
     where ``mask`` alone (BatchNorm's statistics, the mean loss, the metrics);
-    the others are padding and change nothing.
+    the others are padding and change nothing. A mask with no valid example is
+    an update with zero gradients: BatchNorm's running averages stay, but the
+    step count, and with them momentum, weight decay and the schedule, move on.
 
     The recipe's ingredients that are off add nothing to the computation: for
     d2l this is the chapter's step, operation for operation. With label
     smoothing the reported loss is the smoothed loss that is minimised.
     """
     _check_images(state, images)
+    if mask is not None:
+        check_mask(mask, np.shape(images)[0], "train_step")
     r = state.recipe
     if r.augments:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.aug_key), state.step)
@@ -361,6 +365,8 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: i
     if isinstance(confusion, jax.Array):  # a tracer: jax.jit(eval_step) with confusion not static
         raise TypeError("confusion must be a Python bool, got a JAX array: under jit, make it static "
                         "(training.jit(eval_step, static_argnames=('resize', 'confusion')))")
+    if mask is not None:
+        check_mask(mask, np.shape(images)[0], "eval_step")
     logits = eval_logits(state, images, resize)
     return _sums(cross_entropy(logits, labels), logits, labels, mask, confusion)
 
@@ -374,16 +380,18 @@ def predict(state: TrainState, images: np.ndarray, resize: int, batch_size: int 
     """Class probabilities (N, num_classes) of uint8 images (N, H, W, C), in eval mode.
 
     Batches of ``batch_size`` images, or for fewer images the next power of two at or above N,
-    the last batch padded: with one state, a process compiles at most one program per power of
-    two below ``batch_size`` and one of ``batch_size``, however many calls of whatever N it
-    makes. (Another state object, a checkpoint loaded again say, compiles its own: the state's
-    optimizer, a static part of it, is another object.)
+    the last batch padded: a process compiles at most one program per power of two below
+    ``batch_size`` and one of ``batch_size``, however many calls of whatever N it makes. States
+    built from equal configs (a checkpoint loaded again, say) share those programs; a state
+    with a model or optimizer object of one's own compiles its own.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"predict's batch_size must be an int >= 1, got {batch_size!r}")
     images = np.asarray(images)  # a list of arrays too
     _check_images(state, images)
     if len(images) == 0:
         return np.zeros((0, _num_classes(state)), np.float32)
-    batch_size = max(1, min(batch_size, 1 << (len(images) - 1).bit_length()))
+    batch_size = min(int(batch_size), 1 << (len(images) - 1).bit_length())
     probs_fn = _program(_probabilities, _platform(), (("resize", resize),), state)  # repeated calls reuse it
     out = []
     for start in range(0, len(images), batch_size):
@@ -500,7 +508,7 @@ def epoch_key(seed: int, epoch) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
 
 
-def epoch_plan(epoch, seed: int, n: int, batch_size: int, chunk: int):
+def epoch_plan(epoch, *, seed: int, n: int, batch_size: int, chunk: int):
     """This epoch's permutation as the rows of its steps, (num_chunks, chunk, B), -1 for no example.
 
     ceil(n / B) steps, in order: the full batches, then the last, smaller one
@@ -558,7 +566,7 @@ class _StepMonitor:
     def __init__(self, step: int, log_every: int | None, on_log):
         self.step, self.log_every, self.on_log = step, log_every, on_log
         self.last = None  # the latest chunk's host metrics, for the progress bar
-        self._since = {"loss": 0.0, "correct": 0.0, "count": 0}
+        self._restart_sums()
 
     def add(self, sums: Metrics, steps: int, epoch: int) -> None:
         m = _to_host(sums)
@@ -574,11 +582,14 @@ class _StepMonitor:
             n = self._since["count"]
             self.on_log({"epoch": epoch, "step": self.step, "train_loss": self._since["loss"] / n,
                          "train_acc": self._since["correct"] / n, "examples": n})
-            self._since = {"loss": 0.0, "correct": 0.0, "count": 0}
+            self._restart_sums()
 
     def new_epoch(self) -> None:
         # Each log record stays within one epoch, so a resumed run logs what the uninterrupted one did.
-        self._since = {"loss": 0.0, "correct": 0.0, "count": 0}
+        self._restart_sums()
+
+    def _restart_sums(self) -> None:
+        self._since = {"loss": 0.0, "correct": 0.0, "count": 0}  # of the next log record
 
 
 @dataclass
@@ -727,6 +738,10 @@ def evaluate_split(config: Config, state: TrainState, split: Split, devices=None
     counts of [true class, predicted class], from the same pass over the
     network (its trace is the number of correct predictions).
 
+    Of ``config`` it takes ``resize`` and ``eval_batch_size``: the model, its dtype and the
+    recipe's evaluation (EMA weights, flip averaging) are the state's, and the split is used
+    as given (as in :func:`fit`).
+
     Repeated calls on states of one lineage (the steps of one training run) reuse the program
     compiled by the first (:func:`_program`).
     """
@@ -824,6 +839,13 @@ def _check_state_fits_config(state: TrainState, config: Config) -> None:
         raise ValueError(f"the state was built for {', '.join(diffs)}; fit would train with the state's: {hint}")
 
 
+def _schedule_steps(opt_state) -> int | None:
+    """The step count of the optimizer's learning-rate schedule (Optax keeps it in its state); None without one."""
+    counts = [leaf.count for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(leaf, optax.ScaleByScheduleState)]
+    return int(counts[0]) if counts else None
+
+
 def fit(
     config: Config,
     train: Split,
@@ -842,9 +864,12 @@ def fit(
     ``val``: a split held out of the training set; its accuracy goes into each
     epoch's record as ``val_acc`` (what selects the best checkpoint; the test
     set never selects anything). ``history``: the records of the epochs
-    ``state`` has already trained (from a checkpoint); training continues with
-    the next epoch, exactly as an uninterrupted run would, because every
-    random stream below derives from (config.seed, epoch) alone.
+    ``state`` has already trained (from a checkpoint, or an earlier fit's
+    ``result.history``); training continues with the next epoch, exactly as an
+    uninterrupted run would, because every random stream below derives from
+    (config.seed, epoch) alone. Without it, training starts at epoch 1, whatever
+    the state's step count (as ``--init-from-torch`` does); with a learning-rate
+    schedule, the schedule's own step count must then be 0 (ValueError otherwise).
 
     The splits are used as given: ``config``'s data-selection fields
     (dataset, train_limit, test_limit, val_split) are the caller's to apply
@@ -891,6 +916,15 @@ def fit(
             f"{config.steps_per_epoch} steps per epoch ({config.train_examples} training examples), but the "
             f"train split gives {steps_per_epoch} ({n} examples); give the config train_limit (and val_split) "
             "to match the split, and build the optimizer with config.steps_per_epoch"
+        )
+    if config.recipe.scheduled and (done := _schedule_steps(state.opt_state)) != start_epoch * steps_per_epoch:
+        # fit(config, ..., result.state) without result.history ran the schedule on from its end:
+        # a learning rate of 0, epochs that changed nothing, and no error.
+        raise ValueError(
+            f"the state's optimizer has taken {done} steps of its {config.recipe.schedule!r} schedule, but fit was told "
+            f"{start_epoch} epochs of {steps_per_epoch} steps were done; to go on training, pass the records of the "
+            "epochs the state trained as history= (result.history, or the checkpoint's); to train anew from these "
+            "weights, use training.initial_state(config, variables)"
         )
 
     # The splits live on the device(s) for the whole run, as uint8.

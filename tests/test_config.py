@@ -1,5 +1,7 @@
 """The run's configuration as data (the flags that build it are tests/test_cli.py's)."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,3 +49,21 @@ def test_zero_epochs_with_an_output_folder_is_refused():
     with pytest.raises(ConfigError, match="--epochs 0 trains nothing and saves no checkpoint: leave out --output"):
         Config(epochs=0, output="/tmp/somewhere")
     assert Config(epochs=0).epochs == 0  # without a folder: the untrained model evaluated
+
+
+@pytest.mark.parametrize("dataset, size", [("fashion_mnist", 28), ("cifar10", 32)])
+def test_the_resize_message_names_the_datasets_image_size(dataset, size):
+    with pytest.raises(ConfigError, match=rf"--resize must be an integer in \[17, 512\] .*; {dataset}'s images are "
+                                          rf"{size}x{size}\), got 600"):
+        Config(dataset=dataset, resize=600)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr": 0.05}, "lr is a run setting, not an ingredient of the recipe: pass it as a keyword, "
+                   "Config.for_recipe('best', lr=...)"),
+    ({"ema": 0.9}, "'ema' is not an ingredient of a recipe; they are: momentum, nesterov, "),
+])
+def test_for_recipe_names_what_is_not_an_ingredient(overrides, message):
+    # It was "TypeError: Recipe.__init__() got an unexpected keyword argument 'lr'".
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.for_recipe("best", overrides)

@@ -152,6 +152,20 @@ def test_masked_batch_norm_is_batch_norm_of_the_valid_examples_alone_in_float64(
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_a_mask_with_no_valid_example_leaves_the_running_statistics_as_they_were():
+    # Statistics of nothing (zeros) moved the running averages 10% toward 0.
+    bn = BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3)) * 2.0 + 1.5
+    v = bn.init(jax.random.key(1), x, train=False)
+    v = {"params": v["params"], "batch_stats": {"mean": jnp.array([0.3, -0.2, 1.0]), "var": jnp.array([2.0, 0.5, 1.0])}}
+    y, upd = bn.apply(v, x, train=True, mask=jnp.zeros(4, bool), mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, 0.0)
+    for a, b in zip(jax.tree_util.tree_leaves(upd["batch_stats"]), jax.tree_util.tree_leaves(v["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    _, one = bn.apply(v, x, train=True, mask=jnp.array([False, True, False, False]), mutable=["batch_stats"])
+    assert not np.array_equal(one["batch_stats"]["mean"], v["batch_stats"]["mean"])  # one valid example moves them
+
+
 def test_batchnorm_train_moves_stats_by_pytorch_momentum_rule():
     bn = BatchNorm()
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3)) * 2.0 + 1.5
@@ -272,6 +286,9 @@ def _params_alone(train: bool):
      "ResNet18.dtype is what the layers compute in: a float dtype, got int8"),
     (lambda: ResNet18().init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=True, mask=jnp.ones((2, 1), bool)),
      ValueError, "ResNet18's mask has one boolean per image, shape (2,); got (2, 1)"),
+    # A float or int mask weighed the examples: BatchNorm's mean with 0.5s was twice the boolean one's.
+    (lambda: ResNet18().init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=True, mask=jnp.full((2,), 0.5)),
+     TypeError, "ResNet18's mask selects images: booleans, not float32"),
     (lambda: ops.conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), strides=(2, 2)),
      TypeError, "conv2d's strides is one int (square, as every conv of the chapter), got (2, 2)"),
     (lambda: preprocess(jnp.zeros((1, 28, 28, 1), jnp.uint8), 0), ValueError,

@@ -49,15 +49,33 @@ def test_unknown_impl_is_refused():
         ops.conv2d(jnp.ones((1, 2, 2, 1)), jnp.ones((1, 1, 1, 1)), impl="fft")
 
 
+@pytest.mark.parametrize("impl", ["xla", "slices"])
+@pytest.mark.parametrize("args", [(2,), (3,), (3, 2, 1), (3, 1, 1), (2, 1)])
+def test_max_pool_takes_torch_max_pool2d_arguments_and_defaults(impl, args):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32)
+    want = torch.nn.MaxPool2d(*args)(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(ops.max_pool(jnp.asarray(x), *args, impl=impl), want)
+
+
+@pytest.mark.parametrize("args, message", [((3, 2, 2), "at most half the window"), ((2, 2, 2), "at most half"),
+                                           ((0,), "window must be an int >= 1"), ((3, 0), "stride must be"),
+                                           ((3, 2, -1), "padding must be an int >= 0"), ((3.0,), "window must be")])
+def test_max_pool_refuses_what_torch_refuses(args, message):
+    # A padding over half the window made whole windows of padding: rows of -inf, silently.
+    with pytest.raises(ValueError, match=message):
+        ops.max_pool(jnp.ones((1, 6, 6, 1)), *args)
+
+
 @pytest.mark.parametrize("shape", [(4, 14, 14, 8), (2, 48, 48, 4), (3, 7, 6, 2)])
 def test_slice_max_pool_equals_reduce_window_with_first_max_gradient(shape):
     y = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
     y = jnp.round(y * 4) / 4  # many ties: the gradient must still go to the first maximum only
-    a, b = ops.max_pool(y, impl="xla"), ops.max_pool(y, impl="slices")
+    a, b = ops.max_pool(y, 3, 2, 1, impl="xla"), ops.max_pool(y, 3, 2, 1, impl="slices")
     np.testing.assert_array_equal(a, b)
     g = jax.random.normal(jax.random.key(1), a.shape)
-    ga = jax.grad(lambda y: jnp.sum(ops.max_pool(y, impl="xla") * g))(y)
-    gb = jax.grad(lambda y: jnp.sum(ops.max_pool(y, impl="slices") * g))(y)
+    ga = jax.grad(lambda y: jnp.sum(ops.max_pool(y, 3, 2, 1, impl="xla") * g))(y)
+    gb = jax.grad(lambda y: jnp.sum(ops.max_pool(y, 3, 2, 1, impl="slices") * g))(y)
     # Equal but for the order of sums where windows overlap.
     np.testing.assert_allclose(gb, ga, rtol=0, atol=1e-6)
     # Each window's gradient lands on exactly one position: the totals agree exactly per window count.

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import operator
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,7 @@ def test_one_masked_program_and_two_programs_train_alike():
 
 @pytest.mark.parametrize("n,bs,k", [(1000, 64, 4), (256, 256, 32), (300, 256, 8), (100, 7, 3), (12, 32, 4)])
 def test_epoch_plan_visits_every_example_once(n, bs, k):
-    rows = np.asarray(training.epoch_plan(3, 0, n, bs, k))
+    rows = np.asarray(training.epoch_plan(3, seed=0, n=n, batch_size=bs, chunk=k))
     steps = -(-n // bs)
     assert rows.shape == (-(-steps // k), k, bs)
     batches = rows.reshape(-1, bs)
@@ -193,7 +194,7 @@ def test_epoch_plan_visits_every_example_once(n, bs, k):
     assert valid[: n // bs].tolist() == [bs] * (n // bs)
     assert valid[n // bs :].tolist() == ([n % bs] if n % bs else []) + [0] * (len(valid) - steps)
     # Another epoch key, another order.
-    assert not np.array_equal(rows, np.asarray(training.epoch_plan(4, 0, n, bs, k)))
+    assert not np.array_equal(rows, np.asarray(training.epoch_plan(4, seed=0, n=n, batch_size=bs, chunk=k)))
 
 
 def _assert_same_tree(a, b, rtol):
@@ -263,6 +264,19 @@ def test_eval_step_masks_padding(state):
     assert int(m["correct"]) == int(full["correct"])
     unmasked = training.eval_step(state, images, labels, RESIZE)
     assert int(unmasked["correct"]) == int(full["correct"]) + 3
+
+
+@pytest.mark.parametrize("step", ["train_step", "eval_step"])
+@pytest.mark.parametrize("mask, error, message", [
+    (np.array([1, 1, 2, 0], np.int32), TypeError, "mask selects images: booleans, not int32"),
+    (np.array([0.5, 0.5, 0.5, 0.0], np.float32), TypeError, "mask selects images: booleans, not float32"),
+    (np.ones(3, bool), ValueError, "mask has one boolean per image, shape (4,); got (3,)"),
+])
+def test_a_mask_that_is_not_one_boolean_per_image_is_refused(state, step, mask, error, message):
+    # Counts or weights in a mask weighed the examples: a wrong loss and metrics, no error.
+    images, labels = _batch(4, seed=3)
+    with pytest.raises(error, match=f"^{step}'s " + re.escape(message)):
+        getattr(training, step)(state, images, labels, RESIZE, jnp.asarray(mask))
 
 
 def test_evaluate_split_counts_the_confusion_matrix_in_the_same_pass(state):
@@ -343,6 +357,25 @@ def test_fit_refuses_a_state_built_for_another_optimizer_or_model(change):
     name, value = next(iter(change.items()))
     with pytest.raises(ValueError, match=rf"state was built for {name} .*\(config: {value!r}\).*initial_state\(config"):
         training.fit(config.replace(**change), Split(images, labels), Split(images, labels), built)
+
+
+def test_fit_refuses_to_run_a_schedule_on_from_its_end_without_history():
+    # fit(config, ..., result.state) without result.history: the schedule's count was at its end,
+    # the learning rate 0, and the second fit changed no parameter, without an error.
+    from resnet_jax.recipes import BEST
+
+    images, labels = _batch(32, seed=5)
+    config = Config(epochs=2, batch_size=16, resize=RESIZE, recipe=BEST, train_limit=32, steps_per_dispatch=1)
+    state = training.initial_state(config)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    for _ in range(4):  # the two epochs' steps, as fit would have taken them
+        state = state.apply_gradients(grads=grads)
+    split = Split(images, labels)
+    with pytest.raises(ValueError, match=r"the state's optimizer has taken 4 steps of its 'cosine' schedule, but fit was "
+                                         r"told 0 epochs of 2 steps were done; to go on training, pass the records"):
+        training.fit(config, split, split, state)
+    with pytest.raises(ValueError, match=r"taken 4 steps .* told 1 epochs of 2 steps"):
+        training.fit(config, split, split, state, history=[{"epoch": 1}])
 
 
 def _compiled(fn):
