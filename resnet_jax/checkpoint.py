@@ -52,7 +52,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import files
+from resnet_jax import files, processes
 from resnet_jax.config import Config
 from resnet_jax.data import DatasetSpec
 from resnet_jax.errors import first_line
@@ -180,22 +180,29 @@ class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 3, track_best: bool = False, read_only: bool = False):
         import orbax.checkpoint as ocp
 
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1):
             raise ValueError(f"keep is how many checkpoints to keep: an int >= 1 (or None for all), got {keep!r}")
+        keep = None if keep is None else int(keep)
         self._ocp = ocp
         self.directory = Path(os.path.abspath(directory))  # Orbax takes absolute paths only
         self.latest = self.best = None
         self._lock = contextlib.ExitStack()
         common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
         try:
-            if not read_only and jax.process_index() == 0:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                try:
-                    self._lock.enter_context(files.held(self.directory / files.RUN_LOCK, reentrant=True))
-                except files.Busy as err:
+            if not read_only:
+                busy = None
+                if jax.process_index() == 0:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    try:
+                        self._lock.enter_context(files.held(self.directory / files.RUN_LOCK, reentrant=True))
+                    except files.Busy as err:
+                        busy = err.holder
+                # Every process of a run hears process 0's answer (the others would wait in Orbax's
+                # first barrier until process 0 ended, then fail in C++).
+                if processes.any_process(busy is not None):
                     raise CheckpointError(
-                        f"{self.directory} is being written by another program ({err.holder}); to read it "
-                        "meanwhile, open it with read_only=True (load_for_inference does)") from None
+                        f"{self.directory} is being written by another program ({busy or 'process 0 says which'}); "
+                        "to read it meanwhile, open it with read_only=True (load_for_inference does)")
             # Orbax warns that a read-only manager keeps and deletes nothing: as intended, so not shown.
             with _absl_quiet() if read_only else contextlib.nullcontext():
                 self.latest = ocp.CheckpointManager(

@@ -530,9 +530,12 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             # folder, which the new save must first remove ("Directory not empty": 3 in 8
             # tries, Ctrl-C 0.08-0.12 s after an epoch's line): a few tries, half a second apart.
             with interrupts.ignored():
+                epoch = unsaved[1][-1]["epoch"]
                 for attempt in range(4):
                     try:
-                        ckpts.save(unsaved[0], unsaved[1][-1]["epoch"], unsaved[1], log, meta)
+                        # The latest checkpoint may have been written whole before the signal
+                        # (then only best/ may lack the epoch): it is not written twice.
+                        ckpts.save(unsaved[0], epoch, unsaved[1], log, meta, best_only=ckpts.latest_epoch() == epoch)
                         break
                     except ckpt_mod.CheckpointError:  # in the end, the previous checkpoint stands
                         time.sleep(0.5)

@@ -92,8 +92,23 @@ class Busy(OSError):
 
 RUN_LOCK = ".train.lock"  # in a run folder while a program writes its checkpoints (train.py, Checkpoints)
 
-_held_here: dict[str, int] = {}  # the locks this process holds (by real path): how many holds each
+# The locks this process holds, by real path: [holds, fd, path]. The lock is the fd's; the
+# last hold released, whichever it is, deletes the file and closes the fd.
+_held_here: dict[str, list] = {}
 _held_here_guard = threading.Lock()
+
+
+def _release(key: str) -> None:
+    with _held_here_guard:
+        entry = _held_here[key]
+        entry[0] -= 1
+        if entry[0]:
+            return
+        del _held_here[key]
+    _, fd, path = entry
+    with contextlib.suppress(OSError):
+        path.unlink()  # while still holding it: see the inode check in held()
+    os.close(fd)
 
 
 @contextlib.contextmanager
@@ -122,15 +137,12 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
     with _held_here_guard:
         nested = reentrant and key in _held_here
         if nested:
-            _held_here[key] += 1
+            _held_here[key][0] += 1
     if nested:
         try:
             yield
         finally:
-            with _held_here_guard:
-                _held_here[key] -= 1
-                if not _held_here[key]:
-                    del _held_here[key]
+            _release(key)
         return
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -155,17 +167,11 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
             break
         os.close(fd)  # the previous holder deleted the file as we took it: take the new one
     with _held_here_guard:
-        _held_here[key] = _held_here.get(key, 0) + 1
+        _held_here[key] = [1, fd, path]  # (no other hold here: flock refuses a second fd of this process too)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
-        with _held_here_guard:
-            _held_here[key] -= 1
-            if not _held_here[key]:
-                del _held_here[key]
-        with contextlib.suppress(OSError):
-            path.unlink()  # while still holding it: see the inode check above
-        os.close(fd)
+        _release(key)
 

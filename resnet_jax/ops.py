@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import numbers
 import warnings
 
 import jax
@@ -213,10 +214,14 @@ def max_pool(x, window: int, stride: int | None = None, padding: int = 0, impl: 
         raise ValueError(f"max-pool impl must be one of {POOL_IMPLS}, got {impl!r}")
     stride = window if stride is None else stride
     for name, value, least in (("window", window, 1), ("stride", stride, 1), ("padding", padding, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"max_pool's {name} must be an int >= {least} (square windows), got {value!r}")
+    window, stride, padding = int(window), int(stride), int(padding)
     if padding > window // 2:
         raise ValueError(f"max_pool's padding must be at most half the window ({window} // 2 = {window // 2}), got {padding}")
+    if min(output_size(n, window, stride, padding) for n in x.shape[1:3]) < 1:
+        raise ValueError(f"max_pool's {window}x{window} window does not fit in the {x.shape[1]}x{x.shape[2]} map "
+                         f"padded by {padding}: the output would be empty")
     if impl == "auto":
         impl = "slices" if target_platform() == "cpu" else "xla"
     if impl == "xla":

@@ -150,8 +150,8 @@ def hold_output(config: Config, stack: contextlib.ExitStack, main_process: bool)
         try:
             stack.enter_context(files.held(Path(config.output) / OUTPUT_LOCK))
         except files.Busy as err:
-            problem = OutputBusy(f"--output {config.output} is in use by another train.py run ({err.holder}); "
-                                 "wait for it to end, or choose another --output")
+            problem = OutputBusy(f"--output {config.output} is in use by another program ({err.holder}; a train.py "
+                                 "run, or a script writing checkpoints there); wait for it to end, or choose another --output")
         except OSError as err:
             problem = UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: "
                                 f"{err.strerror or err}")

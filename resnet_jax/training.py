@@ -846,6 +846,25 @@ def _schedule_steps(opt_state) -> int | None:
     return int(counts[0]) if counts else None
 
 
+def _check_schedule_position(config: Config, state: TrainState, start_epoch: int, steps_per_epoch: int) -> None:
+    """ValueError unless the state's schedule is where ``start_epoch`` epochs leave it.
+
+    fit(config, ..., result.state) without result.history ran the schedule on from its end: a
+    learning rate of 0, epochs that changed nothing, and no error. Only for the recipe's own
+    optimizer (``make_optimizer``'s); one of the caller's own is the caller's to match.
+    """
+    if not config.recipe.scheduled or state.built_from is None:
+        return
+    done = _schedule_steps(state.opt_state)
+    if done is not None and done != start_epoch * steps_per_epoch:
+        raise ValueError(
+            f"the state's optimizer has taken {done} steps of its {config.recipe.schedule!r} schedule, but fit was told "
+            f"{start_epoch} epochs of {steps_per_epoch} steps were done; to go on training, pass the records of the "
+            "epochs the state trained as history= (result.history, or the checkpoint's); to train anew from these "
+            "weights, use training.initial_state(config, variables)"
+        )
+
+
 def fit(
     config: Config,
     train: Split,
@@ -917,15 +936,7 @@ def fit(
             f"train split gives {steps_per_epoch} ({n} examples); give the config train_limit (and val_split) "
             "to match the split, and build the optimizer with config.steps_per_epoch"
         )
-    if config.recipe.scheduled and (done := _schedule_steps(state.opt_state)) != start_epoch * steps_per_epoch:
-        # fit(config, ..., result.state) without result.history ran the schedule on from its end:
-        # a learning rate of 0, epochs that changed nothing, and no error.
-        raise ValueError(
-            f"the state's optimizer has taken {done} steps of its {config.recipe.schedule!r} schedule, but fit was told "
-            f"{start_epoch} epochs of {steps_per_epoch} steps were done; to go on training, pass the records of the "
-            "epochs the state trained as history= (result.history, or the checkpoint's); to train anew from these "
-            "weights, use training.initial_state(config, variables)"
-        )
+    _check_schedule_position(config, state, start_epoch, steps_per_epoch)
 
     # The splits live on the device(s) for the whole run, as uint8.
     put = lambda a: to_global(a, replicated)

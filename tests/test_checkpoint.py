@@ -530,6 +530,43 @@ def test_a_folder_another_program_writes_is_refused_for_writing_and_left_as_it_i
         pass
 
 
+def test_every_process_of_a_run_hears_that_the_folder_is_taken(tmp_path):
+    # Process 0 was refused at once; process 1 waited in Orbax's first barrier until process 0
+    # ended, then failed in C++ (Gloo's DEADLINE_EXCEEDED).
+    import socket
+
+    from resnet_jax import files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom resnet_jax import files\n"
+         "with files.held(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n", str(run / files.RUN_LOCK)],
+        stdout=subprocess.PIPE, text=True, env=env)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys, time, jax\njax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
+            f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=int(sys.argv[1]))\n"
+            "from resnet_jax import checkpoint\nt = time.monotonic()\n"
+            f"try:\n    checkpoint.Checkpoints({str(run)!r})\nexcept checkpoint.CheckpointError as err:\n"
+            "    print(f'refused in {time.monotonic() - t:.0f} s:', err, flush=True)\n")
+    try:
+        assert holder.stdout.readline() == "held\n"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        holder.kill()
+        holder.wait()
+    for i, out in enumerate(outs):
+        line = [x for x in out.splitlines() if x.startswith("refused")]
+        assert line and "is being written by another program" in line[0], out[-2000:]
+        assert line[0].startswith(("refused in 0 s", "refused in 1 s", "refused in 2 s")), line[0]
+        assert ("(pid " if i == 0 else "(process 0 says which)") in line[0]
+
+
 @pytest.mark.parametrize("keep", [0, -1, 2.0, True])
 def test_keep_is_a_positive_count(tmp_path, keep):
     # keep=0 kept nothing: every save was deleted, and "no checkpoint" at the next load.

@@ -463,9 +463,10 @@ def test_a_second_run_into_a_busy_output_is_refused_and_changes_nothing(prepared
         second = train_py(*flags, "--epochs", "1", "--lr", "0.1")
         assert first.poll() is None, "the first run ended before the second one started: the test proves nothing"
         assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr
-        assert second.stderr.startswith(f"train.py: error: --output {out} is in use by another train.py run "
+        assert second.stderr.startswith(f"train.py: error: --output {out} is in use by another program "
                                         f"(pid {first.pid} on "), second.stderr
-        assert second.stderr.strip().endswith("); wait for it to end, or choose another --output")
+        assert second.stderr.strip().endswith("; a train.py run, or a script writing checkpoints there); wait for it "
+                                              "to end, or choose another --output")
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
     finally:
@@ -536,8 +537,9 @@ def test_a_busy_output_stops_every_process_of_a_run_in_one_line(prepared_data_di
     for i, (code, err) in enumerate(results):
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
-        assert lines[0] == (f"train.py: error: --output {out} is in use by another train.py run (pid {os.getpid()} on "
-                            f"{socket.gethostname()}); wait for it to end, or choose another --output" if i == 0 else
+        assert lines[0] == (f"train.py: error: --output {out} is in use by another program (pid {os.getpid()} on "
+                            f"{socket.gethostname()}; a train.py run, or a script writing checkpoints there); wait for "
+                            "it to end, or choose another --output" if i == 0 else
                             f"train.py: error: --output {out} is in use by another run, or cannot be locked: "
                             "process 0 says which"), err
 

@@ -123,6 +123,27 @@ def test_predict_on_png_files(run, prepared_data_dir, tmp_path):
     assert lines[0].split(": ")[1] == lines[1].split(": ")[1]  # the same image, as a PNG and in a .npy
 
 
+def test_ctrl_c_right_after_an_epochs_save_keeps_that_epoch_in_one_line(prepared_data_dir, tmp_path, monkeypatch):
+    # The save is whole when Ctrl-C lands: saving it again (the path for a save cut short) must
+    # not write the epoch twice. It was refused as out of order, a ValueError traceback.
+    real, calls = Checkpoints.save, []
+
+    def save_then_interrupt(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls.append(kwargs.get("best_only", False))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_interrupt)
+    output = tmp_path / "out"
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--epochs", 3))
+    assert rc == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"train.py: interrupted; the checkpoint of epoch 1 is in {output}: continue with --resume"
+    assert calls == [False, True]  # saved again: best/ alone
+    with Checkpoints(output, read_only=True) as ckpts:
+        assert ckpts.latest.all_steps() == [1] and ckpts.best.all_steps() == [1]
+
+
 def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes_the_same_run(run, prepared_data_dir, tmp_path, monkeypatch):
     _, final = run
     output = tmp_path / "out"

@@ -85,3 +85,25 @@ def test_json_safe_writes_non_finite_numbers_as_null(tmp_path):
     assert json.loads(json.dumps(files.json_safe(doc), allow_nan=False)) == want
     files.write_json(tmp_path / "r.json", doc)
     assert json.loads((tmp_path / "r.json").read_text()) == want
+
+
+def test_a_reentrant_hold_keeps_the_lock_until_the_last_hold_ends_in_any_order(tmp_path):
+    # Released first, the first hold closed the lock's file while a nested one was still open:
+    # another process could then take the folder, a second writer.
+    lock = tmp_path / "run.lock"
+    outer, inner = files.held(lock), files.held(lock, reentrant=True)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    with pytest.raises(files.Busy):  # what another process (or a second descriptor) meets
+        with files.held(lock):
+            pass
+    assert lock.is_file()
+    inner.__exit__(None, None, None)
+    assert not lock.exists()
+    with files.held(lock):  # free again
+        pass
+    with pytest.raises(ValueError):  # a hold ended by an exception is released too
+        with files.held(lock), files.held(lock, reentrant=True):
+            raise ValueError
+    assert not lock.exists() and not files._held_here

@@ -50,7 +50,7 @@ def test_unknown_impl_is_refused():
 
 
 @pytest.mark.parametrize("impl", ["xla", "slices"])
-@pytest.mark.parametrize("args", [(2,), (3,), (3, 2, 1), (3, 1, 1), (2, 1)])
+@pytest.mark.parametrize("args", [(2,), (3,), (3, 2, 1), (3, 1, 1), (2, 1), (np.int64(3), np.int32(2), np.int64(1))])
 def test_max_pool_takes_torch_max_pool2d_arguments_and_defaults(impl, args):
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32)
@@ -60,7 +60,8 @@ def test_max_pool_takes_torch_max_pool2d_arguments_and_defaults(impl, args):
 
 @pytest.mark.parametrize("args, message", [((3, 2, 2), "at most half the window"), ((2, 2, 2), "at most half"),
                                            ((0,), "window must be an int >= 1"), ((3, 0), "stride must be"),
-                                           ((3, 2, -1), "padding must be an int >= 0"), ((3.0,), "window must be")])
+                                           ((3, 2, -1), "padding must be an int >= 0"), ((3.0,), "window must be"),
+                                           ((7,), "7x7 window does not fit in the 6x6 map padded by 0")])
 def test_max_pool_refuses_what_torch_refuses(args, message):
     # A padding over half the window made whole windows of padding: rows of -inf, silently.
     with pytest.raises(ValueError, match=message):

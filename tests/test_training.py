@@ -376,6 +376,11 @@ def test_fit_refuses_to_run_a_schedule_on_from_its_end_without_history():
         training.fit(config, split, split, state)
     with pytest.raises(ValueError, match=r"taken 4 steps .* told 1 epochs of 2 steps"):
         training.fit(config, split, split, state, history=[{"epoch": 1}])
+    training._check_schedule_position(config, state, 2, 2)  # with its two epochs' history: where it should be
+    # An optimizer of the caller's own is the caller's to match: not refused (it was, as "taken None steps").
+    for tx in (optax.adamw(1e-3), optax.inject_hyperparams(optax.sgd)(learning_rate=optax.cosine_decay_schedule(0.1, 4))):
+        own = training.create_train_state(training.make_model(config), tx, jax.random.key(0), recipe=config.recipe)
+        training._check_schedule_position(config, own.apply_gradients(grads=grads), 0, 2)
 
 
 def _compiled(fn):
