@@ -20,6 +20,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+# The temporary files of the worker processes and of the programs the tests start go to one
+# folder, removed when the session ends: xdist's workers end without running atexit handlers,
+# and TFDS leaves an empty folder in the temp dir for each dataset it prepares (hundreds were
+# left in /tmp by each run of the suite). pytest's own tmp_path folders stay where pytest keeps
+# them (this process's temp dir is fixed first), for a look after a failure.
+if "RESNET_JAX_TEST_TMPDIR" not in os.environ:
+    tempfile.gettempdir()
+    _tmp = tempfile.mkdtemp(prefix="resnet_jax_tests_")
+    atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
+    os.environ["RESNET_JAX_TEST_TMPDIR"] = os.environ["TMPDIR"] = _tmp
+
+
 # The suite is written for CPU (forced host devices, small shapes; its subprocesses too). On a GPU
 # machine each of -n auto's processes would otherwise claim 75% of the GPU's memory (JAX's
 # preallocation) and fail. Set JAX_PLATFORMS yourself to run it on another platform.
