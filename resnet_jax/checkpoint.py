@@ -598,7 +598,8 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
         raise CheckpointError(
             f"{directory} holds no checkpoints (expected {directory / 'checkpoints'}; pass a train.py --output DIR){hint}"
         )
-    for attempt in range(3):
+    tries = 3
+    while True:
         listed = _listing(directory)
         try:
             with Checkpoints(directory, read_only=True) as ckpts:
@@ -607,9 +608,9 @@ def load_for_inference(directory: str | Path, which: str = "latest") -> Checkpoi
             # Read while a train.py run saves and rotates (--keep), the checkpoint can be deleted
             # under the reader: "corrupt", "unreadable", or gone. If the folder changed meanwhile,
             # read the newer checkpoint; a checkpoint that fails in a folder at rest is reported.
-            if attempt == 2 or _listing(directory) == listed:
+            tries -= 1
+            if not tries or _listing(directory) == listed:
                 raise
-    raise AssertionError("unreachable")
 
 
 def _listing(directory: Path) -> list[str]:

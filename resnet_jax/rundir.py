@@ -52,10 +52,9 @@ def check_paths(config: Config) -> None:
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
-        for name in ("metrics.jsonl", RESULTS, "curves.png"):  # found only after the training, when written
-            if (Path(config.output) / name).is_dir():
-                raise UserError(f"--output {config.output}: {name} is a folder, and the run writes its "
-                                f"{'records' if name.endswith('.jsonl') else 'results' if name == RESULTS else 'curves'} "
+        for name, what in (("metrics.jsonl", "records"), (RESULTS, "results"), ("curves.png", "curves")):
+            if (Path(config.output) / name).is_dir():  # found only after the training, when written
+                raise UserError(f"--output {config.output}: {name} is a folder, and the run writes its {what} "
                                 "there; move it elsewhere, or choose another --output")
         check_writable_dir(Path(config.output), "--output")
 
