@@ -69,6 +69,10 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
+def _val_acc(metrics: dict) -> float:
+    return metrics["val_acc"]
+
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be read, written or used here; the message says why."""
 
@@ -205,18 +209,25 @@ class Checkpoints:
                         "to read it meanwhile, open it with read_only=True (load_for_inference does)")
             # Orbax warns that a read-only manager keeps and deletes nothing: as intended, so not shown.
             with _absl_quiet() if read_only else contextlib.nullcontext():
+                # Which checkpoints stay is a preservation policy: Orbax has deprecated max_to_keep.
+                policies = ocp.checkpoint_managers
                 self.latest = ocp.CheckpointManager(
                     self.directory / "checkpoints",
-                    options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=not read_only, **common),
+                    options=ocp.CheckpointManagerOptions(
+                        preservation_policy=policies.LatestN(n=keep), cleanup_tmp_directories=not read_only, **common),
                     item_names=("state", "meta"),
                 )
                 self.best = None
                 if track_best or (self.directory / "best").is_dir():
                     self.best = ocp.CheckpointManager(
                         self.directory / "best",
+                        # best_fn/best_mode still say which step best_step() returns; the policy
+                        # says which one stays (reverse=False: ascending, the highest kept).
                         options=ocp.CheckpointManagerOptions(
-                            max_to_keep=1, best_fn=lambda metrics: metrics["val_acc"], best_mode="max",
-                            keep_checkpoints_without_metrics=False, cleanup_tmp_directories=not read_only, **common,
+                            best_fn=_val_acc, best_mode="max",
+                            preservation_policy=policies.BestN(
+                                get_metric_fn=_val_acc, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+                            cleanup_tmp_directories=not read_only, **common,
                         ),
                         item_names=("state", "meta"),
                     )
