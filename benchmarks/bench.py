@@ -591,7 +591,9 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     test_y = torch.from_numpy(test.labels).long().to(device)
 
     def preprocess(x_u8):
-        # As resnet_jax: scale, then bilinear resize (antialiased when shrinking, like PIL).
+        # Scale, then a float bilinear resize (antialiased when shrinking, like PIL): within 1/255 of
+        # resnet_jax's Pillow-exact integer resize (resnet_jax/transforms.py), which costs no more
+        # (BENCHMARKS.md, "Preprocessing").
         x = x_u8.permute(0, 3, 1, 2).float().div(255)
         if x.shape[-1] != resize:
             # Antialiased only when shrinking (PIL's filter widens then); upsampling is plain bilinear either way.

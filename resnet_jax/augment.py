@@ -6,8 +6,8 @@ same range. Every example draws its own randomness from the one key, so a
 batch is reproducible from its key and different keys (or different examples
 under one key) get different transformations.
 
-They run on the stored uint8 images (28x28 for Fashion-MNIST, 32x32 for CIFAR-10), before ``data.preprocess`` scales
-and resizes them: the geometry is then in the dataset's own pixels (a 4-pixel
+They run on the stored uint8 images (28x28 for Fashion-MNIST, 32x32 for CIFAR-10), before ``data.preprocess`` resizes
+and scales them: the geometry is then in the dataset's own pixels (a 4-pixel
 shift means the same at ``--resize 28`` and ``--resize 96``), and the work is
 done on the smallest images there are.
 """

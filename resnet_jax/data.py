@@ -10,8 +10,8 @@ import TensorFlow.
 TensorFlow is only imported to prepare or read TFDS data, and is told to see no
 GPU before it does anything, so it never takes accelerator memory from JAX.
 
-Preprocessing (the chapter's ``ToTensor`` + ``Resize``) is :func:`preprocess`, a
-pure JAX function applied inside the jitted steps: the host only moves uint8.
+Preprocessing (the chapter's ``Resize`` + ``ToTensor``, bit for bit) is :func:`preprocess`,
+a pure JAX function applied inside the jitted steps: the host only moves uint8.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import first_line
-from resnet_jax import files
+from resnet_jax import files, transforms
 from resnet_jax.files import atomic_write
 
 
@@ -462,15 +462,15 @@ def _save_atomically(path: Path, train: Split, test: Split) -> None:
 
 
 def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
-    """uint8 NHWC -> float in [0, 1], bilinearly resized to ``size`` x ``size``.
+    """uint8 NHWC -> float in [0, 1], bilinearly resized to ``size`` x ``size``: the chapter's inputs, bit for bit.
 
     The chapter's code does ``transforms.Resize(96)`` on the PIL image and then
-    ``ToTensor()``. Here the order is swapped (scale, then resize in float) so
-    it runs on the device inside the jitted step. The interpolation is the same
-    as PIL's bilinear filter (equal to 5e-6 when PIL resizes in float mode);
-    PIL's uint8 path rounds to whole grey levels after each of its two
-    separable passes, so the chapter's inputs differ from ours by at most
-    1/255 (tests/test_data.py measures both).
+    ``ToTensor()``; here the same two steps run on the device inside the jitted
+    step, in the same order and with the same arithmetic
+    (:mod:`resnet_jax.transforms`): Pillow's fixed-point bilinear resize of the
+    uint8 image, then ``k / 255`` in float32. Equal to Pillow and torch byte
+    for byte (tests/test_transforms.py). At the dataset's own size there is
+    nothing to resize, as ``Resize`` leaves such an image alone.
     """
     if images.dtype != jnp.uint8:  # float images here would be divided by 255 a second time, silently
         raise TypeError(f"preprocess takes uint8 images (0-255, as data.load gives them), got {images.dtype}")
@@ -483,8 +483,4 @@ def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
         )
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"preprocess resizes to a positive integer size, got {size!r}")
-    x = images.astype(jnp.float32) / 255.0
-    n, h, w, c = x.shape
-    if (h, w) != (size, size):
-        x = jax.image.resize(x, (n, size, size, c), method="bilinear")
-    return x.astype(dtype)
+    return transforms.to_tensor(transforms.resize_like_pil(images, int(size))).astype(dtype)

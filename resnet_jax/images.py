@@ -2,8 +2,8 @@
 
 The training data reaches the model as uint8 (N, H, W, C) at the dataset's
 native size (28x28x1 for the MNIST family, 32x32x3 for CIFAR-10); the jitted steps'
-:func:`resnet_jax.data.preprocess` then scales to [0, 1] and resizes to
-``--resize`` on the device. So a prediction input only has to be brought to
+:func:`resnet_jax.data.preprocess` then resizes to ``--resize`` and scales to
+[0, 1] on the device. So a prediction input only has to be brought to
 that same native uint8 form, and everything after it is the training path
 itself. :func:`load_images` does that for image files (with Pillow), and
 :func:`load_npy` for arrays saved with NumPy.

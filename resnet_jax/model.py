@@ -467,7 +467,7 @@ class ResNet18(nn.Module):
             if getattr(self, name) < 1:
                 raise ValueError(f"ResNet18.{name} must be >= 1, got {getattr(self, name)}")
         x = _nhwc_float(x, "ResNet18", hint=(
-            " (images scaled to [0, 1]); resnet_jax.data.preprocess(images, size) scales and resizes "
+            " (images scaled to [0, 1]); resnet_jax.data.preprocess(images, size) resizes and scales "
             "data.load's uint8 images"))
         if x.shape[-1] != self.input_channels:
             raise ValueError(

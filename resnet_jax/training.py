@@ -4,7 +4,7 @@ One batch's way: the uint8 splits sit on the device; each epoch draws a
 permutation with ``jax.random`` on the device; a jitted call gathers
 ``steps_per_dispatch`` batches from it in turn (on GPU and TPU a ``lax.fori_loop``
 around :func:`train_step`; on CPU, where XLA runs a step inside a loop many
-times slower, one step per call), preprocesses them (scale, resize) and updates
+times slower, one step per call), preprocesses them (resize, scale) and updates
 the state, summing loss and correct predictions on the device. The host only
 dispatches and reads the sums once per chunk, one chunk late, so the device
 never waits for it.

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The files whose tests check the maths (CLI, checkpoint and plotting tests add nothing here),
 # the quick ones first: a mutation stops at its first failure.
 TESTS = [
-    "tests/test_model.py", "tests/test_recipes.py", "tests/test_augment.py", "tests/test_convert.py",
+    "tests/test_transforms.py", "tests/test_model.py", "tests/test_recipes.py", "tests/test_augment.py", "tests/test_convert.py",
     "tests/test_training.py", "tests/test_recipe_training.py", "tests/test_ops.py", "tests/test_data.py",
     "tests/test_sharding.py",
 ]
@@ -61,7 +61,11 @@ MUTATIONS = [
     ("plan_repeats_an_example", "resnet_jax/training.py",
      "rows = jnp.pad(perm, (0, num_chunks * chunk * batch_size - n), constant_values=-1)",
      "rows = jnp.pad(perm.at[-1].set(perm[0]), (0, num_chunks * chunk * batch_size - n), constant_values=-1)"),
-    ("resize_nearest", "resnet_jax/data.py", 'method="bilinear")', 'method="nearest")'),
+    ("resize_truncates", "resnet_jax/transforms.py",
+     "total = jnp.int32(1 << (_PRECISION_BITS - 1))", "total = jnp.int32(0)"),
+    ("resize_no_antialias", "resnet_jax/transforms.py", "support = 1.0 * filterscale", "support = 1.0"),
+    ("to_tensor_multiplies", "resnet_jax/transforms.py", "return jnp.asarray(_GREY_LEVELS)[images.astype(jnp.int32)]",
+     "return images.astype(jnp.float32) * (1 / 255)"),
     ("ema_no_ramp", "resnet_jax/recipes.py", "return jnp.minimum(decay, (1.0 + step) / (10.0 + step))",
      "return jnp.minimum(decay, 1.0 + 0 * step)"),
     ("weight_decay_on_everything", "resnet_jax/recipes.py",

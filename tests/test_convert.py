@@ -223,17 +223,18 @@ def random_batch(size: int, batch: int, seed: int = 0):
 # alone; with 8 values per channel the gradients grow ~5x and the stem's SGD step at lr
 # 0.05 becomes several times its kernel, so the step's float32 error (that of the
 # gradient, ~1e-5) no longer fits in 1e-5 of the parameter. 16 is a realistic regime.
-@pytest.mark.parametrize("size,conv_impl,batch", [(96, "auto", 8), (28, "auto", 16), (28, "xla", 16)])
-def test_same_function_same_gradients_same_step(size, conv_impl, batch, monkeypatch):
+# The batches' seeds are a precondition, checked below: no max-pool window of b1 near a tie.
+# (Seed 28 has one since the inputs became ToTensor's exact quotients: a window of zeros and one
+# pre-activation of 1.1e-6 in ours, -3.7e-7 in PyTorch, which routes PyTorch's gradient elsewhere.)
+@pytest.mark.parametrize("size,conv_impl,batch,seed", [(96, "auto", 8, 96), (28, "auto", 16, 29), (28, "xla", 16, 29)])
+def test_same_function_same_gradients_same_step(size, conv_impl, batch, seed, monkeypatch):
     net = randomised_net()
     variables = convert.torch_to_flax(net.state_dict())
     config = Config(resize=size, lr=LR, conv_impl=conv_impl)
     model = training.make_model(config)
-    images, labels = random_batch(size, batch, seed=size)
+    images, labels = random_batch(size, batch, seed=seed)
     # The same float input on both sides: what training.train_step feeds the model
-    # (no resize at the image's own size). Under jit XLA computes x / 255 as
-    # x * (1 / 255), one ulp off numpy's division at half the grey levels: harmless,
-    # but near a kink one ulp decides a branch, so both sides get exactly this input.
+    # (ToTensor's quotients; no resize at the image's own size).
     x = np.asarray(jax.jit(preprocess, static_argnums=1)(images, size))
     x_torch = torch.from_numpy(x.copy()).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     y_torch = torch.from_numpy(labels).long()

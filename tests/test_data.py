@@ -165,23 +165,20 @@ def test_damaged_tfds_data_is_one_message_naming_what_to_delete(prepared_data_di
     assert "\n" not in message
 
 
-def test_preprocess_scales_and_resizes_like_the_recipe():
+def test_preprocess_gives_the_chapters_inputs_bit_for_bit():
+    """d2l's Resize(96) (Pillow's bilinear resize of the uint8 image), then ToTensor (k / 255 in float32)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
     ours = np.asarray(data.preprocess(jnp.asarray(images), 96))
     assert ours.shape == (4, 96, 96, 1) and ours.dtype == np.float32
-    assert 0.0 <= ours.min() and ours.max() <= 1.0
-    # Same interpolation as PIL's bilinear filter, in float...
-    pil_f = np.stack([
-        np.asarray(Image.fromarray(im[..., 0].astype(np.float32) / 255, mode="F").resize((96, 96), Image.BILINEAR))
-        for im in images
-    ])
-    np.testing.assert_allclose(ours[..., 0], pil_f, atol=5e-6)  # float32 rounding: 2e-6 seen
-    # ...and within one grey level of the chapter's uint8 PIL path (Resize, then ToTensor).
     pil_u8 = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((96, 96), Image.BILINEAR)) for im in images])
-    assert np.abs(ours[..., 0] - pil_u8 / 255.0).max() <= 1 / 255 + 1e-6
-    # No resize at the native size: ToTensor's x / 255 (XLA multiplies by 1/255: within 1 ulp).
-    np.testing.assert_allclose(np.asarray(data.preprocess(jnp.asarray(images), 28)), images / np.float32(255), rtol=1.2e-7, atol=0)
+    np.testing.assert_array_equal(ours[..., 0], pil_u8.astype(np.float32) / np.float32(255))
+    # No resize at the native size: ToTensor's x / 255 alone.
+    np.testing.assert_array_equal(np.asarray(data.preprocess(jnp.asarray(images), 28)), images.astype(np.float32) / np.float32(255))
+    # bfloat16 compute: the same float32 values, then rounded once to bf16.
+    bf16 = data.preprocess(jnp.asarray(images), 96, jnp.bfloat16)
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(jnp.asarray(ours).astype(jnp.bfloat16)))
 
 
 def test_take_refuses_what_numpy_slicing_would_quietly_accept():
