@@ -585,11 +585,14 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     report = {**f, "config": config.to_dict(), "jax_version": jax.__version__, "history": result.history,
               "versions": ckpt_mod.versions(), "python": platform.python_version(),
               "cpu": training.cpu_name(), "argv": sys.argv[1:]}
+    exports = rundir.earlier_exports(config)  # a resumed run's exports stay its own (to write again)
+    if exports:
+        report["exports"] = exports
     if config.output and main_process:
         rundir.write_run_files(config, report, log, say)
     if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
         _export_torch(config, result.state, say)
-        report["exports"] = [config.export_torch]  # as _export_torch recorded it in results.json
+        report["exports"] = list(dict.fromkeys([*exports, config.export_torch]))  # as _export_torch recorded it
     return report
 
 

@@ -242,12 +242,16 @@ def load(
         # folder, so a mistyped --data-dir leaves no trace.
         raise _offline_error(spec, data_dir, names)
     cache = cache_path(spec, data_dir)
-    if (splits := _read_cache(spec, cache, log)) is not None:
+    problems: list[str] = []
+    if (splits := _read_cache(spec, cache, problems.append)) is not None:
         return splits
+    for problem in problems:
+        log(problem)
     # One program at a time prepares a data dir: two runs started together on a new one
     # collided in TFDS's renames ("Cannot rename ... already exists"), and one of them failed.
     with _preparing(spec, data_dir, log):
-        if (splits := _read_cache(spec, cache, log)) is not None:  # written by the run we waited for
+        # Written by the run we waited for? (A damaged cache is said once, above.)
+        if (splits := _read_cache(spec, cache, (lambda msg: None) if problems else log)) is not None:
             return splits
         train, test = _load_with_tfds(spec, data_dir, manual_dir, offline, log, names)
         check_splits(spec, train, test)

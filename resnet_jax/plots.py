@@ -37,16 +37,18 @@ def epoch_axis(log: list[dict], steps_per_epoch: int) -> list[dict]:
     checkpoint counts on from the file's; the run's first step is found from
     its epoch records (epoch e ends at step first + e * steps_per_epoch).
 
-    With step records, the train curves are theirs alone: an epoch record's train loss, the
-    epoch's average, sits at the same x as the last step record's, the average of the last
-    few steps, and the line jumped between the two at every epoch's end.
+    In an epoch with step records, the train curves are theirs alone: the epoch record's train
+    loss, the epoch's average, sits at the same x as the last step record's, the average of the
+    last few steps, and the line jumped between the two at every epoch's end. An epoch without
+    step records (a run resumed with another --log-every) keeps its epoch record's.
     """
     epochs = [r for r in log if r["kind"] == "epoch"]
     step0 = epochs[0]["step"] - epochs[0]["epoch"] * steps_per_epoch if epochs else 0
-    if not any(r["kind"] == "steps" for r in log):
-        return list(log)
+    # The epochs that have step records: step s ends inside epoch ceil((s - step0) / steps_per_epoch).
+    logged = {math.ceil((r["step"] - step0) / steps_per_epoch) for r in log if r["kind"] == "steps"}
     return [{**r, "epoch": (r["step"] - step0) / steps_per_epoch} if r["kind"] == "steps"
-            else {k: v for k, v in r.items() if k not in ("train_loss", "train_acc")} for r in log]
+            else {k: v for k, v in r.items() if k not in ("train_loss", "train_acc")} if r.get("epoch") in logged
+            else dict(r) for r in log]
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:

@@ -85,17 +85,24 @@ def check_torch_paths(config: Config) -> None:
             raise UserError(f"{flag}: {err}") from err
 
 
-def _own_export(config: Config, target: Path) -> bool:
-    """Whether ``target`` is the export of the run that --resume continues (its results.json says so):
-    the one file an export may replace."""
+def earlier_exports(config: Config) -> list[str]:
+    """The PyTorch exports that the run --resume continues wrote, as its results.json lists them
+    ("exports", and its config's export_torch); [] for a new run or an unreadable results.json.
+    The resumed run's results.json keeps them: each stays the run's own to write again."""
     if not (config.resume and config.output):
-        return False
+        return []
     try:
         results = read_results(config.output)
         earlier = [results["config"].get("export_torch"), *results.get("exports", [])]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return any(e and Path(e).resolve() == target.resolve() for e in earlier)
+        return []
+    return list(dict.fromkeys(e for e in earlier if isinstance(e, str) and e))
+
+
+def _own_export(config: Config, target: Path) -> bool:
+    """Whether ``target`` is the export of the run that --resume continues (its results.json says so):
+    the one file an export may replace."""
+    return any(Path(e).resolve() == target.resolve() for e in earlier_exports(config))
 
 
 def record_export(config: Config) -> None:

@@ -711,6 +711,16 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     r = train_py(*other, "--export-torch", tmp_path / "first.pt")
     assert r.returncode == 1 and "first.pt already exists, and this run did not write it" in r.stderr, r.stderr
     assert not (tmp_path / "other").exists()
+    # Trained further without --export-torch: the results.json it rewrites still names the run's
+    # exports (it dropped them, and first.pt was then refused as another run's).
+    i = flags.index("--epochs")
+    longer = [*flags[:i + 1], 2, *flags[i + 2:]]
+    r = train_py(*longer, "--resume")
+    assert r.returncode == 0 and "epoch 2/2" in r.stdout, r.stderr
+    exports = json.loads((tmp_path / "run" / "results.json").read_text())["exports"]
+    assert [Path(e).name for e in exports] == ["first.pt", "again.pt"], exports
+    r = train_py(*longer, "--resume", "--export-torch", tmp_path / "first.pt")
+    assert r.returncode == 0 and "exported the final weights" in r.stdout, r.stderr
 
 
 def test_cli_resume_on_a_new_folder_starts_from_the_torch_file(prepared_data_dir, tmp_path):

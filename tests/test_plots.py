@@ -74,6 +74,20 @@ def test_with_step_records_the_train_curves_are_theirs_alone():
     assert plots.epoch_axis(epochs_only, 8) == epochs_only  # without step records: as they are
 
 
+def test_an_epoch_without_step_records_keeps_its_train_curves():
+    # Epoch 1 logged every 4 steps; resumed for epochs 2 and 3 without --log-every: their train
+    # loss and accuracy were dropped, and curves.png ended its train curves at epoch 1.
+    log = [{"kind": "steps", "epoch": 1, "step": 4, "train_loss": 2.0},
+           {"kind": "steps", "epoch": 1, "step": 8, "train_loss": 1.2},
+           {"kind": "epoch", "epoch": 1, "step": 8, "train_loss": 1.7, "train_acc": 0.4, "test_acc": 0.5},
+           {"kind": "epoch", "epoch": 2, "step": 16, "train_loss": 0.9, "train_acc": 0.6, "test_acc": 0.6},
+           {"kind": "epoch", "epoch": 3, "step": 24, "train_loss": 0.7, "train_acc": 0.7, "test_acc": 0.7}]
+    axis = plots.epoch_axis(log, 8)
+    assert [r.get("train_loss") for r in axis] == [2.0, 1.2, None, 0.9, 0.7]
+    assert [r.get("train_acc") for r in axis] == [None, None, None, 0.6, 0.7]
+    assert [r["epoch"] for r in axis] == [0.5, 1.0, 1, 2, 3]
+
+
 def test_confusion_matrix_png(tmp_path):
     rng = np.random.default_rng(0)
     cm = rng.integers(0, 50, (10, 10)) + np.diag(rng.integers(500, 1000, 10))
