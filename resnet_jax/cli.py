@@ -419,6 +419,9 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
             say = lambda msg: None
         if compile_cache is not None:  # before anything compiles
             stack.enter_context(xla_cache.repairing(xla_cache.use(compile_cache, say), say))
+        # From here on every process talks to the others: one that is gone is one line (training's
+        # own handler, in _train, also says which checkpoint is intact).
+        stack.enter_context(processes.lost_process_is_one_line())
         processes.check_same_settings(config)
         processes.check_shared_output(config)  # before the first save would wait for a part that never comes
         if config.output:
@@ -559,7 +562,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         raise UserError(f"{err}; {where}") from err
     except RuntimeError as err:  # XLA's errors are RuntimeErrors; only running out of memory is the user's to fix
         kept = ckpts.latest_epoch() if ckpts else None
-        if jax.process_count() > 1 and any(s in str(err) for s in ("Gloo", "by peer", "heartbeat")):
+        if processes.lost_process(err):
             # A collective found another process gone (killed, preempted, its host down).
             where = (f"the checkpoint of epoch {kept} in {config.output} is intact: start every process again "
                      "with --resume" if kept is not None else "no checkpoint was written")

@@ -10,6 +10,7 @@ and makes a failed process leave at once instead of waiting at JAX's shutdown ba
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import json
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from resnet_jax.config import Config, ConfigError
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 
 INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
 
@@ -105,6 +106,14 @@ def check_same_settings(config: Config) -> None:
 
     if jax.process_count() == 1:
         return
+    # Every process sees every device: counted without a collective (JAX's all-gathers, the one
+    # below included, assume the same count everywhere, and failed in a reshape traceback).
+    per_process = collections.Counter(d.process_index for d in jax.devices())
+    if len(set(per_process.values())) > 1:
+        raise UserError(
+            "the processes of this run have different numbers of devices ("
+            + ", ".join(f"process {i}: {per_process[i]}" for i in sorted(per_process))
+            + "); give every process as many (CUDA_VISIBLE_DEVICES, or the hosts' GPU counts)")
     values = config.to_dict()
     names = [name for name in values if name not in PER_HOST_FIELDS]
     digest = lambda v: int.from_bytes(hashlib.blake2b(json.dumps(v, sort_keys=True).encode(), digest_size=4).digest(), "little") >> 1
@@ -117,6 +126,30 @@ def check_same_settings(config: Config) -> None:
             + ", ".join(f"--{name.replace('_', '-')} (here {values[name]!r})" for name in differ)
             + "; start every process with the same flags (only --data-dir and --manual-dir may differ)"
         )
+
+
+# What XLA's errors say when a collective finds another process of the run gone (killed,
+# preempted, its host down, or stopped at its own error).
+_LOST_PROCESS = ("Gloo", "by peer", "heartbeat")
+
+
+def lost_process(err: BaseException) -> bool:
+    """Whether ``err`` (an XLA RuntimeError) says that another process of this run is gone."""
+    import jax
+
+    return jax.process_count() > 1 and any(s in str(err) for s in _LOST_PROCESS)
+
+
+@contextlib.contextmanager
+def lost_process_is_one_line(what_now: str = "start every process again"):
+    """Another process gone, found by a collective: a UserError, not XLA's traceback (after which
+    JAX's exit handler waited ~100 s for the lost process and aborted in C++, exit 134)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not lost_process(err):
+            raise
+        raise UserError(f"another process of this run stopped ({first_line(err, 160)}); {what_now}") from err
 
 
 def any_process(flag: bool) -> bool:
@@ -229,7 +262,8 @@ def _initialize(settings: dict) -> None:
             n = settings.get("num_processes")
             raise ProcessesDidNotMeet(
                 f"the {n} processes did not all meet at {where} within {timeout_s} s (--init-timeout): "
-                f"is process 0 running there, and every process started with the same --coordinator and --num-processes?"
+                "is every process running (one that refused its flags or paths stopped with its own message), "
+                "and were all started with the same --coordinator and --num-processes?"
                 if where else
                 f"the cluster's processes did not all meet within {timeout_s} s (--init-timeout): was every process started?"
             )

@@ -137,8 +137,8 @@ def test_processes_that_do_not_meet_are_one_line_at_the_timeout(tmp_path, proces
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines() == [
         f"train.py: error: the 2 processes did not all meet at {address} within 2 s "
-        "(--init-timeout): is process 0 running there, and every process started with the same --coordinator "
-        "and --num-processes?"]
+        "(--init-timeout): is every process running (one that refused its flags or paths stopped with its own "
+        "message), and were all started with the same --coordinator and --num-processes?"]
     assert time.monotonic() - start < 60 and not (tmp_path / "tfds").exists()
 
 
@@ -166,6 +166,53 @@ def test_two_processes_train_as_one_through_train_py(prepared_data_dir, tmp_path
     one = json.loads(subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags)], capture_output=True,
                                     text=True, env=env, cwd=tmp_path, timeout=300, check=True).stdout)
     assert both["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+def test_processes_with_different_numbers_of_devices_are_refused_in_one_line(prepared_data_dir, tmp_path):
+    # Two devices in process 0, one in process 1 (another CUDA_VISIBLE_DEVICES on one host):
+    # JAX's all-gather of the settings failed in a reshape, a 40-line traceback in both.
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "48", "--test-limit", "48",
+             "--epochs", "1", "--resize", "17", "--batch-size", "48", "--compile-cache", "off"]
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                               "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO),
+                                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 - i}"})
+             for i in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert errs[0].strip().splitlines() == [
+        "train.py: error: the processes of this run have different numbers of devices (process 0: 2, process 1: 1); "
+        "give every process as many (CUDA_VISIBLE_DEVICES, or the hosts' GPU counts)"], errs[0]
+
+
+def test_a_process_lost_at_start_up_is_one_line(monkeypatch):
+    # A process killed while the others ran the start-up checks: XLA's traceback, then ~100 s in
+    # JAX's exit handler and a C++ abort (exit 134). Now one line, as when it is lost mid-training.
+    import jax
+
+    from resnet_jax import processes
+    from resnet_jax.errors import UserError
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    lost = RuntimeError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer\nmore")
+    with pytest.raises(UserError) as err:
+        with processes.lost_process_is_one_line():
+            raise lost
+    assert str(err.value) == ("another process of this run stopped (UNKNOWN: Gloo all-reduce failed: Connection "
+                              "reset by peer); start every process again") and err.value.__cause__ is lost
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # anything else goes on as it was
+        with processes.lost_process_is_one_line():
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    monkeypatch.setattr(jax, "process_count", lambda: 1)  # one process: no other to lose
+    with pytest.raises(RuntimeError, match="Gloo"):
+        with processes.lost_process_is_one_line():
+            raise lost
 
 
 def test_sigterm_still_reaches_train_pys_handler_after_jax_distributed_starts():
