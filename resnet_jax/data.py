@@ -474,12 +474,16 @@ def preprocess(images: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
     (:mod:`resnet_jax.transforms`): Pillow's fixed-point bilinear resize of the
     uint8 image, then ``k / 255`` in float32. Equal to Pillow and torch byte
     for byte (tests/test_transforms.py). At the dataset's own size there is
-    nothing to resize, as ``Resize`` leaves such an image alone.
+    nothing to resize, as ``Resize`` leaves such an image alone. Square images
+    only (every dataset here): ``Resize(96)`` sets a non-square image's shorter
+    side and keeps its aspect ratio, which a batch of ``size`` x ``size`` cannot.
     """
     if images.dtype != jnp.uint8:  # float images here would be divided by 255 a second time, silently
         raise TypeError(f"preprocess takes uint8 images (0-255, as data.load gives them), got {images.dtype}")
     if images.ndim != 4:
         raise ValueError(f"preprocess takes NHWC images (N, H, W, C), got shape {images.shape}")
+    if images.shape[1] != images.shape[2]:  # Resize(96) would keep a non-square image's aspect ratio
+        raise ValueError(f"preprocess takes square images, as every dataset here has, got {images.shape[1]}x{images.shape[2]}")
     if isinstance(size, jax.Array):  # a tracer: jax.jit(train_step) without static_argnames
         raise TypeError(
             "the image size must be a Python int, got a JAX array: under jit, make it static "

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Pillow's fixed point for 8-bit images: PRECISION_BITS = 32 - 8 - 2 (Resample.c), so that a
-# sum of 255 times weights adding up to 1 stays inside int32.
+# Pillow's fixed point for 8-bit images: PRECISION_BITS = 32 - 8 - 2 (Resample.c): 8 bits for
+# the pixel and 2 to spare for filters whose weights go negative or past 1 (bicubic, Lanczos;
+# bilinear's never do), so that every sum stays inside int32.
 _PRECISION_BITS = 22
 
 

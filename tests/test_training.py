@@ -497,6 +497,8 @@ def test_misused_inputs_are_refused_not_silently_wrong(state):
     # Images without their batch axis: named, not "not enough values to unpack".
     with pytest.raises(ValueError, match=r"preprocess takes NHWC images \(N, H, W, C\), got shape \(28, 28, 1\)"):
         preprocess(jnp.asarray(images[0]), RESIZE)
+    with pytest.raises(ValueError, match="preprocess takes square images, as every dataset here has, got 28x20"):
+        preprocess(jnp.asarray(images[:, :, :20]), RESIZE)
     with pytest.raises(ValueError, match=r"the model takes uint8 NHWC images \(N, H, W, 1\), got shape \(28, 28, 1\)"):
         training.predict(state, images[0], RESIZE)
     # NCHW images: named as given, not as the (N, 28, 28, 28) that resizing H=1, W=28 made of them.

@@ -32,7 +32,7 @@ def _pillow(images: np.ndarray, size: int) -> np.ndarray:
 def test_resize_is_pillows_bilinear_resize_byte_for_byte(in_size, size, channels):
     rng = np.random.default_rng(in_size * 1000 + size)
     images = rng.integers(0, 256, (3, in_size, in_size, channels), dtype=np.uint8)
-    images[1] = np.where(images[1] > 127, 255, 0)  # hard edges: the clip to 0..255 matters there
+    images[1] = np.where(images[1] > 127, 255, 0)  # hard edges: whole runs of 0 and 255
     images[2] = np.arange(in_size)[:, None, None] * 255 // (in_size - 1)  # a ramp: rounding ties
     ours = transforms.resize_like_pil(jnp.asarray(images), size)
     assert ours.shape == (3, size, size, channels) and ours.dtype == jnp.uint8
