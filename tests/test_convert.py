@@ -274,7 +274,11 @@ def test_same_function_same_gradients_same_step(size, conv_impl, batch, seed, mo
     print(f"{tag}: {flips} of {total} ReLU inputs round to the other side of 0 in PyTorch")
     assert flips <= 1e-5 * total  # a handful, not a systematic difference
     assert record(f"eval logits ({tag})", rel(eval_ours, eval_ref)) <= 1e-5
-    assert record(f"train logits ({tag})", rel(train_ours, train_ref)) <= 1e-5
+    # In train mode at 28x28, b5's BatchNorms normalise 16 values a channel (its maps are 1x1),
+    # which amplifies float32's rounding: 5.7e-6 to 8.2e-6 over seeds 29-35 here, 1.03e-5 for
+    # seed 29 in one CI run (the same versions; 7.7e-6 in this venv). A wrong layer is 1e-2 or more.
+    train_tol = 2e-5 if size == 28 else 1e-5
+    assert record(f"train logits ({tag})", rel(train_ours, train_ref)) <= train_tol
 
     params_before = leaves(variables["params"])
     for name, g in leaves(grads_ours).items():
