@@ -275,8 +275,11 @@ def test_same_function_same_gradients_same_step(size, conv_impl, batch, seed, mo
     assert flips <= 1e-5 * total  # a handful, not a systematic difference
     assert record(f"eval logits ({tag})", rel(eval_ours, eval_ref)) <= 1e-5
     # In train mode at 28x28, b5's BatchNorms normalise 16 values a channel (its maps are 1x1),
-    # which amplifies float32's rounding: 5.7e-6 to 8.2e-6 over seeds 29-35 here, 1.03e-5 for
-    # seed 29 in one CI run (the same versions; 7.7e-6 in this venv). A wrong layer is 1e-2 or more.
+    # which amplifies float32's rounding. The train logits, and the kernels after one step, then
+    # sit near 1e-5: 5.7e-6 to 8.2e-6 over seeds 29-35 (logits) when run alone or with this file,
+    # and for seed 29 7.7e-6 and 7.5e-6 so, in every process tried; but 1.03e-5 and 1.04e-5 (b1's
+    # kernel) in two CI runs, where the test ran in a worker after others (what they leave that
+    # moves the rounding is not traced). A wrong layer is off by 1e-2 or more.
     train_tol = 2e-5 if size == 28 else 1e-5
     assert record(f"train logits ({tag})", rel(train_ours, train_ref)) <= train_tol
 
@@ -302,7 +305,7 @@ def test_same_function_same_gradients_same_step(size, conv_impl, batch, seed, mo
     for collection in ("params", "batch_stats"):
         ours = leaves(getattr(new_state, collection))
         for name, ref in leaves(want[collection]).items():
-            tol = 1e-4 if collection == "params" and _before_bn(name) else 1e-5
+            tol = 1e-4 if collection == "params" and _before_bn(name) else train_tol if collection == "params" else 1e-5
             assert record(f"after one step, {collection} ({tag})", rel(ours[name], ref)) <= tol, name
     assert convert.batches_tracked(after_ref) == 4 and int(new_state.step) == 1  # 3 before, one step each
 
