@@ -179,6 +179,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def _restart_all(kept: int | None, output) -> str:
+    """What a run that lost one of its processes keeps, and how to go on."""
+    if kept is None:
+        return "no checkpoint was written"
+    return f"the checkpoint of epoch {kept} in {output} is intact: start every process again with --resume"
+
+
 def _oom_summary(err: BaseException) -> str:
     """XLA's out-of-memory message, first line only ("Out of memory allocating N bytes", with N in GB)."""
     import re
@@ -422,7 +429,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         # From here on every process talks to the others: one that is gone is one line (training's
         # own handler, in _train, also says which checkpoint is intact).
         stack.enter_context(processes.lost_process_is_one_line())
-        processes.check_same_settings(config)
+        processes.check_same_settings(config, distributed)
         processes.check_shared_output(config)  # before the first save would wait for a part that never comes
         if config.output:
             rundir.hold_output(config, stack, main_process)  # before looking at what is there: two runs in one folder would mix their files
@@ -555,6 +562,13 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         raise UserError(f"{err}: {where}; train again with a smaller --lr{retry}") from err
     except ckpt_mod.CheckpointError as err:
         ckpt_mod.quiet_abandoned_writes()
+        cause = err.__cause__
+        if unsaved is not None and cause is not None and processes.lost_process(cause):
+            # Lost in the middle of a save: Orbax's collective fails at once ("by peer"); one of
+            # its barriers on JAX's coordination service waits for the heartbeat timeout instead.
+            raise UserError(f"another process of this run stopped while the checkpoint of epoch "
+                            f"{unsaved[1][-1]['epoch']} was being written ({first_line(cause, 160)}); "
+                            f"{_restart_all(ckpts.latest_epoch(), config.output)}") from err
         raise UserError(str(err)) from err
     except MetricsNotWritten as err:
         kept = ckpts.latest_epoch() if ckpts else None
@@ -564,9 +578,8 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         kept = ckpts.latest_epoch() if ckpts else None
         if processes.lost_process(err):
             # A collective found another process gone (killed, preempted, its host down).
-            where = (f"the checkpoint of epoch {kept} in {config.output} is intact: start every process again "
-                     "with --resume" if kept is not None else "no checkpoint was written")
-            raise UserError(f"another process of this run stopped ({first_line(err, 160)}); {where}") from err
+            raise UserError(f"another process of this run stopped ({first_line(err, 160)}); "
+                            f"{_restart_all(kept, config.output)}") from err
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
             raise
         where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""

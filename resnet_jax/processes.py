@@ -91,12 +91,14 @@ def _check_coordinator(address: str, serves: bool) -> None:
 PER_HOST_FIELDS = ("data_dir", "manual_dir")
 
 
-def check_same_settings(config: Config) -> None:
+def check_same_settings(config: Config, launch: dict | None = None) -> None:
     """A UserError, in every process, naming each setting the processes of one run disagree on.
 
     Each process builds its own replicas: with another --seed, say, their "replicated"
     weights would differ, and the run would train to a wrong result and exit 0. A digest
     of each setting goes to every process (one all-gather of a few int32s).
+    ``launch``: :func:`settings_from_args`'s dict. Its --num-processes is compared too: the
+    coordinator's count wins, so a process given another one ran on, saying nothing.
     """
     import hashlib
 
@@ -115,6 +117,8 @@ def check_same_settings(config: Config) -> None:
             + ", ".join(f"process {i}: {per_process[i]}" for i in sorted(per_process))
             + "); give every process as many (CUDA_VISIBLE_DEVICES, or the hosts' GPU counts)")
     values = config.to_dict()
+    if launch and launch.get("num_processes") is not None:  # --distributed reads it from the cluster
+        values["num_processes"] = launch["num_processes"]
     names = [name for name in values if name not in PER_HOST_FIELDS]
     digest = lambda v: int.from_bytes(hashlib.blake2b(json.dumps(v, sort_keys=True).encode(), digest_size=4).digest(), "little") >> 1
     mine = np.array([digest(values[name]) for name in names], np.int32)
@@ -141,7 +145,7 @@ def lost_process(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def lost_process_is_one_line(what_now: str = "start every process again"):
+def lost_process_is_one_line():
     """Another process gone, found by a collective: a UserError, not XLA's traceback (after which
     JAX's exit handler waited ~100 s for the lost process and aborted in C++, exit 134)."""
     try:
@@ -149,7 +153,7 @@ def lost_process_is_one_line(what_now: str = "start every process again"):
     except RuntimeError as err:
         if not lost_process(err):
             raise
-        raise UserError(f"another process of this run stopped ({first_line(err, 160)}); {what_now}") from err
+        raise UserError(f"another process of this run stopped ({first_line(err, 160)}); start every process again") from err
 
 
 def any_process(flag: bool) -> bool:

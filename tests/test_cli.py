@@ -474,6 +474,7 @@ def test_a_mistyped_command_is_named_with_the_closest_one(capsys):
 
 def test_processes_started_with_different_settings_are_refused_in_one_line_each(prepared_data_dir, tmp_path):
     # Another --seed in one process gave replicas with different weights: a wrong run, exit 0.
+    # Another --num-processes was overruled by the coordinator's count, without a word.
     flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
              "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -481,16 +482,16 @@ def test_processes_started_with_different_settings_are_refused_in_one_line_each(
     address = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--seed", str(seed),
                                "--data-dir", tmp_path / f"data{i}" if i else prepared_data_dir,  # may differ per host
-                               "--coordinator", address, "--num-processes", "2", "--process-id", str(i),
+                               "--coordinator", address, "--num-processes", str(n), "--process-id", str(i),
                                "--init-timeout", "120"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-             for i, seed in ((0, 0), (1, 1))]
+             for i, seed, n in ((0, 0, 2), (1, 1, 3))]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
         lines = [line for line in err.splitlines() if line.startswith("train.py: error:")]
         assert p.returncode == 1 and lines == [
-            f"train.py: error: the processes of this run were started with different settings: --seed (here {procs.index(p)}); "
-            "start every process with the same flags (only --data-dir and --manual-dir may differ)"], err[-2000:]
+            f"train.py: error: the processes of this run were started with different settings: --seed (here {procs.index(p)}), "
+            f"--num-processes (here {procs.index(p) + 2}); start every process with the same flags (only --data-dir and --manual-dir may differ)"], err[-2000:]
         assert "Traceback" not in err
 
 
@@ -626,23 +627,42 @@ def test_distributed_outside_a_cluster_says_what_to_give_instead(tmp_path):
         "--num-processes and --process-id"]
 
 
+def _two_process_run(tmp_path: Path, flags: list, second_pythonpath: str = "") -> list[subprocess.Popen]:
+    """Two processes of one train.py run (loopback), stdout/stderr in tmp_path/out{i}, err{i}."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for i in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(REPO) + (second_pythonpath if i == 1 else "")}
+        with open(tmp_path / f"out{i}", "w") as out, open(tmp_path / f"err{i}", "w") as err:  # the child keeps its copies
+            procs.append(subprocess.Popen(
+                [sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
+                 "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
+                stdout=out, stderr=err, env=env, cwd=tmp_path))
+    return procs
+
+
+def _last_logged_step(metrics: Path) -> int:
+    """The last step a run's metrics.jsonl logged (--log-every); 0 before the first."""
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    steps = [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is left out
+    return max((r["step"] for r in steps if r.get("kind") == "steps"), default=0)
+
+
 def test_a_process_killed_mid_run_stops_the_other_at_once_in_one_line(prepared_data_dir, tmp_path):
     # The survivor's collectives fail ("Connection reset by peer"); it used to print a traceback
     # and wait for JAX's heartbeat timeout (about 80 s), then abort with a C++ stack (exit 134).
-    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "512", "--test-limit", "64",
+    # Killed in the middle of epoch 2's steps (64 an epoch, each one logged): the epoch-1
+    # checkpoint is whole, and no save is under way (a kill in a save: the test after this one).
+    out = tmp_path / "out"
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "2048", "--test-limit", "64",
              "--epochs", "20", "--resize", "17", "--batch-size", "32", "--compile-cache", "off",
-             "--output", tmp_path / "out"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    address = f"127.0.0.1:{_free_port()}"
-    logs = [(open(tmp_path / f"out{i}", "w"), open(tmp_path / f"err{i}", "w")) for i in (0, 1)]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
-                               "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
-                              stdout=logs[i][0], stderr=logs[i][1], env=env, cwd=tmp_path) for i in (0, 1)]
+             "--log-every", "1", "--output", out]
+    procs = _two_process_run(tmp_path, flags)
     try:
         deadline = time.monotonic() + 240
-        while "epoch 1/20" not in (tmp_path / "out0").read_text():
+        while _last_logged_step(out / "metrics.jsonl") < 64 + 16:
             assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "err0").read_text()
-            time.sleep(0.2)
+            time.sleep(0.02)
         procs[1].kill()
         killed = time.monotonic()
         assert procs[0].wait(timeout=60) == 1
@@ -651,9 +671,64 @@ def test_a_process_killed_mid_run_stops_the_other_at_once_in_one_line(prepared_d
         for p in procs:
             p.kill()
             p.wait()
-        for files in logs:
-            for f in files:
-                f.close()
-    err = (tmp_path / "err0").read_text()
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[-3000:]
-    assert "Gloo" in err and "by peer" in err and "the checkpoint of epoch" in err, err  # reset, or closed
+    lines = (tmp_path / "err0").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: another process of this run stopped ("), lines
+    assert "Gloo" in lines[0] and "by peer" in lines[0], lines  # reset, or closed
+    assert lines[0].endswith(f"); the checkpoint of epoch 1 in {out} is intact: start every process again with --resume")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+
+
+# Loaded by process 1 alone (PYTHONPATH): it dies where its part of the epoch-1 checkpoint's save
+# begins, as if killed there, when process 0 is already in Orbax's save. resnet_jax.checkpoint
+# is patched as it is imported, after train.py's start-up (which restarts the interpreter).
+_DIE_IN_SAVE = """
+import importlib.abc, importlib.util, os, sys
+
+class DieInSave(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "resnet_jax.checkpoint":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            save = module.Checkpoints.save
+
+            def dying_save(self, state, epoch, *args, **kwargs):
+                self.latest.save = lambda *a, **k: os._exit(9)
+                return save(self, state, epoch, *args, **kwargs)
+            module.Checkpoints.save = dying_save
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, DieInSave())
+"""
+
+
+def test_a_process_lost_in_a_save_stops_the_other_at_once_in_one_line(prepared_data_dir, tmp_path):
+    # The survivor's save failed in Orbax's collective; it said "could not save the checkpoint"
+    # and not that the run had lost a process, nor to restart every process.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_DIE_IN_SAVE)
+    out = tmp_path / "out"
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "128", "--test-limit", "64",
+             "--epochs", "3", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+    procs = _two_process_run(tmp_path, flags, second_pythonpath=os.pathsep + str(tmp_path / "site"))
+    try:
+        assert procs[1].wait(timeout=240) == 9, (tmp_path / "err1").read_text()[-2000:]  # it died in the save
+        lost = time.monotonic()
+        assert procs[0].wait(timeout=60) == 1
+        assert time.monotonic() - lost < 30
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert "epoch 1/3" in (tmp_path / "out0").read_text()  # the epoch's line came before its save
+    lines = (tmp_path / "err0").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "train.py: error: another process of this run stopped while the checkpoint of epoch 1 was being written ("), lines
+    assert "Gloo" in lines[0] and lines[0].endswith("); no checkpoint was written"), lines
+    assert not (out / "checkpoints").exists() or not any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
