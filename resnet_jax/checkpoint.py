@@ -77,6 +77,12 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be read, written or used here; the message says why."""
 
 
+class ProcessLost(CheckpointError):
+    """Another process of a multi-process run stopped (killed, preempted) while the processes
+    read or wrote checkpoints together: the checkpoints are not at fault, and every process
+    must start again. The message says what was under way and which checkpoint is whole."""
+
+
 def versions() -> dict:
     import flax
     import numpy
@@ -248,6 +254,8 @@ class Checkpoints:
             raise
         except Exception as err:  # e.g. 'checkpoints' is a file, or the folder cannot be read
             self.close()
+            if lost := self._lost(err, f"opening {self.directory}"):
+                raise lost from err
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {first_line(err)}") from err
 
     def close(self) -> None:
@@ -290,6 +298,27 @@ class Checkpoints:
     def latest_epoch(self) -> int | None:
         return self.latest.latest_step()
 
+    def _lost(self, err: BaseException, doing: str) -> ProcessLost | None:
+        """A ProcessLost for ``err`` when it says a process of the run is gone; else None.
+
+        Without it, a lost process read as a damaged checkpoint: "unreadable (corrupt or
+        incomplete) ... remove it", of a checkpoint that was whole."""
+        if not processes.lost_process(err):
+            return None
+        kept = self._epoch_on_disk()
+        where = ("no checkpoint was written" if kept is None else
+                 f"the checkpoint of epoch {kept} in {self.directory} is intact: start every process again with --resume")
+        return ProcessLost(f"another process of this run stopped while {doing} ({first_line(err, 160)}); {where}")
+
+    def _epoch_on_disk(self) -> int | None:
+        """The latest whole checkpoint's epoch, read from the folder, not from Orbax's list (which
+        a save cut short by a lost process may not have updated): Orbax writes each one in a
+        temporary folder and renames it to its epoch when every process's part is in."""
+        with contextlib.suppress(OSError):
+            epochs = [int(p.name) for p in (self.directory / "checkpoints").iterdir() if p.name.isdigit() and p.is_dir()]
+            return max(epochs, default=None)
+        return None
+
     def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict, best_only: bool = False) -> None:
         """Save the state after ``epoch``; also as the best if its val_acc beats every earlier epoch's.
 
@@ -297,7 +326,8 @@ class Checkpoints:
         ``meta``: :func:`metadata` (config, dataset), what :func:`load_for_inference` rebuilds the
         model from (ValueError, nothing written, when keys are missing).
         ``best_only``: the best checkpoint alone (:meth:`repair_best`).
-        Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails.
+        Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails;
+        ProcessLost, one, when it failed because another process of the run is gone.
         """
         if missing := [k for k in METADATA_KEYS if k not in meta]:
             raise ValueError(f"meta lacks {', '.join(missing)}: pass checkpoint.metadata(config, spec)")
@@ -337,6 +367,8 @@ class Checkpoints:
                     manager.save(epoch, args=args, metrics=metrics, force=True)
                     manager.wait_until_finished()
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
+                if lost := self._lost(err, f"the checkpoint of epoch {epoch} was being written in {manager.directory}"):
+                    raise lost from err
                 raise CheckpointError(self._not_saved(epoch, manager, f"{type(err).__name__}: {first_line(err)}")) from err
 
     def repair_best(self, restored: "Checkpoint") -> bool:
@@ -391,6 +423,8 @@ class Checkpoints:
             if not isinstance(meta, dict) or not {"epoch", "history", "metadata"} <= set(meta):
                 raise ValueError("its meta item lacks epoch, history or metadata")
         except Exception as err:
+            if lost := self._lost(err, f"checkpoint {step_dir} was being read"):
+                raise lost from err
             raise CheckpointError(
                 f"checkpoint {manager.directory / str(epoch)} is unreadable (corrupt or incomplete): "
                 f"{type(err).__name__}: {first_line(err)}; {_instead(manager, epoch)}"
@@ -423,6 +457,8 @@ class Checkpoints:
             ).state
             state = serialization.from_state_dict(template_state, restored)
         except Exception as err:
+            if lost := self._lost(err, f"checkpoint {path} was being read"):
+                raise lost from err
             raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
 

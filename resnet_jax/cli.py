@@ -560,15 +560,10 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         # advice is a new folder; without one, the same folder takes a new run.
         retry = " in a new --output (a resumed run keeps its --lr)" if kept is not None else ""
         raise UserError(f"{err}: {where}; train again with a smaller --lr{retry}") from err
-    except ckpt_mod.CheckpointError as err:
+    except ckpt_mod.CheckpointError as err:  # ProcessLost too: a process lost in a save
+        # (Orbax's collectives find that at once, "by peer"; one of its barriers on JAX's
+        # coordination service waits for the heartbeat timeout instead.)
         ckpt_mod.quiet_abandoned_writes()
-        cause = err.__cause__
-        if unsaved is not None and cause is not None and processes.lost_process(cause):
-            # Lost in the middle of a save: Orbax's collective fails at once ("by peer"); one of
-            # its barriers on JAX's coordination service waits for the heartbeat timeout instead.
-            raise UserError(f"another process of this run stopped while the checkpoint of epoch "
-                            f"{unsaved[1][-1]['epoch']} was being written ({first_line(cause, 160)}); "
-                            f"{_restart_all(ckpts.latest_epoch(), config.output)}") from err
         raise UserError(str(err)) from err
     except MetricsNotWritten as err:
         kept = ckpts.latest_epoch() if ckpts else None

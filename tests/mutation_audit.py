@@ -110,7 +110,10 @@ def run(name: str, file: str, old: str, new: str, tree: Path) -> tuple[bool, str
     t0 = time.perf_counter()
     try:
         r = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *TESTS],
+            # Its own --basetemp: pytest's default folder is shared with any other suite run by
+            # this user (CI's), and each run wipes what it finds there.
+            [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+             f"--basetemp={tree.parent / 'pytest'}", *TESTS],
             cwd=tree, capture_output=True, text=True,
             # The copy has no ../shared beside it: the data stays where the checkout's tests find it.
             env={"FASHION_MNIST_DIR": str(REPO.parent / "shared" / "data" / "fashion_mnist"), **os.environ,

@@ -678,47 +678,57 @@ def test_a_process_killed_mid_run_stops_the_other_at_once_in_one_line(prepared_d
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
 
 
-# Loaded by process 1 alone (PYTHONPATH): it dies where its part of the epoch-1 checkpoint's save
-# begins, as if killed there, when process 0 is already in Orbax's save. resnet_jax.checkpoint
-# is patched as it is imported, after train.py's start-up (which restarts the interpreter).
-_DIE_IN_SAVE = """
+# Loaded by process 1 alone (PYTHONPATH): it dies (exit 9) where its part of a checkpoint's save
+# ($DIE_IN "save EPOCH") or of --resume's restore ("restore") begins, as if killed there, when
+# process 0 is already in Orbax's save or restore. resnet_jax.checkpoint is patched as it is
+# imported, after train.py's start-up (which restarts the interpreter).
+_DIE_IN = """
 import importlib.abc, importlib.util, os, sys
 
-class DieInSave(importlib.abc.MetaPathFinder):
+class Die(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name != "resnet_jax.checkpoint":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
         load = spec.loader.exec_module
+        where, *epoch = os.environ["DIE_IN"].split()
 
         def exec_module(module):
             load(module)
-            save = module.Checkpoints.save
+            save, read_meta = module.Checkpoints.save, module.Checkpoints.read_meta
 
-            def dying_save(self, state, epoch, *args, **kwargs):
-                self.latest.save = lambda *a, **k: os._exit(9)
-                return save(self, state, epoch, *args, **kwargs)
-            module.Checkpoints.save = dying_save
+            def dying_save(self, state, at, *args, **kwargs):
+                if where == "save" and at == int(epoch[0]):
+                    self.latest.save = lambda *a, **k: os._exit(9)
+                return save(self, state, at, *args, **kwargs)
+
+            def dying_read_meta(self, *args, **kwargs):
+                if where == "restore":
+                    self.latest.restore = lambda *a, **k: os._exit(9)
+                return read_meta(self, *args, **kwargs)
+
+            module.Checkpoints.save, module.Checkpoints.read_meta = dying_save, dying_read_meta
 
         spec.loader.exec_module = exec_module
         return spec
 
-sys.meta_path.insert(0, DieInSave())
+sys.meta_path.insert(0, Die())
 """
 
 
-def test_a_process_lost_in_a_save_stops_the_other_at_once_in_one_line(prepared_data_dir, tmp_path):
-    # The survivor's save failed in Orbax's collective; it said "could not save the checkpoint"
-    # and not that the run had lost a process, nor to restart every process.
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(_DIE_IN_SAVE)
-    out = tmp_path / "out"
-    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "128", "--test-limit", "64",
-             "--epochs", "3", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
-    procs = _two_process_run(tmp_path, flags, second_pythonpath=os.pathsep + str(tmp_path / "site"))
+def _one_process_dies_in(where: str, tmp_path: Path, flags: list) -> list[str]:
+    """Process 1 dies in a save or restore (_DIE_IN); process 0's stderr lines, once it has stopped at once."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_DIE_IN)
+    os.environ["DIE_IN"] = where  # read by process 1 alone: process 0 loads no sitecustomize
     try:
-        assert procs[1].wait(timeout=240) == 9, (tmp_path / "err1").read_text()[-2000:]  # it died in the save
+        procs = _two_process_run(tmp_path, flags, second_pythonpath=os.pathsep + str(site))
+    finally:
+        del os.environ["DIE_IN"]
+    try:
+        assert procs[1].wait(timeout=240) == 9, (tmp_path / "err1").read_text()[-2000:]  # it died there
         lost = time.monotonic()
         assert procs[0].wait(timeout=60) == 1
         assert time.monotonic() - lost < 30
@@ -726,9 +736,29 @@ def test_a_process_lost_in_a_save_stops_the_other_at_once_in_one_line(prepared_d
         for p in procs:
             p.kill()
             p.wait()
-    assert "epoch 1/3" in (tmp_path / "out0").read_text()  # the epoch's line came before its save
-    lines = (tmp_path / "err0").read_text().strip().splitlines()
+    return (tmp_path / "err0").read_text().strip().splitlines()
+
+
+def test_a_process_lost_in_a_save_or_a_restore_stops_the_other_at_once_in_one_line(prepared_data_dir, tmp_path):
+    # The survivor said "could not save the checkpoint" (the lost process unnamed, and no word of
+    # starting every process again), and when reading for --resume, that a whole checkpoint was
+    # "unreadable (corrupt or incomplete)": "remove it".
+    out = tmp_path / "out"
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "128", "--test-limit", "64",
+             "--epochs", "3", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+    lines = _one_process_dies_in("save 2", tmp_path, flags)
+    assert "epoch 2/3" in (tmp_path / "out0").read_text()  # the epoch's line came before its save
     assert len(lines) == 1 and lines[0].startswith(
-        "train.py: error: another process of this run stopped while the checkpoint of epoch 1 was being written ("), lines
-    assert "Gloo" in lines[0] and lines[0].endswith("); no checkpoint was written"), lines
-    assert not (out / "checkpoints").exists() or not any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+        f"train.py: error: another process of this run stopped while the checkpoint of epoch 2 was being written "
+        f"in {out / 'checkpoints'} ("), lines
+    assert "Gloo" in lines[0] and lines[0].endswith(
+        f"); the checkpoint of epoch 1 in {out} is intact: start every process again with --resume"), lines
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+    lines = _one_process_dies_in("restore", tmp_path, [*flags, "--resume"])
+    assert len(lines) == 1 and lines[0].startswith(
+        f"train.py: error: another process of this run stopped while checkpoint {out / 'checkpoints' / '1'} "
+        "was being read ("), lines
+    assert "Gloo" in lines[0] and lines[0].endswith(
+        f"); the checkpoint of epoch 1 in {out} is intact: start every process again with --resume"), lines
+    assert "corrupt" not in lines[0] and "remove" not in lines[0]
