@@ -627,18 +627,36 @@ def test_distributed_outside_a_cluster_says_what_to_give_instead(tmp_path):
         "--num-processes and --process-id"]
 
 
-def _two_process_run(tmp_path: Path, flags: list, second_pythonpath: str = "") -> list[subprocess.Popen]:
-    """Two processes of one train.py run (loopback), stdout/stderr in tmp_path/out{i}, err{i}."""
+def _two_process_run(tmp_path: Path, flags: list, second_env: dict | None = None) -> list[subprocess.Popen]:
+    """Two processes of one train.py run (loopback), stdout/stderr in tmp_path/out{i}, err{i}.
+
+    ``second_env``: what process 1's environment adds (PYTHONPATH is added to the package's)."""
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for i in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(REPO) + (second_pythonpath if i == 1 else "")}
+        extra = dict(second_env or {}) if i == 1 else {}
+        env = {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [extra.get("PYTHONPATH")])])}
         with open(tmp_path / f"out{i}", "w") as out, open(tmp_path / f"err{i}", "w") as err:  # the child keeps its copies
             procs.append(subprocess.Popen(
                 [sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
                  "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
                 stdout=out, stderr=err, env=env, cwd=tmp_path))
     return procs
+
+
+def _survivor_lines(procs: list[subprocess.Popen], lose, tmp_path: Path) -> list[str]:
+    """``lose(procs)`` loses process 1 (kills it, or waits for it to die); process 0 must then stop,
+    exit 1, within 30 s: its stderr lines. (JAX alone waits ~80 s, for its heartbeat timeout.)"""
+    try:
+        lose(procs)
+        lost = time.monotonic()
+        assert procs[0].wait(timeout=60) == 1
+        assert time.monotonic() - lost < 30
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return (tmp_path / "err0").read_text().strip().splitlines()
 
 
 def _last_logged_step(metrics: Path) -> int:
@@ -657,21 +675,14 @@ def test_a_process_killed_mid_run_stops_the_other_at_once_in_one_line(prepared_d
     flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "2048", "--test-limit", "64",
              "--epochs", "20", "--resize", "17", "--batch-size", "32", "--compile-cache", "off",
              "--log-every", "1", "--output", out]
-    procs = _two_process_run(tmp_path, flags)
-    try:
+    def kill_in_epoch_2(procs):
         deadline = time.monotonic() + 240
         while _last_logged_step(out / "metrics.jsonl") < 64 + 16:
             assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "err0").read_text()
             time.sleep(0.02)
         procs[1].kill()
-        killed = time.monotonic()
-        assert procs[0].wait(timeout=60) == 1
-        assert time.monotonic() - killed < 30
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    lines = (tmp_path / "err0").read_text().strip().splitlines()
+
+    lines = _survivor_lines(_two_process_run(tmp_path, flags), kill_in_epoch_2, tmp_path)
     assert len(lines) == 1 and lines[0].startswith("train.py: error: another process of this run stopped ("), lines
     assert "Gloo" in lines[0] and "by peer" in lines[0], lines  # reset, or closed
     assert lines[0].endswith(f"); the checkpoint of epoch 1 in {out} is intact: start every process again with --resume")
@@ -722,21 +733,12 @@ def _one_process_dies_in(where: str, tmp_path: Path, flags: list) -> list[str]:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(_DIE_IN)
-    os.environ["DIE_IN"] = where  # read by process 1 alone: process 0 loads no sitecustomize
-    try:
-        procs = _two_process_run(tmp_path, flags, second_pythonpath=os.pathsep + str(site))
-    finally:
-        del os.environ["DIE_IN"]
-    try:
+    procs = _two_process_run(tmp_path, flags, second_env={"PYTHONPATH": str(site), "DIE_IN": where})
+
+    def wait_for_its_death(procs):
         assert procs[1].wait(timeout=240) == 9, (tmp_path / "err1").read_text()[-2000:]  # it died there
-        lost = time.monotonic()
-        assert procs[0].wait(timeout=60) == 1
-        assert time.monotonic() - lost < 30
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    return (tmp_path / "err0").read_text().strip().splitlines()
+
+    return _survivor_lines(procs, wait_for_its_death, tmp_path)
 
 
 def test_a_process_lost_in_a_save_or_a_restore_stops_the_other_at_once_in_one_line(prepared_data_dir, tmp_path):
