@@ -111,10 +111,10 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
         return EXIT_USAGE
     except OutputLost as err:
         if err.errno == errno.EPIPE:  # `| head` has read what it wanted: nothing to say
-            return processes.leave(EXIT_PIPE)
+            return processes.leave(EXIT_PIPE, err)
         with contextlib.suppress(OSError):
             print(f"{prog}: error: cannot write to {err.stream}: {err}", file=sys.stderr)
-        return processes.leave(EXIT_FAILED)
+        return processes.leave(EXIT_FAILED, err)
     except processes.ProcessesDidNotMeet as err:
         # A thread is stuck in JAX's C++, and JAX's exit handlers would wait on it, then abort.
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
@@ -122,10 +122,10 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
         os._exit(EXIT_FAILED)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return processes.leave(EXIT_FAILED)
+        return processes.leave(EXIT_FAILED, err)
     except interrupts.Interrupted as err:
         print(f"{prog}: {err}", file=sys.stderr)
-        return processes.leave(interrupts.exit_code())
-    except KeyboardInterrupt:
+        return processes.leave(interrupts.exit_code(), err)
+    except KeyboardInterrupt as err:
         print(f"{prog}: {interrupts.word()}", file=sys.stderr)
-        return processes.leave(interrupts.exit_code())
+        return processes.leave(interrupts.exit_code(), err)

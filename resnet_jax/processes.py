@@ -4,7 +4,8 @@ their agreement, and their end.
 JAX's own ``jax.distributed.initialize()`` connects them; this module runs it so that
 Ctrl-C and its timeout are one line (JAX alone is deaf to Ctrl-C there and aborts with a
 C++ stack trace), checks that the processes were started alike and share ``--output``,
-and makes a failed process leave at once instead of waiting at JAX's shutdown barrier.
+and makes a failed process leave without JAX's exit handlers: after meeting the others at
+JAX's shutdown barrier when they stop too, at once when one of them is gone.
 """
 
 from __future__ import annotations
@@ -283,18 +284,45 @@ def _initialize(settings: dict) -> None:
         raise err
 
 
-def leave(code: int) -> int:
-    """``code``; in a run of several processes, leave with it at once.
+# How long a process that stops with an error waits at JAX's shutdown barrier for the others.
+# An error every process meets (settings that differ, a NaN loss, a stop they agreed on) brings
+# them there within a second or so; a process that failed alone leaves when this runs out, and
+# the others then fail in their next collective ("by peer"), as they would have at once.
+SHUTDOWN_WAIT_S = 10.0
 
-    A run that fails or is stopped in one process usually does so because another
-    process is gone (the collectives report a reset connection). JAX's exit handler
-    then waits at its shutdown barrier for the lost process until the heartbeat
-    timeout, about 80 s, and aborts with a C++ stack trace (exit 134) under the one
-    line already printed. The run's files are written and flushed by then.
+
+def leave(code: int, err: BaseException | None = None) -> int:
+    """``code``; in a run of several processes, shut down together with the others if they come, and leave.
+
+    Process 0 serves JAX's coordination service. Had it left at once, a process still on its
+    way out of the same error (process 0 is often the first) lost the service under its feet,
+    and JAX aborted it with a C++ stack trace (exit 134): seen in CI under load, and every time
+    when that process was half a second late. So every process first meets the others at
+    jax.distributed.shutdown()'s barrier, for at most SHUTDOWN_WAIT_S (a second Ctrl-C ends
+    the wait). Not when ``err`` says
+    that a process is gone: the barrier would wait for it until JAX's heartbeat timeout (~100 s)
+    and abort. Leaving skips JAX's exit handlers, which would do the same; the run's files are
+    written and flushed by then.
     """
     jax = sys.modules.get("jax")
     if jax is None or not jax.distributed.is_initialized():
         return code
     sys.stdout.flush()
     sys.stderr.flush()
+    if not _chain_says_lost(err):
+        meeting = threading.Thread(target=jax.distributed.shutdown, name="jax.distributed.shutdown", daemon=True)
+        meeting.start()
+        with contextlib.suppress(KeyboardInterrupt):
+            meeting.join(SHUTDOWN_WAIT_S)
     os._exit(code)
+
+
+def _chain_says_lost(err: BaseException | None) -> bool:
+    """Whether ``err``, or an exception it was raised from, says that another process is gone."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(s in str(err) for s in _LOST_PROCESS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

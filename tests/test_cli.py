@@ -168,6 +168,48 @@ def test_two_processes_train_as_one_through_train_py(prepared_data_dir, tmp_path
     assert both["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
 
 
+# Loaded by process 1 alone (PYTHONPATH): an error its check of the run's settings finds reaches
+# train.py half a second late, as on a loaded machine. Process 0, which serves JAX's coordination
+# service, used to leave first, and JAX aborted process 1 with a C++ stack trace (exit 134) as the
+# service went (CI, 2026-12-06; with this delay, every time).
+_LATE_CHECK = """
+import importlib.abc, importlib.util, sys, time
+
+class Late(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "resnet_jax.processes":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            check = module.check_same_settings
+
+            def late(*args, **kwargs):
+                try:
+                    return check(*args, **kwargs)
+                except Exception:
+                    time.sleep(0.5)
+                    raise
+
+            module.check_same_settings = late
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Late())
+"""
+
+
+def _late_site(tmp_path: Path) -> str:
+    site = tmp_path / "late-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_LATE_CHECK)
+    return str(site)
+
+
 def test_processes_with_different_numbers_of_devices_are_refused_in_one_line(prepared_data_dir, tmp_path):
     # Two devices in process 0, one in process 1 (another CUDA_VISIBLE_DEVICES on one host):
     # JAX's all-gather of the settings failed in a reshape, a 40-line traceback in both.
@@ -177,7 +219,7 @@ def test_processes_with_different_numbers_of_devices_are_refused_in_one_line(pre
     procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
                                "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(REPO),
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *[_late_site(tmp_path)] * i]),
                                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 - i}"})
              for i in (0, 1)]
     try:
@@ -186,9 +228,10 @@ def test_processes_with_different_numbers_of_devices_are_refused_in_one_line(pre
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [1, 1], errs
-    assert errs[0].strip().splitlines() == [
-        "train.py: error: the processes of this run have different numbers of devices (process 0: 2, process 1: 1); "
-        "give every process as many (CUDA_VISIBLE_DEVICES, or the hosts' GPU counts)"], errs[0]
+    for err in errs:
+        assert err.strip().splitlines() == [
+            "train.py: error: the processes of this run have different numbers of devices (process 0: 2, process 1: 1); "
+            "give every process as many (CUDA_VISIBLE_DEVICES, or the hosts' GPU counts)"], err
 
 
 def test_a_process_lost_at_start_up_is_one_line(monkeypatch):
@@ -213,6 +256,32 @@ def test_a_process_lost_at_start_up_is_one_line(monkeypatch):
     with pytest.raises(RuntimeError, match="Gloo"):
         with processes.lost_process_is_one_line():
             raise lost
+
+
+def test_a_failed_process_meets_the_others_at_shutdown_unless_one_is_lost(monkeypatch):
+    # Process 0 left at once, and a process still on its way out of the same error lost JAX's
+    # coordination service: a C++ abort (the two tests above, with a late process). Meeting at
+    # the shutdown barrier is right unless a process is gone: then it would wait ~100 s for it.
+    import jax
+
+    from resnet_jax import processes
+    from resnet_jax.errors import UserError
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax.distributed, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(os, "_exit", lambda code: calls.append(code))
+    processes.leave(1, UserError("the processes of this run were started with different settings: --seed"))
+    assert calls == ["shutdown", 1]
+    calls.clear()
+    try:  # as training raises it: the one line, from XLA's error
+        try:
+            raise RuntimeError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer")
+        except RuntimeError as xla:
+            raise UserError("another process of this run stopped; start every process again") from xla
+    except UserError as err:
+        processes.leave(1, err)
+    assert calls == [1]
 
 
 def test_sigterm_still_reaches_train_pys_handler_after_jax_distributed_starts():
@@ -484,7 +553,8 @@ def test_processes_started_with_different_settings_are_refused_in_one_line_each(
                                "--data-dir", tmp_path / f"data{i}" if i else prepared_data_dir,  # may differ per host
                                "--coordinator", address, "--num-processes", str(n), "--process-id", str(i),
                                "--init-timeout", "120"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**env, "PYTHONPATH": os.pathsep.join([str(REPO), *[_late_site(tmp_path)] * i])})
              for i, seed, n in ((0, 0, 2), (1, 1, 3))]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
@@ -492,7 +562,7 @@ def test_processes_started_with_different_settings_are_refused_in_one_line_each(
         assert p.returncode == 1 and lines == [
             f"train.py: error: the processes of this run were started with different settings: --seed (here {procs.index(p)}), "
             f"--num-processes (here {procs.index(p) + 2}); start every process with the same flags (only --data-dir and --manual-dir may differ)"], err[-2000:]
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "Check failure" not in err
 
 
 def test_a_second_run_into_a_busy_output_is_refused_and_changes_nothing(prepared_data_dir, tmp_path):
