@@ -305,10 +305,15 @@ class Checkpoints:
         incomplete) ... remove it", of a checkpoint that was whole."""
         if not processes.lost_process(err):
             return None
+        return ProcessLost(f"another process of this run stopped while {doing} ({first_line(err, 160)}); "
+                           f"{self.after_a_lost_process()}")
+
+    def after_a_lost_process(self) -> str:
+        """What a run that lost one of its processes keeps, and how to go on: the end of its one line."""
         kept = self._epoch_on_disk()
-        where = ("no checkpoint was written" if kept is None else
-                 f"the checkpoint of epoch {kept} in {self.directory} is intact: start every process again with --resume")
-        return ProcessLost(f"another process of this run stopped while {doing} ({first_line(err, 160)}); {where}")
+        if kept is None:
+            return "no checkpoint was written"
+        return f"the checkpoint of epoch {kept} in {self.directory} is intact: start every process again with --resume"
 
     def _epoch_on_disk(self) -> int | None:
         """The latest whole checkpoint's epoch, read from the folder, not from Orbax's list (which

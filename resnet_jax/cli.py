@@ -30,7 +30,7 @@ from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigErro
 from resnet_jax.console import (EXIT_OK, EXIT_USAGE, OneLineParser, OutputLost, counted, emit, native_stdout_to_stderr,
                                 report_errors)
 from resnet_jax.data import DATASETS
-from resnet_jax.errors import UserError, check_writable_dir, first_line
+from resnet_jax.errors import RunWideError, UserError, check_writable_dir, first_line
 from resnet_jax.interrupts import Interrupted
 from resnet_jax.ops import IMPLS
 from resnet_jax.recipes import BEST, RECIPES, RUN_DEFAULTS, SCHEDULES
@@ -177,13 +177,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         init_from_torch=_path(args.init_from_torch),
         export_torch=_path(args.export_torch),
     )
-
-
-def _restart_all(kept: int | None, output) -> str:
-    """What a run that lost one of its processes keeps, and how to go on."""
-    if kept is None:
-        return "no checkpoint was written"
-    return f"the checkpoint of epoch {kept} in {output} is intact: start every process again with --resume"
 
 
 def _oom_summary(err: BaseException) -> str:
@@ -436,7 +429,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:
-            raise UserError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
+            raise RunWideError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
                             f"use a multiple of {n_dev}")
 
         # Everything that can be checked without the data first: a wrong file or --resume fails at once.
@@ -493,14 +486,15 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         if restored.epoch == config.epochs and rundir.results_epoch(config.output) == restored.epoch:
             say(f"{config.output} has trained all {counted(config.epochs, 'epoch')} (checkpoint {restored.path}): nothing to do; "
                 "its results are in results.json. Give a larger --epochs to train on (constant learning rate only)")
-            if config.export_torch and main_process:  # the way to export a run that finished without the flag
-                _export_torch(config, state, say)
-            if not (json_line and main_process):
-                return None
-            try:
-                return rundir.read_results(config.output)
-            except (OSError, ValueError) as err:
-                raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
+            with _the_others_are_done():
+                if config.export_torch and main_process:  # the way to export a run that finished without the flag
+                    _export_torch(config, state, say)
+                if not (json_line and main_process):
+                    return None
+                try:
+                    return rundir.read_results(config.output)
+                except (OSError, ValueError) as err:
+                    raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
     # Room for the next checkpoint (and a best one) now, rather than after an epoch's work;
     # each save checks again (checkpoint.Checkpoints.save).
@@ -559,7 +553,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         # A resumed run keeps its --lr (differences() refuses another): with a checkpoint kept the
         # advice is a new folder; without one, the same folder takes a new run.
         retry = " in a new --output (a resumed run keeps its --lr)" if kept is not None else ""
-        raise UserError(f"{err}: {where}; train again with a smaller --lr{retry}") from err
+        raise RunWideError(f"{err}: {where}; train again with a smaller --lr{retry}") from err  # the loss is every process's
     except ckpt_mod.CheckpointError as err:  # ProcessLost too: a process lost in a save
         # (Orbax's collectives find that at once, "by peer"; one of its barriers on JAX's
         # coordination service waits for the heartbeat timeout instead.)
@@ -573,8 +567,8 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         kept = ckpts.latest_epoch() if ckpts else None
         if processes.lost_process(err):
             # A collective found another process gone (killed, preempted, its host down).
-            raise UserError(f"another process of this run stopped ({first_line(err, 160)}); "
-                            f"{_restart_all(kept, config.output)}") from err
+            after = ckpts.after_a_lost_process() if ckpts else "no checkpoint was written"
+            raise UserError(f"another process of this run stopped ({first_line(err, 160)}); {after}") from err
         if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
             raise
         where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""
@@ -599,12 +593,25 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     exports = rundir.earlier_exports(config)  # a resumed run's exports stay its own (to write again)
     if exports:
         report["exports"] = exports
-    if config.output and main_process:
-        rundir.write_run_files(config, report, log, say)
-    if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
-        _export_torch(config, result.state, say)
-        report["exports"] = list(dict.fromkeys([*exports, config.export_torch]))  # as _export_torch recorded it
+    with _the_others_are_done():
+        if config.output and main_process:
+            rundir.write_run_files(config, report, log, say)
+        if config.export_torch and main_process:  # after the results: a failed export loses nothing of the run
+            _export_torch(config, result.state, say)
+            report["exports"] = list(dict.fromkeys([*exports, config.export_torch]))  # as _export_torch recorded it
     return report
+
+
+@contextlib.contextmanager
+def _the_others_are_done():
+    """Around what process 0 does alone after the run's last collective: its error is a RunWideError,
+    since the other processes are on their way out (to JAX's shutdown barrier, resnet_jax/processes.py)."""
+    try:
+        yield
+    except RunWideError:
+        raise
+    except UserError as err:
+        raise RunWideError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> int:

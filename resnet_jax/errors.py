@@ -15,6 +15,12 @@ class UserError(Exception):
     """Something the user can fix; printed as one line, exit 1."""
 
 
+class RunWideError(UserError):
+    """A UserError that, in a run of several processes, every process meets at the same point
+    (settings they compared, a loss they share), or that one meets once the others are done:
+    the processes can leave together (resnet_jax/processes.py, ``leave``)."""
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of ``err``'s message, without a trailing colon, cut at ``limit`` characters:
     what a one-line message quotes of a library's exception."""

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from resnet_jax.config import Config, ConfigError
-from resnet_jax.errors import UserError, first_line
+from resnet_jax import interrupts
+from resnet_jax.errors import RunWideError, UserError, first_line
 
 INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default
 
@@ -113,7 +114,7 @@ def check_same_settings(config: Config, launch: dict | None = None) -> None:
     # below included, assume the same count everywhere, and failed in a reshape traceback).
     per_process = collections.Counter(d.process_index for d in jax.devices())
     if len(set(per_process.values())) > 1:
-        raise UserError(
+        raise RunWideError(
             "the processes of this run have different numbers of devices ("
             + ", ".join(f"process {i}: {per_process[i]}" for i in sorted(per_process))
             + "); give every process as many (CUDA_VISIBLE_DEVICES, or the hosts' GPU counts)")
@@ -126,7 +127,7 @@ def check_same_settings(config: Config, launch: dict | None = None) -> None:
     every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, settings)
     differ = [name for i, name in enumerate(names) if (every[:, i] != every[0, i]).any()]
     if differ:
-        raise UserError(
+        raise RunWideError(
             "the processes of this run were started with different settings: "
             + ", ".join(f"--{name.replace('_', '-')} (here {values[name]!r})" for name in differ)
             + "; start every process with the same flags (only --data-dir and --manual-dir may differ)"
@@ -205,7 +206,7 @@ def check_shared_output(config: Config) -> None:
         marker.unlink(missing_ok=True)
     if not every.all():
         blind = [str(i) for i in np.flatnonzero(every == 0)]
-        raise UserError(
+        raise RunWideError(
             f"--output {config.output} is not one folder shared by all the processes: "
             f"process{'es' if len(blind) > 1 else ''} {', '.join(blind)} did not see a file that process 0 wrote "
             "there; every process writes its part of each checkpoint into --output, so give a folder all the "
@@ -284,24 +285,26 @@ def _initialize(settings: dict) -> None:
         raise err
 
 
-# How long a process that stops with an error waits at JAX's shutdown barrier for the others.
-# An error every process meets (settings that differ, a NaN loss, a stop they agreed on) brings
-# them there within a second or so; a process that failed alone leaves when this runs out, and
-# the others then fail in their next collective ("by peer"), as they would have at once.
-SHUTDOWN_WAIT_S = 10.0
+# How long a process that stops waits at JAX's shutdown barrier for the others. A RunWideError
+# brings every process there: the wait ends when the last one comes (well within a second, unless
+# one is late on a loaded machine). Any other stop (a signal, an error in one process) may be the
+# stop of every process, or of this one alone, whose leaving the others, waiting in a collective
+# for it, then learn of ("by peer"): a short wait, which is all the delay it adds.
+RUN_WIDE_WAIT_S = 30.0
+OTHER_WAIT_S = 2.0
 
 
 def leave(code: int, err: BaseException | None = None) -> int:
-    """``code``; in a run of several processes, shut down together with the others if they come, and leave.
+    """``code``; in a run of several processes, meet the others at JAX's shutdown barrier if they come, and leave.
 
-    Process 0 serves JAX's coordination service. Had it left at once, a process still on its
-    way out of the same error (process 0 is often the first) lost the service under its feet,
-    and JAX aborted it with a C++ stack trace (exit 134): seen in CI under load, and every time
-    when that process was half a second late. So every process first meets the others at
-    jax.distributed.shutdown()'s barrier, for at most SHUTDOWN_WAIT_S (a second Ctrl-C ends
-    the wait). Not when ``err`` says
-    that a process is gone: the barrier would wait for it until JAX's heartbeat timeout (~100 s)
-    and abort. Leaving skips JAX's exit handlers, which would do the same; the run's files are
+    Process 0 serves JAX's coordination service. When it left at once, a process still on
+    its way out of the same error lost the service under it, and JAX aborted it with a C++
+    stack trace (exit 134): seen in CI under load, and every time when that process was half
+    a second late. So a process first waits for the others at jax.distributed.shutdown()'s
+    barrier: up to RUN_WIDE_WAIT_S for a RunWideError, OTHER_WAIT_S otherwise, and not at
+    all when ``err`` says that a process is gone (the barrier would wait for it until JAX's
+    heartbeat timeout, ~100 s, and abort). A signal during the wait ends it (one line, 130 or
+    143). Leaving skips JAX's exit handlers, which would wait as long; the run's files are
     written and flushed by then.
     """
     jax = sys.modules.get("jax")
@@ -310,19 +313,23 @@ def leave(code: int, err: BaseException | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     if not _chain_says_lost(err):
+        interrupts.exiting()
         meeting = threading.Thread(target=jax.distributed.shutdown, name="jax.distributed.shutdown", daemon=True)
         meeting.start()
-        with contextlib.suppress(KeyboardInterrupt):
-            meeting.join(SHUTDOWN_WAIT_S)
+        meeting.join(RUN_WIDE_WAIT_S if isinstance(err, RunWideError) else OTHER_WAIT_S)
     os._exit(code)
 
 
 def _chain_says_lost(err: BaseException | None) -> bool:
-    """Whether ``err``, or an exception it was raised from, says that another process is gone."""
+    """Whether the libraries' error that ``err`` was raised from (XLA's, Orbax's) says that another process is gone.
+
+    Our own messages, and OSError's, are not read: they quote the user's paths, which may hold any word.
+    """
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if any(s in str(err) for s in _LOST_PROCESS):
+        ours = type(err).__module__.split(".")[0] == "resnet_jax" or isinstance(err, (UserError, OSError))
+        if not ours and any(s in str(err) for s in _LOST_PROCESS):
             return True
         err = err.__cause__ or err.__context__
     return False

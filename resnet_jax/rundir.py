@@ -17,7 +17,7 @@ from pathlib import Path
 from resnet_jax import files, processes
 from resnet_jax.config import Config
 from resnet_jax.console import counted
-from resnet_jax.errors import UserError, check_output_file, check_writable_dir
+from resnet_jax.errors import RunWideError, UserError, check_output_file, check_writable_dir
 
 RESULTS = "results.json"  # the run's final report (write_run_files), and the --json line
 
@@ -140,7 +140,7 @@ def _enclosing_run(path: Path) -> Path | None:
 OUTPUT_LOCK = files.RUN_LOCK  # in --output while a run writes there (files.held)
 
 
-class OutputBusy(UserError):
+class OutputBusy(RunWideError):
     """Another run holds --output: the refused run must leave everything there as it is."""
 
 
@@ -159,8 +159,8 @@ def hold_output(config: Config, stack: contextlib.ExitStack, main_process: bool)
             problem = OutputBusy(f"--output {config.output} is in use by another program ({err.holder}; a train.py "
                                  "run, or a script writing checkpoints there); wait for it to end, or choose another --output")
         except OSError as err:
-            problem = UserError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: "
-                                f"{err.strerror or err}")
+            problem = RunWideError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: "
+                                   f"{err.strerror or err}")
     if processes.any_process(problem is not None):
         raise problem or OutputBusy(f"--output {config.output} is in use by another run, or cannot be locked: "
                                     "process 0 says which")

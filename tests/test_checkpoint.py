@@ -563,7 +563,9 @@ def test_every_process_of_a_run_hears_that_the_folder_is_taken(tmp_path):
     for i, out in enumerate(outs):
         line = [x for x in out.splitlines() if x.startswith("refused")]
         assert line and "is being written by another program" in line[0], out[-2000:]
-        assert line[0].startswith(("refused in 0 s", "refused in 1 s", "refused in 2 s")), line[0]
+        # At once, not after a barrier's timeout: 0-2 s when the machine is quiet, 3 s in CI beside
+        # a second load (2026-12-06); a bound no wait for a timeout stays under.
+        assert int(line[0].split()[2]) < 20, line[0]
         assert ("(pid " if i == 0 else "(process 0 says which)") in line[0]
 
 

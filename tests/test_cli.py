@@ -260,28 +260,45 @@ def test_a_process_lost_at_start_up_is_one_line(monkeypatch):
 
 def test_a_failed_process_meets_the_others_at_shutdown_unless_one_is_lost(monkeypatch):
     # Process 0 left at once, and a process still on its way out of the same error lost JAX's
-    # coordination service: a C++ abort (the two tests above, with a late process). Meeting at
-    # the shutdown barrier is right unless a process is gone: then it would wait ~100 s for it.
+    # coordination service: a C++ abort (the two tests above, with a late process). It now waits
+    # at the shutdown barrier: long for an error every process meets, briefly for any other
+    # stop (which may be this process's alone), not at all when a process is gone (the barrier
+    # would wait ~100 s for it).
     import jax
 
-    from resnet_jax import processes
-    from resnet_jax.errors import UserError
+    from resnet_jax import interrupts, processes
+    from resnet_jax.errors import RunWideError, UserError
 
-    calls = []
+    exits = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(jax.distributed, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(os, "_exit", lambda code: calls.append(code))
-    processes.leave(1, UserError("the processes of this run were started with different settings: --seed"))
-    assert calls == ["shutdown", 1]
-    calls.clear()
-    try:  # as training raises it: the one line, from XLA's error
-        try:
-            raise RuntimeError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer")
-        except RuntimeError as xla:
-            raise UserError("another process of this run stopped; start every process again") from xla
-    except UserError as err:
+    monkeypatch.setattr(jax.distributed, "shutdown", lambda: time.sleep(30))  # the others never come
+    monkeypatch.setattr(interrupts, "exiting", lambda: None)  # (it sets this process's signal handlers)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(processes, "RUN_WIDE_WAIT_S", 1.0)
+    monkeypatch.setattr(processes, "OTHER_WAIT_S", 0.0)
+
+    def waited(err) -> float:
+        start = time.monotonic()
         processes.leave(1, err)
-    assert calls == [1]
+        assert exits.pop() == 1
+        return time.monotonic() - start
+
+    def from_xla(message: str, what: str) -> UserError:  # as training raises it: the one line, from XLA's error
+        try:
+            try:
+                raise RuntimeError(message)
+            except RuntimeError as xla:
+                raise UserError(what) from xla
+        except UserError as err:
+            return err
+
+    assert waited(RunWideError("the processes of this run were started with different settings: --seed")) >= 1.0
+    assert waited(UserError("could not write /runs/heartbeat by peer Gloo/results.json")) < 1.0  # words in a path
+    assert waited(from_xla("UNKNOWN: Gloo all-reduce failed: Connection reset by peer",
+                           "another process of this run stopped; start every process again")) < 1.0
+    assert processes._chain_says_lost(from_xla("UNKNOWN: Gloo all-reduce failed: Connection reset by peer", "lost"))
+    assert not processes._chain_says_lost(from_xla("INTERNAL: out of memory", "could not write /runs/heartbeat"))
+    assert not processes._chain_says_lost(OSError(28, "No space left on device", "/runs/heartbeat/metrics.jsonl"))
 
 
 def test_sigterm_still_reaches_train_pys_handler_after_jax_distributed_starts():
