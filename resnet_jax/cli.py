@@ -430,7 +430,7 @@ def _run(config: Config, json_line: bool, distributed, compile_cache, out, say) 
         n_dev = jax.device_count()
         if config.batch_size % n_dev:
             raise RunWideError(f"--batch-size {config.batch_size} does not split evenly over the {n_dev} devices; "
-                            f"use a multiple of {n_dev}")
+                               f"use a multiple of {n_dev}")
 
         # Everything that can be checked without the data first: a wrong file or --resume fails at once.
         spec = DATASETS[config.dataset]

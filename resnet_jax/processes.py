@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from resnet_jax.config import Config, ConfigError
 from resnet_jax import interrupts
+from resnet_jax.config import Config, ConfigError
 from resnet_jax.errors import RunWideError, UserError, first_line
 
 INIT_TIMEOUT_S = 300  # jax.distributed.initialize's own default

@@ -168,16 +168,19 @@ def test_two_processes_train_as_one_through_train_py(prepared_data_dir, tmp_path
     assert both["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
 
 
-# Loaded by process 1 alone (PYTHONPATH): an error its check of the run's settings finds reaches
-# train.py half a second late, as on a loaded machine. Process 0, which serves JAX's coordination
-# service, used to leave first, and JAX aborted process 1 with a C++ stack trace (exit 134) as the
-# service went (CI, 2026-12-06; with this delay, every time).
-_LATE_CHECK = """
-import importlib.abc, importlib.util, sys, time
+def _patching_site(tmp_path: Path, module: str, patch: str) -> str:
+    """A folder for PYTHONPATH whose sitecustomize.py runs ``patch`` (Python source defining
+    ``patch(module)``) on ``module`` as it is imported: after train.py's start-up, which restarts
+    the interpreter. The folder, for the one process that should load it."""
+    site = tmp_path / f"site-{module}"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(patch + f"""
 
-class Late(importlib.abc.MetaPathFinder):
+import importlib.abc, importlib.util, sys
+
+class Patch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "resnet_jax.processes":
+        if name != {module!r}:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -185,29 +188,39 @@ class Late(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            check = module.check_same_settings
-
-            def late(*args, **kwargs):
-                try:
-                    return check(*args, **kwargs)
-                except Exception:
-                    time.sleep(0.5)
-                    raise
-
-            module.check_same_settings = late
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
 
-sys.meta_path.insert(0, Late())
+sys.meta_path.insert(0, Patch())
+""")
+    return str(site)
+
+
+# Loaded by process 1 alone: an error its check of the run's settings finds reaches train.py half
+# a second late, as on a loaded machine. Process 0, which serves JAX's coordination service, used
+# to leave first, and JAX aborted process 1 with a C++ stack trace (exit 134) as the service went
+# (CI, 2026-12-06; with this delay, every time).
+_LATE_CHECK = """
+import time
+
+def patch(module):
+    check = module.check_same_settings
+
+    def late(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except Exception:
+            time.sleep(0.5)
+            raise
+
+    module.check_same_settings = late
 """
 
 
 def _late_site(tmp_path: Path) -> str:
-    site = tmp_path / "late-site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(_LATE_CHECK)
-    return str(site)
+    return _patching_site(tmp_path, "resnet_jax.processes", _LATE_CHECK)
 
 
 def test_processes_with_different_numbers_of_devices_are_refused_in_one_line(prepared_data_dir, tmp_path):
@@ -778,49 +791,32 @@ def test_a_process_killed_mid_run_stops_the_other_at_once_in_one_line(prepared_d
 
 # Loaded by process 1 alone (PYTHONPATH): it dies (exit 9) where its part of a checkpoint's save
 # ($DIE_IN "save EPOCH") or of --resume's restore ("restore") begins, as if killed there, when
-# process 0 is already in Orbax's save or restore. resnet_jax.checkpoint is patched as it is
-# imported, after train.py's start-up (which restarts the interpreter).
+# process 0 is already in Orbax's save or restore.
 _DIE_IN = """
-import importlib.abc, importlib.util, os, sys
+import os
 
-class Die(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "resnet_jax.checkpoint":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        load = spec.loader.exec_module
-        where, *epoch = os.environ["DIE_IN"].split()
+def patch(module):
+    where, *epoch = os.environ["DIE_IN"].split()
+    save, read_meta = module.Checkpoints.save, module.Checkpoints.read_meta
 
-        def exec_module(module):
-            load(module)
-            save, read_meta = module.Checkpoints.save, module.Checkpoints.read_meta
+    def dying_save(self, state, at, *args, **kwargs):
+        if where == "save" and at == int(epoch[0]):
+            self.latest.save = lambda *a, **k: os._exit(9)
+        return save(self, state, at, *args, **kwargs)
 
-            def dying_save(self, state, at, *args, **kwargs):
-                if where == "save" and at == int(epoch[0]):
-                    self.latest.save = lambda *a, **k: os._exit(9)
-                return save(self, state, at, *args, **kwargs)
+    def dying_read_meta(self, *args, **kwargs):
+        if where == "restore":
+            self.latest.restore = lambda *a, **k: os._exit(9)
+        return read_meta(self, *args, **kwargs)
 
-            def dying_read_meta(self, *args, **kwargs):
-                if where == "restore":
-                    self.latest.restore = lambda *a, **k: os._exit(9)
-                return read_meta(self, *args, **kwargs)
-
-            module.Checkpoints.save, module.Checkpoints.read_meta = dying_save, dying_read_meta
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, Die())
+    module.Checkpoints.save, module.Checkpoints.read_meta = dying_save, dying_read_meta
 """
 
 
 def _one_process_dies_in(where: str, tmp_path: Path, flags: list) -> list[str]:
     """Process 1 dies in a save or restore (_DIE_IN); process 0's stderr lines, once it has stopped at once."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(_DIE_IN)
-    procs = _two_process_run(tmp_path, flags, second_env={"PYTHONPATH": str(site), "DIE_IN": where})
+    site = _patching_site(tmp_path, "resnet_jax.checkpoint", _DIE_IN)
+    procs = _two_process_run(tmp_path, flags, second_env={"PYTHONPATH": site, "DIE_IN": where})
 
     def wait_for_its_death(procs):
         assert procs[1].wait(timeout=240) == 9, (tmp_path / "err1").read_text()[-2000:]  # it died there
