@@ -139,11 +139,15 @@ def check_same_settings(config: Config, launch: dict | None = None) -> None:
 _LOST_PROCESS = ("Gloo", "by peer", "heartbeat")
 
 
+def _says_lost(err: BaseException) -> bool:
+    return any(s in str(err) for s in _LOST_PROCESS)
+
+
 def lost_process(err: BaseException) -> bool:
     """Whether ``err`` (an XLA RuntimeError) says that another process of this run is gone."""
     import jax
 
-    return jax.process_count() > 1 and any(s in str(err) for s in _LOST_PROCESS)
+    return jax.process_count() > 1 and _says_lost(err)
 
 
 @contextlib.contextmanager
@@ -329,7 +333,7 @@ def _chain_says_lost(err: BaseException | None) -> bool:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         ours = type(err).__module__.split(".")[0] == "resnet_jax" or isinstance(err, (UserError, OSError))
-        if not ours and any(s in str(err) for s in _LOST_PROCESS):
+        if not ours and _says_lost(err):
             return True
         err = err.__cause__ or err.__context__
     return False
