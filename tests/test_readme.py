@@ -1,12 +1,14 @@
-"""README's Python examples, run as written: a reader copies them, so they must run and say what is true.
+"""README's Python examples and train.py commands: a reader copies them, so they must work as shown.
 
 Each ```python block of README.md is executed verbatim (the comments that state a value are
 checked against what the code gives). The one change: the fit example's last line opens a
 train.py run ("runs/r18"), which the test does not start; it opens the folder that the
-Checkpoints example right after it writes instead.
+Checkpoints example right after it writes instead. Each ``python train.py ...`` command README
+shows is parsed and checked as train.py does before any work (none is run).
 """
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -80,3 +82,47 @@ def test_the_fit_and_checkpoints_examples(prepared_data_dir, tmp_path, monkeypat
     assert ckpt.config == config
     for a, b in zip(jax.tree.leaves(ckpt.state.params), jax.tree.leaves(result.state.params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def readme_train_py_commands() -> list[list[str]]:
+    """The arguments of every ``python train.py ...`` command README shows, in code spans and code blocks."""
+    text = re.sub(r"```.*?```", "", (REPO / "README.md").read_text(), flags=re.S)  # the Python examples
+    lines = text.splitlines()
+    blocks = [line for line in lines if line.startswith("    ")]  # Markdown's indented code
+    prose = "\n".join(line for line in lines if not line.startswith("    "))
+    code = blocks + re.findall(r"`([^`]+)`", prose)  # and code spans, which may wrap a line
+    commands = []
+    for snippet in code:
+        for rest in re.findall(r"python train\.py([^|&#]*)", snippet.replace("\n", " ")):
+            commands.append(shlex.split(rest))
+    return commands
+
+
+def test_every_train_py_command_in_readme_is_accepted():
+    # Parsed and checked as train.py does before any work (flags, values, the flags' rules, the
+    # launch settings): a flag renamed or a rule added would otherwise leave README stale.
+    from resnet_jax.config import ConfigError
+
+    found = readme_train_py_commands()
+    assert len(found) >= 20 and ["predict", "runs/r18", "shirt.png", "boot.jpg", "--top-k", "3"] in found
+    for argv in found:
+        try:
+            parse_as_train_py_does(argv)
+        except (SystemExit, ConfigError) as err:
+            pytest.fail(f"README's `python train.py {shlex.join(argv)}` is refused: {err!r} (see the captured stderr)")
+
+
+def parse_as_train_py_does(argv: list[str]) -> None:
+    from resnet_jax import cli, commands, processes
+
+    if argv == ["--help"]:
+        with pytest.raises(SystemExit) as exited:
+            cli.build_parser().parse_args(argv)
+        assert exited.value.code == 0
+    elif argv and argv[0] in ("evaluate", "predict"):
+        parser = commands.build_evaluate_parser() if argv[0] == "evaluate" else commands.build_predict_parser()
+        parser.parse_args(argv[1:])
+    else:
+        args = cli.build_parser().parse_args(argv)
+        cli.config_from_args(args)
+        processes.settings_from_args(args)
