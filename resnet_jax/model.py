@@ -114,11 +114,12 @@ def batch_norm_train(x, scale, bias, epsilon: float, mask=None):
 
     Forward: ``(x - mean) * (scale / sqrt(var + eps)) + bias`` with the two-pass
     variance E[(x - mean)^2], statistics in float32 (or ``scale``'s dtype if wider)
-    whatever ``x``'s dtype. Centring first matters for the gradient: the folded
-    form ``x * mul + (bias - mean * mul)`` makes the gradient compute
-    sum(dy * x) - mean * sum(dy), which cancels catastrophically when
-    |mean| >> std (a conv of post-ReLU, all-positive inputs); at 96x96 that put
-    1e-3 relative errors into every gradient below b4 (tests/test_convert.py).
+    whatever ``x``'s dtype. Centring first loses less than the folded form
+    ``x * mul + (bias - mean * mul)`` (PyTorch's CPU kernel, with an FMA) when
+    |mean| >> std, as after a conv of post-ReLU, all-positive inputs. (With
+    autodiff's backward, the folded form also made the gradient compute
+    sum(dy * x) - mean * sum(dy), which put 1e-3 relative errors into every
+    gradient below b4 at 96x96; the backward below computes ``x - mean`` itself.)
 
     Backward: the closed form PyTorch's batch_norm_backward uses,
     ``dx = scale/std * (dy - mean(dy) - xhat * mean(dy * xhat))`` (plus the

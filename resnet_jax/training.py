@@ -802,8 +802,9 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
         chunk_fn = last_fn = (lambda s, x, y, rows, steps: compiled(s, x, y, rows)) if static else compiled
     else:
         # One step per call (XLA:CPU: no device loop). The mask costs a few percent of a 96x96
-        # step (BENCHMARKS.md, "The epoch's last batch"): over an epoch's 234 steps of about
-        # 0.4 s on 2 cores that is several seconds, more than the 2 s of a second compile.
+        # step (BENCHMARKS.md, "The epoch's last batch"): over an epoch's 234 full steps (about
+        # 2 s each at batch 256 on 2 cores: 10 epochs took 5,220-7,301 s, "Full runs on CPU")
+        # that is tens of seconds, far more than the 2 s of a second compile.
         # So the full batches run unmasked, and the last, smaller one in a masked program.
         def compile_rows(masked_rows: bool):
             statics = (("resize", config.resize), ("batch_sharding", batch_sharding), ("masked", masked_rows))
