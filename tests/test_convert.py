@@ -332,6 +332,85 @@ def test_running_var_uses_the_unbiased_batch_variance():
     assert rel(ours, unbiased) <= 1e-6 and rel(biased, ref) > 1e-2
 
 
+def release_images(manual_dir, split: str, n: int):
+    """The first ``n`` images (N, 28, 28, 1) and labels of a Fashion-MNIST release file pair."""
+    import gzip
+
+    with gzip.open(manual_dir / f"{split}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16)[: n * 784].reshape(n, 28, 28, 1)
+    with gzip.open(manual_dir / f"{split}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int32)
+    return images, labels
+
+
+def test_fit_is_d2l_train_ch6_in_float64(manual_dir):
+    """Two epochs of ``training.fit`` are two epochs of d2l's ``train_ch6`` loop in PyTorch.
+
+    The tests above compare one step; this one, the whole loop: steps after steps, the epoch's
+    last, smaller batch (40 = 2 x 16 + 8: fit's masked program), the train loss and accuracy
+    averaged over the epoch's examples as d2l's Accumulator does, the test accuracy in eval mode
+    after each epoch (24 = 16 + 8, a masked last evaluation batch). In float64 on both sides, so
+    that a difference is a difference of maths, not of summation order. The examples come in our
+    order (``training.epoch_plan``): the order itself is the one documented difference.
+    """
+    import optax
+    from PIL import Image
+
+    from resnet_jax.data import Split
+
+    seed, size, batch, epochs = 3, 28, 16, 2
+    train_x, train_y = release_images(manual_dir, "train", 40)
+    test_x, test_y = release_images(manual_dir, "t10k", 24)
+    config = Config(resize=size, batch_size=batch, epochs=epochs, lr=LR, seed=seed, eval_batch_size=16)
+    with jax.enable_x64(True):
+        model = ResNet18(dtype=jnp.float64, param_dtype=jnp.float64)
+        state = training.create_train_state(model, optax.sgd(LR), training.init_key(seed))
+        start = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        result = training.fit(config, Split(train_x, train_y), Split(test_x, test_y), state)
+        plans = [np.asarray(training.epoch_plan(e, seed=seed, n=len(train_x), batch_size=batch, chunk=1)) for e in range(epochs)]
+        ours = convert.flax_to_torch(jax.device_get({"params": result.state.params, "batch_stats": result.state.batch_stats}))
+
+    # d2l: transforms.Resize (Pillow's bilinear on the PIL image; at 28 the image itself) and ToTensor, then train_ch6.
+    def to_tensor(images):
+        resized = [np.asarray(Image.fromarray(im[..., 0]).resize((size, size), Image.BILINEAR)) for im in images]
+        return (torch.from_numpy(np.stack(resized)[:, None]).float() / 255).double()  # ToTensor's float32 quotients
+
+    net = torch_reference.make_net().double()
+    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in convert.flax_to_torch(start).items()})
+    X, X_test = to_tensor(train_x), to_tensor(test_x)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    for epoch, plan in enumerate(plans):
+        net.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for rows in plan.reshape(-1, batch):
+            rows = rows[rows >= 0]
+            if not len(rows):
+                continue
+            y = torch.from_numpy(train_y[rows]).long()
+            optimizer.zero_grad()
+            logits = net(X[rows])
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(rows)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(rows)
+        net.eval()
+        with torch.no_grad():
+            test_acc = int((net(X_test).argmax(1) == torch.from_numpy(test_y)).sum()) / len(test_y)
+        record_ = result.history[epoch]
+        assert seen == len(train_x)
+        # The epoch's sums are float32 on the device (README: about 1e-7 of the loss).
+        assert record_["train_loss"] == pytest.approx(loss_sum / seen, rel=1e-6)
+        assert (record_["train_acc"], record_["test_acc"]) == (correct / seen, test_acc), epoch
+
+    assert int(result.state.step) == int(net.state_dict()["0.1.num_batches_tracked"]) == epochs * 3
+    for key, value in net.state_dict().items():
+        if key.endswith("num_batches_tracked"):  # the step count, compared above
+            continue
+        assert record(f"fit vs train_ch6, float64: {key.split('.')[-1]}", rel(ours[key], value.numpy())) <= 1e-9, key
+
+
 # --- round trips -------------------------------------------------------------------------
 
 
