@@ -94,6 +94,7 @@ class Conv2d(nn.Module):
                 raise TypeError(f"Conv2d.{name} must be an int (square kernels, strides and padding), got {value!r}")
             if value < (0 if name == "padding" else 1):
                 raise ValueError(f"Conv2d.{name} must be {'>= 0' if name == 'padding' else '>= 1'}, got {value}")
+        _check_float(x, self.dtype, "Conv2d")
         in_features = x.shape[-1]
         k = self.kernel_size
         kernel = self.param("kernel", xavier_uniform, (k, k, in_features, self.features), self.param_dtype)
@@ -233,6 +234,7 @@ class BatchNorm(nn.Module):
         """``mask`` (train mode only): (N,) booleans, the examples the statistics are taken over
         (see :func:`batch_norm_train`); the running averages then move by those statistics,
         their unbiased variance included. Eval mode ignores it."""
+        _check_float(x, self.dtype, "BatchNorm")
         if train and x.size == 0:  # (shapes are static) statistics of nothing: NaN running averages, silently
             raise ValueError(f"BatchNorm in train mode needs at least one value per channel, got shape {x.shape}")
         if not self.is_initializing() and not self.has_variable("batch_stats", "mean"):
@@ -289,6 +291,7 @@ class Residual(nn.Module):
     def __call__(self, x, train: bool, mask=None):
         """``mask``: optional (N,) booleans, the examples BatchNorm's batch statistics are over (train mode)."""
         x = _nhwc_float(x, "Residual")
+        _check_float(x, self.dtype, "Residual")
         if not isinstance(self.use_1x1conv, (bool, np.bool_)):
             # Residual(3, 3), typed from the chapter, would set use_1x1conv=3: a different block, silently.
             raise TypeError(
@@ -332,6 +335,16 @@ def _nhwc_float(x, who: str, hint: str = "") -> jax.Array:
         # weight to 0 and give the same output for every input, silently.
         raise TypeError(f"{who} takes float input, got {x.dtype}{hint}")
     return jnp.asarray(x)
+
+
+def _check_float(x, dtype, who: str) -> None:
+    """A float input and a float ``dtype`` (or None), else a TypeError. The layers compute in
+    ``dtype``, or the input's when it is None: in an integer dtype every weight rounds to 0 and
+    the output is the same for every input, silently."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"{who} takes float input, got {jnp.result_type(x).name}")
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{who}.dtype is what the layers compute in: a float dtype, got {jnp.dtype(dtype).name}")
 
 
 def _stored(y, conv: Conv2d, train: bool):
@@ -465,8 +478,11 @@ class ResNet18(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
         for name in ("num_classes", "input_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ResNet18.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"ResNet18.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"ResNet18.{name} must be >= 1, got {value}")
         x = _nhwc_float(x, "ResNet18", hint=(
             " (images scaled to [0, 1]); resnet_jax.data.preprocess(images, size) resizes and scales "
             "data.load's uint8 images"))
@@ -474,8 +490,7 @@ class ResNet18(nn.Module):
             raise ValueError(
                 f"ResNet18 expects NHWC images with {self.input_channels} channel(s), got shape {x.shape}"
             )
-        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
-            raise TypeError(f"ResNet18.dtype is what the layers compute in: a float dtype, got {jnp.dtype(self.dtype).name}")
+        _check_float(x, self.dtype, "ResNet18")
         if mask is not None:
             check_mask(mask, x.shape[0], "ResNet18")
         common = dict(dtype=self.dtype, conv_impl=self.conv_impl, param_dtype=self.param_dtype)

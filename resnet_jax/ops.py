@@ -147,6 +147,11 @@ def conv2d(x, kernel, *, strides: int = 1, padding: int = 0, impl: str = "auto")
             raise TypeError(f"conv2d's {name} is one int (square, as every conv of the chapter), got {value!r}")
         if value < (1 if name == "strides" else 0):
             raise ValueError(f"conv2d's {name} must be {'>= 1' if name == 'strides' else '>= 0'}, got {value}")
+    kh, kw = kernel.shape[:2]
+    if output_size(x.shape[1], kh, strides, padding) < 1 or output_size(x.shape[2], kw, strides, padding) < 1:
+        # XLA's lowering returns an empty map, the patches one fails in NumPy: say it, once, for both.
+        raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit the {x.shape[1]}x{x.shape[2]} input padded by "
+                         f"{padding} on each side: the output would be empty")
     if impl == "auto":
         on_cpu = target_platform() == "cpu"
         impl = "patches" if on_cpu and cpu_prefers_patches(x.shape[1:3], kernel.shape[0], strides, padding) else "xla"

@@ -7,7 +7,7 @@ import pytest
 
 from resnet_jax import BatchNorm, Residual, ResNet18, count_params, init_variables, ops, resnet_block
 from resnet_jax.data import preprocess
-from resnet_jax.model import BN_EPSILON, BN_MOMENTUM
+from resnet_jax.model import BN_EPSILON, BN_MOMENTUM, Conv2d
 
 
 def test_residual_keeps_shape():
@@ -257,8 +257,6 @@ def test_the_package_lists_its_lazy_names():
 
 @pytest.mark.parametrize("field", ["kernel_size", "strides", "padding"])
 def test_conv2d_refuses_non_square_settings_with_a_clear_message(field):
-    from resnet_jax.model import Conv2d
-
     settings = {"features": 4, "kernel_size": 3, "strides": 1, "padding": 1, field: (3, 3)}
     with pytest.raises(TypeError, match=f"Conv2d.{field} must be an int"):
         Conv2d(**settings).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
@@ -298,6 +296,17 @@ def _params_alone(train: bool):
     (lambda: _init(ResNet18(), (2, 1, 28, 28)), ValueError, "ResNet18 expects NHWC images with 1 channel(s), got shape (2, 1, 28, 28)"),
     # Residual computed in uint8 (its input's dtype) would round every weight to 0, silently.
     (lambda: _init(Residual(64), (1, 8, 8, 64), jnp.uint8, False), TypeError, "Residual takes float input, got uint8"),
+    # So would the building blocks on their own, and any block given an integer dtype.
+    (lambda: _init(Residual(64, dtype=jnp.int32), (1, 8, 8, 64), jnp.float32, False), TypeError,
+     "Residual.dtype is what the layers compute in: a float dtype, got int32"),
+    (lambda: _init(Conv2d(3, 3, padding=1), (1, 8, 8, 4), jnp.uint8), TypeError, "Conv2d takes float input, got uint8"),
+    (lambda: _init(BatchNorm(), (1, 8, 8, 4), jnp.uint8, False), TypeError, "BatchNorm takes float input, got uint8"),
+    (lambda: _init(Conv2d(3, 3, dtype=jnp.int32), (1, 8, 8, 4)), TypeError,
+     "Conv2d.dtype is what the layers compute in: a float dtype, got int32"),
+    (lambda: _init(ResNet18(num_classes=10.0), (1, 28, 28, 1)), TypeError, "ResNet18.num_classes must be an int, got 10.0"),
+    # A kernel larger than the padded input: no output (XLA's lowering) or NumPy's error (patches).
+    (lambda: _init(Conv2d(3, 9), (1, 8, 8, 4)), ValueError,
+     "conv2d: a 9x9 kernel does not fit the 8x8 input padded by 0 on each side: the output would be empty"),
     (lambda: _init(Residual(64), (1, 64, 8, 8), jnp.float32, False), ValueError,
      "Residual(64) without use_1x1conv adds its input to its output, so the input needs 64 channels, last (NHWC)"),
     (lambda: _init(Residual(64, strides=2), (1, 8, 8, 64), jnp.float32, False), ValueError,
