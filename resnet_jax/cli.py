@@ -292,7 +292,7 @@ def _read_torch_init(config: Config, spec):
     try:
         return convert.load_torch_checkpoint(config.init_from_torch, spec.num_classes, spec.channels)
     except convert.ConversionError as err:
-        raise UserError(f"--init-from-torch {config.init_from_torch}: {err}") from err
+        raise UserError(f"--init-from-torch {err}") from err  # err starts with the path
 
 
 def _load_data(config: Config, spec, say):

@@ -168,6 +168,18 @@ def infer_sizes(state_dict: StateDict) -> tuple[int, int]:
     return int(np.shape(state_dict["7.weight"])[0]), int(np.shape(state_dict["0.0.weight"])[1])
 
 
+def _as_numpy(value) -> np.ndarray:
+    """``value`` as a NumPy array. A torch tensor (recognised by its methods: this side never
+    imports torch) is detached and moved to the CPU, and a reduced-precision float widens to
+    float32, exactly: NumPy has no bfloat16."""
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.element_size() < 4:
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
 def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: int) -> dict[str, np.ndarray]:
     """Every key present, none extra, every shape right, floats where floats belong; as numpy arrays."""
     want = expected_keys(num_classes, input_channels)
@@ -179,7 +191,7 @@ def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: i
             raise ConversionError(f"unexpected key '{key}' (not in the chapter's ResNet-18 state_dict)")
     arrays = {}
     for key, shape in want.items():
-        a = np.asarray(state_dict[key])
+        a = _as_numpy(state_dict[key])
         if a.shape != shape:
             raise ConversionError(f"'{key}' has shape {tuple(a.shape)}, expected {shape}")
         if key.endswith(NUM_BATCHES_TRACKED):
@@ -191,6 +203,8 @@ def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: i
                 raise ConversionError(f"'{key}' is {int(a)}, more than the 2**31 - 1 steps a train state counts")
         elif not np.issubdtype(a.dtype, np.floating):
             raise ConversionError(f"'{key}' has dtype {a.dtype}, expected floating point")
+        elif not np.isfinite(a).all():  # else "the loss became nan at step 1: try a smaller --lr"
+            raise ConversionError(f"holds non-finite values (NaN or inf) in {key}")
         elif key.endswith("running_var") and (a < 0).any():  # NaN from the first normalisation on
             raise ConversionError(f"'{key}' has negative values (down to {float(a.min()):.3g}): a variance is 0 or more")
         arrays[key] = a
@@ -317,9 +331,9 @@ def flax_to_torch(
         for prefix in bn_prefixes:
             if prefix not in num_batches_tracked:
                 raise ConversionError(f"num_batches_tracked has no count for BatchNorm '{prefix}'")
-        counts = {p: int(num_batches_tracked[p]) for p in bn_prefixes}
+        counts = {p: _count(num_batches_tracked[p], f"num_batches_tracked['{p}']") for p in bn_prefixes}
     else:
-        counts = dict.fromkeys(bn_prefixes, int(num_batches_tracked))
+        counts = dict.fromkeys(bn_prefixes, _count(num_batches_tracked, "num_batches_tracked"))
 
     state_dict = {}
     for layer in layers:
@@ -333,6 +347,14 @@ def flax_to_torch(
         if layer.kind == "bn":
             state_dict[f"{layer.torch_prefix}.{NUM_BATCHES_TRACKED}"] = np.array(counts[layer.torch_prefix], np.int64)
     return state_dict
+
+
+def _count(value, what: str) -> int:
+    """A step count (an int, or a NumPy or JAX integer scalar such as ``state.step``) as an int >= 0."""
+    a = np.asarray(value)
+    if isinstance(value, bool) or a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or a < 0:
+        raise ConversionError(f"{what} is a count of training steps, an integer >= 0; got {value!r}")
+    return int(a)
 
 
 # --- .pt files: the only place torch is imported ---------------------------------------------
@@ -351,13 +373,23 @@ def load_torch_checkpoint(path, num_classes: int | None = None, input_channels: 
     """A ``.pt`` file holding ``net.state_dict()`` -> (Flax variables, :func:`batches_tracked` counts).
 
     Loaded with ``weights_only=True`` (tensors only, no arbitrary pickled code)
-    onto the CPU, then checked and converted by :func:`torch_to_flax`.
+    onto the CPU, then checked and converted by :func:`torch_to_flax`. A
+    :class:`ConversionError` starts with ``path``.
     """
+    try:
+        return _load_torch_checkpoint(Path(path), num_classes, input_channels)
+    except ConversionError as err:
+        raise ConversionError(f"{path}: {err}") from err
+
+
+def _load_torch_checkpoint(path: Path, num_classes: int | None, input_channels: int | None):
     torch = import_torch()
+    if not path.is_file():
+        raise ConversionError("no such file" if not path.exists() else "not a file")
     try:
         with warnings.catch_warnings():  # torch warns before it raises (a TorchScript archive): one message, ours
             warnings.simplefilter("ignore")
-            obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds (pickle, zip, KeyError, RuntimeError) for a bad file
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's messages carry terminal bold codes
         if "TorchScript" in text:
@@ -378,14 +410,7 @@ def load_torch_checkpoint(path, num_classes: int | None = None, input_channels: 
         raise ConversionError(
             f"holds a {type(obj).__name__}, not a state_dict of tensors (save it with torch.save(net.state_dict(), path))"
         )
-    # NumPy has no bfloat16: reduced-precision floats widen to float32 here (exactly), as
-    # torch_to_flax would make them anyway; everything else keeps its dtype for the checks.
-    widen = lambda t: t.float() if t.is_floating_point() and t.element_size() < 4 else t
-    state_dict = {k: widen(v.detach().cpu()).numpy() for k, v in obj.items()}
-    # Caught here, NaN weights would otherwise surface as "the loss became nan at step 1: try a smaller --lr".
-    for key, value in state_dict.items():
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise ConversionError(f"holds non-finite values (NaN or inf) in {key}")
+    state_dict = {k: _as_numpy(v) for k, v in obj.items()}
     variables = torch_to_flax(state_dict, num_classes, input_channels)
     return variables, batches_tracked(state_dict)
 

@@ -478,16 +478,24 @@ def test_pt_file_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]  # no temporary file left behind
 
 
-def test_a_half_precision_pt_file_is_read_as_the_same_values_in_float32(tmp_path):
-    # NumPy has no bfloat16: such a file must still load, each value widened exactly.
-    for dtype in (torch.bfloat16, torch.float16):
-        sd = torch_reference.make_initialised_net(seed=3).to(dtype).state_dict()
-        torch.save(sd, tmp_path / "half.pt")
-        variables, counts = convert.load_torch_checkpoint(tmp_path / "half.pt")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_state_dict_is_read_as_the_same_values_in_float32(dtype, tmp_path):
+    # NumPy has no bfloat16: such a file, or such tensors in memory, must still load, each value widened exactly.
+    sd = torch_reference.make_initialised_net(seed=3).to(dtype).state_dict()
+    torch.save(sd, tmp_path / "half.pt")
+    from_file = convert.load_torch_checkpoint(tmp_path / "half.pt")
+    from_memory = convert.torch_to_flax(sd), convert.batches_tracked(sd)
+    for variables, counts in (from_file, from_memory):
         again = convert.flax_to_torch(variables, counts)
         for k, v in sd.items():
             want = v.float().numpy() if v.is_floating_point() else v.numpy()
-            assert again[k].dtype == want.dtype and np.array_equal(again[k], want), (dtype, k)
+            assert again[k].dtype == want.dtype and np.array_equal(again[k], want), k
+
+
+def test_tensors_that_require_grad_are_read_as_their_values():
+    net = torch_reference.make_initialised_net(seed=3)
+    a, b = convert.torch_to_flax(net.state_dict(keep_vars=True)), convert.torch_to_flax(net.state_dict())
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # --- initial distribution ----------------------------------------------------------------
@@ -688,8 +696,26 @@ def test_non_finite_weights_are_refused_with_their_key(tmp_path):
     sd[key] = sd[key].clone()
     sd[key].view(-1)[3] = float("nan")
     torch.save(sd, tmp_path / "nan.pt")
-    with pytest.raises(convert.ConversionError, match=rf"holds non-finite values \(NaN or inf\) in {re.escape(key)}$"):
+    with pytest.raises(convert.ConversionError, match=rf"nan.pt: holds non-finite values \(NaN or inf\) in {re.escape(key)}$"):
         convert.load_torch_checkpoint(tmp_path / "nan.pt")
+    with pytest.raises(convert.ConversionError, match=rf"^holds non-finite values \(NaN or inf\) in {re.escape(key)}$"):
+        convert.torch_to_flax(sd)
+
+
+def test_a_missing_file_and_a_bad_count_are_named(tmp_path):
+    with pytest.raises(convert.ConversionError, match=rf"^{re.escape(str(tmp_path / 'none.pt'))}: no such file$"):
+        convert.load_torch_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(convert.ConversionError, match=rf"^{re.escape(str(tmp_path))}: not a file$"):
+        convert.load_torch_checkpoint(tmp_path)
+    variables = convert.torch_to_flax(torch_reference.make_initialised_net(seed=0).state_dict())
+    # int() made -5 a count and 2.7 a count of 2.
+    for bad in (-5, 2.7, True, np.ones(2, np.int64)):
+        with pytest.raises(convert.ConversionError, match="num_batches_tracked is a count of training steps, an integer >= 0"):
+            convert.flax_to_torch(variables, bad)
+    counts = {**{layer.torch_prefix: 3 for layer in convert.layer_table() if layer.kind == "bn"}, "0.1": -1}
+    with pytest.raises(convert.ConversionError, match=r"num_batches_tracked\['0.1'\] is a count"):
+        convert.flax_to_torch(variables, counts)
+    assert convert.flax_to_torch(variables, jnp.int32(7))["0.1.num_batches_tracked"] == 7  # state.step as it is
 
 
 # --- the CLI: --init-from-torch and --export-torch ---------------------------------------
