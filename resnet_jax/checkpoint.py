@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import numbers
 import os
@@ -164,15 +165,56 @@ def _state_dict(state) -> dict:
 
 
 def _check_meta_describes(state, meta: dict) -> None:
-    """ValueError unless ``meta`` describes the state's model: the model load_for_inference builds from
-    it must take the saved arrays (a checkpoint that cannot be loaded is not written)."""
-    params = state.params if hasattr(state, "params") else state["params"]
+    """ValueError unless ``meta`` describes the state: the model and optimizer load_for_inference builds
+    from it must take the saved arrays and go on as the state would (a checkpoint that cannot be
+    loaded, or loads as another model, is not written)."""
+    from resnet_jax import training
+
+    if not isinstance(state, training.TrainState):
+        # A dict of params and batch_stats was written, and then could not be loaded ("no array step").
+        raise ValueError(f"state is the TrainState to save (training.initial_state's, fit's result.state), "
+                         f"got a {type(state).__name__}")
+    params = state.params
     have = {"num_classes": params["dense"]["bias"].shape[0], "input_channels": params["b1"]["conv"]["kernel"].shape[2]}
     if wrong := [f"{k} {meta[k]!r} (the state's model: {v})" for k, v in have.items() if meta.get(k) != v]:
         raise ValueError(f"meta says {', '.join(wrong)}: pass checkpoint.metadata(config, spec) of the model's "
                          "dataset, or set those keys to the model's")
     if "class_names" in meta and len(meta["class_names"]) != have["num_classes"]:
         raise ValueError(f"meta names {len(meta['class_names'])} classes; the state's model has {have['num_classes']}")
+    try:
+        config, steps_per_epoch = _built_by(meta)
+    except Exception as err:  # a meta of one's own making: Config's own check or a TypeError
+        raise ValueError(f"meta's config cannot be read as a Config ({type(err).__name__}: {err}): "
+                         "pass checkpoint.metadata(config, spec)") from err
+    # A bfloat16 state under a float32 config's meta loaded as a float32 model, silently; another
+    # recipe's state did not load at all; another schedule trained on from the wrong step size.
+    said = dict(training.built_from(config, steps_per_epoch), recipe=config.recipe)
+    have = dict(state.built_from or (), recipe=state.recipe)  # built_from is None for a model of one's own
+    if wrong := [f"{k} {said.get(k)!r} (the state's: {v!r})" for k, v in have.items() if said.get(k) != v]:
+        raise ValueError(f"meta's config says {', '.join(wrong)}: pass checkpoint.metadata(config, spec, "
+                         "steps_per_epoch) of the config the state was built from")
+
+
+def _as_json(records, name: str):
+    """``records`` as JSON holds them, checked before anything is written: NumPy and JAX scalars (a
+    loop of one's own sums its metrics in them) become Python numbers; anything else JSON cannot
+    hold is a ValueError naming it (Orbax's TypeError came mid-save, leaving a temporary folder)."""
+    def scalar(value):
+        if np.ndim(value) == 0 and hasattr(value, "item"):
+            return value.item()
+        raise TypeError(f"{type(value).__name__} {value!r}")
+
+    try:
+        return json.loads(json.dumps(records, default=scalar))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} holds a value JSON cannot hold ({err}): numbers, strings, lists and dicts") from err
+
+
+def _built_by(meta: dict) -> tuple[Config, int]:
+    """The config and steps per epoch that load_for_inference builds the model and optimizer from."""
+    config = Config(**meta["config"])
+    # An older checkpoint's metadata holds no steps per epoch: train.py's, from the config.
+    return config, meta.get("steps_per_epoch") or config.steps_per_epoch
 
 
 class Checkpoints:
@@ -346,6 +388,11 @@ class Checkpoints:
         if not best_only and (kept := self.latest_epoch()) is not None and epoch <= kept:
             raise ValueError(f"{self.latest.directory} holds the checkpoint of epoch {kept} already: "
                              f"save epochs in order (got {epoch})")
+        history, log = _as_json(history, "history"), _as_json(log, "log")
+        if history and isinstance(history[-1], dict) and history[-1].get("epoch", epoch) != epoch:
+            # Loaded, the history says where training goes on from (fit continues after its last epoch).
+            raise ValueError(f"history ends at epoch {history[-1]['epoch']!r}, the checkpoint is of epoch {epoch}: "
+                             "pass the records of epochs 1..epoch")
         ocp = self._ocp
         state_dict = _state_dict(state)
         args = ocp.args.Composite(
@@ -680,15 +727,13 @@ def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:
     meta = ckpts.read_meta(which)
     m = meta["metadata"]
     try:
-        config = Config(**m["config"])
+        config, steps_per_epoch = _built_by(m)
         model = training.make_model(config, m["num_classes"], m["input_channels"])
     except Exception as err:
         raise CheckpointError(f"checkpoint {meta['path']} has unusable metadata: {type(err).__name__}: {err}") from err
     if m["dtype"] != config.dtype:
         raise CheckpointError(f"checkpoint {meta['path']} metadata disagrees: dtype {m['dtype']} vs config {config.dtype}")
-    # The state's optimizer is the run's, schedule included, so that training can go on from it
-    # (an older checkpoint's metadata holds no steps per epoch: train.py's, from the config).
-    steps_per_epoch = m.get("steps_per_epoch") or config.steps_per_epoch
+    # The state's optimizer is the run's, schedule included, so that training can go on from it.
     tx = training.make_optimizer(config, steps_per_epoch=steps_per_epoch)
     plan = training.built_from(config, steps_per_epoch)
     template = jax.eval_shape(

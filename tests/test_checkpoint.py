@@ -379,6 +379,39 @@ def test_save_refuses_a_meta_that_loading_could_not_use_and_writes_nothing(tmp_p
     ckpts.close()
 
 
+def test_save_refuses_what_would_load_as_another_state_and_writes_nothing(tmp_path):
+    # Each was written, then could not be loaded, or loaded as something else, silently.
+    config = Config(resize=17, epochs=2, train_limit=64)
+    state, meta = training.initial_state(config), checkpoint.metadata(config, FASHION_MNIST)
+    history = [{"epoch": 1, "test_acc": 0.5}]
+    cases = [
+        # params and batch_stats alone: "it has no array step" when loaded
+        (({"params": state.params, "batch_stats": state.batch_stats}, 1, history, [], meta),
+         r"state is the TrainState to save \(training.initial_state's, fit's result.state\), got a dict"),
+        # a bfloat16 state under a float32 config's meta loaded as a float32 model
+        ((training.initial_state(config.replace(dtype="bfloat16")), 1, history, [], meta),
+         r"meta's config says dtype 'float32' \(the state's: 'bfloat16'\): pass checkpoint.metadata\(config, spec, steps_per_epoch\)"),
+        # another recipe's state (its EMA and augmentation key) did not fit the template loading builds
+        ((training.initial_state(Config.for_recipe("best", {}, resize=17, epochs=2, train_limit=64)), 1, history, [], meta),
+         r"meta's config says lr 0.05 \(the state's: 0.4\)"),
+        # loaded, a history that ends elsewhere makes fit redo or skip epochs
+        ((state, 2, history, [], meta), r"history ends at epoch 1, the checkpoint is of epoch 2: pass the records of epochs 1..epoch"),
+        # JSON's TypeError came mid-save and left Orbax's temporary folder
+        ((state, 1, [{"epoch": 1, "note": object()}], [], meta), r"history holds a value JSON cannot hold \(object "),
+        ((state, 1, history, [{"step": {1, 2}}], meta), r"log holds a value JSON cannot hold \(set "),
+        ((state, 1, history, [], {**meta, "config": {"lr": "fast"}}), r"meta's config cannot be read as a Config"),
+    ]
+    with Checkpoints(tmp_path / "run") as ckpts:
+        for args, message in cases:
+            with pytest.raises(ValueError, match=message):
+                ckpts.save(*args)
+        assert ckpts.latest_epoch() is None and not list((tmp_path / "run" / "checkpoints").iterdir())
+        # The scalars a loop of one's own sums its metrics in are numbers, as JSON holds them.
+        ckpts.save(state, 1, [{"epoch": np.int64(1), "test_acc": jnp.float32(0.5)}], [{"loss": np.float32(2.0)}], meta)
+    loaded = checkpoint.load_for_inference(tmp_path / "run")
+    assert loaded.history == [{"epoch": 1, "test_acc": 0.5}] and loaded.log == [{"loss": 2.0}]
+
+
 def test_save_takes_epochs_in_order_and_writes_nothing_else(tmp_path):
     # A float epoch made a folder "4.0"; a numpy int failed after the write began (and left
     # Orbax's temporary folder); an epoch at or below the latest was saved, and the same
