@@ -198,8 +198,9 @@ class Split:
         The last examples, not a random draw: the carving depends on nothing but ``n``,
         so a resumed run carves the same split.
         """
-        if not 0 < n < len(self):  # n = 0: images[:-0] is empty, all would be "held out"
-            raise ValueError(f"hold_out needs 0 < n < {len(self)} (the split's size), got {n}")
+        # n = 0: images[:-0] is empty, all would be "held out"; 50.5 failed in NumPy's slicing.
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n < len(self):
+            raise ValueError(f"hold_out needs an integer 0 < n < {len(self)} (the split's size), got {n!r}")
         return Split(self.images[:-n], self.labels[:-n]), Split(self.images[-n:], self.labels[-n:])
 
 

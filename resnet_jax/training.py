@@ -252,12 +252,19 @@ def _num_classes(state: TrainState) -> int:
     return state.params["dense"]["bias"].shape[0]
 
 
-def _check_images(state: TrainState, images) -> None:
+def _check_images(state: TrainState, images, labels=None) -> None:
     """Refuse images the state's model cannot take, naming the shape given, before preprocess
-    resizes it (an NCHW batch (N, 1, 28, 28) was reported as the resized (N, 28, 28, 28))."""
+    resizes it (an NCHW batch (N, 1, 28, 28) was reported as the resized (N, 28, 28, 28)); and
+    labels that are not one integer per image."""
     channels = state.params["b1"]["conv"]["kernel"].shape[2]
     if np.ndim(images) != 4 or np.shape(images)[-1] != channels:
         raise ValueError(f"the model takes uint8 NHWC images (N, H, W, {channels}), got shape {np.shape(images)}")
+    if labels is not None and np.shape(labels) != np.shape(images)[:1]:
+        # Their values cannot be checked under jit, but their shape is static (optax's error was a
+        # broadcasting of shapes (6, 1) and (8, 1)).
+        raise ValueError(f"labels are one class index per image, shape ({np.shape(images)[0]},); got {np.shape(labels)}")
+    if labels is not None and not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise TypeError(f"labels are integer class indices, got {jnp.result_type(labels).name}")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -292,8 +299,9 @@ def train_step(
     it compiles with faster convolution kernels than plain ``jax.jit``); :func:`fit`
     runs it inside its own jitted epoch programs.
 
-    ``labels``: int (B,) class indices in 0..num_classes-1, not checked here (under jit they
-    cannot be): one out of range gives a NaN or a wrong loss. :func:`fit` checks its splits.
+    ``labels``: int (B,) class indices in 0..num_classes-1. Their shape and dtype are checked,
+    their values not (under jit they cannot be): one out of range gives a NaN or a wrong loss.
+    :func:`fit` checks its splits.
 
     ``mask``: optional (B,) booleans. The step is then the step on the examples
     where ``mask`` alone (BatchNorm's statistics, the mean loss, the metrics);
@@ -305,7 +313,7 @@ def train_step(
     d2l this is the chapter's step, operation for operation. With label
     smoothing the reported loss is the smoothed loss that is minimised.
     """
-    _check_images(state, images)
+    _check_images(state, images, labels)
     if mask is not None:
         check_mask(mask, np.shape(images)[0], "train_step")
     r = state.recipe
@@ -365,6 +373,7 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, resize: i
     if isinstance(confusion, jax.Array):  # a tracer: jax.jit(eval_step) with confusion not static
         raise TypeError("confusion must be a Python bool, got a JAX array: under jit, make it static "
                         "(training.jit(eval_step, static_argnames=('resize', 'confusion')))")
+    _check_images(state, images, labels)
     if mask is not None:
         check_mask(mask, np.shape(images)[0], "eval_step")
     logits = eval_logits(state, images, resize)
