@@ -2,9 +2,9 @@
 
 Layout of a run's ``--output DIR``::
 
-    checkpoints/<epoch>/   the latest K epochs (CheckpointManager, max_to_keep=K)
+    checkpoints/<epoch>/   the latest K epochs (CheckpointManager, preservation policy LatestN(K))
     best/<epoch>/          with --val-split only: the epoch of highest validation
-                           accuracy (best_fn on "val_acc", best_mode "max", max_to_keep=1)
+                           accuracy (preservation policy BestN on "val_acc", n=1)
 
 Each checkpoint holds two Orbax items:
 

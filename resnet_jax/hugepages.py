@@ -2,7 +2,7 @@
 
 Why. On CPU, XLA computes each convolution's weight gradient with Eigen, which
 wants the batch as the minor axis: XLA transposes every activation from NHWC to
-CHWN first. That transpose reads with a stride of H*W*C floats (147 KiB at
+CHWN first. That transpose reads with a stride of H*W*C floats (144 KiB at
 b2's 24x24x64), so with 4 KiB pages nearly every read misses the TLB: one such
 transpose of a 9.4 MB activation takes 3.3 ms on either one core or two, and
 1.6 ms with 2 MiB pages. Over the whole step (batch 64, 96x96, 2 cores) huge

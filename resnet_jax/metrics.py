@@ -34,7 +34,7 @@ def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
             raise ValueError(f"{name} must be integer class indices, got dtype {a.dtype}")
         if a.size and (a.min() < 0 or a.max() >= num_classes):
             raise ValueError(f"{name} hold class {a.min() if a.min() < 0 else a.max()}, outside [0, {num_classes})")
-    # One bincount over the flattened (true, predicted) pair index.
+    # minlength: every class keeps its row and column, even one absent from the batch.
     flat = labels.astype(np.int64) * num_classes + preds.astype(np.int64)
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 

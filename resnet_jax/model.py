@@ -464,8 +464,9 @@ class ResNet18(nn.Module):
     ``capture_intermediates`` gives b1..b5.
 
     Reverse-mode autodiff (``grad``, ``vjp``, and ``jvp`` of a ``grad``) works everywhere;
-    forward mode (``jvp``, ``jacfwd``) does not go through train-mode BatchNorm nor, on CPU,
-    the max-pool, whose faster lowerings define their own VJPs. In eval mode
+    forward mode (``jvp``, ``jacfwd``) does not go through train-mode BatchNorm nor the
+    slice-based max-pool (on CPU, or with ``conv_impl="patches"``), whose faster lowerings
+    define their own VJPs. In eval mode
     ``conv_impl="xla"`` (the same maths) takes forward mode.
     """
 

@@ -103,8 +103,8 @@ def materialize(x, anchor):
     every consumer. In a training step one consumer of each activation is the
     transpose XLA inserts for the weight gradient of the next convolution, and
     inside it the copied chain reads its inputs with large strides: at 96x96 one
-    such fusion recomputed two whole residual blocks and took 49 ms of a 490 ms
-    step (BENCHMARKS.md, "CPU: bench.py, batch 64"). XLA's fusion heuristic does not
+    such fusion recomputed two whole residual blocks and took 49 ms of the step
+    (505 ms before this, 453 ms after, interleaved; BENCHMARKS.md, "How we got here"). XLA's fusion heuristic does not
     duplicate a floating-point division into several consumers, so dividing by a
     one the compiler cannot fold makes it compute the value once and store it.
     ``x / 1`` is ``x`` exactly in IEEE arithmetic (NaN, infinities and -0
@@ -213,7 +213,8 @@ def max_pool(x, window: int, stride: int | None = None, padding: int = 0, impl: 
     gradient that, like PyTorch and select-and-scatter, sends each window's
     gradient to the first (row-major) position holding the maximum; a plain
     ``jnp.maximum`` chain would split it between ties. On XLA:CPU select-and-
-    scatter is slow: "slices" is 4-10x faster there for b1's pool (BENCHMARKS.md).
+    scatter is slow: "slices" is 4-10x faster there for b1's pool (BENCHMARKS.md, "CPU max-pool":
+    measured before the package's compiler options, not rerun).
     """
     if impl not in POOL_IMPLS:
         raise ValueError(f"max-pool impl must be one of {POOL_IMPLS}, got {impl!r}")

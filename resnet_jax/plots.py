@@ -21,7 +21,8 @@ import numpy as np
 
 from resnet_jax.files import atomic_write
 
-# The chapter's d2l.Animator: one axis, the three curves with these styles.
+# The chapter's d2l.Animator: one axis, its default styles; the chapter plots the first three,
+# val_acc (--val-split) takes the fourth.
 _CURVES = (
     ("train_loss", "train loss", "-", "C0"),
     ("train_acc", "train acc", "--", "m"),

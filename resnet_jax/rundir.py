@@ -301,7 +301,7 @@ def remove_empty_folders(top: Path | None) -> None:
     writing anything made (its --output, an empty checkpoints/). A file anywhere keeps it."""
     if top is None or not top.is_dir():
         return
-    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # children first: an emptied parent can go too
         with contextlib.suppress(OSError):  # not empty: it stays
             os.rmdir(folder)
 

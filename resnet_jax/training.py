@@ -200,8 +200,8 @@ def create_train_state(
     Fresh variables come from one jitted program per model, with the same values
     as op by op (tested): run eagerly, Flax's init dispatches a few hundred
     operations (the forward pass it traces the shapes with, a random draw per
-    tensor), each compiled on first use, which took 8-11 s of a run's start-up
-    on 2 CPU cores. One program compiles faster, and train.py's persistent
+    tensor), each compiled on first use: most of the 7.4-9.1 s a run spent outside
+    fit on 2 CPU cores. One program compiles faster, and train.py's persistent
     compile cache keeps it for the next run (BENCHMARKS.md, "Start-up").
     """
     if variables is None:
@@ -812,8 +812,8 @@ def _compile(config: Config, state, train_x, train_y, test: Split, val: Split | 
     else:
         # One step per call (XLA:CPU: no device loop). The mask costs a few percent of a 96x96
         # step (BENCHMARKS.md, "The epoch's last batch"): over an epoch's 234 full steps (about
-        # 2 s each at batch 256 on 2 cores: 10 epochs took 5,220-7,301 s, "Full runs on CPU")
-        # that is tens of seconds, far more than the 2 s of a second compile.
+        # 1.5-3.3 s each at batch 256 on 2 cores: four of the 379-830 ms batch-64 steps of "CPU:
+        # bench.py, batch 64") that is tens of seconds, far more than the 2 s of a second compile.
         # So the full batches run unmasked, and the last, smaller one in a masked program.
         def compile_rows(masked_rows: bool):
             statics = (("resize", config.resize), ("batch_sharding", batch_sharding), ("masked", masked_rows))
@@ -914,8 +914,8 @@ def fit(
     validation loss after an epoch, becomes NaN or infinite; the epoch in which
     it happens reaches neither ``on_epoch`` nor ``on_checkpoint``.
 
-    The programs are compiled before the first step (``compile_s`` in the result: on CPU seconds
-    per program). A call on the same state's lineage (``result.state`` with ``history``, to go on
+    The programs are compiled before the first step (``compile_s`` in the result, split by program
+    in ``compile_s_by_program``; on CPU each takes seconds). A call on the same state's lineage (``result.state`` with ``history``, to go on
     training) reuses the ones this process compiled (:func:`_program`), and so does a state
     :func:`initial_state` builds anew from an equal config (another seed compiles only its
     shuffle). A state with a model or optimizer of one's own compiles its own, which JAX's

@@ -75,7 +75,8 @@ def _resample_axis(images: jax.Array, axis: int, out_size: int) -> jax.Array:
     # Pillow starts each sum at half a unit (rounding); integer sums are exact in any order.
     total = jnp.int32(1 << (_PRECISION_BITS - 1))
     # One gather per tap, not one of all taps at once: 0.9 against 5.0 ms for a batch of 64,
-    # 28x28 -> 96x96, on 2 CPU cores (the 5-D gather of the vertical pass was the slow part).
+    # 28x28 -> 96x96, on 2 CPU cores (the 5-D gather of the vertical pass was the slow part;
+    # BENCHMARKS.md, "Preprocessing").
     for k in range(index.shape[1]):
         if weight[:, k].any():  # upsampling's third tap never weighs anything
             total = total + jnp.take(images, jnp.asarray(index[:, k]), axis=axis) * jnp.asarray(weight[:, k]).reshape(shape)

@@ -23,10 +23,10 @@ def setting(flag: str | None, environ=os.environ) -> tuple[Path | None, bool]:
     compiler options and the versions, and load it in a later run instead of compiling it; the
     loaded executable is the same executable, so no result changes. JAX leaves that cache off
     unless told where; train.py turns it on, in a folder of its own. JAX keeps only programs that
-    took a second or more to compile (the train and evaluation steps and the initialisation, one
-    program; not the few small ones around them): on 2 CPU cores that took a
-    28x28 run's compile from 5.9-6.4 s cold to 2.1-2.4 s warm, the rest being tracing and
-    lowering, which every run does (BENCHMARKS.md, "Start-up"). A setting of the process, not
+    took a second or more to compile (the train steps, the initialisation, and the evaluation
+    where it is large enough; not the shuffle): on 2 CPU cores that took a 28x28 run's compile
+    from 5.9-6.4 s cold to 2.1-2.4 s warm, the rest being tracing and lowering, which every run
+    does, and the programs compiled in under a second (BENCHMARKS.md, "Start-up"). A setting of the process, not
     of the run's math: it stays out of Config and of --resume's checks.
     """
     if flag is not None:
