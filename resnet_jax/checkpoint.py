@@ -39,6 +39,7 @@ landed in its save); the steps of the interrupted epoch are redone by
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -187,12 +188,55 @@ def _check_meta_describes(state, meta: dict) -> None:
         raise ValueError(f"meta's config cannot be read as a Config ({type(err).__name__}: {err}): "
                          "pass checkpoint.metadata(config, spec)") from err
     # A bfloat16 state under a float32 config's meta loaded as a float32 model, silently; another
-    # recipe's state did not load at all; another schedule trained on from the wrong step size.
-    said = dict(training.built_from(config, steps_per_epoch), recipe=config.recipe)
-    have = dict(state.built_from or (), recipe=state.recipe)  # built_from is None for a model of one's own
-    if wrong := [f"{k} {said.get(k)!r} (the state's: {v!r})" for k, v in have.items() if said.get(k) != v]:
+    # recipe's state or an optimizer of one's own did not load at all; another schedule trained on
+    # from the wrong step size. So the state must be what loading builds: the same model settings,
+    # recipe and (where the state knows them) learning rate and schedule, and the same arrays.
+    template = _template(config, steps_per_epoch, have["num_classes"], have["input_channels"])
+    said = dict(training.built_from(config, steps_per_epoch), **_model_settings(template), recipe=config.recipe)
+    mine = dict(state.built_from or (), **_model_settings(state), recipe=state.recipe)  # built_from: None for a model of one's own
+    if wrong := [f"{k} {said.get(k)!r} (the state's: {v!r})" for k, v in mine.items() if v is not None and said.get(k) != v]:
         raise ValueError(f"meta's config says {', '.join(wrong)}: pass checkpoint.metadata(config, spec, "
                          "steps_per_epoch) of the config the state was built from")
+    if problem := _fit_problem(_state_dict(state), _state_dict(template)):
+        raise ValueError(f"the state {problem} that meta's config builds (its optimizer, recipe or dtypes differ): "
+                         "load_for_inference could not restore it; pass checkpoint.metadata(config, spec, "
+                         "steps_per_epoch) of the config the state was built from")
+
+
+@functools.lru_cache(maxsize=8)
+def _template(config: Config, steps_per_epoch: int, num_classes: int, input_channels: int):
+    """The abstract TrainState (shapes and dtypes) that load_for_inference restores a checkpoint into."""
+    from resnet_jax import training
+
+    model = training.make_model(config, num_classes, input_channels)
+    # The state's optimizer is the run's, schedule included, so that training can go on from it.
+    tx = training.make_optimizer(config, steps_per_epoch=steps_per_epoch)
+    plan = training.built_from(config, steps_per_epoch)
+    return jax.eval_shape(
+        lambda: training.create_train_state(model, tx, jax.random.key(0), recipe=config.recipe).replace(built_from=plan)
+    )
+
+
+def _model_settings(state) -> dict:
+    """The compute dtype and conv lowering of the state's model (its apply_fn's module), None where unknown."""
+    model = getattr(state.apply_fn, "__self__", None)
+    if model is None or not hasattr(model, "conv_impl"):
+        return {"dtype": None, "conv_impl": None}
+    return {"dtype": jax.numpy.dtype(model.dtype or jax.numpy.float32).name, "conv_impl": model.conv_impl}
+
+
+def _fit_problem(arrays: dict, abstract: dict) -> str | None:
+    """How the arrays of one state dict differ from another's (names, shapes, dtypes); None if they do not."""
+    have = {_name(k): (np.shape(a), jax.numpy.result_type(a)) for k, a in jax.tree_util.tree_leaves_with_path(arrays)}
+    want = {_name(k): (tuple(a.shape), jax.numpy.dtype(a.dtype)) for k, a in jax.tree_util.tree_leaves_with_path(abstract)}
+    for names, what in ((sorted(set(want) - set(have)), "lacks"), (sorted(set(have) - set(want)), "has an array not in")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            return f"{what} {names[0]}{more} of the model and optimizer" if what == "lacks" else f"{what} the model and optimizer, {names[0]}{more},"
+    for name, (shape, dtype) in want.items():
+        if have[name] != (shape, dtype):
+            return f"holds {name} as {have[name][1]}{list(have[name][0])}, not as the {dtype}{list(shape)} of the model and optimizer"
+    return None
 
 
 def _as_json(records, name: str):
@@ -378,6 +422,7 @@ class Checkpoints:
         """
         if missing := [k for k in METADATA_KEYS if k not in meta]:
             raise ValueError(f"meta lacks {', '.join(missing)}: pass checkpoint.metadata(config, spec)")
+        meta = _as_json(meta, "meta")
         _check_meta_describes(state, meta)
         # The epoch names the checkpoint's folder and is what resume continues after: a float
         # made a folder "4.0", a numpy int failed after the write began, and an epoch at or
@@ -389,10 +434,13 @@ class Checkpoints:
             raise ValueError(f"{self.latest.directory} holds the checkpoint of epoch {kept} already: "
                              f"save epochs in order (got {epoch})")
         history, log = _as_json(history, "history"), _as_json(log, "log")
-        if history and isinstance(history[-1], dict) and history[-1].get("epoch", epoch) != epoch:
-            # Loaded, the history says where training goes on from (fit continues after its last epoch).
-            raise ValueError(f"history ends at epoch {history[-1]['epoch']!r}, the checkpoint is of epoch {epoch}: "
-                             "pass the records of epochs 1..epoch")
+        last = history[-1] if isinstance(history, list) and history else None
+        if not isinstance(last, dict) or last.get("epoch") != epoch:
+            # Loaded, the history says where training goes on from: --resume continues after its
+            # last record's epoch (an empty one redid epoch 1 and was refused at its save).
+            ends = "is empty" if last is None else f"ends with {last!r}"[:120]
+            raise ValueError(f"history {ends}; the checkpoint is of epoch {epoch}: pass the records of "
+                             "epochs 1..epoch, each a dict with its 'epoch', as fit's history")
         ocp = self._ocp
         state_dict = _state_dict(state)
         args = ocp.args.Composite(
@@ -722,21 +770,13 @@ def _listing(directory: Path) -> list[str]:
 
 
 def _load_for_inference(ckpts: Checkpoints, which: str) -> Checkpoint:
-    from resnet_jax import training
-
     meta = ckpts.read_meta(which)
     m = meta["metadata"]
     try:
         config, steps_per_epoch = _built_by(m)
-        model = training.make_model(config, m["num_classes"], m["input_channels"])
+        template = _template(config, steps_per_epoch, m["num_classes"], m["input_channels"])
     except Exception as err:
         raise CheckpointError(f"checkpoint {meta['path']} has unusable metadata: {type(err).__name__}: {err}") from err
     if m["dtype"] != config.dtype:
         raise CheckpointError(f"checkpoint {meta['path']} metadata disagrees: dtype {m['dtype']} vs config {config.dtype}")
-    # The state's optimizer is the run's, schedule included, so that training can go on from it.
-    tx = training.make_optimizer(config, steps_per_epoch=steps_per_epoch)
-    plan = training.built_from(config, steps_per_epoch)
-    template = jax.eval_shape(
-        lambda: training.create_train_state(model, tx, jax.random.key(0), recipe=config.recipe).replace(built_from=plan)
-    )
     return ckpts.restore(template, which, meta)

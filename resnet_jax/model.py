@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -480,8 +481,12 @@ class ResNet18(nn.Module):
     def __call__(self, x, train: bool = False, mask=None):
         for name in ("num_classes", "input_channels"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"ResNet18.{name} must be an int, got {value!r}")
+            try:  # Python, NumPy and concrete JAX integers (labels.max() + 1), not a float or a bool
+                if isinstance(value, bool):
+                    raise TypeError
+                operator.index(value)
+            except TypeError:
+                raise TypeError(f"ResNet18.{name} must be an int, got {value!r}") from None
             if value < 1:
                 raise ValueError(f"ResNet18.{name} must be >= 1, got {value}")
         x = _nhwc_float(x, "ResNet18", hint=(

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import tree_digest
@@ -18,6 +19,7 @@ from resnet_jax import checkpoint, training
 from resnet_jax.checkpoint import CheckpointError, Checkpoints
 from resnet_jax.config import Config
 from resnet_jax.data import CIFAR10, FASHION_MNIST, Split
+from resnet_jax.model import ResNet18
 from resnet_jax.recipes import BEST
 
 # 72 = 2 x 32 + 8: two full batches and the smaller last one, so both step programs run.
@@ -394,12 +396,23 @@ def test_save_refuses_what_would_load_as_another_state_and_writes_nothing(tmp_pa
         # another recipe's state (its EMA and augmentation key) did not fit the template loading builds
         ((training.initial_state(Config.for_recipe("best", {}, resize=17, epochs=2, train_limit=64)), 1, history, [], meta),
          r"meta's config says lr 0.05 \(the state's: 0.4\)"),
-        # loaded, a history that ends elsewhere makes fit redo or skip epochs
-        ((state, 2, history, [], meta), r"history ends at epoch 1, the checkpoint is of epoch 2: pass the records of epochs 1..epoch"),
+        # a recipe that only its loss tells apart (same lr, same arrays)
+        ((training.initial_state(Config.for_recipe("d2l", {"label_smoothing": 0.1}, resize=17, epochs=2, train_limit=64)),
+          1, history, [], meta), r"meta's config says recipe Recipe\(name='d2l'.*label_smoothing=0.0"),
+        # A state of create_train_state's knows no config: its model and arrays are compared.
+        ((training.create_train_state(ResNet18(dtype=jnp.bfloat16), training.make_optimizer(config), jax.random.key(0)),
+          1, history, [], meta), r"meta's config says dtype 'float32' \(the state's: 'bfloat16'\)"),
+        ((training.create_train_state(training.make_model(config), optax.adam(1e-3), jax.random.key(0)), 1, history, [], meta),
+         r"the state has an array not in the model and optimizer, opt_state/0/count \(and \d+ more\), that meta's config builds"),
+        # loaded, a history that ends elsewhere (or nowhere) makes --resume redo or skip epochs
+        ((state, 2, history, [], meta), r"history ends with \{'epoch': 1, .*the checkpoint is of epoch 2: pass the records of epochs 1..epoch"),
+        ((state, 1, [], [], meta), r"history is empty; the checkpoint is of epoch 1"),
+        ((state, 1, [{"test_acc": 0.5}], [], meta), r"history ends with \{'test_acc': 0.5\}; the checkpoint is of epoch 1"),
         # JSON's TypeError came mid-save and left Orbax's temporary folder
         ((state, 1, [{"epoch": 1, "note": object()}], [], meta), r"history holds a value JSON cannot hold \(object "),
         ((state, 1, history, [{"step": {1, 2}}], meta), r"log holds a value JSON cannot hold \(set "),
         ((state, 1, history, [], {**meta, "config": {"lr": "fast"}}), r"meta's config cannot be read as a Config"),
+        ((state, 1, history, [], {**meta, "note": np.datetime64("2026-12-06")}), r"meta holds a value JSON cannot hold"),
     ]
     with Checkpoints(tmp_path / "run") as ckpts:
         for args, message in cases:
@@ -407,9 +420,11 @@ def test_save_refuses_what_would_load_as_another_state_and_writes_nothing(tmp_pa
                 ckpts.save(*args)
         assert ckpts.latest_epoch() is None and not list((tmp_path / "run" / "checkpoints").iterdir())
         # The scalars a loop of one's own sums its metrics in are numbers, as JSON holds them.
-        ckpts.save(state, 1, [{"epoch": np.int64(1), "test_acc": jnp.float32(0.5)}], [{"loss": np.float32(2.0)}], meta)
+        ckpts.save(state, 1, [{"epoch": np.int64(1), "test_acc": jnp.float32(0.5)}], [{"loss": np.float32(2.0)}],
+                   {**meta, "note": np.int64(3)})
     loaded = checkpoint.load_for_inference(tmp_path / "run")
     assert loaded.history == [{"epoch": 1, "test_acc": 0.5}] and loaded.log == [{"loss": 2.0}]
+    assert loaded.metadata["note"] == 3
 
 
 def test_save_takes_epochs_in_order_and_writes_nothing_else(tmp_path):

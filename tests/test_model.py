@@ -36,6 +36,13 @@ def test_the_chapters_residual_3_3_is_refused_not_built_with_a_1x1_conv():
     assert "conv3" in Residual(3, np.bool_(True)).init(jax.random.key(0), x, train=False)["params"]
 
 
+def test_the_class_count_may_be_any_integer_scalar():
+    # labels.max() + 1 is a NumPy or JAX integer; a float or a bool is refused (test below).
+    for n in (np.int64(5), jnp.int32(5)):
+        variables = ResNet18(num_classes=n).init(jax.random.key(0), jnp.zeros((1, 17, 17, 1)))
+        assert variables["params"]["dense"]["bias"].shape == (5,)
+
+
 def test_numpys_float64_input_is_taken_as_float32_without_a_warning():
     import warnings
 
