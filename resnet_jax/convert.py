@@ -168,16 +168,23 @@ def infer_sizes(state_dict: StateDict) -> tuple[int, int]:
     return int(np.shape(state_dict["7.weight"])[0]), int(np.shape(state_dict["0.0.weight"])[1])
 
 
-def _as_numpy(value) -> np.ndarray:
-    """``value`` as a NumPy array. A torch tensor (recognised by its methods: this side never
-    imports torch) is detached and moved to the CPU, and a reduced-precision float widens to
-    float32, exactly: NumPy has no bfloat16."""
-    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):
-        value = value.detach().cpu()
+def _as_numpy(value, key: str) -> np.ndarray:
+    """``value`` (the state_dict's ``key``) as a NumPy array. A torch tensor (recognised by its
+    methods: this side never imports torch) is detached and moved to the CPU, a lazy negation
+    (``_neg_view``'s bit) is applied, and a reduced-precision float widens to float32, exactly:
+    NumPy has no bfloat16. A tensor with no data (the meta device) or in a layout NumPy cannot
+    hold (sparse) is a ConversionError naming the key, not torch's own exception."""
+    if not (hasattr(value, "detach") and hasattr(value, "is_floating_point")):
+        return np.asarray(value)
+    if getattr(value, "is_meta", False):  # torch.device("meta"): shapes only, e.g. a model built for sharding
+        raise ConversionError(f"'{key}' is a tensor on the meta device: it holds a shape but no values")
+    try:
+        value = value.detach().cpu().resolve_neg()
         if value.is_floating_point() and value.element_size() < 4:
             value = value.float()
         return value.numpy()
-    return np.asarray(value)
+    except (RuntimeError, TypeError) as err:  # a sparse or quantized tensor, for example
+        raise ConversionError(f"'{key}' cannot be read as a dense array ({type(err).__name__}: {err})") from err
 
 
 def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: int) -> dict[str, np.ndarray]:
@@ -191,7 +198,7 @@ def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: i
             raise ConversionError(f"unexpected key '{key}' (not in the chapter's ResNet-18 state_dict)")
     arrays = {}
     for key, shape in want.items():
-        a = _as_numpy(state_dict[key])
+        a = _as_numpy(state_dict[key], key)
         if a.shape != shape:
             raise ConversionError(f"'{key}' has shape {tuple(a.shape)}, expected {shape}")
         if key.endswith(NUM_BATCHES_TRACKED):
@@ -410,7 +417,7 @@ def _load_torch_checkpoint(path: Path, num_classes: int | None, input_channels: 
         raise ConversionError(
             f"holds a {type(obj).__name__}, not a state_dict of tensors (save it with torch.save(net.state_dict(), path))"
         )
-    state_dict = {k: _as_numpy(v) for k, v in obj.items()}
+    state_dict = {k: _as_numpy(v, k) for k, v in obj.items()}
     variables = torch_to_flax(state_dict, num_classes, input_channels)
     return variables, batches_tracked(state_dict)
 

@@ -498,6 +498,28 @@ def test_tensors_that_require_grad_are_read_as_their_values():
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def test_a_lazily_negated_tensor_is_read_as_its_values():
+    # torch keeps -x of a view as a bit that .numpy() refuses; the values are what count.
+    sd = torch_reference.make_initialised_net(seed=3).state_dict()
+    key = "7.weight"
+    negated = {**sd, key: (-sd[key])._neg_view()}
+    assert negated[key].is_neg() and torch.equal(negated[key], sd[key])
+    a, b = convert.torch_to_flax(negated), convert.torch_to_flax(sd)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda t: torch.empty_like(t, device="meta"), "is a tensor on the meta device: it holds a shape but no values"),
+    (lambda t: t.to_sparse(), "cannot be read as a dense array (TypeError: "),
+])
+def test_a_tensor_without_dense_values_is_a_conversion_error_naming_its_key(make, says):
+    sd = torch_reference.make_initialised_net(seed=3).state_dict()
+    key = "1.1.conv2.weight"
+    with pytest.raises(convert.ConversionError) as err:
+        convert.torch_to_flax({**sd, key: make(sd[key])})
+    assert str(err.value).startswith(f"'{key}' {says}")
+
+
 # --- initial distribution ----------------------------------------------------------------
 
 
