@@ -21,8 +21,10 @@ import logging
 import numbers
 import os
 import re
+import shutil
 import socket
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -231,6 +233,11 @@ def load(
     Raises :class:`DataError` with a message for the user when the data cannot be had; the message
     names the arguments as ``arg_names`` says (``FLAG_NAMES``: as train.py's flags; any it leaves
     out as in ``ARG_NAMES``).
+
+    When it reads TFDS's data (no array cache yet), it imports TensorFlow, and that changes the
+    process: TensorFlow is told to see no GPU (JAX's memory) for the rest of it, and the
+    environment gets ``TF_CPP_MIN_LOG_LEVEL=2`` and ``TF_ENABLE_ONEDNN_OPTS=0`` unless they are
+    set (see ``_import_tfds``). A program that uses TensorFlow itself should set it up first.
     """
     names = {**ARG_NAMES, **arg_names}
     if isinstance(spec, str):
@@ -259,7 +266,7 @@ def load(
         try:
             _save_atomically(cache, train, test)
         except OSError as err:  # a read-only data_dir still works, just without the cache
-            log(f"could not write the array cache {cache}: {err}")
+            log(f"could not write the array cache {cache}: {err.strerror or err}")
     return train, test
 
 
@@ -290,7 +297,7 @@ def _preparing(spec: DatasetSpec, data_dir: Path, log):
         yield
 
 
-def _import_tfds():
+def _import_tfds(log: Callable[[str], None] = lambda msg: None):
     # TensorFlow only prepares the data here: its C++ INFO and WARNING lines (oneDNN
     # notices, CUDA probing) are noise to our users. Errors still show; a user's own
     # TF_CPP_MIN_LOG_LEVEL wins.
@@ -304,19 +311,35 @@ def _import_tfds():
     except ImportError as err:  # pragma: no cover - both are declared dependencies
         raise DataError(f"preparing TFDS data needs TensorFlow ({err}); pip install tensorflow-cpu") from err
     # Before anything else: TensorFlow must not grab the accelerator JAX uses.
-    tf.config.set_visible_devices([], "GPU")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as err:  # "Visible devices cannot be modified after being initialized"
+        # The calling program ran TensorFlow first, with a GPU visible: that is its setting to
+        # keep (and TensorFlow may already hold memory there). Preparing the data needs no GPU.
+        log(f"TensorFlow was already set up by this program with a GPU visible, so it is left as it is "
+            f"({err}); call tf.config.set_visible_devices([], 'GPU') before TensorFlow's first use to keep "
+            "its memory for JAX")
     import tensorflow_datasets as tfds
 
     return tfds
 
 
 def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log, names) -> tuple[Split, Split]:
-    tfds = _import_tfds()
+    tfds = _import_tfds(log)
+    # The version the array cache is named for, not whatever this TFDS would default to.
+    cls = tfds.builder_cls(spec.tfds_name)
+    versions = sorted({str(cls.VERSION), *map(str, cls.SUPPORTED_VERSIONS)})
+    if spec.version not in versions:
+        raise DataError(
+            f"this tensorflow-datasets ({getattr(tfds, '__version__', '?')}) cannot build {spec.tfds_name} "
+            f"version {spec.version}, which resnet_jax reads (it has {', '.join(versions)}); install another "
+            "tensorflow-datasets (pyproject.toml gives the versions tested)"
+        )
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # TFDS warns that an unprepared folder has no dataset_info.json: we know
     try:
-        builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir))
+        builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir), version=spec.version)
         prepared = builder.is_prepared()
     except Exception as err:  # a garbled dataset_info.json...
         raise _unreadable(spec, data_dir, err, names) from err
@@ -377,7 +400,14 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names) -> 
                 f"({reason}). " + _missing_files_help(spec, names)
             )
     log(f"preparing {spec.tfds_name} with TFDS in {data_dir} (once)")
-    config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+    # TFDS unpacks a manual file to <data_dir>/downloads/extracted/GZIP.<file name>, shared by
+    # every dataset, and reuses what it finds there by name alone: MNIST, KMNIST and
+    # Fashion-MNIST have the same file names, so one would be built from another's images. Each
+    # dataset unpacks in a folder of its own (under this lock), emptied before and after: only
+    # the files just checked are read, and nothing is left to go stale.
+    extracted = data_dir / "downloads" / "extracted" / f"resnet_jax-{spec.tfds_name}"
+    shutil.rmtree(extracted, ignore_errors=True)
+    config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None, extract_dir=str(extracted))
     try:
         builder.download_and_prepare(download_config=config)
     except Exception as err:  # checksum mismatch, truncated archive, lost connection, full disk...
@@ -389,6 +419,8 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names) -> 
             f"({first_line(err)}); it must be the official {spec.tfds_name} file, complete and as downloaded. "
             + _missing_files_help(spec, names)
         ) from err
+    finally:
+        shutil.rmtree(extracted, ignore_errors=True)
 
 
 def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path, names) -> None:
@@ -435,14 +467,20 @@ def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path, names) -> 
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:
-    """None if a TCP connection to the URL's host opens, else why not."""
+    """None if a TCP connection to the URL's host opens, else why not. Where the environment
+    names a proxy for the URL (``https_proxy``... and not ``no_proxy``), as TFDS's downloads
+    (through ``requests``) would use it, the proxy's host is the one tried."""
     parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, port, what = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port, what = p.hostname, p.port or (443 if p.scheme == "https" else 80), "the proxy "
     try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return None
     except OSError as err:
-        return f"no connection to {parts.hostname}: {err}"
+        return f"no connection to {what}{host}: {err}"
 
 
 def check_splits(spec: DatasetSpec, train: Split, test: Split) -> None:
@@ -454,10 +492,19 @@ def check_splits(spec: DatasetSpec, train: Split, test: Split) -> None:
                 f"{spec.tfds_name} {name} split has images {split.images.shape} {split.images.dtype} "
                 f"and labels {split.labels.shape}; expected ({n}, {', '.join(map(str, shape))}) uint8 and ({n},)"
             )
+        labels = split.labels
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise DataError(f"{spec.tfds_name} {name} split has labels {labels.dtype} from {labels.min()} to "
+                            f"{labels.max()}; expected integers 0 to {spec.num_classes - 1}")
 
 
 def _save_atomically(path: Path, train: Split, test: Split) -> None:
+    """Write the cache (under the data dir's lock for ``spec``), first deleting the temporary
+    files of writes of it that were killed (atomic_write's ``.<name>.*.tmp``): nothing else
+    writes them while the lock is held, and no later run would."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     with atomic_write(path) as f:
         np.savez(
             f,

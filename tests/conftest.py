@@ -74,10 +74,23 @@ def manual_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_data_dir(manual_dir, tmp_path_factory) -> Path:
-    """A TFDS data_dir holding fashion_mnist prepared offline from the release files (and our array cache)."""
+    """A TFDS data_dir holding fashion_mnist prepared offline from the release files (and our array cache).
+
+    Prepared in a data dir where TFDS's shared extraction folder already holds an unpacked
+    ``train-labels-idx1-ubyte.gz`` with other labels, as MNIST or KMNIST (same file names) leave
+    it: the preparation must read the files it checked, which
+    test_data.py::test_tfds_splits_from_the_release_files compares example by example.
+    """
+    import gzip
+
     from resnet_jax import data
 
     data_dir = tmp_path_factory.mktemp("tfds")
+    labels = bytearray(gzip.open(manual_dir / "train-labels-idx1-ubyte.gz").read())
+    labels[8:] = bytes((b + 1) % 10 for b in labels[8:])  # the header (8 bytes) kept
+    stale = data_dir / "downloads" / "extracted" / "GZIP.train-labels-idx1-ubyte.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(bytes(labels))
     data.load(data.FASHION_MNIST, data_dir, manual_dir, offline=True)
     return data_dir
 

@@ -11,14 +11,28 @@ from PIL import Image
 from resnet_jax import data
 
 
-def test_tfds_splits_from_the_release_files(prepared_data_dir):
+def _examples(images, labels) -> np.ndarray:
+    """Each (image, label) pair as one 785-byte row, sorted: a split's content, whatever its order."""
+    rows = np.concatenate([images.reshape(len(images), -1), labels.astype(np.uint8)[:, None]], axis=1)
+    return np.sort(np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel())
+
+
+def test_tfds_splits_from_the_release_files(prepared_data_dir, manual_dir):
+    import gzip
+
     train, test = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
     assert train.images.shape == (60_000, 28, 28, 1) and train.images.dtype == np.uint8
     assert test.images.shape == (10_000, 28, 28, 1) and test.images.dtype == np.uint8
-    assert np.bincount(train.labels, minlength=10).tolist() == [6_000] * 10
-    assert np.bincount(test.labels, minlength=10).tolist() == [1_000] * 10
-    assert train.images.max() == 255 and train.images.min() == 0
+    assert train.labels.dtype == test.labels.dtype == np.int32
     assert len(data.FASHION_MNIST.class_names) == 10
+    # The same examples as the release files, each image with its own label (TFDS stores them
+    # in an order of its own).
+    for split, name in ((train, "train"), (test, "t10k")):
+        with gzip.open(manual_dir / f"{name}-images-idx3-ubyte.gz") as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)
+        with gzip.open(manual_dir / f"{name}-labels-idx1-ubyte.gz") as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)
+        assert np.array_equal(_examples(split.images, split.labels), _examples(images, labels)), name
 
 
 def test_a_dataset_may_be_named(prepared_data_dir):
@@ -108,6 +122,69 @@ def test_manual_dir_missing_files_are_named(tmp_path, manual_dir):
 def test_unreachable_host_is_reported_quickly():
     # Port 9 (discard) on loopback is closed here: refused at once, no retries.
     assert "no connection to 127.0.0.1" in data._unreachable("http://127.0.0.1:9/", timeout=2)
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_be_reachable(monkeypatch):
+    # TFDS downloads through requests, which takes the proxy from the environment; the quick
+    # probe must try the same road, or a user behind a proxy could never download.
+    import socket
+
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    url = "http://fashion-mnist.invalid/train-images-idx3-ubyte.gz"  # .invalid never resolves
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+    assert data._unreachable(url, timeout=2) is None
+    server.close()
+    assert "no connection to the proxy 127.0.0.1: " in data._unreachable(url, timeout=2)
+    monkeypatch.setenv("no_proxy", "fashion-mnist.invalid")  # the host itself is tried again
+    assert "no connection to fashion-mnist.invalid: " in data._unreachable(url, timeout=2)
+
+
+def test_tensorflow_set_up_by_the_calling_program_is_left_as_it_is(monkeypatch):
+    # TensorFlow refuses to change its visible devices once it has started with a GPU visible:
+    # that was a RuntimeError out of data.load; the data needs no GPU, so it goes on, and says so.
+    import tensorflow as tf
+
+    def started(*args, **kwargs):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", started)
+    notes = []
+    assert data._import_tfds(notes.append).__name__ == "tensorflow_datasets"
+    assert len(notes) == 1 and notes[0].startswith("TensorFlow was already set up by this program with a GPU visible")
+
+
+def test_a_version_this_tfds_cannot_build_is_one_message(tmp_path, manual_dir):
+    # The array cache is named for spec.version: TFDS must build that version, not its default.
+    import dataclasses
+
+    spec = dataclasses.replace(data.FASHION_MNIST, version="9.9.9")
+    with pytest.raises(data.DataError, match=r"cannot build fashion_mnist version 9\.9\.9, which resnet_jax reads"):
+        data.load(spec, tmp_path / "tfds", manual_dir, offline=True)
+    assert not (tmp_path / "tfds" / "resnet_jax_cache").exists()
+
+
+def test_a_cache_of_impossible_labels_is_rebuilt_and_killed_writes_are_cleared(prepared_data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tfds"
+    shutil.copytree(prepared_data_dir, copy)
+    cache = data.cache_path(data.FASHION_MNIST, copy)
+    with np.load(cache) as z:
+        arrays = dict(z)
+    want = arrays["train_labels"].copy()
+    arrays["train_labels"] = want + 1  # 1..10: a cache from elsewhere, or hand-made
+    np.savez(cache, **arrays)
+    killed = cache.parent / f".{cache.name}.k1ll3d.tmp"  # what a write killed midway leaves
+    killed.write_bytes(b"x" * 1000)
+    notes = []
+    train, _ = data.load(data.FASHION_MNIST, copy, offline=True, log=notes.append)
+    assert np.array_equal(train.labels, want)
+    assert "train split has labels int32 from 1 to 10; expected integers 0 to 9" in notes[0]
+    assert not killed.exists() and sorted(p.name for p in cache.parent.iterdir()) == [cache.name]
 
 
 def _garble(b: bytes) -> bytes:
