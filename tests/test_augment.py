@@ -95,14 +95,15 @@ def test_erasing_noise_spans_the_whole_uint8_range():
     assert y.min() == 0 and y.max() == 255
 
 
-def test_flip_mirrors_about_half():
+@pytest.mark.parametrize("prob, low, high", [(0.5, 0.35, 0.65), (0.2, 0.1, 0.3), (0.0, 0, 0), (1.0, 1, 1)])
+def test_flip_mirrors_each_image_with_probability_prob(prob, low, high):
     x = _images(n=256)
-    y = np.asarray(augment.random_flip(jax.random.key(2), x))
+    y = np.asarray(augment.random_flip(jax.random.key(2), x, prob))
     x = np.asarray(x)
     flipped = np.array([np.array_equal(a[:, ::-1], b) for a, b in zip(x, y)])
     kept = np.array([np.array_equal(a, b) for a, b in zip(x, y)])
-    assert (flipped | kept).all()
-    assert 0.35 < flipped.mean() < 0.65
+    assert (flipped ^ kept).all()  # each image one or the other (none is its own mirror image)
+    assert low <= flipped.mean() <= high
 
 
 def test_erasing_changes_one_rectangle_with_the_given_probability():

@@ -43,7 +43,9 @@ TRAIN, VAL, TEST = _split(72, 0), _split(16, 1), _split(32, 2)
 def _fresh_state(config=CONFIG, num_classes=10, channels=1):
     model = training.make_model(config, num_classes, channels)
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    return training.create_train_state(model, training.make_optimizer(config), key)
+    tx = training.make_optimizer(config, steps_per_epoch=3)  # TRAIN: 72 examples in batches of 32
+    assert not config.recipe.scheduled or config.steps_per_epoch == 3
+    return training.create_train_state(model, tx, key, recipe=config.recipe)
 
 
 def _train(config, directory, state=None, history=None, log=None, stop_at=None, train=TRAIN):
@@ -77,6 +79,12 @@ def _without_timings(records):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
 
 
+# --recipe best keeps more than the chapter's recipe: momentum, the EMA weights and statistics,
+# the augmentation key, and a schedule that depends on the step.
+# train_limit: the schedule counts the steps of TRAIN's 72 = 88 - 16 examples (fit checks it).
+BEST_CONFIG = CONFIG.replace(recipe=BEST, train_limit=88)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     directory = tmp_path_factory.mktemp("straight")
@@ -84,21 +92,34 @@ def uninterrupted(tmp_path_factory):
     return directory, result, log
 
 
-@pytest.mark.parametrize("stop_at", [(2, 1), (3, 3)], ids=["mid-epoch-2", "end-of-epoch-3-before-save"])
-def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one(uninterrupted, tmp_path, stop_at):
-    _, straight, straight_log = uninterrupted
+@pytest.fixture(scope="module")
+def uninterrupted_best(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("straight-best")
+    result, log = _train(BEST_CONFIG, directory, _fresh_state(BEST_CONFIG))
+    return directory, result, log
+
+
+@pytest.mark.parametrize("recipe, stop_at", [("d2l", (2, 1)), ("d2l", (3, 3)), ("best", (2, 1))],
+                         ids=["mid-epoch-2", "end-of-epoch-3-before-save", "best-mid-epoch-2"])
+def test_interrupted_and_resumed_run_is_bitwise_the_uninterrupted_one(request, tmp_path, recipe, stop_at):
+    config = BEST_CONFIG if recipe == "best" else CONFIG
+    _, straight, straight_log = request.getfixturevalue("uninterrupted_best" if recipe == "best" else "uninterrupted")
     with pytest.raises(KeyboardInterrupt):
-        _train(CONFIG, tmp_path, stop_at=stop_at)
+        _train(config, tmp_path, _fresh_state(config), stop_at=stop_at)
     # What Ctrl-C leaves: the checkpoint of the last epoch completed.
     ckpts = Checkpoints(tmp_path, keep=2)
     assert ckpts.latest_epoch() == stop_at[0] - 1
-    restored = ckpts.restore(_fresh_state())  # a fresh process would build this template
+    restored = ckpts.restore(_fresh_state(config))  # a fresh process would build this template
     assert restored.epoch == stop_at[0] - 1 and len(restored.history) == restored.epoch
 
-    resumed, log = _train(CONFIG, tmp_path, restored.state, restored.history, restored.log)
+    resumed, log = _train(config, tmp_path, restored.state, restored.history, restored.log)
     assert _leaves_equal(resumed.state.params, straight.state.params)
     assert _leaves_equal(resumed.state.batch_stats, straight.state.batch_stats)
     assert _leaves_equal(resumed.state.opt_state, straight.state.opt_state)
+    assert _leaves_equal(resumed.state, straight.state)  # and every other array: EMA, augmentation key
+    if recipe == "best":
+        assert resumed.state.ema_params is not None and resumed.state.aug_key is not None
+        assert not _leaves_equal(resumed.state.ema_params, resumed.state.params)
     assert int(resumed.state.step) == int(straight.state.step) == 3 * 3
     assert _without_timings(resumed.history) == _without_timings(straight.history)
     assert _without_timings(log) == _without_timings(straight_log)
@@ -117,6 +138,13 @@ def test_latest_k_and_best_by_validation(uninterrupted):
     assert best.epoch == best_epoch and best.history == result.history[:best_epoch]
     latest = ckpts.restore(_fresh_state())
     assert _leaves_equal(latest.state, result.state)
+    # Each record's validation figures are the validation split's, measured on that epoch's state,
+    # not the test set's (which would then choose the best checkpoint).
+    for state, record in ((best.state, result.history[best_epoch - 1]), (latest.state, result.history[-1])):
+        on_val, on_test = (training.evaluate_split(CONFIG, state, split) for split in (VAL, TEST))
+        assert (record["val_loss"], record["val_acc"]) == (on_val["loss"], on_val["acc"])
+        assert (record["test_loss"], record["test_acc"]) == (on_test["loss"], on_test["acc"])
+        assert record["val_loss"] != record["test_loss"]
     assert latest.log == log and latest.metadata["num_classes"] == 10 and latest.metadata["input_channels"] == 1
     assert latest.config == CONFIG
 

@@ -57,12 +57,22 @@ def test_a_run_leaves_checkpoints_metrics_and_curves(run):
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert records[-1]["test_acc"] == final["test_acc"] and "val_acc" in records[-1]
+    # --val-split 32 of --train-limit 96: 64 examples left to train on, 2 steps of 32 an epoch.
+    assert int(load_for_inference(output).state.step) == 2 * 2
     with Image.open(output / "curves.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
 
 
-def test_evaluate_gives_the_training_loops_final_test_metrics(run, monkeypatch):
+def test_evaluate_gives_the_training_loops_final_test_metrics(run, prepared_data_dir, monkeypatch):
     output, final = run
+    # What the confusion matrix must hold, counted here from the network's own outputs:
+    # [true class, predicted class] over the run's 48 test examples.
+    _, test = data.load(data.FASHION_MNIST, prepared_data_dir, offline=True)
+    ckpt = load_for_inference(output)
+    logits = ckpt.state.apply_fn(training.evaluated_variables(ckpt.state),
+                                 data.preprocess(test.images[:48], ckpt.config.resize), train=False)
+    want = np.zeros((10, 10), np.int64)
+    np.add.at(want, (test.labels[:48], np.asarray(logits).argmax(-1)), 1)
 
     def second_pass(*args, **kwargs):
         raise AssertionError("evaluate ran the network over the test set a second time")
@@ -74,8 +84,12 @@ def test_evaluate_gives_the_training_loops_final_test_metrics(run, monkeypatch):
     assert report["epoch"] == 2 and report["examples"] == 48
     assert report["test_loss"] == final["test_loss"] and report["test_acc"] == final["test_acc"]
     cm = np.array(report["confusion_matrix"])
-    assert cm.sum() == 48 and np.trace(cm) / 48 == final["test_acc"]
-    assert list(report["per_class_acc"]) == list(data.FASHION_MNIST.class_names)
+    assert np.array_equal(cm, want) and np.trace(cm) / 48 == final["test_acc"]
+    # Accuracy per class is recall: the diagonal over each true class's count (None for a class
+    # with no example among the 48).
+    recall = [None if n == 0 else float(c) / n for c, n in zip(np.diag(want), want.sum(axis=1))]
+    assert report["per_class_acc"] == dict(zip(data.FASHION_MNIST.class_names, recall))
+    assert len(set(recall) - {None}) > 1  # (a matrix whose classes all score alike would not show a swap)
     with Image.open(report["confusion_png"]) as png:
         assert png.format == "PNG"
 

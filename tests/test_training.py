@@ -483,6 +483,39 @@ def test_predict_compiles_one_program_per_power_of_two_of_small_calls():
     assert fn._cache_size() - before == 1
 
 
+@pytest.mark.parametrize("recipe", ["d2l", "best"])
+def test_predict_is_the_softmax_of_the_evaluated_network(state, recipe):
+    # Computed here from the model itself: eval mode, and for --recipe best the EMA weights and
+    # statistics (moved away from the live ones) and the mean of the logits of each image and its
+    # mirror image.
+    from resnet_jax.recipes import BEST
+
+    images, _ = _batch(6, seed=4)
+    if recipe == "best":
+        state = training.create_train_state(state.apply_fn.__self__, training.make_optimizer(Config(), 1),
+                                            jax.random.key(0), recipe=BEST)
+        state = state.replace(ema_params=jax.tree_util.tree_map(lambda p: p * 1.5, state.params),
+                              ema_batch_stats=jax.tree_util.tree_map(lambda s: s + 0.25, state.batch_stats))
+        variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    else:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = preprocess(images, RESIZE)
+    logits = state.apply_fn(variables, x, train=False)
+    if recipe == "best":
+        logits = (logits + state.apply_fn(variables, x[:, :, ::-1], train=False)) / 2
+    want = np.asarray(jax.nn.softmax(logits, axis=-1))
+    got = training.predict(state, images, RESIZE)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert got.shape == (6, 10) and np.allclose(got.sum(-1), 1) and want.max() - want.min() > 0.01
+
+
+def test_hold_out_carves_the_last_n_examples_off():
+    images, labels = _batch(10)
+    train, val = Split(images, labels).hold_out(3)
+    assert np.array_equal(train.images, images[:7]) and np.array_equal(train.labels, labels[:7])
+    assert np.array_equal(val.images, images[7:]) and np.array_equal(val.labels, labels[7:])
+
+
 def test_misused_inputs_are_refused_not_silently_wrong(state):
     images, labels = _batch(4)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
