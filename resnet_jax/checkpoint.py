@@ -165,6 +165,28 @@ def _state_dict(state) -> dict:
     return serialization.to_state_dict(state)
 
 
+def _meta_problem(meta, epoch: int) -> str | None:
+    """What makes a checkpoint's meta item unusable as :meth:`Checkpoints.save` writes it (edited
+    by hand, or written by other code), else None: --resume, evaluate and predict read its
+    fields without further checks (a TypeError or KeyError traceback, or an epoch trained again
+    and refused at its save)."""
+    if not isinstance(meta, dict) or not {"epoch", "history", "metadata"} <= set(meta):
+        return "its meta item lacks epoch, history or metadata"
+    if meta["epoch"] != epoch or isinstance(meta["epoch"], bool):
+        return f"its meta item says epoch {meta['epoch']!r}, its folder {epoch}"
+    history = meta["history"]
+    if not isinstance(history, list) or not history or not all(isinstance(r, dict) for r in history):
+        return "its meta item's history is not a list of epoch records"
+    if history[-1].get("epoch") != epoch:
+        return f"its meta item's history ends with epoch {history[-1].get('epoch')!r}, not {epoch}"
+    if not isinstance(meta.get("log", []), list):
+        return "its meta item's log is not a list"
+    m = meta["metadata"]
+    if not isinstance(m, dict) or (missing := [k for k in METADATA_KEYS if k not in m]):
+        return f"its metadata lacks {', '.join(missing) if isinstance(m, dict) else 'everything (not a dict)'}"
+    return None
+
+
 def _check_meta_describes(state, meta: dict) -> None:
     """ValueError unless ``meta`` describes the state: the model and optimizer load_for_inference builds
     from it must take the saved arrays and go on as the state would (a checkpoint that cannot be
@@ -520,8 +542,8 @@ class Checkpoints:
                                   f"{_instead(manager, epoch)}")
         try:
             meta = manager.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta
-            if not isinstance(meta, dict) or not {"epoch", "history", "metadata"} <= set(meta):
-                raise ValueError("its meta item lacks epoch, history or metadata")
+            if problem := _meta_problem(meta, epoch):
+                raise ValueError(problem)
         except Exception as err:
             if lost := self._lost(err, f"checkpoint {step_dir} was being read"):
                 raise lost from err

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from resnet_jax import files, interrupts
+from resnet_jax import files, interrupts, rundir
 from resnet_jax.console import EXIT_OK, OneLineParser, emit, report_errors
 from resnet_jax.errors import UserError, check_output_file, check_writable_dir
 
@@ -95,6 +95,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         if png.name == "curves.png" and (png.parent / "metrics.jsonl").is_file():  # train.py's plot of a run
             raise UserError(f"--confusion-png {png} is the training curves of the run in {png.parent}; "
                             "give another file name")
+        rundir.check_not_among_checkpoints(png, "--confusion-png", "file")
         check_output_file(png, "--confusion-png", (".png",))
     else:
         png = Path(args.run_dir) / f"confusion_{args.which}.png"

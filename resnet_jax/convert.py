@@ -212,6 +212,9 @@ def _check_state_dict(state_dict: StateDict, num_classes: int, input_channels: i
             raise ConversionError(f"'{key}' has dtype {a.dtype}, expected floating point")
         elif not np.isfinite(a).all():  # else "the loss became nan at step 1: try a smaller --lr"
             raise ConversionError(f"holds non-finite values (NaN or inf) in {key}")
+        elif a.dtype.itemsize > 4 and (big := float(np.abs(a).max())) > float(np.finfo(np.float32).max):
+            # (float64) our float32 parameters would hold inf: "the loss became nan", again
+            raise ConversionError(f"'{key}' has values beyond float32's range (up to {big:.3g})")
         elif key.endswith("running_var") and (a < 0).any():  # NaN from the first normalisation on
             raise ConversionError(f"'{key}' has negative values (down to {float(a.min()):.3g}): a variance is 0 or more")
         arrays[key] = a

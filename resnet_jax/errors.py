@@ -28,6 +28,15 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def resolved(path: Path, flag: str) -> Path:
+    """``path`` made absolute, its symbolic links followed; a UserError naming ``flag`` for a
+    loop of links (Path.resolve's RuntimeError, a traceback)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as err:
+        raise UserError(f"{flag} {path} cannot be followed: {err}") from err
+
+
 def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
     """A file a command is about to write: a file name (not a folder, nor a device), with one of
     ``suffixes`` (so that a typo cannot overwrite results.json or any other file), in a folder
@@ -38,7 +47,7 @@ def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
         raise UserError(f"{flag} {path} exists and is not a regular file (a device?); give a file name")
     if path.suffix.lower() not in suffixes:
         raise UserError(f"{flag} {path} does not end in {' or '.join(suffixes)}")
-    check_writable_dir(path.resolve().parent, f"{flag}'s folder")
+    check_writable_dir(resolved(path, flag).parent, f"{flag}'s folder")
 
 
 def check_writable_dir(path: Path, flag: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from resnet_jax import files, processes
 from resnet_jax.config import Config
 from resnet_jax.console import counted
-from resnet_jax.errors import RunWideError, UserError, check_output_file, check_writable_dir
+from resnet_jax.errors import RunWideError, UserError, check_output_file, check_writable_dir, resolved
 
 RESULTS = "results.json"  # the run's final report (write_run_files), and the --json line
 
@@ -46,9 +46,7 @@ def check_paths(config: Config) -> None:
         except UnicodeEncodeError:
             raise UserError(f"--output {config.output!r}: the path is not valid UTF-8, which Orbax's "
                             "checkpoints need; choose another folder name") from None
-        if run := _enclosing_run(Path(config.output)):
-            raise UserError(f"--output {config.output} is among the checkpoints of the run in {run}, which Orbax "
-                            "manages and --keep rotates away; choose a folder outside them")
+        check_not_among_checkpoints(Path(config.output), "--output", "folder")
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
@@ -68,6 +66,7 @@ def check_torch_paths(config: Config) -> None:
         raise UserError(f"--init-from-torch {config.init_from_torch}{what}")
     if config.export_torch:
         target = Path(config.export_torch)
+        check_not_among_checkpoints(target, "--export-torch", "file")  # before its folder is made
         check_output_file(target, "--export-torch", (".pt", ".pth"))
         if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
@@ -117,7 +116,14 @@ def record_export(config: Config) -> None:
         pass
 
 
-def _enclosing_run(path: Path) -> Path | None:
+def check_not_among_checkpoints(path: Path, flag: str, what: str) -> None:
+    """A UserError if ``path`` lies among a run's checkpoints (see :func:`_enclosing_run`)."""
+    if run := _enclosing_run(path, flag):
+        raise UserError(f"{flag} {path} is among the checkpoints of the run in {run}, which Orbax "
+                        f"manages and --keep rotates away; choose a {what} outside them")
+
+
+def _enclosing_run(path: Path, flag: str = "--output") -> Path | None:
     """The train.py run whose checkpoints ``path`` would be written among, if any.
 
     Orbax keeps a run's checkpoints in numbered folders of RUN/checkpoints and RUN/best and
@@ -126,7 +132,7 @@ def _enclosing_run(path: Path) -> Path | None:
     run's (evaluate and --resume found an "incomplete" checkpoint). Symbolic links are
     followed; another folder that happens to be named checkpoints is left alone.
     """
-    parts = path.resolve().parts
+    parts = resolved(path, flag).parts
     for i in range(1, len(parts)):
         if parts[i] in ("checkpoints", "best"):
             run = Path(*parts[:i])

@@ -254,6 +254,33 @@ def test_a_corrupt_checkpoint_is_refused(uninterrupted, tmp_path, damage):
         checkpoint.load_for_inference(directory)
 
 
+EDITS = {  # a meta item edited by hand: JSON still, but not what save writes
+    "history-emptied": (lambda m: m.update(history=[]), "history is not a list of epoch records"),
+    "epoch-a-string": (lambda m: m.update(epoch="three"), "says epoch 'three', its folder 3"),
+    "history-ends-early": (lambda m: m["history"].pop(), "history ends with epoch 2, not 3"),
+    "metadata-a-string": (lambda m: m.update(metadata="oops"), "metadata lacks everything (not a dict)"),
+    "dtype-deleted": (lambda m: m["metadata"].pop("dtype"), "metadata lacks dtype"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_hand_edited_meta_item_is_refused_as_unreadable(uninterrupted, tmp_path, edit):
+    # Each was read as it came: --resume trained an epoch and failed at its save (empty history),
+    # or stopped with a TypeError, AttributeError or KeyError traceback.
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    path = directory / "checkpoints" / "3" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    change, says = EDITS[edit]
+    change(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        Checkpoints(directory, read_only=True).read_meta()
+    message = str(err.value)
+    assert "checkpoints/3 is unreadable (corrupt or incomplete): ValueError: its meta" in message
+    assert says in message and message.endswith("; remove it to use the checkpoint of epoch 2")
+
+
 def test_values_changed_in_place_that_still_decode_are_found(uninterrupted, tmp_path):
     # A flipped bit that zstd and OCDBT do not notice: the array decodes, to other values.
     # Without the digests saved in the meta item, this restored as wrong weights (exit 0).

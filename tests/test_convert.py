@@ -712,6 +712,16 @@ def test_plausible_misuses_of_the_converters_are_named():
     np.testing.assert_array_equal(sd[key], net.state_dict()[key].to(torch.bfloat16).float().numpy())
 
 
+def test_float64_weights_beyond_float32s_range_are_refused_with_their_key():
+    # Cast to our float32 parameters they became inf, and training said "the loss became nan".
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in torch_reference.make_initialised_net(seed=0).state_dict().items()}
+    key = "7.weight"
+    with pytest.raises(convert.ConversionError, match=rf"^'{re.escape(key)}' has values beyond float32's range \(up to \d"):
+        convert.torch_to_flax({**sd, key: sd[key] * 1e300})
+    variables = convert.torch_to_flax(sd)  # float64 within the range: rounded to float32
+    assert variables["params"]["dense"]["kernel"].dtype == np.float32
+
+
 def test_non_finite_weights_are_refused_with_their_key(tmp_path):
     sd = torch_reference.make_initialised_net(seed=0).state_dict()
     key = next(k for k in sd if k.endswith(".weight"))
