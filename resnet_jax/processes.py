@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import errno
+import itertools
 import json
 import os
 import sys
@@ -84,9 +85,12 @@ def _check_coordinator(address: str, serves: bool) -> None:
         try:
             probe.bind((any_address, int(port)))
         except OSError as err:
-            why = "it is in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
-            raise UserError(f"--coordinator {address}: process 0 serves port {port} on this host, but {why}; "
-                            "choose another port for every process") from err
+            if err.errno == errno.EADDRINUSE:  # another program, or this run's process 0 started twice
+                raise UserError(f"--coordinator {address}: process 0 serves port {port} on this host, but it is in use; "
+                                "if no other process of this run was given --process-id 0, choose another port "
+                                "for every process") from err
+            raise UserError(f"--coordinator {address}: process 0 serves port {port} on this host, but "
+                            f"{err.strerror or err}; choose another port for every process") from err
 
 
 # What one host may set its own way: where it finds the data. Every other setting is the run's.
@@ -227,6 +231,57 @@ def start(distributed: dict | None) -> bool:
             _check_coordinator(distributed["coordinator_address"], serves=distributed["process_id"] == 0)
         _initialize(distributed)
     return jax.process_index() == 0
+
+
+# How long the processes of a run wait for each other where their paths may differ in length:
+# after loading the data (a host may have to prepare it, or download it) and after compiling
+# (a host's compile cache may be cold). Without such a wait, the first collective after it
+# met XLA:CPU's 30 s deadline for setting up Gloo on the late process and the run died.
+READY_TIMEOUT_S = 600
+_barriers = itertools.count()  # every process calls wait_for_all in the same order: same ids
+
+
+def wait_for_all(what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until every process of the run has got to ``what``; at once for one process.
+
+    A barrier of JAX's coordination service (the one jax.distributed.initialize connects to),
+    not a collective over the devices: a collective waits for a late process only as long as
+    its backend's own setup deadline (30 s for XLA:CPU's Gloo), and this waits ``timeout_s``.
+    JAX has no public function for it; Orbax's multihost.sync_global_processes uses the same
+    client. Ctrl-C is heard while waiting (the wait runs in a thread, as in _initialize).
+    A process found gone raises the coordination service's error (see :func:`lost_process`);
+    the wait running out, a UserError.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # processes JAX did not connect through jax.distributed: nothing to wait on
+        return
+    barrier = f"resnet_jax/{next(_barriers)}: {what}"
+    failed: list[BaseException] = []
+
+    def wait():
+        try:
+            client.wait_at_barrier(barrier, int(timeout_s * 1000))
+        except BaseException as err:  # handed to the main thread
+            failed.append(err)
+
+    thread = threading.Thread(target=wait, name=f"wait_for_all({what})", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)  # interruptible: a Ctrl-C lands here
+    if failed:
+        err = failed[0]
+        if _says_lost(err) or "DEADLINE_EXCEEDED" not in str(err):
+            raise err
+        raise UserError(
+            f"the {jax.process_count()} processes of this run did not all get to {what} within {timeout_s:.0f} s "
+            f"(this is process {jax.process_index()}): is one of them stopped or stuck?"
+        ) from err
 
 
 class ProcessesDidNotMeet(UserError):

@@ -45,7 +45,7 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_jax import ops, recipes
+from resnet_jax import ops, processes, recipes
 from resnet_jax.augment import augment
 from resnet_jax.config import Config
 from resnet_jax.data import DATASETS, Split, preprocess
@@ -962,6 +962,9 @@ def fit(
     plan_fn, chunk_fn, last_fn = programs.plan, programs.chunk, programs.last_chunk
     eval_test, eval_val, scalar = programs.eval_test, programs.eval_val, programs.scalar
     compile_s = time.perf_counter() - t0
+    # Several processes: the first step's collectives find every process there, however much
+    # longer one of them compiled (a cold compile cache); see processes.wait_for_all.
+    processes.wait_for_all("fit's first step")
 
     info = {
         "device": describe_devices(devices),

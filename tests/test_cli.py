@@ -340,7 +340,7 @@ def test_a_coordinator_port_in_use_is_named_at_once(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines() == [
         f"train.py: error: --coordinator {address}: process 0 serves port {address.split(':')[1]} on this host, "
-        "but it is in use; choose another port for every process"]
+        "but it is in use; if no other process of this run was given --process-id 0, choose another port for every process"]
 
 
 def test_ctrl_c_while_the_processes_wait_for_each_other_is_heard(tmp_path):
@@ -640,7 +640,20 @@ def test_an_output_among_another_runs_checkpoints_is_refused(tmp_path):
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"train.py: error: --output {inner} is among the checkpoints of the run in {run}, which Orbax manages and "
             "--keep rotates away; choose a folder outside them"], r.stderr
+    # A PyTorch export there would be rotated away with the checkpoint (its folder was even made
+    # by the check, and the run then refused for the wrong reason).
+    inner = run / "checkpoints" / "3" / "model.pt"
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--output", tmp_path / "r2", "--export-torch", inner, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"train.py: error: --export-torch {inner} is among the checkpoints of the run in {run}, which Orbax manages and "
+        "--keep rotates away; choose a file outside them"], r.stderr
     assert tree_digest(tmp_path) == before
+    # A loop of symbolic links: one line, not Path.resolve's RuntimeError.
+    (tmp_path / "loop").symlink_to("loop")
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--output", tmp_path / "loop", timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith(f"train.py: error: --output {tmp_path / 'loop'} cannot be followed: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "loop").unlink()
     # Folders that only share the names: not a train.py run's, or not a numbered checkpoint.
     (tmp_path / "proj" / "checkpoints").mkdir(parents=True)
     (tmp_path / "proj" / "results.json").write_text("{}")
@@ -690,6 +703,33 @@ def test_a_busy_output_stops_every_process_of_a_run_in_one_line(prepared_data_di
                             "it to end, or choose another --output" if i == 0 else
                             f"train.py: error: --output {out} is in use by another run, or cannot be locked: "
                             "process 0 says which"), err
+
+
+# Process 1's data.load takes 40 s longer (for a subprocess with this folder on its PYTHONPATH).
+SLOW_LOAD = """
+import time
+import resnet_jax.data as data
+_load = data.load
+def load(*args, **kwargs):
+    time.sleep(40)
+    return _load(*args, **kwargs)
+data.load = load
+"""
+
+
+def test_a_process_that_loads_its_data_late_is_waited_for(prepared_data_dir, tmp_path, monkeypatch):
+    # As a host that must prepare its data is late: the first collective after the data then
+    # waited only the 30 s XLA:CPU gives Gloo to set up, and the run died (exit 1 and 134).
+    # (Seen with two devices per process; with one each, that collective waited.)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_LOAD)
+    out = tmp_path / "out"
+    results = _two_processes_into(out, prepared_data_dir, tmp_path, second_prefix=["env", f"PYTHONPATH={slow}:{REPO}"])
+    assert [code for code, _ in results] == [0, 0], [err[-1500:] for _, err in results]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "epoch"] == [1]
 
 
 def _private_folder_works() -> bool:
