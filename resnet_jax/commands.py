@@ -83,9 +83,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
     limit = args.test_limit if args.test_limit is not None else config.test_limit
     if limit is not None and not 0 < limit <= spec.num_test:
         raise UsageError(f"--test-limit must be in 1..{spec.num_test}, got {limit}")
+    for flag, value in (("--data-dir", args.data_dir), ("--manual-dir", args.manual_dir),
+                        ("--confusion-png", args.confusion_png)):
+        if value is not None and not value.strip():  # as train.py: not a silent fall back to the default
+            raise UsageError(f"{flag} is empty; give a path, or leave the flag out")
     for flag, value in (("--data-dir", args.data_dir), ("--manual-dir", args.manual_dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
             raise UserError(f"{flag} {value} is not a directory")
+    if args.manual_dir and not Path(args.manual_dir).is_dir():  # as train.py (it was ignored when the data was there)
+        raise UserError(f"--manual-dir {args.manual_dir} is not a directory")
     out = sys.stderr if args.json else sys.stdout
     # Where the PNG goes is checked before the work: a path that fails afterwards would
     # throw the evaluation away. The default sits in the run directory, which may be

@@ -386,6 +386,13 @@ ERRORS = {
                                  "downloads are off (--offline)"),
     "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
                                   "--confusion-png's folder"),
+    # An empty path fell back to the default, and a missing --manual-dir was ignored when the data was there.
+    "evaluate-empty-data-dir": (lambda run, d, t: ["evaluate", run, "--data-dir", ""], 2,
+                                "--data-dir is empty; give a path, or leave the flag out"),
+    "evaluate-empty-png": (lambda run, d, t: ["evaluate", run, "--confusion-png", " "], 2,
+                           "--confusion-png is empty; give a path, or leave the flag out"),
+    "evaluate-missing-manual-dir": (lambda run, d, t: ["evaluate", run, "--data-dir", d, "--manual-dir", t / "nowhere"], 1,
+                                    "nowhere is not a directory"),
 }
 
 
