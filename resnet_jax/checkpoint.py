@@ -177,8 +177,8 @@ def _meta_problem(meta, epoch: int) -> str | None:
     history = meta["history"]
     if not isinstance(history, list) or not history or not all(isinstance(r, dict) for r in history):
         return "its meta item's history is not a list of epoch records"
-    if history[-1].get("epoch") != epoch:
-        return f"its meta item's history ends with epoch {history[-1].get('epoch')!r}, not {epoch}"
+    if history[-1].get("epoch", epoch) != epoch:  # (records of code of one's own may lack the epoch)
+        return f"its meta item's history ends with epoch {history[-1]['epoch']!r}, not {epoch}"
     if not isinstance(meta.get("log", []), list):
         return "its meta item's log is not a list"
     m = meta["metadata"]
@@ -542,8 +542,6 @@ class Checkpoints:
                                   f"{_instead(manager, epoch)}")
         try:
             meta = manager.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta
-            if problem := _meta_problem(meta, epoch):
-                raise ValueError(problem)
         except Exception as err:
             if lost := self._lost(err, f"checkpoint {step_dir} was being read"):
                 raise lost from err
@@ -551,6 +549,9 @@ class Checkpoints:
                 f"checkpoint {manager.directory / str(epoch)} is unreadable (corrupt or incomplete): "
                 f"{type(err).__name__}: {first_line(err)}; {_instead(manager, epoch)}"
             ) from err
+        if problem := _meta_problem(meta, epoch):  # read whole, but not as save writes it: not "corrupt"
+            raise CheckpointError(f"checkpoint {step_dir} has a meta item this package cannot use "
+                                  f"(edited by hand, or written by other code?): {problem}; {_instead(manager, epoch)}")
         return {**meta, "path": str(manager.directory / str(epoch))}
 
     def restore(self, template_state, which: str = "latest", meta: dict | None = None) -> Checkpoint:

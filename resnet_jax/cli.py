@@ -464,10 +464,24 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     from resnet_jax import checkpoint as ckpt_mod
     from resnet_jax import training
 
-    train, test, val = _load_data(config, spec, say)
-    interrupts.check()
-    state = _fresh_state(config, init, say)
-    processes.wait_for_all("the training data")  # a host that prepared its data came minutes late
+    failed = None
+    try:
+        train, test, val = _load_data(config, spec, say)
+        interrupts.check()
+        state = _fresh_state(config, init, say)
+    except UserError as err:
+        if jax.process_count() == 1:
+            raise
+        failed = err  # said below, once the others know: else they would wait for this process
+    # A host that prepares (or downloads) its data may come minutes late. The all-gather just
+    # below waited for one 35 s late in our runs, but fit's first step did not (processes.py);
+    # this wait bounds it at READY_TIMEOUT_S, with one line at the end of it.
+    processes.wait_for_all("the training data")
+    if processes.any_process(failed is not None):
+        if failed is not None:
+            raise RunWideError(str(failed)) from failed
+        raise RunWideError("another process of this run could not load its data or build its state "
+                           "(that process's line says why)")
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record
     if config.resume:

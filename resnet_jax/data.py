@@ -332,8 +332,8 @@ def _load_with_tfds(spec, data_dir: Path, manual_dir, offline: bool, log, names)
     if spec.version not in versions:
         raise DataError(
             f"this tensorflow-datasets ({getattr(tfds, '__version__', '?')}) cannot build {spec.tfds_name} "
-            f"version {spec.version}, which resnet_jax reads (it has {', '.join(versions)}); install another "
-            "tensorflow-datasets (pyproject.toml gives the versions tested)"
+            f"version {spec.version}, which resnet_jax reads (it has {', '.join(versions)}); install a "
+            "tensorflow-datasets that builds it (tested: 4.9.10, .ci/floors.txt)"
         )
     absl = logging.getLogger("absl")
     level = absl.level
@@ -472,8 +472,13 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
     (through ``requests``) would use it, the proxy's host is the one tried."""
     parts = urllib.parse.urlsplit(url)
     host, port, what = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), ""
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
+    try:  # requests' own choice (scheme, ALL_PROXY, NO_PROXY), which TFDS's downloads make
+        import requests.utils
+
+        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    except ImportError:  # (TFDS depends on requests)
+        proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(parts.scheme)
+    if proxy:
         p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         host, port, what = p.hostname, p.port or (443 if p.scheme == "https" else 80), "the proxy "
     try:

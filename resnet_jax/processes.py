@@ -238,11 +238,14 @@ def start(distributed: dict | None) -> bool:
 # (a host's compile cache may be cold). Without such a wait, the first collective after it
 # met XLA:CPU's 30 s deadline for setting up Gloo on the late process and the run died.
 READY_TIMEOUT_S = 600
-_barriers = itertools.count()  # every process calls wait_for_all in the same order: same ids
+# Barrier ids, counted per group of processes: every process of a group calls wait_for_all for
+# it in the same order (the CLI's two waits; fit's, once per call on the group's devices).
+_barriers: dict[tuple[int, ...], itertools.count] = collections.defaultdict(itertools.count)
 
 
-def wait_for_all(what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Wait until every process of the run has got to ``what``; at once for one process.
+def wait_for_all(what: str, timeout_s: float | None = None, process_ids=None) -> None:
+    """Wait until every process of the run (or each of ``process_ids``) has got to ``what``;
+    at once for one process. ``timeout_s``: READY_TIMEOUT_S, as it is at the call.
 
     A barrier of JAX's coordination service (the one jax.distributed.initialize connects to),
     not a collective over the devices: a collective waits for a late process only as long as
@@ -254,19 +257,25 @@ def wait_for_all(what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
     """
     import jax
 
-    if jax.process_count() == 1:
+    group = tuple(sorted(set(range(jax.process_count()) if process_ids is None else process_ids)))
+    if len(group) <= 1:
         return
     from jax._src import distributed
 
     client = distributed.global_state.client
     if client is None:  # processes JAX did not connect through jax.distributed: nothing to wait on
         return
-    barrier = f"resnet_jax/{next(_barriers)}: {what}"
+    timeout_s = READY_TIMEOUT_S if timeout_s is None else timeout_s
+    barrier = f"resnet_jax/{','.join(map(str, group))}/{next(_barriers[group])}: {what}"
+    everyone = len(group) == jax.process_count()
     failed: list[BaseException] = []
 
     def wait():
         try:
-            client.wait_at_barrier(barrier, int(timeout_s * 1000))
+            if everyone:
+                client.wait_at_barrier(barrier, int(timeout_s * 1000))
+            else:
+                client.wait_at_barrier(barrier, int(timeout_s * 1000), process_ids=list(group))
         except BaseException as err:  # handed to the main thread
             failed.append(err)
 
@@ -279,7 +288,7 @@ def wait_for_all(what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
         if _says_lost(err) or "DEADLINE_EXCEEDED" not in str(err):
             raise err
         raise UserError(
-            f"the {jax.process_count()} processes of this run did not all get to {what} within {timeout_s:.0f} s "
+            f"the {len(group)} processes of this run did not all get to {what} within {timeout_s:.0f} s "
             f"(this is process {jax.process_index()}): is one of them stopped or stuck?"
         ) from err
 

@@ -67,6 +67,11 @@ def check_torch_paths(config: Config) -> None:
     if config.export_torch:
         target = Path(config.export_torch)
         check_not_among_checkpoints(target, "--export-torch", "file")  # before its folder is made
+        if config.output:  # this run's own, which has no metrics.jsonl yet for _enclosing_run to know it by
+            own = [resolved(Path(config.output), "--output") / sub for sub in ("checkpoints", "best")]
+            if any(resolved(target, "--export-torch").is_relative_to(d) for d in own):
+                raise UserError(f"--export-torch {config.export_torch} is among this run's checkpoints, which Orbax "
+                                "manages and --keep rotates away; choose a file outside them")
         check_output_file(target, "--export-torch", (".pt", ".pth"))
         if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "

@@ -964,7 +964,7 @@ def fit(
     compile_s = time.perf_counter() - t0
     # Several processes: the first step's collectives find every process there, however much
     # longer one of them compiled (a cold compile cache); see processes.wait_for_all.
-    processes.wait_for_all("fit's first step")
+    processes.wait_for_all("fit's first step", process_ids={d.process_index for d in devices})
 
     info = {
         "device": describe_devices(devices),
@@ -1026,7 +1026,8 @@ def fit(
             if key in last and not math.isfinite(last[key]):
                 raise NonFiniteLoss(monitor.step, monitor.step, epoch + 1, last[key], split=split)
         # Since training began: compile, training, evaluation and earlier checkpoints included
-        # (the clock of "test accuracy X after Y seconds"). A resumed run goes on from its
+        # (the clock of "test accuracy X after Y seconds"), and with several processes the wait
+        # for the slowest to compile (processes.wait_for_all). A resumed run goes on from its
         # checkpoint's clock: each process's compile counts, an interrupted epoch's lost time not.
         last["wall_s"] = wall_before + time.perf_counter() - t_start
         history.append(last)

@@ -277,8 +277,20 @@ def test_a_hand_edited_meta_item_is_refused_as_unreadable(uninterrupted, tmp_pat
     with pytest.raises(CheckpointError) as err:
         Checkpoints(directory, read_only=True).read_meta()
     message = str(err.value)
-    assert "checkpoints/3 is unreadable (corrupt or incomplete): ValueError: its meta" in message
+    assert "checkpoints/3 has a meta item this package cannot use (edited by hand, or written by other code?): its meta" in message
     assert says in message and message.endswith("; remove it to use the checkpoint of epoch 2")
+
+
+def test_history_records_without_their_epoch_still_load(uninterrupted, tmp_path):
+    # As a loop of one's own may have saved them before Checkpoints.save checked the history:
+    # the weights are whole, and evaluate and predict do not need the records.
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    path = directory / "checkpoints" / "3" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["history"] = [{k: v for k, v in r.items() if k != "epoch"} for r in meta["history"]]
+    path.write_text(json.dumps(meta))
+    assert checkpoint.load_for_inference(directory).epoch == 3
 
 
 def test_values_changed_in_place_that_still_decode_are_found(uninterrupted, tmp_path):

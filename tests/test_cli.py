@@ -654,6 +654,13 @@ def test_an_output_among_another_runs_checkpoints_is_refused(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith(f"train.py: error: --output {tmp_path / 'loop'} cannot be followed: "), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     (tmp_path / "loop").unlink()
+    # Among this run's own checkpoints-to-be (no metrics.jsonl there yet to know the run by).
+    own = tmp_path / "r3" / "checkpoints" / "1" / "model.pt"
+    r = train_py("--data-dir", tmp_path / "tfds", "--offline", "--output", tmp_path / "r3", "--export-torch", own, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"train.py: error: --export-torch {own} is among this run's checkpoints, which Orbax manages and "
+        "--keep rotates away; choose a file outside them"], r.stderr
+    assert not (tmp_path / "r3").exists()
     # Folders that only share the names: not a train.py run's, or not a numbered checkpoint.
     (tmp_path / "proj" / "checkpoints").mkdir(parents=True)
     (tmp_path / "proj" / "results.json").write_text("{}")
@@ -666,12 +673,12 @@ def test_an_output_among_another_runs_checkpoints_is_refused(tmp_path):
         assert r.returncode == 1 and "among the checkpoints" not in r.stderr and "--offline" in r.stderr, r.stderr
 
 
-def _two_processes_into(out: Path, data_dir, cwd: Path, second_prefix=()) -> list[tuple[int, str]]:
+def _two_processes_into(out: Path, data_dir, cwd: Path, second_prefix=(), extra=()) -> list[tuple[int, str]]:
     """A tiny run of two processes (one host, loopback) with --output ``out``: each one's (exit code, stderr).
 
-    ``second_prefix``: what process 1's command runs under (a private mount, say)."""
+    ``second_prefix``: what process 1's command runs under (a private mount, say); ``extra``: more flags."""
     flags = ["--data-dir", data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
-             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out, *extra]
     address = f"127.0.0.1:{_free_port()}"
     commands = [[sys.executable, str(REPO / "train.py"), *map(str, flags), "--coordinator", address,
                  "--num-processes", "2", "--process-id", str(i), "--init-timeout", "120"] for i in (0, 1)]
@@ -706,30 +713,62 @@ def test_a_busy_output_stops_every_process_of_a_run_in_one_line(prepared_data_di
 
 
 # Process 1's data.load takes 40 s longer (for a subprocess with this folder on its PYTHONPATH).
-SLOW_LOAD = """
-import time
-import resnet_jax.data as data
-_load = data.load
-def load(*args, **kwargs):
-    time.sleep(40)
-    return _load(*args, **kwargs)
-data.load = load
+# Process 1 made late or failing (for a subprocess with this folder on its PYTHONPATH, as
+# $PROCESS_1 says): its data.load and fit's compile 35 s slower, or its data.load refused
+# after 35 s (a preparation that failed).
+PROCESS_1 = """
+import os, time
+import resnet_jax.data as data, resnet_jax.training as training
+def slower(fn):
+    def late(*args, **kwargs):
+        time.sleep(35)
+        return fn(*args, **kwargs)
+    return late
+if os.environ["PROCESS_1"] == "late":
+    data.load, training._compile = slower(data.load), slower(training._compile)
+else:
+    def refuse(*args, **kwargs):
+        raise data.DataError("no data on this host (a test's)")
+    data.load = slower(refuse)
 """
 
 
-def test_a_process_that_loads_its_data_late_is_waited_for(prepared_data_dir, tmp_path, monkeypatch):
-    # As a host that must prepare its data is late: the first collective after the data then
-    # waited only the 30 s XLA:CPU gives Gloo to set up, and the run died (exit 1 and 134).
-    # (Seen with two devices per process; with one each, that collective waited.)
+def _with_process_1(tmp_path, how: str) -> list[str]:
+    """The second_prefix of _two_processes_into that makes process 1 ``how`` (PROCESS_1)."""
+    folder = tmp_path / "process1"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(PROCESS_1)
+    return ["env", f"PYTHONPATH={folder}:{REPO}", f"PROCESS_1={how}"]
+
+
+def test_a_process_late_to_load_its_data_and_to_compile_is_waited_for(prepared_data_dir, tmp_path, monkeypatch):
+    # As a host that prepares its data, or compiles with a cold cache: the first collective after
+    # the delay (the restore of --resume; the first step) waited only the 30 s XLA:CPU gives Gloo
+    # to set up, and the run died (exit 1 and 134). (Seen with two devices per process.)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    slow = tmp_path / "slow"
-    slow.mkdir()
-    (slow / "sitecustomize.py").write_text(SLOW_LOAD)
     out = tmp_path / "out"
-    results = _two_processes_into(out, prepared_data_dir, tmp_path, second_prefix=["env", f"PYTHONPATH={slow}:{REPO}"])
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64",
+             "--epochs", "1", "--resize", "17", "--batch-size", "32", "--compile-cache", "off", "--output", out]
+    assert train_py(*flags, timeout=240).returncode == 0  # epoch 1, one process
+    results = _two_processes_into(out, prepared_data_dir, tmp_path, _with_process_1(tmp_path, "late"),
+                                  extra=["--resume", "--epochs", "2"])
     assert [code for code, _ in results] == [0, 0], [err[-1500:] for _, err in results]
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == "epoch"] == [1]
+            if json.loads(line)["kind"] == "epoch"] == [1, 2]
+
+
+def test_a_process_that_cannot_load_its_data_stops_the_others_with_it(prepared_data_dir, tmp_path, monkeypatch):
+    # The others waited for it at the barrier after the data until JAX's heartbeat timeout
+    # (about 100 s), and their line came after 13 of JAX's C++ log lines. Its refusal comes 35 s
+    # late: the others wait for it (the barrier), then all stop together.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    start = time.monotonic()
+    results = _two_processes_into(tmp_path / "out", prepared_data_dir, tmp_path, _with_process_1(tmp_path, "fail"))
+    assert time.monotonic() - start < 90
+    assert [code for code, _ in results] == [1, 1]
+    assert [err.strip().splitlines() for _, err in results] == [
+        ["train.py: error: another process of this run could not load its data or build its state (that process's line says why)"],
+        ["train.py: error: no data on this host (a test's)"]], [err[-1500:] for _, err in results]
 
 
 def _private_folder_works() -> bool:

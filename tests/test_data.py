@@ -141,6 +141,10 @@ def test_behind_a_proxy_the_proxy_is_what_must_be_reachable(monkeypatch):
     assert "no connection to the proxy 127.0.0.1: " in data._unreachable(url, timeout=2)
     monkeypatch.setenv("no_proxy", "fashion-mnist.invalid")  # the host itself is tried again
     assert "no connection to fashion-mnist.invalid: " in data._unreachable(url, timeout=2)
+    monkeypatch.delenv("no_proxy")
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{port}")  # requests takes it for every scheme
+    assert "no connection to the proxy 127.0.0.1: " in data._unreachable(url, timeout=2)
 
 
 def test_tensorflow_set_up_by_the_calling_program_is_left_as_it_is(monkeypatch):
