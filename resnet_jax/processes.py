@@ -239,7 +239,7 @@ def start(distributed: dict | None) -> bool:
 # met XLA:CPU's 30 s deadline for setting up Gloo on the late process and the run died.
 READY_TIMEOUT_S = 600
 # Barrier ids, counted per group of processes: every process of a group calls wait_for_all for
-# it in the same order (the CLI's two waits; fit's, once per call on the group's devices).
+# it in the same order (the CLI's, after the data; fit's, once per call on the group's devices).
 _barriers: dict[tuple[int, ...], itertools.count] = collections.defaultdict(itertools.count)
 
 
