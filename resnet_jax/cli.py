@@ -243,6 +243,11 @@ class _Reporter:
             f"{c.resize}x{c.resize}, lr {c.lr:g}, {c.dtype}, recipe {c.recipe.name}; "
             f"compiled in {info['compile_s']:.1f} s"
         )
+        if info["backend"] == "cpu" and info["steps_per_dispatch"] > 1:
+            self.say(
+                f"note: --steps-per-dispatch {info['steps_per_dispatch']} on CPU, where XLA runs a step inside a loop "
+                "many times slower than on its own (1 is the default there; BENCHMARKS.md, \"Steps per dispatch on CPU\")"
+            )
 
     def on_progress(self, done: int, total: int, last: dict | None) -> None:
         interrupts.check()  # a Ctrl-C that something swallowed (resnet_jax/interrupts.py)

@@ -24,7 +24,6 @@ import re
 import shutil
 import socket
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -472,12 +471,10 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
     (through ``requests``) would use it, the proxy's host is the one tried."""
     parts = urllib.parse.urlsplit(url)
     host, port, what = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), ""
-    try:  # requests' own choice (scheme, ALL_PROXY, NO_PROXY), which TFDS's downloads make
-        import requests.utils
+    import requests.utils  # (a dependency of TFDS, whose downloads go through it)
 
-        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
-    except ImportError:  # (TFDS depends on requests)
-        proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(parts.scheme)
+    # requests' own choice of proxy (by scheme, ALL_PROXY, NO_PROXY), the one TFDS's downloads make.
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
     if proxy:
         p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         host, port, what = p.hostname, p.port or (443 if p.scheme == "https" else 80), "the proxy "

@@ -7,6 +7,7 @@ modules that raise it.
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from pathlib import Path
 
@@ -58,4 +59,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise UserError(f"{flag} {path} is not a writable directory: {err.strerror or err}") from err
+        why = err.strerror or str(err)
+        if err.errno == errno.ENOENT and path.is_dir():  # a folder of a virtual file system, such as /proc
+            why = f"no file can be created in it ({why})"
+        raise UserError(f"{flag} {path} is not a writable directory: {why}") from err

@@ -150,7 +150,10 @@ def load_npy(path: str | Path, spec: DatasetSpec) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         # NumPy's advice to load "pickled" data with allow_pickle=True would be wrong (and unsafe) here.
-        why = "not an .npy file" if "pickle" in str(err) else str(err)
+        if "Object arrays" in str(err):  # an .npy of dtype object: Python objects, read only by unpickling
+            why = "an array of Python objects (dtype object), which is not read; save the pixels as numbers"
+        else:  # anything else NumPy would unpickle is no .npy at all
+            why = "not an .npy file" if "pickle" in str(err) else str(err)
         raise ImageError(f"{path}: not a readable .npy array ({why})") from None
     if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for .npz archives
         array.close()

@@ -72,6 +72,18 @@ def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_di
         assert result.final[key] == final[key], key
 
 
+def test_more_than_one_step_per_dispatch_on_cpu_is_run_with_a_note(prepared_data_dir, capsys):
+    # On CPU a step in a device loop is many times slower (BENCHMARKS.md): a user who copied a
+    # GPU command line is told why the run crawls.
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", 64, "--test-limit", 32, "--epochs", 1,
+             "--resize", 17, "--batch-size", 32, "--steps-per-dispatch", 2147483647]
+    assert cli.main(list(map(str, flags))) == 0
+    out = capsys.readouterr().out
+    assert "note: --steps-per-dispatch 2 on CPU, where XLA runs a step inside a loop many times slower" in out, out
+    assert cli.main(list(map(str, flags[:-2]))) == 0  # the default there: no note
+    assert "steps-per-dispatch" not in capsys.readouterr().out
+
+
 BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--epochs", "-1"], "--epochs must be a non-negative integer"),

@@ -321,6 +321,11 @@ def _png_as_npy(tmp):
     return tmp / "x.npy"
 
 
+def _object_npy(tmp):
+    np.save(tmp / "objects.npy", np.array([{"image": 0}], dtype=object), allow_pickle=True)
+    return tmp / "objects.npy"
+
+
 def _npz(tmp):
     np.savez(tmp / "x.npz", images=np.zeros((1, 28, 28, 1), np.uint8))
     return tmp / "x.npz"
@@ -338,6 +343,8 @@ ERRORS = {
                                   "notes.png is a file, not a run directory"),
     "predict-png-named-npy": (lambda run, d, t: ["predict", run, _png_as_npy(t)], 1,
                               "x.npy: not a readable .npy array (not an .npy file)"),
+    "predict-an-object-npy": (lambda run, d, t: ["predict", run, _object_npy(t)], 1,
+                              "objects.npy: not a readable .npy array (an array of Python objects"),
     "predict-an-npz": (lambda run, d, t: ["predict", run, _npz(t)], 1,
                        "x.npz: not an image file Pillow can read; arrays go in .npy files"),
     "init-from-a-folder": (lambda run, d, t: [*_train_args(d, t / "o"), "--init-from-torch", t], 1,

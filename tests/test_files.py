@@ -107,3 +107,24 @@ def test_a_reentrant_hold_keeps_the_lock_until_the_last_hold_ends_in_any_order(t
         with files.held(lock), files.held(lock, reentrant=True):
             raise ValueError
     assert not lock.exists() and not files._held_here
+
+
+def test_a_folder_where_no_file_can_be_made_says_so_not_that_it_is_missing(tmp_path, monkeypatch):
+    # /proc is such a folder: creating a file in it fails with ENOENT, and "No such file or
+    # directory" alone read as if the folder itself were missing.
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    from resnet_jax.errors import UserError, check_writable_dir
+
+    def enoent(dir):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", enoent)
+    with pytest.raises(UserError, match=r"is not a writable directory: no file can be created in it \(No such file"):
+        check_writable_dir(tmp_path, "--export-torch's folder")
+    if os.path.isdir("/proc") and os.geteuid() == 0:  # the real thing, where this test runs as root (CI)
+        monkeypatch.undo()
+        with pytest.raises(UserError, match="no file can be created in it"):
+            check_writable_dir(Path("/proc"), "--export-torch's folder")
