@@ -283,6 +283,15 @@ def _built_by(meta: dict) -> tuple[Config, int]:
     return config, meta.get("steps_per_epoch") or config.steps_per_epoch
 
 
+def _why_not_written(err: BaseException) -> str:
+    """Why a checkpoint write failed, in a few words. A full disk is named as such: TensorStore says
+    it at the end of a long message ('RESOURCE_EXHAUSTED: Error writing local file "...": ...
+    No space left on device'), which the first 200 characters never reached."""
+    if "No space left on device" in str(err):
+        return "No space left on device"
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
 class Checkpoints:
     """The checkpoints of one run directory: save after an epoch, restore latest or best.
 
@@ -491,7 +500,7 @@ class Checkpoints:
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
                 if lost := self._lost(err, f"the checkpoint of epoch {epoch} was being written in {manager.directory}"):
                     raise lost from err
-                raise CheckpointError(self._not_saved(epoch, manager, f"{type(err).__name__}: {first_line(err)}")) from err
+                raise CheckpointError(self._not_saved(epoch, manager, _why_not_written(err))) from err
 
     def repair_best(self, restored: "Checkpoint") -> bool:
         """Save ``restored`` (the latest checkpoint) as the best too if it is the best epoch and ``best/``

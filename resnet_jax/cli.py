@@ -212,11 +212,13 @@ class _Reporter:
         if config.output and main_process:
             path = Path(config.output) / "metrics.jsonl"
             # A resumed run's metrics are the checkpoint's records, then its own: anything
-            # logged after the checkpoint (an epoch that did not finish) is rewritten.
+            # logged after the checkpoint (an epoch that did not finish) is rewritten. (In place:
+            # where it cannot be, the next --resume writes it again from the checkpoint.)
             try:
                 with open(path, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in log)
                 self.metrics_file = open(path, "a")
+                self.metrics_whole = self.metrics_file.tell()  # the bytes of whole records
             except OSError as err:
                 raise UserError(f"cannot write {path}: {err.strerror or err}") from err
 
@@ -226,10 +228,15 @@ class _Reporter:
             try:
                 self.metrics_file.write(json.dumps(rec) + "\n")
                 self.metrics_file.flush()
+                self.metrics_whole = self.metrics_file.tell()
             except OSError as err:  # a disk filled by another program, a lost mount...
                 self.close_metrics()
-                raise MetricsNotWritten(f"cannot write {Path(self.config.output) / 'metrics.jsonl'}: "
-                                        f"{err.strerror or err}") from err
+                # What fitted of the record (up to a buffer's boundary) would be a torn last line that
+                # json.loads refuses: the file goes back to its last whole record.
+                path = Path(self.config.output) / "metrics.jsonl"
+                with contextlib.suppress(OSError):
+                    os.truncate(path, self.metrics_whole)
+                raise MetricsNotWritten(f"cannot write {path}: {err.strerror or err}") from err
 
     def on_start(self, info: dict) -> None:
         import jax

@@ -126,13 +126,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
     interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
     cm = result["confusion"]
     per_class = metrics.per_class_accuracy(cm)
+    png_error = None
     if png is not None:
         try:
             plots.plot_confusion_matrix(
                 cm, spec.class_names, png, title=f"{config.dataset} test, epoch {ckpt.epoch} ({args.which})"
             )
-        except OSError as err:
-            raise UserError(f"could not write {png}: {err.strerror or err}") from err
+        except OSError as err:  # a disk that filled since the check: the results are still shown, then this
+            png_error, png = f"could not write {png}: {err.strerror or err}", None
 
     report = {
         "checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "dataset": config.dataset, "examples": result["count"],
@@ -150,6 +151,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             emit(f"  {name:<{width}}  " + ("n/a (no examples)" if acc is None else f"{acc:.4f}"))
         if png is not None:
             emit(f"confusion matrix: {png}")
+    if png_error:
+        if args.confusion_png:  # asked for: the command failed (exit 1), after what it could do
+            raise UserError(png_error)
+        emit(f"note: {png_error}, so no confusion-matrix PNG", file=sys.stderr, essential=False)
     return EXIT_OK
 
 

@@ -318,18 +318,22 @@ def remove_empty_folders(top: Path | None) -> None:
 
 
 def write_run_files(config: Config, report: dict, log: list, say) -> None:
-    """results.json and curves.png in --output."""
+    """curves.png, then results.json, in --output.
+
+    results.json last: it marks the run's files complete. A --resume of a finished run whose
+    results.json reports its last epoch has nothing to do, so a curves.png that a full disk
+    stopped must not come after it (it was then never written)."""
     from resnet_jax import plots
 
-    try:
-        files.write_json(Path(config.output) / RESULTS, report)
-    except OSError as err:
-        raise UserError(f"could not write {config.output}/{RESULTS}: {err.strerror or err}") from err
     # The chapter's plot; step records (--log-every) go in at their fraction of an epoch.
     try:
         plots.plot_curves(plots.epoch_axis(log, config.steps_per_epoch), Path(config.output) / "curves.png")
     except OSError as err:
-        raise UserError(f"could not write {config.output}/curves.png: {err}") from err
+        raise UserError(f"could not write {config.output}/curves.png: {err.strerror or err}") from err
+    try:
+        files.write_json(Path(config.output) / RESULTS, report)
+    except OSError as err:
+        raise UserError(f"could not write {config.output}/{RESULTS}: {err.strerror or err}") from err
     say(f"checkpoints in {config.output}/checkpoints"
         + (f" and {config.output}/best" if config.val_split else "")
         + "; metrics in metrics.jsonl, results.json, curves.png")

@@ -194,18 +194,32 @@ def _save_as_epoch_4(ckpts, restored):
     ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
+# A full disk as Python says it, and as TensorStore (Orbax's array writer) said it on a full tmpfs,
+# where the first 200 characters of the message never got to the disk being full.
+DISK_FULL = {
+    "OSError": OSError(errno.ENOSPC, "No space left on device"),
+    "TensorStore": ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/runs/r/checkpoints/2.orbax-checkpoint-tmp/state.orbax-'
+        'checkpoint-tmp/_sharding": Failed writing: "/runs/r/checkpoints/2.orbax-checkpoint-tmp/state.orbax-'
+        'checkpoint-tmp/_sharding.__lock": Failed to write 2493762 bytes to file 4: No space left on device '
+        "[os_error_code='28']"
+    ),
+}
+
+
+@pytest.mark.parametrize("error", DISK_FULL)
+def test_a_failed_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch, error):
     import orbax.checkpoint as ocp
 
     directory, before, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
 
     def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise DISK_FULL[error]
 
     # The arrays are written first; the disk fills up while the JSON item is written.
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", disk_full)
     monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*checkpoint of epoch 3 is intact"):
+    with pytest.raises(CheckpointError, match=r"in \S+/checkpoints: No space left on device; the checkpoint of epoch 3 is intact$"):
         _save_as_epoch_4(ckpts, restored)
     monkeypatch.undo()
     reopened = Checkpoints(directory, keep=2)  # as the next run would: leftovers of the failed save are cleaned

@@ -55,6 +55,38 @@ def test_a_short_run_reports_and_writes_metrics(prepared_data_dir, tmp_path):
     assert saved["test_acc"] == final["test_acc"] and saved["config"]["train_limit"] == 300
 
 
+def test_a_disk_full_while_logging_leaves_metrics_jsonl_whole(tmp_path):
+    # A real full tmpfs left metrics.jsonl at 4096 bytes, ending in '{"kind": "s': the part of a
+    # record that fitted.
+    import errno
+
+    from resnet_jax.config import Config
+
+    old = [{"kind": "epoch", "epoch": 1, "train_loss": 2.0}]
+    config = Config(output=str(tmp_path))
+    reporter = cli._Reporter(config, print, True, list(old))
+    reporter.record({"kind": "step", "step": 4, "loss": 1.5})
+    whole = (tmp_path / "metrics.jsonl").read_text()
+
+    class FillsUp:  # the disk fills in the middle of a record
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    reporter.metrics_file = FillsUp(reporter.metrics_file)
+    with pytest.raises(cli.MetricsNotWritten, match=r"metrics.jsonl: No space left on device$"):
+        reporter.record({"kind": "step", "step": 5, "loss": 1.25})
+    assert (tmp_path / "metrics.jsonl").read_text() == whole
+    assert [json.loads(line)["step"] for line in whole.splitlines()[1:]] == [4]
+
+
 def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_dir, capsys):
     # README's Python example: initial_state(config), then fit. It drew its weights from another
     # key than train.py did, so a learner's numbers disagreed with the command's.

@@ -456,6 +456,33 @@ def test_resuming_a_run_stopped_after_its_last_checkpoint_writes_its_results(run
     assert written["test_acc"] == saved["test_acc"] and written["train_loss"] == saved["train_loss"]
 
 
+def test_curves_a_full_disk_stopped_are_written_by_the_next_resume(run, prepared_data_dir, tmp_path, monkeypatch):
+    # On a full tmpfs curves.png failed after results.json was written: --resume then had
+    # "nothing to do" and no command ever wrote the curves.
+    import errno
+
+    from resnet_jax import plots
+
+    output = tmp_path / "full"
+    shutil.copytree(run[0], output)
+    saved = json.loads((output / "results.json").read_text())
+    (output / "results.json").unlink()
+    (output / "curves.png").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_curves", full)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume"))
+    assert rc == 1 and err.strip().endswith("could not write " + str(output) + "/curves.png: No space left on device"), err
+    assert not (output / "results.json").exists()
+    monkeypatch.undo()  # space again
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume"))
+    assert rc == 0 and "nothing to do" not in err, err
+    assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((output / "results.json").read_text())["history"] == saved["history"]
+
+
 def test_resuming_a_run_whose_results_are_an_earlier_epochs_writes_them_anew(run, prepared_data_dir, tmp_path):
     # A 1-epoch run extended with --resume --epochs 2 and stopped (Ctrl-C) after the checkpoint
     # of epoch 2, before its results: results.json and curves.png still describe epoch 1.
@@ -493,6 +520,33 @@ def test_evaluate_in_a_read_only_run_directory_reports_without_the_png(run, tmp_
     assert report["test_acc"] == run[1]["test_acc"] and report["confusion_png"] is None
     assert "is read-only, so no confusion-matrix PNG" in err
     assert tree_digest(output) == before
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["--confusion-png", "the default png"])
+@pytest.mark.parametrize("as_json", [True, False], ids=["--json", "text"])
+def test_a_png_a_full_disk_stops_costs_the_png_not_the_evaluation(run, tmp_path, monkeypatch, asked, as_json):
+    # On a full tmpfs the loss, accuracy and per-class table were computed, then lost with the PNG.
+    import errno
+
+    from resnet_jax import plots
+
+    def full(cm, names, path, title):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_confusion_matrix", full)
+    png = tmp_path / "cm.png"
+    rc, out, err = _main("evaluate", run[0], *(["--confusion-png", png] if asked else []), *(["--json"] if as_json else []))
+    if as_json:
+        report = json.loads(out)
+        assert report["test_acc"] == run[1]["test_acc"] and report["confusion_png"] is None
+    else:
+        assert f"acc {run[1]['test_acc']:.4f}" in out and "accuracy per class:" in out and "confusion matrix:" not in out
+    written = png if asked else run[0] / "confusion_latest.png"
+    line = f"could not write {written}: No space left on device"
+    if asked:
+        assert rc == 1 and err.strip().splitlines()[-1] == f"train.py evaluate: error: {line}", err
+    else:
+        assert rc == 0 and f"note: {line}, so no confusion-matrix PNG" in err, err
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(prepared_data_dir, tmp_path, monkeypatch):
