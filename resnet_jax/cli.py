@@ -218,9 +218,17 @@ class _Reporter:
                 with open(path, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in log)
                 self.metrics_file = open(path, "a")
-                self.metrics_whole = self.metrics_file.tell()  # the bytes of whole records
             except OSError as err:
                 raise UserError(f"cannot write {path}: {err.strerror or err}") from err
+            self.metrics_whole = self._whole()
+
+    def _whole(self) -> int | None:
+        """The bytes of whole records in metrics.jsonl; None where the file has no position
+        (a link to /dev/stderr, say: nothing to cut back there)."""
+        try:
+            return self.metrics_file.tell()
+        except OSError:  # io.UnsupportedOperation
+            return None
 
     def record(self, rec: dict) -> None:
         self.log.append(rec)
@@ -228,14 +236,16 @@ class _Reporter:
             try:
                 self.metrics_file.write(json.dumps(rec) + "\n")
                 self.metrics_file.flush()
-                self.metrics_whole = self.metrics_file.tell()
+                if self.metrics_whole is not None:
+                    self.metrics_whole = self._whole()
             except OSError as err:  # a disk filled by another program, a lost mount...
                 self.close_metrics()
                 # What fitted of the record (up to a buffer's boundary) would be a torn last line that
                 # json.loads refuses: the file goes back to its last whole record.
                 path = Path(self.config.output) / "metrics.jsonl"
-                with contextlib.suppress(OSError):
-                    os.truncate(path, self.metrics_whole)
+                if self.metrics_whole is not None:
+                    with contextlib.suppress(OSError):
+                        os.truncate(path, self.metrics_whole)
                 raise MetricsNotWritten(f"cannot write {path}: {err.strerror or err}") from err
 
     def on_start(self, info: dict) -> None:

@@ -25,7 +25,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output directory")
     p.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="the latest checkpoint (default), or the best by validation accuracy (runs trained with --val-split)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout (also when "
+                   "the confusion-matrix PNG then cannot be written: its confusion_png is null, and --confusion-png's "
+                   "failure still exits 1)")
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
@@ -133,7 +135,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
                 cm, spec.class_names, png, title=f"{config.dataset} test, epoch {ckpt.epoch} ({args.which})"
             )
         except OSError as err:  # a disk that filled since the check: the results are still shown, then this
-            png_error, png = f"could not write {png}: {err.strerror or err}", None
+            png_error = f"could not write {png}: {err.strerror or err}"
+            if png.exists():  # (written whole or not at all)
+                png_error += f" (the {png.name} there is an earlier evaluation's, left as it was)"
+            png = None
 
     report = {
         "checkpoint": str(ckpt.path), "epoch": ckpt.epoch, "dataset": config.dataset, "examples": result["count"],
@@ -154,7 +159,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if png_error:
         if args.confusion_png:  # asked for: the command failed (exit 1), after what it could do
             raise UserError(png_error)
-        emit(f"note: {png_error}, so no confusion-matrix PNG", file=sys.stderr, essential=False)
+        emit(f"note: {png_error}; no confusion-matrix PNG of this evaluation", file=sys.stderr, essential=False)
     return EXIT_OK
 
 

@@ -6,7 +6,7 @@ in a copy of the package, and runs the tests that should notice, stopping at the
 A mutation that no test fails is a hole in the suite, unless it is listed in EQUIVALENT with the
 reason it cannot change any result.
 
-    python tests/mutation_audit.py              # every mutation: 20-90 min on 2 CPU cores
+    python tests/mutation_audit.py              # every mutation: 40-90 min on 2 CPU cores
     python tests/mutation_audit.py bn_eps ...   # some of them
 
 It copies the tree to a temporary folder (the checkout is never touched) and prints one line per

@@ -87,6 +87,23 @@ def test_a_disk_full_while_logging_leaves_metrics_jsonl_whole(tmp_path):
     assert [json.loads(line)["step"] for line in whole.splitlines()[1:]] == [4]
 
 
+def test_a_metrics_jsonl_without_a_position_is_still_written(tmp_path):
+    # A metrics.jsonl linked to /dev/stderr (a pipe) has no position to cut back to on a write
+    # error: asking for it stopped the run at its start ("underlying stream is not seekable").
+    from resnet_jax.config import Config
+
+    read, write = os.pipe()
+    try:
+        (tmp_path / "metrics.jsonl").symlink_to(f"/proc/self/fd/{write}")
+        reporter = cli._Reporter(Config(output=str(tmp_path)), print, True, [])
+        reporter.record({"kind": "step", "step": 1, "loss": 2.0})
+        reporter.close()
+        assert json.loads(os.read(read, 1 << 16).decode()) == {"kind": "step", "step": 1, "loss": 2.0}
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_dir, capsys):
     # README's Python example: initial_state(config), then fit. It drew its weights from another
     # key than train.py did, so a learner's numbers disagreed with the command's.

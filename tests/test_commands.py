@@ -535,6 +535,7 @@ def test_a_png_a_full_disk_stops_costs_the_png_not_the_evaluation(run, tmp_path,
 
     monkeypatch.setattr(plots, "plot_confusion_matrix", full)
     png = tmp_path / "cm.png"
+    png.write_bytes(b"an earlier evaluation's")
     rc, out, err = _main("evaluate", run[0], *(["--confusion-png", png] if asked else []), *(["--json"] if as_json else []))
     if as_json:
         report = json.loads(out)
@@ -544,9 +545,11 @@ def test_a_png_a_full_disk_stops_costs_the_png_not_the_evaluation(run, tmp_path,
     written = png if asked else run[0] / "confusion_latest.png"
     line = f"could not write {written}: No space left on device"
     if asked:
-        assert rc == 1 and err.strip().splitlines()[-1] == f"train.py evaluate: error: {line}", err
+        assert png.read_bytes() == b"an earlier evaluation's"
+        assert rc == 1 and err.strip().splitlines()[-1] == (f"train.py evaluate: error: {line} (the cm.png there is an "
+                                                            "earlier evaluation's, left as it was)"), err
     else:
-        assert rc == 0 and f"note: {line}, so no confusion-matrix PNG" in err, err
+        assert rc == 0 and f"note: {line}" in err and "; no confusion-matrix PNG of this evaluation" in err, err
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_any_work(prepared_data_dir, tmp_path, monkeypatch):
