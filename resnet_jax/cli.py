@@ -214,11 +214,15 @@ class _Reporter:
             # A resumed run's metrics are the checkpoint's records, then its own: anything
             # logged after the checkpoint (an epoch that did not finish) is rewritten. (In place:
             # where it cannot be, the next --resume writes it again from the checkpoint.)
+            # Opened once: a named pipe (metrics.jsonl made with mkfifo, read by a live plotter)
+            # sees its reader's end of file when the writer closes, and a second open would wait
+            # for a reader that has gone.
             try:
-                with open(path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in log)
-                self.metrics_file = open(path, "a")
+                self.metrics_file = open(path, "w")
+                self.metrics_file.writelines(json.dumps(r) + "\n" for r in log)
+                self.metrics_file.flush()
             except OSError as err:
+                self.close_metrics()
                 raise UserError(f"cannot write {path}: {err.strerror or err}") from err
             self.metrics_whole = self._whole()
 

@@ -104,6 +104,35 @@ def test_a_metrics_jsonl_without_a_position_is_still_written(tmp_path):
         os.close(write)
 
 
+def test_metrics_jsonl_is_opened_once_so_a_named_pipe_keeps_its_reader(tmp_path, monkeypatch):
+    # metrics.jsonl made with mkfifo, for a live plotter: it was opened to write the resumed run's
+    # records, closed (its reader saw end of file and could go) and opened again, which then
+    # waits for a reader for ever.
+    import builtins
+    import threading
+
+    from resnet_jax.config import Config
+
+    fifo = tmp_path / "metrics.jsonl"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(Path(file).name if isinstance(file, (str, os.PathLike)) else file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    reporter = cli._Reporter(Config(output=str(tmp_path)), print, True, [{"kind": "epoch", "epoch": 1}])
+    reporter.record({"kind": "epoch", "epoch": 2})
+    reporter.close()
+    reader.join(timeout=30)
+    assert opened.count("metrics.jsonl") == 1
+    assert [json.loads(line)["epoch"] for line in got[0].splitlines()] == [1, 2]
+
+
 def test_fit_from_initial_state_computes_what_train_py_computes(prepared_data_dir, capsys):
     # README's Python example: initial_state(config), then fit. It drew its weights from another
     # key than train.py did, so a learner's numbers disagreed with the command's.
