@@ -26,12 +26,13 @@ Images are synthetic uint8 noise unless ``--data`` names the array cache that
 script never imports TensorFlow or TFDS (GPU machines need not have them).
 
 FLOPs: :func:`counted_gflop` counts the multiply-adds of every conv and the
-dense layer (x2), forward for evaluation, forward plus both backward products
-(minus the stem's unneeded input gradient) for training: 1.897 and 0.637 GFLOP
-per image at 96x96. It is exact for every size (the feature maps shrink with
-ceil-rounding, so (resize/96)^2 is only approximately right). XLA's own count
-(``cost_analysis()`` of the compiled step, which also counts BatchNorm and
-elementwise work) is printed beside it as a cross-check.
+dense layer (x2), every kernel tap included, those on padding too, forward for
+evaluation, forward plus both backward products (minus the stem's unneeded input
+gradient) for training: 1.897 and 0.637 GFLOP per image at 96x96. It is exact
+for every size (the feature maps shrink with ceil-rounding, so (resize/96)^2 is
+only approximately right). XLA's own count (``cost_analysis()`` of the step
+before optimisation: it skips the taps on padding and counts BatchNorm and
+elementwise work; 1.588 at 96x96) is printed beside it as a cross-check.
 
 Host memory: like train.py, the script restarts itself once with glibc asked for
 2 MiB pages (``resnet_jax/hugepages.py``), so JAX and PyTorch both run with them;
@@ -41,6 +42,7 @@ Host memory: like train.py, the script restarts itself once with glibc asked for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import inspect
@@ -50,6 +52,7 @@ import platform
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -145,8 +148,14 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def _xla_flops(lowered, compiled) -> float | None:
-    """XLA's FLOP count of the compiled program, else of the program before optimisation, else None."""
-    for stage in (compiled, lowered):
+    """XLA's FLOP count of the program before optimisation, else of the compiled one, else None.
+
+    The lowered program first: it holds the model's own convolutions and dots, and XLA counts
+    them alike on every backend. The compiled one on a GPU hands its convolutions to cuDNN as
+    custom calls, which XLA does not count (the H200's bench of 2026-12-04 recorded 0.021
+    GFLOP per training image that way, against 1.897 counted).
+    """
+    for stage in (lowered, compiled):
         try:
             cost = stage.cost_analysis()
         except Exception:  # noqa: BLE001 - an optional statistic; some backends raise
@@ -520,8 +529,13 @@ def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repe
                 total += y.numel()
         return correct / total
 
-    train_steps(1)  # warm-up: worker start-up, cuDNN autotuning
+    torch.backends.cudnn.benchmark = False  # its readers' default (the tuned loop restores it, but be sure)
+    # Warm-up: worker start-up; then past the batches the workers prepared while evaluate()
+    # ran (workers x prefetch_factor 2), so that no timed repeat starts with a queue the
+    # untimed part filled (the H200's repeats of 2026-12-04 rose from 19.2 to 21.3 ms).
+    train_steps(1)
     evaluate()
+    train_steps(2 * workers + 2)
     train_s, eval_s = _time_torch(train_steps, steps, evaluate, repeats, device)
     if not math.isfinite(metric[0]):
         raise RuntimeError("the chapter's PyTorch loop diverged")
@@ -567,13 +581,26 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     CUDA graphs, which removes most launches, and is what a fair comparison should try too.
     """
     import torch
-    from torch import nn
-    from torch.nn import functional as F
 
     device = _torch_device()
     if compile_model is None:
         compile_model = torch_compile_default(device.type)
+    # cuDNN's autotuning for this loop only: it is process-wide, and the chapter's loop, run next,
+    # must have its readers' default (off). The bench of 2026-12-04 left it on for that loop.
+    benchmark_was = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
+    try:
+        return _bench_torch_tuned(torch, device, train, test, resize, batch, dtype, repeats, steps, compile_model,
+                                  eval_batch, lr, seed, compile_mode)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_was
+
+
+def _bench_torch_tuned(torch, device, train, test, resize, batch, dtype, repeats, steps, compile_model, eval_batch,
+                       lr, seed, compile_mode) -> dict:
+    from torch import nn
+    from torch.nn import functional as F
+
     net = _torch_net(seed).to(device, memory_format=torch.channels_last)
     # fused SGD: one kernel for all parameters (CUDA, torch >= 2.3); the same update as plain SGD.
     fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
@@ -644,7 +671,10 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
         return float(correct) / len(test)
 
     t0 = time.perf_counter()
-    train_steps(1)  # warm-up; with torch.compile this is where it compiles
+    # Warm-up; with torch.compile this is where it compiles. Three steps: reduce-overhead runs
+    # its first calls without CUDA graphs and records them on a later one, which must not fall
+    # into a timed repeat.
+    train_steps(3)
     _torch_sync(device)
     evaluate()
     warmup_s = time.perf_counter() - t0
@@ -662,14 +692,15 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
         resize, dtype, batch, _torch_device_name(device), device.type,
         Timings(train_s, eval_s, steps), len(test), warmup_s if compile_model else None, _torch_peak(device),
         notes="; ".join(tricks) + f"; eval batch {eval_batch}; {torch.get_num_threads()} torch threads"
-              + ("; compile_s = first train step + first evaluation" if compile_model else ""),
+              + ("; compile_s = its first 3 train steps + first evaluation, run included (torch.compile compiles at the first call)"
+                 if compile_model else ""),
     )
 
 
 def bench_full_recipe(config: Config, train: Split, test: Split) -> dict:
     """``training.fit`` end to end: the whole recipe, compile and per-epoch evaluation included."""
+    t0 = time.perf_counter()  # from the initial state on, as train.py's run pays for it
     state = training.initial_state(config)  # what train.py starts from
-    t0 = time.perf_counter()
     result = training.fit(config, train, test, state)
     wall = time.perf_counter() - t0
     f = result.final
@@ -702,22 +733,65 @@ def environment(argv: list[str]) -> dict:
     import jaxlib
     import optax
 
+    import PIL
+
     versions = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                "flax": flax.__version__, "optax": optax.__version__, "torch": None}
+                "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+                "pillow": PIL.__version__, "torch": None, "torchvision": None}
+    d = jax.devices()[0]
+    with contextlib.suppress(Exception):  # e.g. "cuda 13000": the CUDA that jaxlib's plugin runs on
+        versions["jax_platform"] = d.client.platform_version
     if torch_available():
         import torch
 
         versions["torch"] = torch.__version__
-    d = jax.devices()[0]
+        if torch.cuda.is_available():
+            versions["torch_cuda"] = torch.version.cuda
+            versions["cudnn"] = torch.backends.cudnn.version()
+        with contextlib.suppress(ImportError):
+            import torchvision
+
+            versions["torchvision"] = torchvision.__version__
     return {
         "jax_device": d.device_kind if d.platform != "cpu" else training.cpu_name(),
         "jax_backend": d.platform,
         "cpu_count": os.cpu_count(),
+        "gpu_driver": _nvidia_driver() if d.platform == "gpu" else None,
         "host_pages": "2 MiB (glibc.malloc.hugetlb=1)" if hugepages.active() else "default (4 KiB unless the kernel says always)",
         "versions": versions,
+        "code": _code_version(),
+        # What changes XLA's or the libraries' choices without a flag of ours.
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + shlex.join(argv),
     }
+
+
+ENV_PREFIXES = ("XLA_", "JAX_", "TF_CPP_", "TF_FORCE_GPU", "LIBTPU_", "CUDA_VISIBLE_DEVICES", "NVIDIA_TF32", "TORCH_", "OMP_",
+                "GLIBC_TUNABLES", "RESNET_JAX_")
+
+
+def _nvidia_driver() -> str | None:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return out[0] if out else None
+    return None
+
+
+def _code_version() -> str:
+    """The commit of the code measured, "+ changes" where the tree differs from it; or why unknown
+    (the device machines get a copy of the tree without .git: BENCHMARKS.md names the commit)."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=repo, timeout=30)
+        if head.returncode != 0:
+            return "unknown (no git repository)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=repo, timeout=30).stdout.strip()
+        return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
 
 
 def speedups(rows: list[dict]) -> list[dict]:
@@ -749,7 +823,19 @@ def _gib(b):
 
 COLUMNS = (
     "implementation", "resize", "dtype", "batch", "train img/s", "eval img/s", "step ms (median)",
-    "spread ms (max-min)", "compile s", "peak device mem", "train TFLOP/s", "MFU", "GFLOP/img counted (XLA)",
+    "spread ms (max-min)", "compile s", "peak device mem", "train TFLOP/s", "MFU", "GFLOP/img counted, all taps (XLA)",
+)
+
+# Printed under the table: what its less obvious columns mean (the README's and BENCHMARKS.md's
+# figures are read from it).
+COLUMN_NOTES = (
+    "GFLOP/img counted, all taps: every kernel tap of every convolution, padding included (what a dense "
+    "convolution computes; counted_gflop), training as 3x the forward pass less the stem's input gradient. "
+    "XLA's count (in brackets, of the program before optimisation) skips the taps that fall on padding (at "
+    "28x28 most of the 3x3 taps on the last, 1x1 maps) and adds BatchNorm, ReLU and the update. Train TFLOP/s and MFU use the all-taps count; "
+    "MFU divides by the device's dense peak (bf16; TF32 for float32)",
+    "compile s: JAX's trace, lower and compile of the training step; the tuned PyTorch's first training steps and "
+    "first evaluation, run included (torch.compile compiles at the first call)",
 )
 
 
@@ -761,6 +847,11 @@ def markdown(report: dict) -> str:
         f"Device: {env['jax_device']} ({env['jax_backend']} backend, {env['cpu_count']} CPUs); "
         f"JAX {v['jax']}, jaxlib {v['jaxlib']}, Flax {v['flax']}, Optax {v['optax']}, PyTorch {v['torch'] or 'not installed'}, "
         f"Python {v['python']}; {env['date']}; host memory pages: {env.get('host_pages', 'not recorded')}.",
+        *(["Also: " + ", ".join(f"{k} {v[k]}" for k in ("numpy", "pillow", "torchvision", "jax_platform", "torch_cuda", "cudnn")
+                                 if v.get(k) is not None)
+           + (f", GPU driver {env['gpu_driver']}" if env.get("gpu_driver") else "") + "."] if "pillow" in v else []),
+        f"Code: {env.get('code', 'not recorded')}; environment: "
+        + (", ".join(f"{k}={val}" for k, val in env["env"].items()) if env.get("env") else "no XLA_/JAX_/TORCH_/... variables set") + ".",
         f"Data: {report['data']}.",
         f"Command: `{env['command']}`",
         "",
@@ -783,6 +874,12 @@ def markdown(report: dict) -> str:
                 f"- {s['resize']}x{s['resize']}, JAX {s['jax_dtype']} vs {s['versus']} ({s['versus_dtype']}): "
                 f"training {s['train_speedup']:.2f}x, evaluation {s['eval_speedup']:.2f}x"
             )
+    if report["rows"]:
+        r0 = report["rows"][0]
+        lines += ["", f"Step times: the median and spread of {len(r0['step_ms_all'])} timed repeats of "
+                      f"{r0['steps_per_repeat']} steps each, after a warm-up; evaluation: the median of "
+                      f"{len(r0['eval_s_all'])} passes over {r0['eval_images']:,} images."]
+        lines += [f"- {note}." for note in COLUMN_NOTES]
     peak_rss = max((r["peak_rss_bytes"] for r in report["rows"]), default=_peak_rss_bytes())
     lines += ["", f"Process peak RSS (host memory, not device memory; whole run): {_gib(peak_rss)}."]
     rounds = max((r.get("rounds", 1) for r in report["rows"]), default=1)
@@ -822,15 +919,14 @@ def merge_rounds(rows: list[dict]) -> dict:
 
     Step and evaluation times are pooled and every statistic is derived again from
     the pool. Compile time and FLOP counts are the first round's (later rounds reuse
-    the caches); device and host peaks are the highest seen.
+    the caches); the device peak is the first round's too (a process-wide high-water mark,
+    which a later round may read after a bigger program); the host peak is the highest seen.
     """
     if len(rows) == 1:
         return rows[0]
     row = dict(rows[0])
     row["step_ms_all"] = [ms for r in rows for ms in r["step_ms_all"]]
     row["eval_s_all"] = [t for r in rows for t in r["eval_s_all"]]
-    peaks = [r["peak_device_bytes"] for r in rows if r["peak_device_bytes"] is not None]
-    row["peak_device_bytes"] = max(peaks) if peaks else None
     row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rows)
     row["rounds"] = len(rows)
     return _with_statistics(row)
@@ -846,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, nargs="+", default=[96, 28], help="image sides to measure")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES, help="computation dtypes (JAX and tuned PyTorch)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up")
-    p.add_argument("--rounds", type=int, default=1, help="measure every implementation this many times in turn (JAX, tuned, chapter, JAX, ...) and pool the repeats, so that a drift of the machine's speed hits all of them alike")
+    p.add_argument("--rounds", type=int, default=1, help="measure every implementation this many times in turn, each round starting one later (JAX, tuned, chapter; tuned, chapter, JAX; ...), and pool the repeats, so that a drift of the machine's speed hits all of them alike")
     p.add_argument("--steps", type=int, default=None, help="training steps per timed repeat (default: fit's steps per dispatch: 32 on GPU/TPU, 1 on CPU)")
     p.add_argument("--train-examples", type=int, default=60_000,
                    help="training set size: synthetic, or with --data its first N images (59,904 = 234 x 256 leaves "
@@ -911,32 +1007,31 @@ def run(args, argv: list[str], say=print) -> dict:
     measured: list[dict] = []
     # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
     for resize in sorted(set(args.resize)):
-        rounds: list[list[dict]] = []
+        jobs = []  # (what is said, the measurement), in the order of the table
+        for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
+            config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
+                            eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
+            jobs.append((f"JAX {resize}x{resize} {dtype}", functools.partial(bench_jax, config, train, test, args.repeats, steps)))
+            if use_torch:
+                jobs.append((f"PyTorch tuned {resize}x{resize} {dtype}", functools.partial(
+                    bench_torch_tuned, train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch,
+                    args.eval_batch, compile_mode=args.torch_compile_mode)))
+        if use_torch:
+            jobs.append((f"PyTorch chapter's loop {resize}x{resize}", functools.partial(
+                bench_torch_chapter, train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers)))
+        taken: list[list[dict]] = [[] for _ in jobs]  # each job's row of every round
         for r in range(args.rounds):
             tag = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
-            rows = []
-
-            def add(row):  # with one round each row is final as soon as it is measured
-                rows.append(row)
-                if args.rounds == 1:
-                    save(measured + rows, done=False)
-
-            for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
-                config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
-                                eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
-                say(f"JAX {resize}x{resize} {dtype}{tag} ...")
-                add(bench_jax(config, train, test, args.repeats, steps))
-                if use_torch:
-                    say(f"PyTorch tuned {resize}x{resize} {dtype}{tag} ...")
-                    add(bench_torch_tuned(
-                        train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch, args.eval_batch,
-                        compile_mode=args.torch_compile_mode))
-            if use_torch:
-                say(f"PyTorch chapter's loop {resize}x{resize}{tag} ...")
-                add(bench_torch_chapter(
-                    train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers))
-            rounds.append(rows)
-        measured += [merge_rounds(list(same)) for same in zip(*rounds)]
+            # Each round starts one job later (JAX, tuned, chapter; tuned, chapter, JAX; ...), so
+            # that no implementation always runs first, on a machine fresh from the last one's rest.
+            # The first round keeps the table's order: peak device memory is a process-wide
+            # high-water mark, and bf16 before float32 keeps the smaller reading its own.
+            for i in (k % len(jobs) for k in range(r, r + len(jobs))):
+                say(f"{jobs[i][0]}{tag} ...")
+                taken[i].append(jobs[i][1]())
+                # Saved after every measurement: a run cut off (a time limit) keeps what it has.
+                save(measured + [merge_rounds(rows) for rows in taken if rows], done=False)
+        measured += [merge_rounds(rows) for rows in taken]
         save(measured, done=False)
     if args.full_recipe:
         config = Config(epochs=args.recipe_epochs, dtype=args.dtype[0], conv_impl=args.conv_impl)

@@ -45,7 +45,11 @@ def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
     report = json.loads((tmp_path / "bench.json").read_text())
     env = report["environment"]
     assert env["command"].endswith("bench.py " + " ".join(argv))
-    assert env["versions"]["jax"] and env["versions"]["flax"] and env["versions"]["optax"]
+    assert env["versions"]["jax"] and env["versions"]["flax"] and env["versions"]["optax"] and env["versions"]["pillow"]
+    # The commit measured (this checkout is a git clone; "+ uncommitted changes" while one edits it).
+    assert env["code"].split()[0] == subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                    text=True, cwd=BENCHMARKS.parent).stdout.strip()
+    assert env["env"].get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES")
     assert "synthetic" in report["data"]
 
     impls = [r["impl"] for r in report["rows"]]
@@ -69,10 +73,15 @@ def test_toy_run_writes_json_and_markdown(tmp_path, capsys):
     assert md in capsys.readouterr().out
 
 
-def test_rounds_interleave_and_pool(tmp_path):
+def test_rounds_interleave_and_pool(tmp_path, capsys):
     argv = ["--batch", "4", "--resize", "17", "--repeats", "2", "--rounds", "2", "--train-examples", "8",
             "--eval-examples", "8", "--torch-workers", "0", "--torch-threads", "1", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "(round " in line]
+    if bench.torch_available():  # each round starts one implementation later
+        assert said == ["JAX 17x17 float32 (round 1/2) ...", "PyTorch tuned 17x17 float32 (round 1/2) ...",
+                        "PyTorch chapter's loop 17x17 (round 1/2) ...", "PyTorch tuned 17x17 float32 (round 2/2) ...",
+                        "PyTorch chapter's loop 17x17 (round 2/2) ...", "JAX 17x17 float32 (round 2/2) ..."]
     report = json.loads((tmp_path / "bench.json").read_text())
     expected = ["jax", "torch_tuned", "torch_chapter"] if bench.torch_available() else ["jax"]
     assert [r["impl"] for r in report["rows"]] == expected  # one row per implementation, not per round
@@ -81,6 +90,32 @@ def test_rounds_interleave_and_pool(tmp_path):
         assert row["step_ms_median"] == statistics.median(row["step_ms_all"])
         assert row["train_images_per_s"] == row["batch"] / (row["step_ms_median"] / 1000)
     assert "pooled over 2 interleaved rounds" in (tmp_path / "bench.md").read_text()
+
+
+def test_xla_counts_the_program_before_optimisation_first():
+    # On a GPU the compiled program's convolutions are cuDNN calls that XLA does not count: the
+    # H200's bench recorded 0.021 GFLOP per training image from it, against 1.897 counted.
+    class Stage:
+        def __init__(self, flops):
+            self.flops = flops
+
+        def cost_analysis(self):
+            return {"flops": self.flops}
+
+    assert bench._xla_flops(Stage(1.5e9), Stage(2e7)) == 1.5e9
+    assert bench._xla_flops(Stage(0.0), Stage(2e7)) == 2e7  # a backend without a count for the lowered one
+
+
+@pytest.mark.skipif(not bench.torch_available(), reason="needs torch")
+def test_the_tuned_loop_leaves_cudnn_autotuning_as_it_found_it():
+    # It turns cuDNN's autotuning on for itself; the chapter's loop, measured after it in the same
+    # process, ran with it too on the H200 (2026-12-04), which its readers never do.
+    import torch
+
+    train, test = bench.synthetic_splits(8, 8)
+    assert torch.backends.cudnn.benchmark is False
+    bench.bench_torch_tuned(train, test, 17, 4, "float32", 1, 1, compile_model=False)
+    assert torch.backends.cudnn.benchmark is False
 
 
 def test_full_recipe_times_fit_end_to_end():
