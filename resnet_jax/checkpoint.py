@@ -120,7 +120,16 @@ def metadata(config: Config, spec: DatasetSpec, steps_per_epoch: int | None = No
         "dtype": config.dtype,
         "steps_per_epoch": steps_per_epoch if steps_per_epoch is not None else config.steps_per_epoch,
         "versions": versions(),
+        "backend": jax.default_backend(),  # what the config's platform defaults meant (differences)
+        "prng": prng_settings(),
     }
+
+
+def prng_settings() -> dict:
+    """JAX's settings that decide what a key draws: the same seed shuffles and augments otherwise
+    under another (JAX_THREEFRY_PARTITIONABLE=0 gave another run from seed 0)."""
+    return {"impl": str(jax.config.jax_default_prng_impl),
+            "threefry_partitionable": bool(jax.config.jax_threefry_partitionable)}
 
 
 def differences(saved: dict, current: dict) -> list[str]:
@@ -130,7 +139,20 @@ def differences(saved: dict, current: dict) -> list[str]:
         for key in MODEL_KEYS
         if saved.get(key) != current[key]
     ]
+    # (Absent from checkpoints saved before it was recorded: not compared.)
+    for key, value in (saved.get("prng") or {}).items():
+        if key in current.get("prng", {}) and value != current["prng"][key]:
+            diffs.append(f"JAX's random numbers: {key} (checkpoint {value!r}, now {current['prng'][key]!r})")
     old, new = saved.get("config", {}), current["config"]
+    if saved.get("backend") is not None and saved.get("backend") == current.get("backend"):
+        # On the same platform the default (None) is that platform's number of steps per
+        # dispatch: a run started without the flag continues with it given as that number.
+        from resnet_jax.training import steps_per_dispatch
+
+        k_old, k_new = (steps_per_dispatch(Config(steps_per_dispatch=c.get("steps_per_dispatch")), current["backend"])
+                        for c in (old, new))
+        if k_old == k_new:
+            old, new = {**old, "steps_per_dispatch": k_old}, {**new, "steps_per_dispatch": k_new}
     for key in sorted(set(old) | set(new)):
         if key in RESUMABLE_FIELDS or key in MODEL_KEYS or old.get(key) == new.get(key):
             continue  # (a model key, dtype say, is named once, above)

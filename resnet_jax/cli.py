@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may change with a constant learning rate; --keep, --log-every, --offline, --output and the data and --export-torch paths may change; the rest must match, --init-from-torch too: the path the run started from, which is not read again)")
     g.add_argument("--keep", type=int, default=None, metavar="K", help=f"latest checkpoints kept in --output (default: {d.keep})")
     g.add_argument("--val-split", type=int, default=d.val_split, metavar="N", help="hold out the last N training examples; keep the checkpoint of best accuracy on them in --output/best (default: off, the chapter's recipe)")
-    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps to --output's metrics.jsonl (rounded up to whole dispatches)")
+    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps, and at each epoch's end, to --output's metrics.jsonl (rounded up to whole dispatches)")
     g.add_argument("--json", action="store_true", help="print one final JSON line on stdout (reports go to stderr)")
     g = p.add_argument_group("PyTorch weights", "state_dicts of the chapter's nn.Sequential net (needs torch)")
     g.add_argument("--init-from-torch", default=None, metavar="FILE.pt", help="start from this state_dict; the step count continues from its num_batches_tracked")
@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0..N-1")
     g.add_argument("--init-timeout", type=int, default=None, metavar="S",
                    help=f"seconds the processes wait for each other at the start (default {processes.INIT_TIMEOUT_S}, JAX's)")
-    g = p.add_argument_group("performance (same math)")
+    g = p.add_argument_group(
+        "performance", "the same model and recipe; all but --compile-cache change the numbers a little "
+        "(rounding: sums in another order, and bf16's)")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="computation dtype; parameters stay float32")
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch, help="training steps per jitted call (default: 32 on GPU/TPU, 1 on CPU, where XLA's loops are slow)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation batch")

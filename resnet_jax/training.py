@@ -589,13 +589,22 @@ class _StepMonitor:
         for key, value in (("loss", m["loss"] * m["count"]), ("correct", m["acc"] * m["count"]), ("count", m["count"])):
             self._since[key] += value
         if self.step // self.log_every > (self.step - steps) // self.log_every:
-            n = self._since["count"]
-            self.on_log({"epoch": epoch, "step": self.step, "train_loss": self._since["loss"] / n,
-                         "train_acc": self._since["correct"] / n, "examples": n})
-            self._restart_sums()
+            self._log(epoch)
+
+    def end_epoch(self, epoch: int) -> None:
+        """The epoch's steps since its last record, in one more: every step is in one record
+        (d2l's train_ch6 plots the epoch's last batch too)."""
+        if self.log_every and self._since["count"]:
+            self._log(epoch)
 
     def new_epoch(self) -> None:
         # Each log record stays within one epoch, so a resumed run logs what the uninterrupted one did.
+        self._restart_sums()
+
+    def _log(self, epoch: int) -> None:
+        n = self._since["count"]
+        self.on_log({"epoch": epoch, "step": self.step, "train_loss": self._since["loss"] / n,
+                     "train_acc": self._since["correct"] / n, "examples": n})
         self._restart_sums()
 
     def _restart_sums(self) -> None:
@@ -1023,6 +1032,7 @@ def fit(
         train_metrics = _to_host(sums)  # waits for the epoch's last step
         if pending is not None:
             monitor.add(*pending, epoch + 1)
+        monitor.end_epoch(epoch + 1)
         epoch_time = time.perf_counter() - t0
         hooks.on_progress(done, steps_per_epoch, train_metrics)
         test_metrics = eval_test(state)

@@ -152,10 +152,13 @@ def test_latest_k_and_best_by_validation(uninterrupted):
 def test_step_log_is_every_n_steps_within_each_epoch(uninterrupted):
     _, _, log = uninterrupted
     steps = [r["step"] for r in log if r["kind"] == "steps"]
-    # 3 steps per epoch, log every 2: a record when a multiple of 2 is crossed, reset at each epoch.
-    assert steps == [2, 4, 6, 8]
+    # 3 steps per epoch, log every 2: a record when a multiple of 2 is crossed, reset at each
+    # epoch, and one for the epoch's steps after its last record (steps 3 and 9 were in none).
+    assert steps == [2, 3, 4, 6, 8, 9]
     epoch2 = [r for r in log if r["kind"] == "steps" and r["epoch"] == 2]
     assert [r["examples"] for r in epoch2] == [32, 40]  # step 4 alone; steps 5-6 (32 + 8 examples)
+    for epoch in (1, 2, 3):  # every example of the epoch in one record
+        assert sum(r["examples"] for r in log if r["kind"] == "steps" and r["epoch"] == epoch) == 72
 
 
 def test_nan_loss_stops_with_its_step_and_keeps_the_good_checkpoint(uninterrupted, tmp_path, monkeypatch):
@@ -383,6 +386,30 @@ def test_a_path_inside_a_run_points_to_the_run(uninterrupted):
     for inside in (run / "checkpoints", run / "checkpoints" / "3"):
         with pytest.raises(CheckpointError, match=f"did you mean {run}, the run directory"):
             checkpoint.load_for_inference(inside)
+
+
+def test_the_platform_default_of_steps_per_dispatch_given_as_its_number_resumes():
+    # A CPU run started without --steps-per-dispatch (1 there) refused
+    # `--resume --steps-per-dispatch 1`: "steps_per_dispatch (checkpoint None, now 1)".
+    meta = lambda k, backend: {**checkpoint.metadata(CONFIG.replace(steps_per_dispatch=k), FASHION_MNIST), "backend": backend}
+    assert checkpoint.differences(meta(None, "cpu"), meta(1, "cpu")) == []
+    assert checkpoint.differences(meta(32, "gpu"), meta(None, "gpu")) == []
+    assert checkpoint.differences(meta(None, "cpu"), meta(2, "cpu")) == ["steps_per_dispatch (checkpoint None, now 2)"]
+    # Where the checkpoint's platform is another (or unknown: saved before it was recorded), the
+    # default meant another number there: the flags are compared as given.
+    assert checkpoint.differences(meta(None, "gpu"), meta(1, "cpu")) == ["steps_per_dispatch (checkpoint None, now 1)"]
+    assert checkpoint.differences(meta(None, None), meta(1, "cpu")) == ["steps_per_dispatch (checkpoint None, now 1)"]
+    assert checkpoint.metadata(CONFIG, FASHION_MNIST)["backend"] == jax.default_backend()
+
+
+def test_jax_random_settings_that_draw_other_numbers_are_refused_on_resume():
+    # JAX_THREEFRY_PARTITIONABLE=0 at --resume was accepted, and the run went on with other shuffles.
+    saved = checkpoint.metadata(CONFIG, FASHION_MNIST)
+    other = {**saved, "prng": {**saved["prng"], "threefry_partitionable": not saved["prng"]["threefry_partitionable"]}}
+    assert checkpoint.differences(saved, other) == [
+        f"JAX's random numbers: threefry_partitionable (checkpoint {saved['prng']['threefry_partitionable']!r}, "
+        f"now {other['prng']['threefry_partitionable']!r})"]
+    assert checkpoint.differences({k: v for k, v in saved.items() if k != "prng"}, other) == []  # an older checkpoint
 
 
 def test_a_checkpoint_of_another_model_is_refused(uninterrupted):
