@@ -31,8 +31,10 @@ evaluation, forward plus both backward products (minus the stem's unneeded input
 gradient) for training: 1.897 and 0.637 GFLOP per image at 96x96. It is exact
 for every size (the feature maps shrink with ceil-rounding, so (resize/96)^2 is
 only approximately right). XLA's own count (``cost_analysis()`` of the step
-before optimisation: it skips the taps on padding and counts BatchNorm and
-elementwise work; 1.588 at 96x96) is printed beside it as a cross-check.
+before optimisation, which also counts BatchNorm and elementwise work; it skips
+the taps on padding of the convolutions that lower as XLA convolutions, but not of
+those that lower as patches, on CPU the smallest maps: 1.588 at 96x96 and 0.134 at
+28x28 on CPU, 1.585 and 0.107 as lowered for a GPU) is printed beside it as a cross-check.
 
 Host memory: like train.py, the script restarts itself once with glibc asked for
 2 MiB pages (``resnet_jax/hugepages.py``), so JAX and PyTorch both run with them;
@@ -831,8 +833,9 @@ COLUMNS = (
 COLUMN_NOTES = (
     "GFLOP/img counted, all taps: every kernel tap of every convolution, padding included (what a dense "
     "convolution computes; counted_gflop), training as 3x the forward pass less the stem's input gradient. "
-    "XLA's count (in brackets, of the program before optimisation) skips the taps that fall on padding (at "
-    "28x28 most of the 3x3 taps on the last, 1x1 maps) and adds BatchNorm, ReLU and the update. Train TFLOP/s and MFU use the all-taps count; "
+    "XLA's count (in brackets, of the program before optimisation) adds BatchNorm, ReLU and the update, and "
+    "skips the taps on padding of the convolutions that lower as XLA convolutions (on CPU the smallest maps "
+    "lower as patches, whose padding it counts). Train TFLOP/s and MFU use the all-taps count; "
     "MFU divides by the device's dense peak (bf16; TF32 for float32)",
     "compile s: JAX's trace, lower and compile of the training step; the tuned PyTorch's first training steps and "
     "first evaluation, run included (torch.compile compiles at the first call)",
@@ -1029,8 +1032,12 @@ def run(args, argv: list[str], say=print) -> dict:
             for i in (k % len(jobs) for k in range(r, r + len(jobs))):
                 say(f"{jobs[i][0]}{tag} ...")
                 taken[i].append(jobs[i][1]())
-                # Saved after every measurement: a run cut off (a time limit) keeps what it has.
-                save(measured + [merge_rounds(rows) for rows in taken if rows], done=False)
+                # Saved after every measurement, so that a run cut off (a time limit) keeps what it
+                # has: the first round's rows as they come, then only whole rounds (pooling one
+                # implementation's second round but not another's would compare unlike things).
+                whole = min(len(rows) for rows in taken)
+                save(measured + ([merge_rounds(rows[:whole]) for rows in taken] if whole
+                                 else [rows[0] for rows in taken if rows]), done=False)
         measured += [merge_rounds(rows) for rows in taken]
         save(measured, done=False)
     if args.full_recipe:

@@ -139,20 +139,21 @@ def differences(saved: dict, current: dict) -> list[str]:
         for key in MODEL_KEYS
         if saved.get(key) != current[key]
     ]
-    # (Absent from checkpoints saved before it was recorded: not compared.)
-    for key, value in (saved.get("prng") or {}).items():
-        if key in current.get("prng", {}) and value != current["prng"][key]:
-            diffs.append(f"JAX's random numbers: {key} (checkpoint {value!r}, now {current['prng'][key]!r})")
+    # (Absent from checkpoints saved before it was recorded, or not a record of ours: not compared.)
+    saved_prng, current_prng = saved.get("prng"), current.get("prng")
+    if isinstance(saved_prng, dict) and isinstance(current_prng, dict):
+        for key, value in saved_prng.items():
+            if key in current_prng and value != current_prng[key]:
+                diffs.append(f"JAX's random numbers: {key} (checkpoint {value!r}, now {current_prng[key]!r})")
     old, new = saved.get("config", {}), current["config"]
-    if saved.get("backend") is not None and saved.get("backend") == current.get("backend"):
-        # On the same platform the default (None) is that platform's number of steps per
-        # dispatch: a run started without the flag continues with it given as that number.
-        from resnet_jax.training import steps_per_dispatch
-
-        k_old, k_new = (steps_per_dispatch(Config(steps_per_dispatch=c.get("steps_per_dispatch")), current["backend"])
-                        for c in (old, new))
-        if k_old == k_new:
-            old, new = {**old, "steps_per_dispatch": k_old}, {**new, "steps_per_dispatch": k_new}
+    k_old, k_new = (_steps_per_dispatch(c, meta.get("backend")) for c, meta in ((old, saved), (new, current)))
+    if k_old is not None and k_new is not None:
+        # The numbers of steps per dispatch the two runs take (the default, None, is the
+        # platform's): a CPU run started without the flag continues with `--steps-per-dispatch 1`,
+        # and a GPU run's default of 32 is not silently 1 on a CPU.
+        old, new = {**old, "steps_per_dispatch": k_old}, {**new, "steps_per_dispatch": k_new}
+        if k_old != k_new:
+            diffs.append(f"steps_per_dispatch (checkpoint {_k_said(k_old, saved)}, now {_k_said(k_new, current)})")
     for key in sorted(set(old) | set(new)):
         if key in RESUMABLE_FIELDS or key in MODEL_KEYS or old.get(key) == new.get(key):
             continue  # (a model key, dtype say, is named once, above)
@@ -160,9 +161,28 @@ def differences(saved: dict, current: dict) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):  # the recipe: name the ingredients that differ
             diffs += [f"{key}.{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})"
                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        else:
+        elif key != "steps_per_dispatch" or k_old is None or k_new is None:  # (named above)
             diffs.append(f"{key} (checkpoint {a!r}, now {b!r})")
     return diffs
+
+
+def _steps_per_dispatch(config: dict, backend) -> int | None:
+    """The steps per dispatch a run with ``config`` on ``backend`` takes; None where unknown (a
+    checkpoint saved before its platform was recorded, or a value no run could have had)."""
+    from resnet_jax.config import ConfigError
+    from resnet_jax.training import steps_per_dispatch
+
+    if not isinstance(backend, str):
+        return None
+    try:
+        return steps_per_dispatch(Config(steps_per_dispatch=config.get("steps_per_dispatch")), backend)
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def _k_said(k: int, meta: dict) -> str:
+    given = meta.get("config", {}).get("steps_per_dispatch") is not None
+    return f"{k}" if given else f"{k}, the default on {meta['backend']}"
 
 
 @dataclass

@@ -558,7 +558,8 @@ class Hooks:
     on_start: Callable[[dict], None] = lambda info: None
     on_progress: Callable[[int, int, dict | None], None] = lambda done, total, last: None
     on_epoch: Callable[[dict], None] = lambda record: None
-    # Train loss/acc over the last config.log_every steps (at dispatch granularity).
+    # Train loss/acc since the last record: every config.log_every steps (at dispatch
+    # granularity), and the epoch's rest at its end.
     on_log: Callable[[dict], None] = lambda record: None
     # After each epoch's record, with a copy of the state that ends it (the hook may keep it) and
     # the history so far: save here.

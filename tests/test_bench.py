@@ -118,6 +118,30 @@ def test_the_tuned_loop_leaves_cudnn_autotuning_as_it_found_it():
     assert torch.backends.cudnn.benchmark is False
 
 
+@pytest.mark.skipif(not bench.torch_available(), reason="needs torch: the rounds of one implementation alone do not interleave")
+def test_a_run_cut_off_in_its_second_round_keeps_its_first_round_whole(tmp_path, monkeypatch):
+    # It saved the tuned and chapter rows pooled over two rounds beside JAX's of one, under
+    # "pooled over 2 interleaved rounds", and compared them.
+    calls, real = [], bench.bench_jax
+
+    def jax_then_cut_off(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # round 2 runs it last: the others have their second round by then
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_jax", jax_then_cut_off)
+    argv = ["--batch", "4", "--resize", "17", "--repeats", "1", "--rounds", "2", "--train-examples", "8",
+            "--eval-examples", "8", "--torch-workers", "0", "--torch-threads", "1", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is False
+    assert [r["impl"] for r in report["rows"]] == ["jax", "torch_tuned", "torch_chapter"]
+    assert all(len(r["step_ms_all"]) == 1 and "rounds" not in r for r in report["rows"])
+    assert "interleaved rounds" not in (tmp_path / "bench.md").read_text()
+
+
 def test_full_recipe_times_fit_end_to_end():
     train, test = bench.synthetic_splits(8, 8)
     result = bench.bench_full_recipe(Config(epochs=1, batch_size=4, resize=17), train, test)

@@ -388,18 +388,25 @@ def test_a_path_inside_a_run_points_to_the_run(uninterrupted):
             checkpoint.load_for_inference(inside)
 
 
-def test_the_platform_default_of_steps_per_dispatch_given_as_its_number_resumes():
+def test_steps_per_dispatch_is_compared_as_the_number_each_run_takes():
     # A CPU run started without --steps-per-dispatch (1 there) refused
-    # `--resume --steps-per-dispatch 1`: "steps_per_dispatch (checkpoint None, now 1)".
+    # `--resume --steps-per-dispatch 1`: "steps_per_dispatch (checkpoint None, now 1)"; and a GPU
+    # run's default (32) resumed on a CPU with the default there (1) was accepted, silently.
     meta = lambda k, backend: {**checkpoint.metadata(CONFIG.replace(steps_per_dispatch=k), FASHION_MNIST), "backend": backend}
     assert checkpoint.differences(meta(None, "cpu"), meta(1, "cpu")) == []
     assert checkpoint.differences(meta(32, "gpu"), meta(None, "gpu")) == []
-    assert checkpoint.differences(meta(None, "cpu"), meta(2, "cpu")) == ["steps_per_dispatch (checkpoint None, now 2)"]
-    # Where the checkpoint's platform is another (or unknown: saved before it was recorded), the
-    # default meant another number there: the flags are compared as given.
-    assert checkpoint.differences(meta(None, "gpu"), meta(1, "cpu")) == ["steps_per_dispatch (checkpoint None, now 1)"]
+    assert checkpoint.differences(meta(None, "gpu"), meta(32, "cpu")) == []
+    assert checkpoint.differences(meta(None, "cpu"), meta(2, "cpu")) == [
+        "steps_per_dispatch (checkpoint 1, the default on cpu, now 2)"]
+    assert checkpoint.differences(meta(None, "gpu"), meta(None, "cpu")) == [
+        "steps_per_dispatch (checkpoint 32, the default on gpu, now 1, the default on cpu)"]
+    # A checkpoint saved before the platform was recorded: the flags as given.
     assert checkpoint.differences(meta(None, None), meta(1, "cpu")) == ["steps_per_dispatch (checkpoint None, now 1)"]
     assert checkpoint.metadata(CONFIG, FASHION_MNIST)["backend"] == jax.default_backend()
+    # A meta of someone else's making is compared, not a crash (AttributeError, ConfigError).
+    odd = meta(None, "cpu")
+    odd = {**odd, "prng": "threefry2x32", "config": {**odd["config"], "steps_per_dispatch": 0}}
+    assert checkpoint.differences(odd, meta(None, "cpu")) == ["steps_per_dispatch (checkpoint 0, now None)"]
 
 
 def test_jax_random_settings_that_draw_other_numbers_are_refused_on_resume():
