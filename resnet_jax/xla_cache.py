@@ -67,7 +67,35 @@ def use(setting: tuple[Path | None, bool], say) -> Path | None:
             # past this size JAX deletes the least recently used ones. That needs filelock (a
             # dependency of ours); without it JAX would cache nothing at all, so no limit then.
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+        add_missing_atimes(folder)
     return folder
+
+
+def add_missing_atimes(folder: Path) -> int:
+    """Give each entry of the cache in ``folder`` that lacks one the access-time file JAX's size
+    limit reads (its time: the entry's own); how many were added.
+
+    JAX writes an entry's ``-atime`` file only under a size limit (``use`` sets one). A JAX program
+    run without one on the same folder (a user's own, with ``$JAX_COMPILATION_CACHE_DIR`` set
+    for everything, say), or one killed between an entry's two writes, leaves an entry without
+    it; and under a limit JAX reads every entry's before each write, so from then on it stored
+    nothing: train.py said "could not store ... No such file or directory: ...-atime" for every
+    program of every run, and compiled them all each time.
+    """
+    added = 0
+    with contextlib.suppress(OSError):  # a folder gone or unreadable: nothing to add
+        for entry in folder.glob("*-cache"):
+            atime = entry.with_name(entry.name[: -len("-cache")] + "-atime")
+            if atime.exists():
+                continue
+            try:
+                stamp = entry.stat().st_mtime_ns.to_bytes(8, "little")  # JAX's format: ns, little-endian
+                with open(atime, "xb") as f:  # never over one that JAX has just written
+                    f.write(stamp)
+                added += 1
+            except OSError:  # the entry evicted meanwhile, a read-only folder...: JAX copes or says so
+                continue
+    return added
 
 
 # JAX's warnings about one entry of the persistent compilation cache (jax/_src/compiler.py).
@@ -102,7 +130,11 @@ def repairing(folder: Path | None, say):
                 return show(message, category, filename, lineno, file, line)
             verb, name, why = m.groups()
             removed = _remove_damaged_entries(folder, name)
-            if verb == "writing":
+            if verb == "writing" and "-atime" in why and (added := add_missing_atimes(folder)):
+                say(f"note: could not store {name} in the compile cache {folder}: {added} of its entries, written by "
+                    "JAX without a size limit, lacked the access time the limit needs; added, so the next programs "
+                    "are stored")
+            elif verb == "writing":
                 say(f"note: could not store {name} in the compile cache {folder} ({why.strip()[:160]}); "
                     "the next run compiles it again")
             elif removed:

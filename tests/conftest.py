@@ -18,6 +18,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # A size limit for every process, as train.py sets one for itself: JAX writes an entry's
+    # access time only under a limit, and under one fails every write while any entry lacks it
+    # (resnet_jax.xla_cache.add_missing_atimes). With some processes under a limit and some
+    # not, the suite's cache stopped storing in the limited ones, with a warning per program.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 
 # The temporary files of the worker processes and of the programs the tests start go to one

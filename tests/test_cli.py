@@ -619,6 +619,50 @@ def test_jaxs_compile_cache_warnings_become_one_line_and_damaged_entries_go(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_step-aaa-cache"]  # the partial write went too
 
 
+def test_entries_written_without_a_size_limit_do_not_stop_the_cache(tmp_path, monkeypatch):
+    # JAX writes an entry's -atime file only under a size limit, and under one reads every entry's
+    # before each write. An entry from a JAX program without a limit (the user's own, sharing
+    # $JAX_COMPILATION_CACHE_DIR) made every later write fail: train.py stored nothing, ever.
+    import jax
+    import warnings
+    from jax._src.lru_cache import LRUCache  # what JAX stores its entries with under a size limit
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    no_limit = LRUCache(str(folder), max_size=-1)  # JAX's default
+    no_limit.put("jit_theirs-aaa", b"an executable")
+    assert sorted(p.name for p in folder.iterdir()) == ["jit_theirs-aaa-cache"]
+    with pytest.raises(FileNotFoundError, match="jit_theirs-aaa-atime"):  # not vacuous: what JAX did
+        LRUCache(str(folder), max_size=2**30).put("jit_ours-bbb", b"ours")
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+    try:
+        xla_cache.use((folder, True), print)  # as train.py starts
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_compilation_cache_max_size", before[1])
+    mtime = (folder / "jit_theirs-aaa-cache").stat().st_mtime_ns
+    assert (folder / "jit_theirs-aaa-atime").read_bytes() == mtime.to_bytes(8, "little")
+    limited = LRUCache(str(folder), max_size=2**30)
+    limited.put("jit_ours-bbb", b"ours")
+    assert limited.get("jit_ours-bbb") == b"ours"
+
+    # And one written while train.py runs: its failed write adds the access times, once.
+    no_limit.put("jit_theirs-ccc", b"another")
+    said = []
+    with pytest.raises(FileNotFoundError) as failed:
+        limited.put("jit_ours-ddd", b"ours too")
+    with xla_cache.repairing(folder, said.append):
+        warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed.value}")
+        warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed.value}")
+    assert said[0] == (f"note: could not store jit_ours in the compile cache {folder}: 1 of its entries, written by JAX "
+                       "without a size limit, lacked the access time the limit needs; added, so the next programs are stored")
+    assert said[1].startswith("note: could not store jit_ours in the compile cache") and "next run" in said[1]
+    limited.put("jit_ours-ddd", b"ours too")
+    assert xla_cache.add_missing_atimes(folder) == 0
+
+
 def test_the_compile_cache_is_kept_below_its_size_limit(tmp_path, monkeypatch):
     import jax
 
