@@ -583,6 +583,8 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     CUDA graphs, which removes most launches, and is what a fair comparison should try too.
     """
     import torch
+    from torch import nn
+    from torch.nn import functional as F
 
     device = _torch_device()
     if compile_model is None:
@@ -592,111 +594,103 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     benchmark_was = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        return _bench_torch_tuned(torch, device, train, test, resize, batch, dtype, repeats, steps, compile_model,
-                                  eval_batch, lr, seed, compile_mode)
+        net = _torch_net(seed).to(device, memory_format=torch.channels_last)
+        # fused SGD: one kernel for all parameters (CUDA, torch >= 2.3); the same update as plain SGD.
+        fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, **({"fused": True} if fused else {}))
+        criterion = nn.CrossEntropyLoss()
+
+        def amp():  # a fresh context each time: what torch.compile traces best
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        train_x = torch.from_numpy(train.images).to(device)  # uint8 (N, 28, 28, 1)
+        train_y = torch.from_numpy(train.labels).long().to(device)
+        test_x = torch.from_numpy(test.images).to(device)
+        test_y = torch.from_numpy(test.labels).long().to(device)
+
+        def preprocess(x_u8):
+            # Scale, then a float bilinear resize (antialiased when shrinking, like PIL): within 1/255 of
+            # resnet_jax's Pillow-exact integer resize (resnet_jax/transforms.py), which costs no more
+            # (BENCHMARKS.md, "Preprocessing").
+            x = x_u8.permute(0, 3, 1, 2).float().div(255)
+            if x.shape[-1] != resize:
+                # Antialiased only when shrinking (PIL's filter widens then); upsampling is plain bilinear either way.
+                shrink = resize < x.shape[-1]
+                x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=shrink)
+            return x.contiguous(memory_format=torch.channels_last)
+
+        def forward_loss(x_u8, y):
+            with amp():
+                logits = net(preprocess(x_u8))
+                return criterion(logits, y), logits
+
+        def forward_eval(x_u8):
+            with amp():
+                return net(preprocess(x_u8))
+
+        if compile_model:
+            forward_loss, forward_eval = (torch.compile(f, mode=compile_mode) for f in (forward_loss, forward_eval))
+
+        n = len(train)
+        perm = torch.randperm(n, device=device)
+        sums = torch.zeros(2, device=device)  # loss sum, correct: on the device, read once at the end
+        position = 0
+
+        def train_steps(k):
+            nonlocal perm, position
+            net.train()
+            for _ in range(k):
+                if position + batch > n:
+                    perm, position = torch.randperm(n, device=device), 0
+                idx = perm[position : position + batch]
+                position += batch
+                x, y = train_x[idx], train_y[idx]
+                optimizer.zero_grad(set_to_none=True)
+                l, logits = forward_loss(x, y)
+                l.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    sums[0] += l.detach().float() * batch
+                    sums[1] += (logits.argmax(1) == y).sum()
+
+        def evaluate():
+            net.eval()
+            correct = torch.zeros((), device=device)
+            with torch.inference_mode():
+                for i in range(0, len(test), eval_batch):
+                    correct += (forward_eval(test_x[i : i + eval_batch]).argmax(1) == test_y[i : i + eval_batch]).sum()
+            return float(correct) / len(test)
+
+        t0 = time.perf_counter()
+        # Warm-up; with torch.compile this is where it compiles. Three steps: reduce-overhead runs
+        # its first calls without CUDA graphs and records them on a later one, which must not fall
+        # into a timed repeat.
+        train_steps(3)
+        _torch_sync(device)
+        evaluate()
+        warmup_s = time.perf_counter() - t0
+        train_s, eval_s = _time_torch(train_steps, steps, evaluate, repeats, device)
+        if not math.isfinite(float(sums[0])):
+            raise RuntimeError("the tuned PyTorch loop diverged")
+        tricks = ["data on device", "channels_last"]
+        tricks += ["bf16 autocast"] if dtype == "bfloat16" else []
+        tricks += ([f"torch.compile (mode {compile_mode})"] if compile_model
+                   else [f"no torch.compile (default off on {device.type})"])
+        tricks += ["fused SGD"] if fused else []
+        tricks += ["cudnn.benchmark"] if device.type == "cuda" else []
+        name = "PyTorch, tuned" + (f" ({compile_mode})" if compile_model and compile_mode != "default" else "")
+        return make_row(
+            "torch_tuned", name,
+            resize, dtype, batch, _torch_device_name(device), device.type,
+            Timings(train_s, eval_s, steps), len(test), warmup_s if compile_model else None, _torch_peak(device),
+            notes="; ".join(tricks) + f"; eval batch {eval_batch}; {torch.get_num_threads()} torch threads"
+                  + ("; compile_s = its first 3 train steps + first evaluation, run included (torch.compile compiles at the first call)"
+                     if compile_model else ""),
+        )
     finally:
         torch.backends.cudnn.benchmark = benchmark_was
-
-
-def _bench_torch_tuned(torch, device, train, test, resize, batch, dtype, repeats, steps, compile_model, eval_batch,
-                       lr, seed, compile_mode) -> dict:
-    from torch import nn
-    from torch.nn import functional as F
-
-    net = _torch_net(seed).to(device, memory_format=torch.channels_last)
-    # fused SGD: one kernel for all parameters (CUDA, torch >= 2.3); the same update as plain SGD.
-    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, **({"fused": True} if fused else {}))
-    criterion = nn.CrossEntropyLoss()
-
-    def amp():  # a fresh context each time: what torch.compile traces best
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    train_x = torch.from_numpy(train.images).to(device)  # uint8 (N, 28, 28, 1)
-    train_y = torch.from_numpy(train.labels).long().to(device)
-    test_x = torch.from_numpy(test.images).to(device)
-    test_y = torch.from_numpy(test.labels).long().to(device)
-
-    def preprocess(x_u8):
-        # Scale, then a float bilinear resize (antialiased when shrinking, like PIL): within 1/255 of
-        # resnet_jax's Pillow-exact integer resize (resnet_jax/transforms.py), which costs no more
-        # (BENCHMARKS.md, "Preprocessing").
-        x = x_u8.permute(0, 3, 1, 2).float().div(255)
-        if x.shape[-1] != resize:
-            # Antialiased only when shrinking (PIL's filter widens then); upsampling is plain bilinear either way.
-            shrink = resize < x.shape[-1]
-            x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=shrink)
-        return x.contiguous(memory_format=torch.channels_last)
-
-    def forward_loss(x_u8, y):
-        with amp():
-            logits = net(preprocess(x_u8))
-            return criterion(logits, y), logits
-
-    def forward_eval(x_u8):
-        with amp():
-            return net(preprocess(x_u8))
-
-    if compile_model:
-        forward_loss, forward_eval = (torch.compile(f, mode=compile_mode) for f in (forward_loss, forward_eval))
-
-    n = len(train)
-    perm = torch.randperm(n, device=device)
-    sums = torch.zeros(2, device=device)  # loss sum, correct: on the device, read once at the end
-    position = 0
-
-    def train_steps(k):
-        nonlocal perm, position
-        net.train()
-        for _ in range(k):
-            if position + batch > n:
-                perm, position = torch.randperm(n, device=device), 0
-            idx = perm[position : position + batch]
-            position += batch
-            x, y = train_x[idx], train_y[idx]
-            optimizer.zero_grad(set_to_none=True)
-            l, logits = forward_loss(x, y)
-            l.backward()
-            optimizer.step()
-            with torch.no_grad():
-                sums[0] += l.detach().float() * batch
-                sums[1] += (logits.argmax(1) == y).sum()
-
-    def evaluate():
-        net.eval()
-        correct = torch.zeros((), device=device)
-        with torch.inference_mode():
-            for i in range(0, len(test), eval_batch):
-                correct += (forward_eval(test_x[i : i + eval_batch]).argmax(1) == test_y[i : i + eval_batch]).sum()
-        return float(correct) / len(test)
-
-    t0 = time.perf_counter()
-    # Warm-up; with torch.compile this is where it compiles. Three steps: reduce-overhead runs
-    # its first calls without CUDA graphs and records them on a later one, which must not fall
-    # into a timed repeat.
-    train_steps(3)
-    _torch_sync(device)
-    evaluate()
-    warmup_s = time.perf_counter() - t0
-    train_s, eval_s = _time_torch(train_steps, steps, evaluate, repeats, device)
-    if not math.isfinite(float(sums[0])):
-        raise RuntimeError("the tuned PyTorch loop diverged")
-    tricks = ["data on device", "channels_last"]
-    tricks += ["bf16 autocast"] if dtype == "bfloat16" else []
-    tricks += ([f"torch.compile (mode {compile_mode})"] if compile_model
-               else [f"no torch.compile (default off on {device.type})"])
-    tricks += ["fused SGD"] if fused else []
-    tricks += ["cudnn.benchmark"] if device.type == "cuda" else []
-    return make_row(
-        "torch_tuned", "PyTorch, tuned" + (f" ({compile_mode})" if compile_model and compile_mode != "default" else ""),
-        resize, dtype, batch, _torch_device_name(device), device.type,
-        Timings(train_s, eval_s, steps), len(test), warmup_s if compile_model else None, _torch_peak(device),
-        notes="; ".join(tricks) + f"; eval batch {eval_batch}; {torch.get_num_threads()} torch threads"
-              + ("; compile_s = its first 3 train steps + first evaluation, run included (torch.compile compiles at the first call)"
-                 if compile_model else ""),
-    )
 
 
 def bench_full_recipe(config: Config, train: Split, test: Split) -> dict:

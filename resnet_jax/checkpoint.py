@@ -145,15 +145,16 @@ def differences(saved: dict, current: dict) -> list[str]:
         for key, value in saved_prng.items():
             if key in current_prng and value != current_prng[key]:
                 diffs.append(f"JAX's random numbers: {key} (checkpoint {value!r}, now {current_prng[key]!r})")
-    old, new = saved.get("config", {}), current["config"]
+    old, new = dict(saved.get("config", {})), dict(current["config"])
     k_old, k_new = (_steps_per_dispatch(c, meta.get("backend")) for c, meta in ((old, saved), (new, current)))
     if k_old is not None and k_new is not None:
-        # The numbers of steps per dispatch the two runs take (the default, None, is the
-        # platform's): a CPU run started without the flag continues with `--steps-per-dispatch 1`,
-        # and a GPU run's default of 32 is not silently 1 on a CPU.
-        old, new = {**old, "steps_per_dispatch": k_old}, {**new, "steps_per_dispatch": k_new}
+        # Compared as the numbers of steps per dispatch the two runs take (the default, None, is
+        # the platform's): a CPU run started without the flag continues with
+        # `--steps-per-dispatch 1`, and a GPU run's default of 32 is not silently 1 on a CPU.
         if k_old != k_new:
             diffs.append(f"steps_per_dispatch (checkpoint {_k_said(k_old, saved)}, now {_k_said(k_new, current)})")
+        old.pop("steps_per_dispatch", None)
+        new.pop("steps_per_dispatch", None)
     for key in sorted(set(old) | set(new)):
         if key in RESUMABLE_FIELDS or key in MODEL_KEYS or old.get(key) == new.get(key):
             continue  # (a model key, dtype say, is named once, above)
@@ -161,7 +162,7 @@ def differences(saved: dict, current: dict) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):  # the recipe: name the ingredients that differ
             diffs += [f"{key}.{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})"
                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif key != "steps_per_dispatch" or k_old is None or k_new is None:  # (named above)
+        else:
             diffs.append(f"{key} (checkpoint {a!r}, now {b!r})")
     return diffs
 
