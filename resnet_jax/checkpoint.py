@@ -186,6 +186,19 @@ def _k_said(k: int, meta: dict) -> str:
     return f"{k}" if given else f"{k}, the default on {meta['backend']}"
 
 
+def _handler_registry(ocp):
+    """Which Orbax handler writes and reads each of a checkpoint's two items: the train state
+    (StandardSave/StandardRestore) and the JSON record (JsonSave/JsonRestore). Orbax's
+    ``item_names=("state", "meta")`` said the same and is deprecated for this. One registry per
+    manager: it holds the handler instances."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, save, restore in (("state", ocp.args.StandardSave, ocp.args.StandardRestore),
+                                ("meta", ocp.args.JsonSave, ocp.args.JsonRestore)):
+        registry.add(item, save)
+        registry.add(item, restore)
+    return registry
+
+
 @dataclass
 class Checkpoint:
     """One restored checkpoint."""
@@ -381,7 +394,7 @@ class Checkpoints:
                     self.directory / "checkpoints",
                     options=ocp.CheckpointManagerOptions(
                         preservation_policy=policies.LatestN(n=keep), cleanup_tmp_directories=not read_only, **common),
-                    item_names=("state", "meta"),
+                    handler_registry=_handler_registry(ocp),
                 )
                 self.best = None
                 if track_best or (self.directory / "best").is_dir():
@@ -395,7 +408,7 @@ class Checkpoints:
                                 get_metric_fn=_val_acc, reverse=False, n=1, keep_checkpoints_without_metrics=False),
                             cleanup_tmp_directories=not read_only, **common,
                         ),
-                        item_names=("state", "meta"),
+                        handler_registry=_handler_registry(ocp),
                     )
             # Each manager starts a thread that cleans up temporary folders; a program that exits
             # while it runs (one that never calls close()) gets a traceback from the interpreter's

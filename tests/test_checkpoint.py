@@ -658,6 +658,36 @@ def test_a_checkpoint_saved_on_a_gpu_is_read_on_a_cpu(uninterrupted, tmp_path):
     assert _leaves_equal(checkpoint.load_for_inference(directory).state.params, restored.state.params)
 
 
+def test_a_run_saved_with_orbax_item_names_restores_and_continues(tmp_path, monkeypatch):
+    # Until 2026-12-07 both managers named the two items with Orbax's item_names, which Orbax has
+    # deprecated for a handler registry (checkpoint._handler_registry). A run saved that way must
+    # still restore (latest and best), be read for inference, and take its next epoch.
+    import orbax.checkpoint as ocp
+
+    state = _fresh_state()
+    meta = checkpoint.metadata(CONFIG, FASHION_MNIST)
+    history = [{"epoch": 1, "val_acc": 0.2}, {"epoch": 2, "val_acc": 0.4}]
+    log = [{"kind": "epoch", "epoch": 1}]
+    manager = ocp.CheckpointManager
+
+    def as_before(*args, handler_registry, **kwargs):
+        return manager(*args, item_names=("state", "meta"), **kwargs)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", as_before)
+    with Checkpoints(tmp_path, track_best=True) as before:
+        before.save(state, 1, history[:1], log, meta)
+    monkeypatch.undo()
+    with Checkpoints(tmp_path) as now:
+        assert now.best is not None  # (best/ exists, so it is opened)
+        for which in ("latest", "best"):
+            back = now.restore(_fresh_state(), which)
+            assert (back.epoch, back.history, back.log, back.metadata) == (1, history[:1], log, meta)
+            assert _leaves_equal(back.state, state)
+        now.save(back.state.replace(step=back.state.step + 1), 2, history, log, meta)
+        assert (now.latest.all_steps(), now.best.all_steps()) == ([1, 2], [2])
+    assert checkpoint.load_for_inference(tmp_path).epoch == 2
+
+
 def test_a_folder_another_program_writes_is_refused_for_writing_and_left_as_it_is(tmp_path):
     # A script that opened a live run's Checkpoints cleaned up its save in progress (Orbax's
     # temporary folder): the run failed with "Save failed: 1/1 params are missing".
