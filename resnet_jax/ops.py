@@ -47,7 +47,9 @@ CPU_PATCHES_MAX_OUT = 4
 # slower than XLA's own (Eigen) convolution, forward and backward (BENCHMARKS.md,
 # "CPU conv lowering"); dots and reductions are faster with it. So on CPU we keep the
 # default set minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION. The option only
-# chooses which kernel library computes the same convolution.
+# chooses which kernel library computes the same convolution. jaxlib 0.12.1's YNNPACK
+# convolutions are faster than 0.10's, but the 96x96 step is still 10% faster with this
+# option (2026-12-07; BENCHMARKS.md, "The newest JAX on CPU").
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
