@@ -78,9 +78,10 @@ def add_missing_atimes(folder: Path) -> int:
     JAX writes an entry's ``-atime`` file only under a size limit (``use`` sets one). A JAX program
     run without one on the same folder (a user's own, with ``$JAX_COMPILATION_CACHE_DIR`` set
     for everything, say), or one killed between an entry's two writes, leaves an entry without
-    it; and under a limit JAX reads every entry's before each write, so from then on it stored
-    nothing: train.py said "could not store ... No such file or directory: ...-atime" for every
-    program of every run, and compiled them all each time.
+    it; and under a limit JAX below 0.12 reads every entry's before each write, so from then on
+    it stored nothing: train.py said "could not store ... No such file or directory: ...-atime"
+    for every program of every run, and compiled them all each time. (JAX 0.12 takes a missing
+    one as time 0, the oldest: there this only keeps such an entry from being evicted first.)
     """
     added = 0
     with contextlib.suppress(OSError):  # a folder gone or unreadable: nothing to add
@@ -130,10 +131,12 @@ def repairing(folder: Path | None, say):
                 return show(message, category, filename, lineno, file, line)
             verb, name, why = m.groups()
             removed = _remove_damaged_entries(folder, name)
-            if verb == "writing" and "-atime" in why and (added := add_missing_atimes(folder)):
-                say(f"note: could not store {name} in the compile cache {folder}: {added} of its entries, written by "
-                    "JAX without a size limit, lacked the access time the limit needs; added, so the next programs "
-                    "are stored")
+            # (JAX's own words for an entry without its access time: a path ending in -atime not found)
+            missing_atime = re.search(r"No such file or directory: '[^']*-atime'", why) is not None
+            if verb == "writing" and missing_atime and (added := add_missing_atimes(folder)):
+                say(f"note: could not store {name} in the compile cache {folder}: {added} of its entries (written "
+                    "without a size limit, or cut short) lacked the access time the limit needs; added, so the next "
+                    "programs are stored")
             elif verb == "writing":
                 say(f"note: could not store {name} in the compile cache {folder} ({why.strip()[:160]}); "
                     "the next run compiles it again")

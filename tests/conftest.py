@@ -18,11 +18,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    # A size limit for every process, as train.py sets one for itself: JAX writes an entry's
-    # access time only under a limit, and under one fails every write while any entry lacks it
-    # (resnet_jax.xla_cache.add_missing_atimes). With some processes under a limit and some
-    # not, the suite's cache stopped storing in the limited ones, with a warning per program.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+    # No size limit for any process (train.py sets none where this variable is set): under a
+    # limit JAX (0.10/0.11) fails every write while any entry lacks its access time, which
+    # processes without a limit do not write; and under one each write reads every entry's
+    # access time under a lock shared by all workers, which grows with the square of the
+    # session's entries (thousands: tests/test_model.py alone stores about 1,000).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 
 
 # The temporary files of the worker processes and of the programs the tests start go to one

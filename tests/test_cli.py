@@ -620,9 +620,10 @@ def test_jaxs_compile_cache_warnings_become_one_line_and_damaged_entries_go(tmp_
 
 
 def test_entries_written_without_a_size_limit_do_not_stop_the_cache(tmp_path, monkeypatch):
-    # JAX writes an entry's -atime file only under a size limit, and under one reads every entry's
-    # before each write. An entry from a JAX program without a limit (the user's own, sharing
-    # $JAX_COMPILATION_CACHE_DIR) made every later write fail: train.py stored nothing, ever.
+    # JAX writes an entry's -atime file only under a size limit, and under one (below JAX 0.12)
+    # reads every entry's before each write. An entry from a JAX program without a limit (the
+    # user's own, sharing $JAX_COMPILATION_CACHE_DIR) made every later write fail: train.py stored
+    # nothing, ever.
     import jax
     import warnings
     from jax._src.lru_cache import LRUCache  # what JAX stores its entries with under a size limit
@@ -632,8 +633,9 @@ def test_entries_written_without_a_size_limit_do_not_stop_the_cache(tmp_path, mo
     no_limit = LRUCache(str(folder), max_size=-1)  # JAX's default
     no_limit.put("jit_theirs-aaa", b"an executable")
     assert sorted(p.name for p in folder.iterdir()) == ["jit_theirs-aaa-cache"]
-    with pytest.raises(FileNotFoundError, match="jit_theirs-aaa-atime"):  # not vacuous: what JAX did
-        LRUCache(str(folder), max_size=2**30).put("jit_ours-bbb", b"ours")
+    if tuple(int(v) for v in jax.__version_info__[:2]) < (0, 12):  # not vacuous: what JAX did
+        with pytest.raises(FileNotFoundError, match="jit_theirs-aaa-atime"):
+            LRUCache(str(folder), max_size=2**30).put("jit_ours-bbb", b"ours")
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
     before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
@@ -651,13 +653,14 @@ def test_entries_written_without_a_size_limit_do_not_stop_the_cache(tmp_path, mo
     # And one written while train.py runs: its failed write adds the access times, once.
     no_limit.put("jit_theirs-ccc", b"another")
     said = []
-    with pytest.raises(FileNotFoundError) as failed:
-        limited.put("jit_ours-ddd", b"ours too")
+    # (What JAX below 0.12 warns, in its words: an OSError's own.)
+    failed = FileNotFoundError(2, "No such file or directory", str(folder / "jit_theirs-ccc-atime"))
     with xla_cache.repairing(folder, said.append):
-        warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed.value}")
-        warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed.value}")
-    assert said[0] == (f"note: could not store jit_ours in the compile cache {folder}: 1 of its entries, written by JAX "
-                       "without a size limit, lacked the access time the limit needs; added, so the next programs are stored")
+        warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed}")
+        warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed}")
+    assert said[0] == (f"note: could not store jit_ours in the compile cache {folder}: 1 of its entries (written without "
+                       "a size limit, or cut short) lacked the access time the limit needs; added, so the next programs "
+                       "are stored")
     assert said[1].startswith("note: could not store jit_ours in the compile cache") and "next run" in said[1]
     limited.put("jit_ours-ddd", b"ours too")
     assert xla_cache.add_missing_atimes(folder) == 0
