@@ -391,7 +391,7 @@ def _export_torch(config: Config, state, say) -> None:
 
 
 def run(config: Config, json_line: bool = False, distributed: dict | None = None,
-        compile_cache: tuple[Path | None, bool] | None = None) -> int:
+        compile_cache: tuple[Path | None, str] | None = None) -> int:
     """The whole job for a validated config: check, load, build or restore, train, write. Returns the exit code.
 
     ``compile_cache``: :func:`xla_cache.setting`'s answer; None leaves JAX's cache as it is.
@@ -415,7 +415,7 @@ def run(config: Config, json_line: bool = False, distributed: dict | None = None
                       f"the run goes on without its lines{kept}", file=sys.stderr, flush=True)
 
     if compile_cache is not None and compile_cache[1] and compile_cache[0] is not None:
-        check_writable_dir(compile_cache[0], "--compile-cache")  # a named folder: refused before any work
+        check_writable_dir(compile_cache[0], compile_cache[1])  # a named folder: refused before any work
     made = rundir.first_missing(config.output)  # what rundir.check_paths creates, removed again if the run fails empty
     rundir.check_paths(config)  # last: it makes the --output folder
     try:

@@ -15,8 +15,9 @@ from resnet_jax.errors import UserError, check_writable_dir
 MAX_BYTES = 2 * 2**30  # --compile-cache's size limit, unless $JAX_COMPILATION_CACHE_MAX_SIZE says
 
 
-def setting(flag: str | None, environ=os.environ) -> tuple[Path | None, bool]:
-    """(the folder of XLA's persistent compilation cache or None for off, whether the user named it).
+def setting(flag: str | None, environ=os.environ) -> tuple[Path | None, str]:
+    """(the folder of XLA's persistent compilation cache or None for off, where the user named it:
+    "--compile-cache", "$JAX_COMPILATION_CACHE_DIR", or "" for the default folder).
 
     Compiling is most of a short GPU run: on one H200, 35 of the 62 s that ``--recipe best`` took
     (BENCHMARKS.md). JAX can keep each compiled program on disk, keyed by the program, the
@@ -28,19 +29,22 @@ def setting(flag: str | None, environ=os.environ) -> tuple[Path | None, bool]:
     from 5.9-6.4 s cold to 2.1-2.4 s warm, the rest being tracing and lowering, which every run
     does, and the programs compiled in under a second (BENCHMARKS.md, "Start-up"). A setting of the process, not
     of the run's math: it stays out of Config and of --resume's checks.
+
+    The folder is resolved (symbolic links, ".."): JAX 0.10 puts the path in each entry's key, as
+    given, so the same folder named another way missed every entry and stored them all again.
     """
     if flag is not None:
-        return (None, True) if flag == "off" else (Path(flag).expanduser().absolute(), True)
+        return (None, "--compile-cache") if flag == "off" else (Path(flag).expanduser().resolve(), "--compile-cache")
     if environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own variable: the user's choice
-        return Path(environ["JAX_COMPILATION_CACHE_DIR"]).expanduser().absolute(), True
+        return Path(environ["JAX_COMPILATION_CACHE_DIR"]).expanduser().resolve(), "$JAX_COMPILATION_CACHE_DIR"
     try:
         base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except RuntimeError:  # no home folder to be found: no default cache
-        return None, False
-    return base.expanduser().absolute() / "resnet_jax" / "xla", False
+        return None, ""
+    return base.expanduser().resolve() / "resnet_jax" / "xla", ""
 
 
-def use(setting: tuple[Path | None, bool], say) -> Path | None:
+def use(setting: tuple[Path | None, str], say) -> Path | None:
     """Point JAX's persistent compilation cache at the setting's folder (before anything compiles).
 
     A folder the user named must be writable (one line, exit 1, before any work); the default
@@ -49,9 +53,11 @@ def use(setting: tuple[Path | None, bool], say) -> Path | None:
     import jax
 
     folder, named = setting
+    if folder is not None and jax.config.jax_compilation_cache_max_size == 0:
+        folder = None  # JAX's meaning of a size limit of 0 ($JAX_COMPILATION_CACHE_MAX_SIZE=0): no cache
     if folder is not None:
         try:
-            check_writable_dir(folder, "--compile-cache")
+            check_writable_dir(folder, named or "--compile-cache")
         except UserError:
             if named:
                 raise
@@ -67,7 +73,8 @@ def use(setting: tuple[Path | None, bool], say) -> Path | None:
             # past this size JAX deletes the least recently used ones. That needs filelock (a
             # dependency of ours); without it JAX would cache nothing at all, so no limit then.
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-        add_missing_atimes(folder)
+        if jax.config.jax_compilation_cache_max_size != -1:  # (-1: no limit, and no access times needed)
+            add_missing_atimes(folder)
     return folder
 
 
@@ -134,9 +141,9 @@ def repairing(folder: Path | None, say):
             # (JAX's own words for an entry without its access time: a path ending in -atime not found)
             missing_atime = re.search(r"No such file or directory: '[^']*-atime'", why) is not None
             if verb == "writing" and missing_atime and (added := add_missing_atimes(folder)):
-                say(f"note: could not store {name} in the compile cache {folder}: {added} of its entries (written "
-                    "without a size limit, or cut short) lacked the access time the limit needs; added, so the next "
-                    "programs are stored")
+                say(f"note: could not store {name} in the compile cache {folder}: {added} "
+                    f"{'entry' if added == 1 else 'entries'} there (written "
+                    "without a size limit, or cut short) lacked the access time JAX's size limit needs; added now")
             elif verb == "writing":
                 say(f"note: could not store {name} in the compile cache {folder} ({why.strip()[:160]}); "
                     "the next run compiles it again")

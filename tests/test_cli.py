@@ -532,11 +532,18 @@ def test_a_data_dir_that_is_a_file_is_refused_before_tfds_runs(tmp_path):
 
 def test_the_compile_cache_folder_follows_the_flag_then_jax_then_xdg(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "home", lambda: tmp_path / "home")
-    assert xla_cache.setting("off", {}) == (None, True)
-    assert xla_cache.setting("cc", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == (Path.cwd() / "cc", True)
-    assert xla_cache.setting(None, {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == (Path("/j"), True)
-    assert xla_cache.setting(None, {"XDG_CACHE_HOME": "/x"}) == (Path("/x/resnet_jax/xla"), False)
-    assert xla_cache.setting(None, {}) == (tmp_path / "home/.cache/resnet_jax/xla", False)
+    assert xla_cache.setting("off", {}) == (None, "--compile-cache")
+    assert xla_cache.setting("cc", {"JAX_COMPILATION_CACHE_DIR": "/j"}) == (Path.cwd().resolve() / "cc", "--compile-cache")
+    assert xla_cache.setting(None, {"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == (Path("/j"), "$JAX_COMPILATION_CACHE_DIR")
+    assert xla_cache.setting(None, {"XDG_CACHE_HOME": "/x"}) == (Path("/x/resnet_jax/xla"), "")
+    assert xla_cache.setting(None, {}) == (tmp_path.resolve() / "home/.cache/resnet_jax/xla", "")
+    # One folder, one name: JAX 0.10 keys its entries with the folder's path as given, so a link
+    # to the folder, or a path through "..", missed every entry and stored each again.
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert xla_cache.setting(str(tmp_path / "link"), {})[0] == real.resolve()
+    assert xla_cache.setting(None, {"JAX_COMPILATION_CACHE_DIR": f"{tmp_path}/link/../real"})[0] == real.resolve()
 
 
 def test_a_named_compile_cache_that_cannot_be_written_is_refused_before_any_work(tmp_path):
@@ -548,6 +555,25 @@ def test_a_named_compile_cache_that_cannot_be_written_is_refused_before_any_work
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("train.py: error: --compile-cache ") and "not a writable directory" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "tfds").exists()
+    # The message names where the folder came from: here the variable, not the flag.
+    env = xla_cache.setting(None, {"JAX_COMPILATION_CACHE_DIR": str(blocker)})
+    with pytest.raises(cli.UserError, match=r"^\$JAX_COMPILATION_CACHE_DIR .*a_file"):
+        xla_cache.use(env, print)
+
+
+def test_a_compile_cache_size_limit_of_0_is_no_cache(tmp_path):
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size,
+              jax.config.jax_enable_compilation_cache)
+    try:
+        jax.config.update("jax_compilation_cache_max_size", 0)  # JAX: "Caching will be disabled"
+        assert xla_cache.use((tmp_path / "xla", "--compile-cache"), print) is None
+        assert not jax.config.jax_enable_compilation_cache and not (tmp_path / "xla").exists()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_compilation_cache_max_size", before[1])
+        jax.config.update("jax_enable_compilation_cache", before[2])
 
 
 def test_the_compile_cache_is_reused_and_changes_no_result(prepared_data_dir, tmp_path):
@@ -658,9 +684,8 @@ def test_entries_written_without_a_size_limit_do_not_stop_the_cache(tmp_path, mo
     with xla_cache.repairing(folder, said.append):
         warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed}")
         warnings.warn(f"Error writing persistent compilation cache entry for 'jit_ours': FileNotFoundError: {failed}")
-    assert said[0] == (f"note: could not store jit_ours in the compile cache {folder}: 1 of its entries (written without "
-                       "a size limit, or cut short) lacked the access time the limit needs; added, so the next programs "
-                       "are stored")
+    assert said[0] == (f"note: could not store jit_ours in the compile cache {folder}: 1 entry there (written without "
+                       "a size limit, or cut short) lacked the access time JAX's size limit needs; added now")
     assert said[1].startswith("note: could not store jit_ours in the compile cache") and "next run" in said[1]
     limited.put("jit_ours-ddd", b"ours too")
     assert xla_cache.add_missing_atimes(folder) == 0
