@@ -34,14 +34,24 @@ def setting(flag: str | None, environ=os.environ) -> tuple[Path | None, str]:
     given, so the same folder named another way missed every entry and stored them all again.
     """
     if flag is not None:
-        return (None, "--compile-cache") if flag == "off" else (Path(flag).expanduser().resolve(), "--compile-cache")
+        return (None, "--compile-cache") if flag == "off" else (_resolved(Path(flag)), "--compile-cache")
     if environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own variable: the user's choice
-        return Path(environ["JAX_COMPILATION_CACHE_DIR"]).expanduser().resolve(), "$JAX_COMPILATION_CACHE_DIR"
+        return _resolved(Path(environ["JAX_COMPILATION_CACHE_DIR"])), "$JAX_COMPILATION_CACHE_DIR"
     try:
         base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     except RuntimeError:  # no home folder to be found: no default cache
         return None, ""
-    return base.expanduser().resolve() / "resnet_jax" / "xla", ""
+    return _resolved(base) / "resnet_jax" / "xla", ""
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` with ~, symbolic links and ".." resolved; only made absolute where that fails (a
+    loop of links: then the writability check names the folder, instead of a traceback here)."""
+    path = path.expanduser()
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
 
 
 def use(setting: tuple[Path | None, str], say) -> Path | None:

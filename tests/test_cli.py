@@ -544,6 +544,8 @@ def test_the_compile_cache_folder_follows_the_flag_then_jax_then_xdg(tmp_path, m
     (tmp_path / "link").symlink_to(real)
     assert xla_cache.setting(str(tmp_path / "link"), {})[0] == real.resolve()
     assert xla_cache.setting(None, {"JAX_COMPILATION_CACHE_DIR": f"{tmp_path}/link/../real"})[0] == real.resolve()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # not resolvable: left for the writability check to name
+    assert xla_cache.setting(str(tmp_path / "loop" / "xla"), {}) == (tmp_path / "loop" / "xla", "--compile-cache")
 
 
 def test_a_named_compile_cache_that_cannot_be_written_is_refused_before_any_work(tmp_path):
