@@ -58,7 +58,15 @@ if __name__ == "__main__":
     interrupts.defer()
     if held:
         interrupts.release_held()
-    from resnet_jax.cli import main
+    try:
+        from resnet_jax.cli import main
+    except ValueError as err:
+        # A JAX_* variable JAX cannot read ("Invalid value "" for JAX flag ...", "invalid truth
+        # value 'maybe' for environment 'JAX_ENABLE_X64'"): JAX refuses it as it is imported.
+        if "for JAX flag" not in str(err) and "for environment 'JAX_" not in str(err):
+            raise
+        print(f"train.py: error: {str(err).splitlines()[0]} (from the environment)", file=sys.stderr, flush=True)
+        sys.exit(2)
     from resnet_jax.console import EXIT_INTERRUPTED, EXIT_TERMINATED
 
     if interrupts.seen():

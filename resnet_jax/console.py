@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import sys
+import traceback
 
 from resnet_jax import interrupts, processes
 from resnet_jax.config import Config, ConfigError
@@ -122,6 +123,22 @@ def report_errors(prog: str, fn, usage_errors: tuple[type[Exception], ...] = ())
         os._exit(EXIT_FAILED)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return processes.leave(EXIT_FAILED, err)
+    except RuntimeError as err:
+        # $JAX_PLATFORMS names a platform this machine lacks, or misspells one: JAX says so in
+        # its first line ("Unable to initialize backend 'cuda': ..."), at the first use of a device.
+        if not str(err).startswith("Unable to initialize backend"):
+            raise
+        print(f"{prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return processes.leave(EXIT_FAILED, err)
+    except AssertionError as err:
+        # JAX_PLATFORMS=cuda on a machine without an NVIDIA GPU: JAX 0.10 skips the platform and
+        # then fails its own assertion that some backend started, with no message.
+        tb = traceback.extract_tb(err.__traceback__)
+        if not (os.environ.get("JAX_PLATFORMS") and tb and tb[-1].filename.endswith("xla_bridge.py")):
+            raise
+        print(f"{prog}: error: JAX could start no backend of JAX_PLATFORMS={os.environ['JAX_PLATFORMS']!r} "
+              "on this machine (unset it to take what there is)", file=sys.stderr)
         return processes.leave(EXIT_FAILED, err)
     except interrupts.Interrupted as err:
         print(f"{prog}: {err}", file=sys.stderr)

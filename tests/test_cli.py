@@ -548,6 +548,25 @@ def test_the_compile_cache_folder_follows_the_flag_then_jax_then_xdg(tmp_path, m
     assert xla_cache.setting(str(tmp_path / "loop" / "xla"), {}) == (tmp_path / "loop" / "xla", "--compile-cache")
 
 
+@pytest.mark.parametrize("name, value, says, code", [
+    ("JAX_COMPILATION_CACHE_MAX_SIZE", "", 'Invalid value "" for JAX flag jax_compilation_cache_max_size '
+     "(from the environment)", 2),  # `export VAR=` to unset it
+    ("JAX_ENABLE_X64", "maybe", "invalid truth value 'maybe' for environment 'JAX_ENABLE_X64' (from the environment)", 2),
+    ("JAX_PLATFORMS", "bogus", "Unable to initialize backend 'bogus'", 1),
+    ("JAX_PLATFORMS", "cuda", "JAX could start no backend of JAX_PLATFORMS='cuda' on this machine", 1),
+])
+def test_a_jax_variable_that_jax_refuses_is_one_line(tmp_path, name, value, says, code):
+    if value == "cuda" and shutil.which("nvidia-smi"):
+        pytest.skip("this machine may have the GPU that JAX_PLATFORMS=cuda asks for")
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--output", str(tmp_path / "out"),
+                        "--data-dir", str(tmp_path / "tfds"), "--offline"],
+                       env={**os.environ, "PYTHONPATH": str(REPO), name: value},
+                       capture_output=True, text=True, timeout=300)
+    [line] = r.stderr.strip().splitlines()  # no traceback
+    assert (r.returncode, r.stdout) == (code, "") and line.startswith("train.py: error: ") and says in line, r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "tfds").exists()
+
+
 def test_a_named_compile_cache_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
