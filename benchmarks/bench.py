@@ -6,7 +6,7 @@
 ``--data ~/tensorflow_datasets/resnet_jax_cache/fashion_mnist-3.0.1.npz`` uses
 the real images (train.py writes that cache on its first run).
 
-For every (resize, dtype) it measures, in one process on one device:
+For every (resize, dtype) it measures, on one device:
 
 * **JAX** through ``resnet_jax.training`` itself: the programs ``fit`` runs
   (``train_chunk`` with K steps per dispatch on GPU/TPU, one ``train_step`` per
@@ -17,6 +17,8 @@ For every (resize, dtype) it measures, in one process on one device:
   PIL image on the CPU (``Resize`` + ``ToTensor``), and d2l ``train_ch6``'s
   inner loop (``net.train()``, ``zero_grad``, loss, ``backward``, ``step``, and
   its per-step metric accumulation, which syncs with the device every step).
+  It runs in a Python process of its own that never starts JAX, as its
+  readers' does: the workers fork from that (:class:`ChapterProcess`).
 * **PyTorch, tuned** on the same model: uint8 data on the device, scaling and
   resize on the device, ``channels_last``, bf16 autocast for ``--dtype
   bfloat16``, metrics kept on the device, ``torch.compile`` (``--torch-compile``).
@@ -44,11 +46,13 @@ Host memory: like train.py, the script restarts itself once with glibc asked for
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import functools
 import inspect
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -453,16 +457,19 @@ def chapter_transform(resize: int):
         return transforms.Compose([transforms.Resize(resize), transforms.ToTensor()])
     except ImportError:
         pass
+    # A partial of a module-level function, not a closure: where the DataLoader's workers are
+    # spawned (macOS, Windows, Python 3.14's forkserver), the dataset is pickled to them.
+    return functools.partial(_resize_to_tensor, resize=resize)
+
+
+def _resize_to_tensor(img, resize: int):
     import torch
     from PIL import Image
 
-    def transform(img):
-        if img.size != (resize, resize):
-            img = img.resize((resize, resize), Image.BILINEAR)
-        x = torch.from_numpy(np.array(img, np.uint8, copy=True))
-        return x.view(img.size[1], img.size[0], 1).permute(2, 0, 1).float().div(255)
-
-    return transform
+    if img.size != (resize, resize):
+        img = img.resize((resize, resize), Image.BILINEAR)
+    x = torch.from_numpy(np.array(img, np.uint8, copy=True))
+    return x.view(img.size[1], img.size[0], 1).permute(2, 0, 1).float().div(255)
 
 
 class ChapterDataset:
@@ -548,6 +555,40 @@ def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repe
         notes=f"{workers} DataLoader workers; {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
               f"resize by {'torchvision' if _has_torchvision() else 'Pillow (torchvision not installed)'}",
     )
+
+
+def _start_chapter_process(torch_threads: int | None, start_method: str):
+    # A spawned process takes "spawn" as its default; the DataLoader would spawn its workers.
+    multiprocessing.set_start_method(start_method, force=True)
+    set_torch_threads(torch_threads)
+
+
+class ChapterProcess:
+    """The chapter's loop, measured in a Python process of its own that never starts JAX.
+
+    Its DataLoader forks its workers, at every epoch. Forked from the process that runs JAX's
+    thread pools, each fork drew JAX's warning that it "will likely lead to a deadlock" (a lock
+    one of those threads holds stays held in the child), and each copied a process that holds
+    JAX's programs and arrays. The chapter's readers fork from a process that runs only PyTorch;
+    so does this one, spawned (not forked) once per run and reused by every round. Its workers
+    start as this platform's default has them start (fork on Linux before Python 3.14), as the
+    readers' do, not as it was started itself.
+    """
+
+    def __init__(self, torch_threads: int | None):
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_chapter_process,
+            initargs=(torch_threads, multiprocessing.get_start_method()))
+
+    def measure(self, *args, **kwargs) -> dict:
+        """bench_torch_chapter(*args, **kwargs), run there; its exceptions are raised here."""
+        return self._pool.submit(bench_torch_chapter, *args, **kwargs).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._pool.shutdown(cancel_futures=True)
 
 
 def _has_torchvision() -> bool:
@@ -878,7 +919,9 @@ def markdown(report: dict) -> str:
                       f"{len(r0['eval_s_all'])} passes over {r0['eval_images']:,} images."]
         lines += [f"- {note}." for note in COLUMN_NOTES]
     peak_rss = max((r["peak_rss_bytes"] for r in report["rows"]), default=_peak_rss_bytes())
-    lines += ["", f"Process peak RSS (host memory, not device memory; whole run): {_gib(peak_rss)}."]
+    # The chapter's loop reads its own process's peak (ChapterProcess); the largest is the one given.
+    lines += ["", f"Process peak RSS (host memory, not device memory; whole run; the largest of this process "
+                  f"and the chapter's loop's own): {_gib(peak_rss)}."]
     rounds = max((r.get("rounds", 1) for r in report["rows"]), default=1)
     if rounds > 1:
         lines.append(f"Step and evaluation times pooled over {rounds} interleaved rounds "
@@ -1002,38 +1045,40 @@ def run(args, argv: list[str], say=print) -> dict:
         return md
 
     measured: list[dict] = []
-    # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
-    for resize in sorted(set(args.resize)):
-        jobs = []  # (what is said, the measurement), in the order of the table
-        for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
-            config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
-                            eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
-            jobs.append((f"JAX {resize}x{resize} {dtype}", functools.partial(bench_jax, config, train, test, args.repeats, steps)))
+    # The chapter's loop runs in a process of its own, started once for the whole run (ChapterProcess).
+    with ChapterProcess(args.torch_threads) if use_torch else contextlib.nullcontext() as chapter:
+        # Smallest first: peak_bytes_in_use is the process's high-water mark, so each row's reading is its own.
+        for resize in sorted(set(args.resize)):
+            jobs = []  # (what is said, the measurement), in the order of the table
+            for dtype in sorted(set(args.dtype)):  # bfloat16 before float32
+                config = Config(batch_size=args.batch, resize=resize, dtype=dtype,
+                                eval_batch_size=args.eval_batch, conv_impl=args.conv_impl)
+                jobs.append((f"JAX {resize}x{resize} {dtype}", functools.partial(bench_jax, config, train, test, args.repeats, steps)))
+                if use_torch:
+                    jobs.append((f"PyTorch tuned {resize}x{resize} {dtype}", functools.partial(
+                        bench_torch_tuned, train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch,
+                        args.eval_batch, compile_mode=args.torch_compile_mode)))
             if use_torch:
-                jobs.append((f"PyTorch tuned {resize}x{resize} {dtype}", functools.partial(
-                    bench_torch_tuned, train, test, resize, args.batch, dtype, args.repeats, steps, compile_torch,
-                    args.eval_batch, compile_mode=args.torch_compile_mode)))
-        if use_torch:
-            jobs.append((f"PyTorch chapter's loop {resize}x{resize}", functools.partial(
-                bench_torch_chapter, train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers)))
-        taken: list[list[dict]] = [[] for _ in jobs]  # each job's row of every round
-        for r in range(args.rounds):
-            tag = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
-            # Each round starts one job later (JAX, tuned, chapter; tuned, chapter, JAX; ...), so
-            # that no implementation always runs first, on a machine fresh from the last one's rest.
-            # The first round keeps the table's order: peak device memory is a process-wide
-            # high-water mark, and bf16 before float32 keeps the smaller reading its own.
-            for i in (k % len(jobs) for k in range(r, r + len(jobs))):
-                say(f"{jobs[i][0]}{tag} ...")
-                taken[i].append(jobs[i][1]())
-                # Saved after every measurement, so that a run cut off (a time limit) keeps what it
-                # has: the first round's rows as they come, then only whole rounds (pooling one
-                # implementation's second round but not another's would compare unlike things).
-                whole = min(len(rows) for rows in taken)
-                save(measured + ([merge_rounds(rows[:whole]) for rows in taken] if whole
-                                 else [rows[0] for rows in taken if rows]), done=False)
-        measured += [merge_rounds(rows) for rows in taken]
-        save(measured, done=False)
+                jobs.append((f"PyTorch chapter's loop {resize}x{resize}", functools.partial(
+                    chapter.measure, train, test, resize, args.batch, args.repeats, steps, workers=args.torch_workers)))
+            taken: list[list[dict]] = [[] for _ in jobs]  # each job's row of every round
+            for r in range(args.rounds):
+                tag = f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else ""
+                # Each round starts one job later (JAX, tuned, chapter; tuned, chapter, JAX; ...), so
+                # that no implementation always runs first, on a machine fresh from the last one's rest.
+                # The first round keeps the table's order: peak device memory is a process-wide
+                # high-water mark, and bf16 before float32 keeps the smaller reading its own.
+                for i in (k % len(jobs) for k in range(r, r + len(jobs))):
+                    say(f"{jobs[i][0]}{tag} ...")
+                    taken[i].append(jobs[i][1]())
+                    # Saved after every measurement, so that a run cut off (a time limit) keeps what it
+                    # has: the first round's rows as they come, then only whole rounds (pooling one
+                    # implementation's second round but not another's would compare unlike things).
+                    whole = min(len(rows) for rows in taken)
+                    save(measured + ([merge_rounds(rows[:whole]) for rows in taken] if whole
+                                     else [rows[0] for rows in taken if rows]), done=False)
+            measured += [merge_rounds(rows) for rows in taken]
+            save(measured, done=False)
     if args.full_recipe:
         config = Config(epochs=args.recipe_epochs, dtype=args.dtype[0], conv_impl=args.conv_impl)
         say(f"full recipe: {config.epochs} epochs, batch {config.batch_size}, {config.resize}x{config.resize}, {config.dtype} ...")

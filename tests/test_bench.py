@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,27 @@ def test_the_tuned_loop_leaves_cudnn_autotuning_as_it_found_it():
     assert torch.backends.cudnn.benchmark is False
     bench.bench_torch_tuned(train, test, 17, 4, "float32", 1, 1, compile_model=False)
     assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.skipif(not bench.torch_available(), reason="needs torch")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_the_chapters_loop_starts_its_workers_from_a_process_without_jax(monkeypatch, start_method):
+    # Its DataLoader forked its workers from the process that runs JAX's threads, and JAX warned
+    # at every fork that it "will likely lead to a deadlock". Where workers are spawned (macOS,
+    # Windows, Python 3.14's forkserver) the dataset is pickled to them, and its transform was a
+    # closure, which does not pickle.
+    import jax
+
+    jax.devices()  # JAX's threads running here, as in a run
+    monkeypatch.setattr(bench.multiprocessing, "get_start_method", lambda: start_method)
+    train, test = bench.synthetic_splits(8, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with bench.ChapterProcess(torch_threads=1) as chapter:
+            row = chapter.measure(train, test, 17, 4, 1, 1, workers=1)
+    assert row["impl"] == "torch_chapter" and row["notes"].startswith("1 DataLoader workers")
+    assert all(t > 0 for t in row["step_ms_all"])
+    assert not [w for w in seen if "fork" in str(w.message)]
 
 
 @pytest.mark.skipif(not bench.torch_available(), reason="needs torch: the rounds of one implementation alone do not interleave")
