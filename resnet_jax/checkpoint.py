@@ -703,7 +703,9 @@ def arrays_problem(state_dir: Path, abstract, expected_digests: dict[str, str] |
     """
     import tensorstore as ts
 
-    database = {"driver": "ocdbt", "base": f"file://{state_dir}/"}
+    # The folder as a spec, as Orbax writes it, not a file:// URL: a URL read "#", "?" and "%41"
+    # in a folder's name as its fragment, query and an escaped "A", and found no checkpoint there.
+    database = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{state_dir}/"}}
     try:
         stored = {key.decode().split("/")[0] for key in ts.KvStore.open(database).result().list().result()}
     except Exception as err:

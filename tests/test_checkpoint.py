@@ -310,6 +310,14 @@ def test_history_records_without_their_epoch_still_load(uninterrupted, tmp_path)
     assert checkpoint.load_for_inference(directory).epoch == 3
 
 
+def test_a_folder_whose_name_reads_as_url_syntax_restores(uninterrupted, tmp_path):
+    # The check before a restore opened the arrays through a file:// URL, and a folder named
+    # "a#b" (or "q?m", or "pct%41x") was "unreadable (corrupt or incomplete)" after its save.
+    directory = tmp_path / "run #1 ?q %41"
+    shutil.copytree(uninterrupted[0], directory)
+    assert checkpoint.load_for_inference(directory).epoch == 3
+
+
 def test_values_changed_in_place_that_still_decode_are_found(uninterrupted, tmp_path):
     # A flipped bit that zstd and OCDBT do not notice: the array decodes, to other values.
     # Without the digests saved in the meta item, this restored as wrong weights (exit 0).
@@ -318,7 +326,7 @@ def test_values_changed_in_place_that_still_decode_are_found(uninterrupted, tmp_
     directory = tmp_path / "run"
     shutil.copytree(uninterrupted[0], directory)
     state_dir = directory / "checkpoints" / "3" / "state"
-    kvstore = {"driver": "ocdbt", "base": f"file://{state_dir}/", "path": "params.dense.kernel/"}
+    kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{state_dir}/"}, "path": "params.dense.kernel/"}
     array = ts.open({"driver": "zarr", "kvstore": kvstore}, open=True, read=True, write=True).result()
     values = array.read().result()
     values[0, 0] = np.nextafter(values[0, 0], np.float32(np.inf))  # one ulp
