@@ -10,7 +10,7 @@ import sys
 
 
 def open_standard_streams() -> None:
-    """Point a closed stdin, stdout or stderr (``train.py 2>&-``) at /dev/null.
+    """Point a closed stdin, stdout or stderr (``train.py 2>&-``) at /dev/null; stdout never fails to encode.
 
     Started with one of them closed, Python has ``sys.stderr is None`` (the progress bar
     crashed on it), and the next file opened takes the closed descriptor's number, so that
@@ -30,6 +30,11 @@ def open_standard_streams() -> None:
             os.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False))
+    # A character stdout's encoding lacks is written as an escape (\u30e9), as stderr writes it,
+    # not a UnicodeEncodeError: Python on Windows writes a redirected stdout in the ANSI code
+    # page (cp1252), and a folder named in Japanese ended a finished run in a traceback.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 if __name__ == "__main__":

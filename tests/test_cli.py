@@ -499,6 +499,18 @@ def test_no_data_offline_exits_1_with_instructions(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_path_the_consoles_encoding_cannot_write_is_escaped_not_a_traceback(tmp_path):
+    # Python on Windows writes a redirected stdout in cp1252: a folder named in Japanese ended a
+    # finished run in a UnicodeEncodeError at its last line ("checkpoints in ..."). ASCII here.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "--output", str(tmp_path / "ラン"), "--resume",
+                        "--data-dir", str(tmp_path / "tfds"), "--offline"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "\\u30e9\\u30f3 holds no checkpoint yet" in r.stdout  # the line, then the data's own error
+    assert "--manual-dir" in r.stderr
+
+
 def test_unwritable_output_is_refused_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
