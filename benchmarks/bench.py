@@ -55,7 +55,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -224,8 +223,14 @@ class Timings:
     steps: int  # training steps per repeat
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident memory in bytes; None where Python cannot read it (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def make_row(impl, label, resize, dtype, batch, device_name, backend, t: Timings, n_eval, compile_s,
@@ -918,7 +923,8 @@ def markdown(report: dict) -> str:
                       f"{r0['steps_per_repeat']} steps each, after a warm-up; evaluation: the median of "
                       f"{len(r0['eval_s_all'])} passes over {r0['eval_images']:,} images."]
         lines += [f"- {note}." for note in COLUMN_NOTES]
-    peak_rss = max((r["peak_rss_bytes"] for r in report["rows"]), default=_peak_rss_bytes())
+    peak_rss = max((r["peak_rss_bytes"] for r in report["rows"] if r["peak_rss_bytes"] is not None),
+                   default=_peak_rss_bytes())
     # The chapter's loop reads its own process's peak (ChapterProcess); the largest is the one given.
     lines += ["", f"Process peak RSS (host memory, not device memory; whole run; the largest of this process "
                   f"and the chapter's loop's own): {_gib(peak_rss)}."]
@@ -967,7 +973,7 @@ def merge_rounds(rows: list[dict]) -> dict:
     row = dict(rows[0])
     row["step_ms_all"] = [ms for r in rows for ms in r["step_ms_all"]]
     row["eval_s_all"] = [t for r in rows for t in r["eval_s_all"]]
-    row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rows)
+    row["peak_rss_bytes"] = max((r["peak_rss_bytes"] for r in rows if r["peak_rss_bytes"] is not None), default=None)
     row["rounds"] = len(rows)
     return _with_statistics(row)
 

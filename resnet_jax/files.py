@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -92,8 +93,8 @@ class Busy(OSError):
 
 RUN_LOCK = ".train.lock"  # in a run folder while a program writes its checkpoints (train.py, Checkpoints)
 
-# The locks this process holds, by real path: [holds, fd, path]. The lock is the fd's; the
-# last hold released, whichever it is, deletes the file and closes the fd.
+# The locks this process holds, by real path: [holds, unlock]. The last hold released,
+# whichever it is, calls unlock().
 _held_here: dict[str, list] = {}
 _held_here_guard = threading.Lock()
 
@@ -105,10 +106,31 @@ def _release(key: str) -> None:
         if entry[0]:
             return
         del _held_here[key]
-    _, fd, path = entry
+    entry[1]()
+
+
+def _unlock_flock(fd: int, path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()  # while still holding it: see the inode check in held()
     os.close(fd)
+
+
+def _lock_filelock(path: Path, on_wait: Callable[[str], None] | None) -> Callable[[], None]:
+    """held()'s lock where fcntl is missing (Windows): filelock's, msvcrt's there; its release.
+
+    Windows locks the file's bytes against other readers, so the holder is not named.
+    """
+    import filelock
+
+    lock = filelock.FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if on_wait is None:
+            raise Busy(path, "") from None
+        on_wait("")
+        lock.acquire()  # polls; Ctrl-C ends the wait
+    return lock.release
 
 
 @contextlib.contextmanager
@@ -121,7 +143,7 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
     kill, a crash): a lock file left behind never blocks anyone. The file is deleted on the
     way out, and a lock taken on a file that another holder has just deleted is dropped and
     taken again, so two programs never both hold one. Where ``fcntl`` is missing (Windows)
-    nothing is locked.
+    the lock is filelock's, which does not name its holder.
 
     ``reentrant``: if this process holds the lock already (train.py holds its run folder's
     when it opens the folder's Checkpoints), the ``with`` block simply runs under that hold.
@@ -129,9 +151,8 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
     """
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS
-        yield
-        return
+    except ImportError:  # Windows
+        fcntl = None
     path = Path(path)
     key = os.path.realpath(path)
     with _held_here_guard:
@@ -139,6 +160,15 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
         if nested:
             _held_here[key][0] += 1
     if nested:
+        try:
+            yield
+        finally:
+            _release(key)
+        return
+    if fcntl is None:
+        unlock = _lock_filelock(path, on_wait)
+        with _held_here_guard:
+            _held_here[key] = [1, unlock]
         try:
             yield
         finally:
@@ -167,7 +197,7 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
             break
         os.close(fd)  # the previous holder deleted the file as we took it: take the new one
     with _held_here_guard:
-        _held_here[key] = [1, fd, path]  # (no other hold here: flock refuses a second fd of this process too)
+        _held_here[key] = [1, functools.partial(_unlock_flock, fd, path)]  # (no other hold here: flock refuses a second fd of this process too)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())

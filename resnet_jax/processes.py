@@ -81,7 +81,10 @@ def _check_coordinator(address: str, serves: bool) -> None:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         any_address = "0.0.0.0"
     with probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # On Windows SO_REUSEADDR binds a port another program listens on, and the check would
+        # pass every time: there an exclusive bind is what finds it in use.
+        exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR if exclusive is None else exclusive, 1)
         try:
             probe.bind((any_address, int(port)))
         except OSError as err:

@@ -33,6 +33,8 @@ import functools
 import math
 import numbers
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -643,7 +645,13 @@ def _to_host(m: Metrics) -> dict:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform module knows."""
+    """The CPU's model name (Linux, macOS), else what the platform module knows."""
+    if sys.platform == "darwin":  # platform.processor() says only "arm" there
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+            if name:
+                return name
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

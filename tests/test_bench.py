@@ -26,6 +26,27 @@ def test_counted_flops_reproduce_the_hand_count_at_96_and_follow_the_feature_map
     assert train28 > 1.2 * train * (28 / 96) ** 2
 
 
+def test_peak_host_memory_in_bytes_on_linux_and_macos_and_none_without_resource(monkeypatch):
+    # bench.py imported resource at its top, and did not start on Windows; macOS reports bytes, not KiB.
+    class Usage:
+        ru_maxrss = 5
+
+    class Resource:
+        RUSAGE_SELF = 0
+
+        @staticmethod
+        def getrusage(who):
+            return Usage
+
+    monkeypatch.setitem(sys.modules, "resource", Resource)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert bench._peak_rss_bytes() == 5 * 1024
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert bench._peak_rss_bytes() == 5
+    monkeypatch.setitem(sys.modules, "resource", None)
+    assert bench._peak_rss_bytes() is None
+
+
 def test_peaks_known_for_datacenter_gpus_only():
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.5
     assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.5

@@ -78,6 +78,45 @@ def test_a_lock_whose_holder_was_killed_is_free(tmp_path):
         assert time.monotonic() - start < 1
 
 
+def test_where_fcntl_is_missing_the_lock_is_filelocks(tmp_path, monkeypatch):
+    # On Windows (no fcntl) held() locked nothing: two runs in one folder mixed their checkpoints.
+    # Here filelock's lock is flock's too; what is tested is that held() takes it and keeps out
+    # another process, waits when asked, and nests.
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import filelock  # noqa: F401  (imported with fcntl, as on Windows with msvcrt)
+
+    lock = tmp_path / "run.lock"
+    no_fcntl = "import sys, time, filelock; sys.modules['fcntl'] = None; from resnet_jax import files\n"
+    holder = subprocess.Popen([sys.executable, "-c", no_fcntl + f"with files.held({str(lock)!r}):\n"
+                               "    print('held', flush=True); sys.stdin.readline()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(files.Busy, match="in use by another program"), files.held(lock):
+            pass
+        waited = []
+        threading.Timer(1.0, lambda: (holder.stdin.write("\n"), holder.stdin.flush())).start()
+        start = time.monotonic()
+        with files.held(lock, on_wait=waited.append):
+            assert waited == [""] and time.monotonic() - start >= 0.9
+            with files.held(lock, reentrant=True):
+                pass
+            with pytest.raises(files.Busy):  # this process's other threads too
+                with files.held(lock):
+                    pass
+        assert os.path.realpath(lock) not in files._held_here
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        holder.stdin.close()
+
+
 def test_json_safe_writes_non_finite_numbers_as_null(tmp_path):
     # json.dumps wrote "test_loss": NaN, which JSON readers (jq, JSON.parse) refuse.
     doc = {"test_loss": float("nan"), "acc": 0.5, "per_class": [float("inf"), -float("inf"), 1.0], "n": 3, "s": "NaN"}

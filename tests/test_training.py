@@ -686,3 +686,20 @@ def test_the_initial_state_draws_from_the_seeds_init_key_as_train_py_always_has(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     other = training.initial_state(config.replace(seed=4)).params["dense"]["kernel"]
     assert not np.array_equal(np.asarray(other), np.asarray(state.params["dense"]["kernel"]))
+
+
+def test_the_cpu_is_named_by_its_model_on_macos(monkeypatch):
+    # platform.processor() says "arm" on Apple silicon: results.json named no CPU there.
+    import subprocess
+    import sys
+
+    calls = []
+
+    def sysctl(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="Apple M2 Pro\n", stderr="")
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(subprocess, "run", sysctl)
+    assert training.cpu_name() == "Apple M2 Pro"
+    assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
