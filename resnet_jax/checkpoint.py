@@ -67,7 +67,8 @@ MODEL_KEYS = ("num_classes", "input_channels", "dtype")
 # Every other field changes the training math, or its bits (conv lowering, steps per
 # dispatch, eval batch), and would break the promise of an exact resume.
 RESUMABLE_FIELDS = frozenset(
-    {"epochs", "data_dir", "manual_dir", "offline", "output", "keep", "log_every", "resume", "export_torch"}
+    {"epochs", "data_dir", "manual_dir", "offline", "output", "keep", "log_every", "resume", "export_torch",
+     "eval_batch_size"}  # (evaluation's batches: how much memory it takes at once; its results are the same)
 )
 
 

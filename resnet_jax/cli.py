@@ -28,7 +28,7 @@ from pathlib import Path
 from resnet_jax import files, interrupts, processes, rundir, xla_cache
 from resnet_jax.config import DTYPES, MAX_RESIZE, MIN_RESIZE, Config, ConfigError
 from resnet_jax.console import (EXIT_OK, EXIT_USAGE, OneLineParser, OutputLost, counted, emit, native_stdout_to_stderr,
-                                report_errors)
+                                out_of_memory, report_errors)
 from resnet_jax.data import DATASETS
 from resnet_jax.errors import RunWideError, UserError, check_writable_dir, first_line
 from resnet_jax.interrupts import Interrupted
@@ -179,16 +179,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         init_from_torch=_path(args.init_from_torch),
         export_torch=_path(args.export_torch),
     )
-
-
-def _oom_summary(err: BaseException) -> str:
-    """XLA's out-of-memory message, first line only ("Out of memory allocating N bytes", with N in GB)."""
-    import re
-
-    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    line = line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
-    m = re.search(r"allocating (\d+) bytes", line)
-    return f"{int(m.group(1)) / 1e9:,.1f} GB needed at once" if m else line[:200]
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -612,13 +602,15 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             # A collective found another process gone (killed, preempted, its host down).
             after = ckpts.after_a_lost_process() if ckpts else "no checkpoint was written"
             raise UserError(f"another process of this run stopped ({first_line(err, 160)}); {after}") from err
-        if "RESOURCE_EXHAUSTED" not in str(err) and "Out of memory" not in str(err):  # XLA:CPU says INTERNAL
+        needed = out_of_memory(err)
+        if needed is None:
             raise
-        where = f"; the checkpoint of epoch {kept} in {config.output} is intact" if kept is not None else ""
-        raise UserError(
-            f"out of memory on {jax.devices()[0].platform}: {_oom_summary(err)}; try a smaller --batch-size, "
-            f"--eval-batch-size or --resize{where}"
-        ) from err
+        if kept is None:
+            advice = "try a smaller --batch-size, --eval-batch-size or --resize"
+        else:  # --resume takes a new --eval-batch-size; the others would train another run
+            advice = (f"the checkpoint of epoch {kept} in {config.output} is intact: --resume continues it with a "
+                      "smaller --eval-batch-size; a smaller --batch-size or --resize is a new run, in a new --output")
+        raise UserError(f"out of memory on {jax.devices()[0].platform}: {needed}; {advice}") from err
     finally:
         reporter.close()
 

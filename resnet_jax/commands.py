@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from resnet_jax import files, interrupts, rundir
-from resnet_jax.console import EXIT_OK, OneLineParser, emit, report_errors
+from resnet_jax.console import EXIT_OK, OneLineParser, emit, out_of_memory, report_errors
 from resnet_jax.errors import UserError, check_output_file, check_writable_dir
 
 
@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout (also when "
                    "the confusion-matrix PNG then cannot be written: its confusion_png is null, and --confusion-png's "
                    "failure still exits 1)")
+    p.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
+                   help="images the model takes at once (default: the run's); a smaller N needs less memory")
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
@@ -75,12 +77,20 @@ def _describe(ckpt) -> str:
     return f"checkpoint {ckpt.path}: epoch {ckpt.epoch}, {c.dataset}, {c.resize}x{c.resize}, {c.dtype}"
 
 
+def _eval_batch_size(args: argparse.Namespace, config) -> int:
+    if args.eval_batch_size is None:
+        return config.eval_batch_size
+    if args.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    return args.eval_batch_size
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     ckpt = _load(args.run_dir, args.which)
     from resnet_jax import data as data_mod  # imported by _load, under its deferral: no cost here
     from resnet_jax import metrics, plots, training
 
-    config = ckpt.config
+    config = ckpt.config.replace(eval_batch_size=_eval_batch_size(args, ckpt.config))
     spec = data_mod.DATASETS[config.dataset]
     limit = args.test_limit if args.test_limit is not None else config.test_limit
     if limit is not None and not 0 < limit <= spec.num_test:
@@ -171,6 +181,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from resnet_jax import images, training
 
     config = ckpt.config
+    eval_batch_size = _eval_batch_size(args, config)
     spec = data_mod.DATASETS[config.dataset]
     if not 1 <= args.top_k <= spec.num_classes:
         raise UsageError(f"--top-k must be in 1..{spec.num_classes}, got {args.top_k}")
@@ -192,7 +203,7 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError("no images to predict (the .npy batches are empty)")
     emit(_describe(ckpt), file=sys.stderr, essential=False)  # not in stdout: it stays the predictions alone
     interrupts.check()  # a Ctrl-C swallowed while loading (resnet_jax/interrupts.py)
-    probs = training.predict(ckpt.state, x, config.resize, config.eval_batch_size)
+    probs = training.predict(ckpt.state, x, config.resize, eval_batch_size)
 
     results = []
     for name, p in zip(names, probs):
@@ -222,4 +233,17 @@ def main(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)  # exits 2 on malformed flags
     # Orbax speaks through absl's logger (e.g. about read-only managers); a user sees one line or nothing.
     logging.getLogger("absl").setLevel(logging.ERROR)
-    return report_errors(parser.prog, lambda: run(args), usage_errors=(UsageError,))
+    return report_errors(parser.prog, lambda: _out_of_memory_is_one_line(run, args), usage_errors=(UsageError,))
+
+
+def _out_of_memory_is_one_line(run, args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except RuntimeError as err:  # XLA's errors; only running out of memory is the user's to fix
+        needed = out_of_memory(err)
+        if needed is None:
+            raise
+        import jax
+
+        raise UserError(f"out of memory on {jax.devices()[0].platform}: {needed}; "
+                        "try a smaller --eval-batch-size") from err

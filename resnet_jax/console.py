@@ -31,6 +31,21 @@ class OutputLost(Exception):
         self.errno, self.stream = err.errno, stream
 
 
+def out_of_memory(err: BaseException) -> str | None:
+    """XLA's out-of-memory error in a few words ("1.6 GB needed at once"); None for any other error.
+
+    XLA:GPU and TPU say RESOURCE_EXHAUSTED; XLA:CPU says INTERNAL, "Out of memory allocating N bytes".
+    """
+    import re
+
+    text = str(err)
+    if not isinstance(err, RuntimeError) or ("RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text):
+        return None
+    line = text.strip().splitlines()[0].split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    m = re.search(r"allocat(?:ing|e) (\d+) bytes", line)  # XLA:CPU's "allocating", XLA:GPU's "trying to allocate"
+    return f"{int(m.group(1)) / 1e9:,.1f} GB needed at once" if m else line[:200]
+
+
 def counted(n, word: str) -> str:
     """"1 epoch", "2 epochs", "0.5 epochs": a count and its noun, for the lines a user reads."""
     return (f"{n:g}" if isinstance(n, float) else str(n)) + f" {word}" + ("" if n == 1 else "s")

@@ -367,8 +367,8 @@ ERRORS = {
                                                          "--epochs", 3], 1,
                                       "is a file where the checkpoint of epoch 3 would be; move it elsewhere"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
-                        "lr (checkpoint 0.05, now 0.1) (only --data-dir, --epochs, --export-torch, --keep, --log-every, "
-                        "--manual-dir, --offline and --output may change)"),
+                        "lr (checkpoint 0.05, now 0.1) (only --data-dir, --epochs, --eval-batch-size, --export-torch, "
+                        "--keep, --log-every, --manual-dir, --offline and --output may change)"),
     "resume-fewer-epochs": (lambda run, d, t: [*_train_args(d, run), "--resume", "--epochs", 1], 1,
                             "has trained 2 epochs, more than --epochs 1"),
     "output-holds-a-run": (lambda run, d, t: _train_args(d, run), 1, "already holds a run"),
@@ -677,6 +677,69 @@ def test_out_of_device_memory_is_one_line_naming_the_flags(prepared_data_dir, tm
     lines = [line for line in err.strip().splitlines() if not line.startswith("data: ")]
     assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert "out of memory on cpu: 681.9 GB needed at once; try a smaller --batch-size, --eval-batch-size or --resize" in lines[0]
+
+
+def test_out_of_memory_with_a_checkpoint_kept_advises_what_resume_takes(run, prepared_data_dir, tmp_path, monkeypatch):
+    # It said "try a smaller --batch-size, --eval-batch-size or --resize; the checkpoint of epoch 2
+    # ... is intact", and --resume refused each of them: an evaluation that ran out of memory
+    # could not be continued at all.
+    import shutil
+
+    from resnet_jax import training
+
+    output = tmp_path / "run"
+    shutil.copytree(run[0], output)
+    resume = [*_train_args(prepared_data_dir, output, "--resume", "--epochs", 3)]
+    real_fit = training.fit
+
+    def fit(*a, **k):
+        raise RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 1342482640 bytes.")
+
+    monkeypatch.setattr(training, "fit", fit)
+    rc, out, err = _main(*resume)
+    assert rc == 1 and "Traceback" not in err, err
+    assert (f"out of memory on cpu: 1.3 GB needed at once; the checkpoint of epoch 2 in {output} is intact: "
+            "--resume continues it with a smaller --eval-batch-size; a smaller --batch-size or --resize is a new run, "
+            "in a new --output") in err
+    monkeypatch.setattr(training, "fit", real_fit)
+    rc, out, err = _main(*[a if a != "32" or i != resume.index("--eval-batch-size") + 1 else "16"
+                           for i, a in enumerate(resume)])
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["history"][-1]["epoch"] == 3
+    assert load_for_inference(output).config.eval_batch_size == 16
+
+
+def test_evaluate_and_predict_out_of_memory_is_one_line_and_their_batch_can_shrink(run, tmp_path, monkeypatch):
+    # Both printed XLA's 30-50 line traceback, and had no flag to take less memory.
+    from resnet_jax import training
+
+    output, final = run
+    rc, out, err = _main("evaluate", output, "--json", "--eval-batch-size", 5, "--confusion-png", tmp_path / "cm.png")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["examples"] == 48 and report["test_acc"] == final["test_acc"]
+    assert report["test_loss"] == pytest.approx(final["test_loss"], rel=1e-5)  # summed in other groups
+    images = tmp_path / "x.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (7, 28, 28, 1), dtype=np.uint8))
+    rc, out, err = _main("predict", output, images, "--json", "--eval-batch-size", 2)
+    small = json.loads(out)["predictions"]
+    rc, out, err = _main("predict", output, images, "--json")
+    assert [p["top_k"][0]["index"] for p in small] == [p["top_k"][0]["index"] for p in json.loads(out)["predictions"]]
+    rc, out, err = _main("predict", output, images, "--eval-batch-size", 0)
+    assert rc == 2 and "--eval-batch-size must be a positive integer, got 0" in err
+
+    def oom(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1303566592 bytes.")
+
+    monkeypatch.setattr(training, "evaluate_split", oom)
+    monkeypatch.setattr(training, "predict", oom)
+    for argv in (["evaluate", output, "--confusion-png", tmp_path / "cm2.png"], ["predict", output, images]):
+        rc, out, err = _main(*argv)
+        lines = [line for line in err.strip().splitlines() if not line.startswith("checkpoint ")]  # (what was loaded)
+        assert rc == 1 and "Traceback" not in err, err
+        assert lines == [f"train.py {argv[0]}: error: out of memory on cpu: 1.3 GB needed at once; "
+                         "try a smaller --eval-batch-size"], err
+        assert not (tmp_path / "cm2.png").exists()
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory(prepared_data_dir, tmp_path, monkeypatch):
