@@ -419,6 +419,13 @@ class Stage(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
+        # The chapter's first residual has Conv2d(input_channels, ...), which refuses another
+        # count; with first_block its residuals are Residual(num_channels, num_channels). Flax
+        # infers the count and took any (Stage(999, 128) ran on 64 channels).
+        want = self.num_channels if self.first_block else self.input_channels
+        if x.shape[-1] != want:
+            raise ValueError(f"Stage({self.input_channels}, {self.num_channels}, first_block={self.first_block}) "
+                             f"takes {want} input channels, as the chapter's resnet_block; got shape {x.shape}")
         for residual in resnet_block(
             self.input_channels,
             self.num_channels,

@@ -360,3 +360,17 @@ def test_forward_mode_autodiff_goes_through_the_eval_model_with_xla_lowerings():
     if jax.default_backend() == "cpu":
         with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
             jax.jvp(lambda x: ResNet18().apply(variables, x, train=False), (x,), (t,))
+
+
+def test_a_stage_refuses_the_channel_counts_the_chapters_resnet_block_refuses():
+    # Flax infers a convolution's input channels: Stage(999, 128) ran on 64 channels, where the
+    # chapter's Conv2d(999, 128, ...) fails. With first_block the chapter ignores input_channels.
+    from resnet_jax.model import Stage
+
+    x = jnp.zeros((1, 8, 8, 64))
+    with pytest.raises(ValueError, match=r"Stage\(999, 128, first_block=False\) takes 999 input channels"):
+        Stage(999, 128).init(jax.random.key(0), x, False)
+    with pytest.raises(ValueError, match="takes 128 input channels"):
+        Stage(64, 128, first_block=True).init(jax.random.key(0), x, False)
+    assert Stage(64, 128).apply(Stage(64, 128).init(jax.random.key(0), x, False), x, False).shape == (1, 4, 4, 128)
+    assert Stage(999, 64, first_block=True).init(jax.random.key(0), x, False)

@@ -703,3 +703,17 @@ def test_the_cpu_is_named_by_its_model_on_macos(monkeypatch):
     monkeypatch.setattr(subprocess, "run", sysctl)
     assert training.cpu_name() == "Apple M2 Pro"
     assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
+
+
+def test_the_programs_of_six_runs_are_kept():
+    # The bound was 8 jitted functions, two runs' worth (a run has three to five): a notebook
+    # alternating three configs compiled all of them at every call.
+    def program(run: int, k: int):
+        statics = (("seed", run), ("n", 64 + k), ("batch_size", 32), ("chunk", 1))
+        return training._program(training.epoch_plan, "cpu", statics)
+
+    first = [program(0, k) for k in range(5)]
+    for run in range(1, 6):
+        for k in range(5):
+            program(run, k)
+    assert all(program(0, k) is made for k, made in enumerate(first))
