@@ -46,7 +46,6 @@ Host memory: like train.py, the script restarts itself once with glibc asked for
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -56,9 +55,11 @@ import multiprocessing
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +226,13 @@ class Timings:
 
 def _peak_rss_bytes() -> int | None:
     """This process's peak resident memory in bytes; None where Python cannot read it (Windows)."""
+    # Linux's own count first: ru_maxrss carries the parent's peak over into a spawned process
+    # (fork, then exec), which ChapterProcess's is.
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
     try:
         import resource
     except ImportError:
@@ -557,15 +565,40 @@ def bench_torch_chapter(train: Split, test: Split, resize: int, batch: int, repe
         "torch_chapter", "PyTorch, the chapter's loop (DataLoader + CPU resize)", resize, "float32", batch,
         _torch_device_name(device), device.type, Timings(train_s, eval_s, steps), len(test), None,
         _torch_peak(device),
-        notes=f"{workers} DataLoader workers; {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
+        notes=f"{workers} DataLoader workers, started by {multiprocessing.get_start_method()}; "
+              f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; "
               f"resize by {'torchvision' if _has_torchvision() else 'Pillow (torchvision not installed)'}",
     )
 
 
-def _start_chapter_process(torch_threads: int | None, start_method: str):
+def _serve_chapter(conn, torch_threads: int | None, start_method: str, parent: int) -> None:
+    """The chapter's process: bench_torch_chapter for each (args, kwargs) received, until the pipe closes."""
     # A spawned process takes "spawn" as its default; the DataLoader would spawn its workers.
     multiprocessing.set_start_method(start_method, force=True)
     set_torch_threads(torch_threads)
+    # Ctrl-C is the parent's to handle: it ends this process (close, terminate). The DataLoader's
+    # workers inherit the setting and end with this process (PyTorch's watchdog).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def exit_with_parent():  # a parent killed alone (SIGKILL, the OOM killer) leaves no orphan measuring on
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    while True:
+        try:
+            args, kwargs = conn.recv()
+        except EOFError:
+            return
+        try:
+            reply = (True, bench_torch_chapter(*args, **kwargs))
+        except Exception as err:
+            reply = (False, err)
+        try:
+            conn.send(reply)
+        except Exception as err:  # an exception that does not pickle
+            conn.send((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}; and it could not be sent: {err}")))
 
 
 class ChapterProcess:
@@ -575,25 +608,42 @@ class ChapterProcess:
     thread pools, each fork drew JAX's warning that it "will likely lead to a deadlock" (a lock
     one of those threads holds stays held in the child), and each copied a process that holds
     JAX's programs and arrays. The chapter's readers fork from a process that runs only PyTorch;
-    so does this one, spawned (not forked) once per run and reused by every round. Its workers
-    start as this platform's default has them start (fork on Linux before Python 3.14), as the
-    readers' do, not as it was started itself.
+    so does this one, spawned (not forked) once per run and reused by every round. (It imports
+    this module, and with it JAX and Flax, but starts no JAX backend.) Its workers start as this
+    platform's default has them start (fork on Linux before Python 3.14), as the readers' do,
+    not as it was started itself. Leaving the ``with`` block on an exception (Ctrl-C) ends the
+    process at once, not after its measurement.
     """
 
     def __init__(self, torch_threads: int | None):
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_chapter_process,
-            initargs=(torch_threads, multiprocessing.get_start_method()))
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, theirs = ctx.Pipe()
+        self._process = ctx.Process(target=_serve_chapter, name="chapter's loop",
+                                    args=(theirs, torch_threads, multiprocessing.get_start_method(), os.getpid()))
+        self._process.start()
+        theirs.close()
 
     def measure(self, *args, **kwargs) -> dict:
         """bench_torch_chapter(*args, **kwargs), run there; its exceptions are raised here."""
-        return self._pool.submit(bench_torch_chapter, *args, **kwargs).result()
+        self._conn.send((args, kwargs))
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the chapter's loop's process ended (exit code {self._process.exitcode})") from None
+        if not ok:
+            raise value
+        return value
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self._pool.shutdown(cancel_futures=True)
+    def __exit__(self, exc_type, *exc):
+        self._conn.close()  # the process's next receive ends it
+        self._process.join(timeout=None if exc_type is None else 0)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
 
 
 def _has_torchvision() -> bool:
@@ -635,8 +685,9 @@ def bench_torch_tuned(train: Split, test: Split, resize: int, batch: int, dtype:
     device = _torch_device()
     if compile_model is None:
         compile_model = torch_compile_default(device.type)
-    # cuDNN's autotuning for this loop only: it is process-wide, and the chapter's loop, run next,
-    # must have its readers' default (off). The bench of 2026-12-04 left it on for that loop.
+    # cuDNN's autotuning for this loop only: it is process-wide, and other PyTorch code in this
+    # process must have its readers' default (off). The bench of 2026-12-04 left it on for the
+    # chapter's loop, which then ran in this process (ChapterProcess since 2026-12-07).
     benchmark_was = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:

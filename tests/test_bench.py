@@ -38,6 +38,9 @@ def test_peak_host_memory_in_bytes_on_linux_and_macos_and_none_without_resource(
         def getrusage(who):
             return Usage
 
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (
+        real_open("/nonexistent/status") if path == "/proc/self/status" else real_open(path, *a, **k)))
     monkeypatch.setitem(sys.modules, "resource", Resource)
     monkeypatch.setattr(sys, "platform", "linux")
     assert bench._peak_rss_bytes() == 5 * 1024
@@ -45,6 +48,20 @@ def test_peak_host_memory_in_bytes_on_linux_and_macos_and_none_without_resource(
     assert bench._peak_rss_bytes() == 5
     monkeypatch.setitem(sys.modules, "resource", None)
     assert bench._peak_rss_bytes() is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's VmHWM")
+def test_a_spawned_process_reads_its_own_peak_not_its_parents():
+    # ru_maxrss carries the parent's peak over into a spawned process (fork, then exec): the
+    # chapter's row gave the JAX process's peak as its own.
+    import multiprocessing
+
+    import numpy as np
+
+    ballast = np.ones(300 * 2**20, np.uint8)  # 300 MiB more than the child will ever touch
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(bench._peak_rss_bytes)
+    assert ballast[-1] == 1 and child < bench._peak_rss_bytes() - 250 * 2**20
 
 
 def test_peaks_known_for_datacenter_gpus_only():
@@ -156,9 +173,41 @@ def test_the_chapters_loop_starts_its_workers_from_a_process_without_jax(monkeyp
         warnings.simplefilter("always")
         with bench.ChapterProcess(torch_threads=1) as chapter:
             row = chapter.measure(train, test, 17, 4, 1, 1, workers=1)
-    assert row["impl"] == "torch_chapter" and row["notes"].startswith("1 DataLoader workers")
+    assert row["impl"] == "torch_chapter"
+    assert row["notes"].startswith(f"1 DataLoader workers, started by {start_method}; 1 torch threads")
     assert all(t > 0 for t in row["step_ms_all"])
     assert not [w for w in seen if "fork" in str(w.message)]
+
+
+@pytest.mark.skipif(not bench.torch_available() or sys.platform == "win32", reason="needs torch, POSIX signals")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_the_chapters_process_ends_with_the_benchmark(how):
+    # Killed alone (SIGKILL, the OOM killer), the benchmark left the chapter's process measuring
+    # on, an orphan; given Ctrl-C alone, it waited for that measurement to end before it did.
+    import signal
+    import time
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import bench\n"
+              "train, test = bench.synthetic_splits(64, 8)\n"
+              "with bench.ChapterProcess(1) as chapter:\n"
+              "    print(chapter._process.pid, flush=True)\n"
+              "    chapter.measure(train, test, 17, 4, 1000, 1000, workers=0)\n")
+    bench_run = subprocess.Popen([sys.executable, "-c", script, str(BENCHMARKS)], stdout=subprocess.PIPE, text=True,
+                                 stderr=subprocess.DEVNULL)
+    child = int(bench_run.stdout.readline())
+    time.sleep(3)  # measuring by now
+    bench_run.send_signal(getattr(signal, how))
+    bench_run.wait(timeout=60)
+    bench_run.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail(f"the chapter's process outlived the benchmark ({how}) by 10 s")
 
 
 @pytest.mark.skipif(not bench.torch_available(), reason="needs torch: the rounds of one implementation alone do not interleave")
