@@ -63,12 +63,14 @@ from resnet_jax.errors import first_line
 # that agrees on all of these.
 MODEL_KEYS = ("num_classes", "input_channels", "dtype")
 # Config fields a resumed run may change: where files are and how long to train (epochs
-# only where the learning rate does not depend on them: rundir._check_resume checks).
+# only where the learning rate does not depend on them: rundir._check_resume checks), and
+# the evaluation's batch, so that a run that ran out of memory evaluating can go on: it
+# changes no trained weight, only the last bits of the evaluated loss (sums in other groups).
 # Every other field changes the training math, or its bits (conv lowering, steps per
-# dispatch, eval batch), and would break the promise of an exact resume.
+# dispatch), and would break the promise of an exact resume.
 RESUMABLE_FIELDS = frozenset(
     {"epochs", "data_dir", "manual_dir", "offline", "output", "keep", "log_every", "resume", "export_torch",
-     "eval_batch_size"}  # (evaluation's batches: how much memory it takes at once; its results are the same)
+     "eval_batch_size"}
 )
 
 

@@ -21,6 +21,17 @@ from resnet_jax.console import EXIT_OK, OneLineParser, emit, out_of_memory, repo
 from resnet_jax.errors import UserError, check_output_file, check_writable_dir
 
 
+def _positive_int(text: str) -> int:
+    """argparse's type for a count: refused with the flag's name before any work (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output directory")
     p.add_argument("--which", choices=("latest", "best"), default="latest",
@@ -28,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout (also when "
                    "the confusion-matrix PNG then cannot be written: its confusion_png is null, and --confusion-png's "
                    "failure still exits 1)")
-    p.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
+    p.add_argument("--eval-batch-size", type=_positive_int, default=None, metavar="N",
                    help="images the model takes at once (default: the run's); a smaller N needs less memory")
 
 
@@ -78,11 +89,7 @@ def _describe(ckpt) -> str:
 
 
 def _eval_batch_size(args: argparse.Namespace, config) -> int:
-    if args.eval_batch_size is None:
-        return config.eval_batch_size
-    if args.eval_batch_size < 1:
-        raise UsageError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
-    return args.eval_batch_size
+    return config.eval_batch_size if args.eval_batch_size is None else args.eval_batch_size
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

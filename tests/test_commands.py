@@ -725,8 +725,10 @@ def test_evaluate_and_predict_out_of_memory_is_one_line_and_their_batch_can_shri
     small = json.loads(out)["predictions"]
     rc, out, err = _main("predict", output, images, "--json")
     assert [p["top_k"][0]["index"] for p in small] == [p["top_k"][0]["index"] for p in json.loads(out)["predictions"]]
-    rc, out, err = _main("predict", output, images, "--eval-batch-size", 0)
-    assert rc == 2 and "--eval-batch-size must be a positive integer, got 0" in err
+    for command in (["predict", tmp_path / "no_run", images], ["evaluate", tmp_path / "no_run"]):  # before any work
+        with pytest.raises(SystemExit) as exit_:
+            _main(*command, "--eval-batch-size", 0)
+        assert exit_.value.code == 2
 
     def oom(*a, **k):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1303566592 bytes.")
