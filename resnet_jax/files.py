@@ -149,31 +149,29 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
     when it opens the folder's Checkpoints), the ``with`` block simply runs under that hold.
     Off by default: a data dir's lock also keeps out the other threads of this process.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
     path = Path(path)
     key = os.path.realpath(path)
     with _held_here_guard:
         nested = reentrant and key in _held_here
         if nested:
             _held_here[key][0] += 1
-    if nested:
+    if not nested:
         try:
-            yield
-        finally:
-            _release(key)
-        return
-    if fcntl is None:
-        unlock = _lock_filelock(path, on_wait)
+            import fcntl
+        except ImportError:  # Windows
+            unlock = _lock_filelock(path, on_wait)
+        else:
+            unlock = _lock_flock(fcntl, path, on_wait)
         with _held_here_guard:
-            _held_here[key] = [1, unlock]
-        try:
-            yield
-        finally:
-            _release(key)
-        return
+            _held_here[key] = [1, unlock]  # (no other hold here: either lock refuses a second one of this process too)
+    try:
+        yield
+    finally:
+        _release(key)
+
+
+def _lock_flock(fcntl, path: Path, on_wait: Callable[[str], None] | None) -> Callable[[], None]:
+    """held()'s lock: flock on the file, which then names its holder; its release."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -196,12 +194,12 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
         if same:
             break
         os.close(fd)  # the previous holder deleted the file as we took it: take the new one
-    with _held_here_guard:
-        _held_here[key] = [1, functools.partial(_unlock_flock, fd, path)]  # (no other hold here: flock refuses a second fd of this process too)
+    unlock = functools.partial(_unlock_flock, fd, path)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        yield
-    finally:
-        _release(key)
+    except BaseException:
+        unlock()
+        raise
+    return unlock
 

@@ -102,11 +102,12 @@ def _program(fn: Callable, target: str, statics: tuple = (), state=None, **jit_k
 
     ``state``, for the programs that take one: its tree structure (the model, the optimizer, the
     recipe: the static parts) is part of the key, so that each state lineage has jitted functions
-    of its own and the cache's bound, 32 of them, bounds the compiled programs it keeps: a run's
+    of its own and the cache's bound, 32 of them, bounds the compiled programs it keeps: a fit's
     three to five (the shuffle, training, the last batch's, the test's and validation's
-    evaluation), so those of the last six fits at least. (8 kept two runs': a notebook alternating three configs compiled every call.) (Keyed
-    without it, each state built anew, with an optimizer of its own, added its programs to the
-    same jitted functions for the life of the process: 45 MiB per fit at 17x17.) JAX's default
+    evaluation), so those of the last six fits at least. (8 kept two fits': a notebook
+    alternating three configs compiled every call.) (Keyed without it, each state built anew,
+    with an optimizer of its own, added its programs to the same jitted functions for the life
+    of the process: 45 MiB per fit at 17x17.) JAX's default
     PRNG implementation is part of the key as well: ``jax.random.key`` inside a program (the
     epoch's shuffle) is traced with it, and JAX's own cache does not tell them apart.
     """
