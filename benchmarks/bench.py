@@ -974,8 +974,7 @@ def markdown(report: dict) -> str:
                       f"{r0['steps_per_repeat']} steps each, after a warm-up; evaluation: the median of "
                       f"{len(r0['eval_s_all'])} passes over {r0['eval_images']:,} images."]
         lines += [f"- {note}." for note in COLUMN_NOTES]
-    peak_rss = max((r["peak_rss_bytes"] for r in report["rows"] if r["peak_rss_bytes"] is not None),
-                   default=_peak_rss_bytes())
+    peak_rss = _highest_peak_rss(report["rows"], default=_peak_rss_bytes())
     # The chapter's loop reads its own process's peak (ChapterProcess); the largest is the one given.
     lines += ["", f"Process peak RSS (host memory, not device memory; whole run; the largest of this process "
                   f"and the chapter's loop's own): {_gib(peak_rss)}."]
@@ -1011,6 +1010,11 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _highest_peak_rss(rows: list[dict], default: int | None) -> int | None:
+    """The highest host peak the rows recorded (None where a platform could not read one)."""
+    return max((r["peak_rss_bytes"] for r in rows if r["peak_rss_bytes"] is not None), default=default)
+
+
 def merge_rounds(rows: list[dict]) -> dict:
     """One row from the same measurement taken in several interleaved rounds (``--rounds``).
 
@@ -1024,7 +1028,7 @@ def merge_rounds(rows: list[dict]) -> dict:
     row = dict(rows[0])
     row["step_ms_all"] = [ms for r in rows for ms in r["step_ms_all"]]
     row["eval_s_all"] = [t for r in rows for t in r["eval_s_all"]]
-    row["peak_rss_bytes"] = max((r["peak_rss_bytes"] for r in rows if r["peak_rss_bytes"] is not None), default=None)
+    row["peak_rss_bytes"] = _highest_peak_rss(rows, default=None)
     row["rounds"] = len(rows)
     return _with_statistics(row)
 
