@@ -189,6 +189,9 @@ def _k_said(k: int, meta: dict) -> str:
     return f"{k}" if given else f"{k}, the default on {meta['backend']}"
 
 
+ITEMS = ("meta", "state")  # a checkpoint's items, each a folder in its epoch's folder
+
+
 def _handler_registry(ocp):
     """Which Orbax handler writes and reads each of a checkpoint's two items: the train state
     (StandardSave/StandardRestore) and the JSON record (JsonSave/JsonRestore). Orbax's
@@ -238,8 +241,8 @@ def _meta_problem(meta, epoch: int) -> str | None:
         return "its meta item's history is not a list of epoch records"
     if history[-1].get("epoch", epoch) != epoch:  # (records of code of one's own may lack the epoch)
         return f"its meta item's history ends with epoch {history[-1]['epoch']!r}, not {epoch}"
-    if not isinstance(meta.get("log", []), list):
-        return "its meta item's log is not a list"
+    if not isinstance(log := meta.get("log", []), list) or not all(isinstance(r, dict) for r in log):
+        return "its meta item's log is not a list of records"
     m = meta["metadata"]
     if not isinstance(m, dict) or (missing := [k for k in METADATA_KEYS if k not in m]):
         return f"its metadata lacks {', '.join(missing) if isinstance(m, dict) else 'everything (not a dict)'}"
@@ -376,19 +379,22 @@ class Checkpoints:
         common = dict(enable_async_checkpointing=False, read_only=read_only, create=not read_only)
         try:
             if not read_only:
-                busy = None
+                refused = None
                 if jax.process_index() == 0:
                     self.directory.mkdir(parents=True, exist_ok=True)
                     try:
                         self._lock.enter_context(files.held(self.directory / files.RUN_LOCK, reentrant=True))
                     except files.Busy as err:
-                        busy = err.holder
+                        holder = f" ({err.holder})" if err.holder else ""  # (filelock's names no holder)
+                        refused = (f"{self.directory} is being written by another program{holder}; to read it "
+                                   "meanwhile, open it with read_only=True (load_for_inference does)")
+                    except files.NotALockFile as err:
+                        refused = f"{self.directory / files.RUN_LOCK} {err.strerror}"
                 # Every process of a run hears process 0's answer (the others would wait in Orbax's
                 # first barrier until process 0 ended, then fail in C++).
-                if processes.any_process(busy is not None):
-                    raise CheckpointError(
-                        f"{self.directory} is being written by another program ({busy or 'process 0 says which'}); "
-                        "to read it meanwhile, open it with read_only=True (load_for_inference does)")
+                if processes.any_process(refused is not None):
+                    raise CheckpointError(refused or f"{self.directory} is being written by another program, or cannot be locked "
+                                                  "(process 0 says which)")
             # Orbax warns that a read-only manager keeps and deletes nothing: as intended, so not shown.
             with _absl_quiet() if read_only else contextlib.nullcontext():
                 # Which checkpoints stay is a preservation policy: Orbax has deprecated max_to_keep.
@@ -418,13 +424,25 @@ class Checkpoints:
             # shutdown. Waiting for it here leaves no thread behind (it takes milliseconds).
             self._await_cleanup()
             # A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
-            # when it saves that epoch. Someone put it there; it is theirs to move.
+            # when it saves that epoch. Someone put it there; it is theirs to move. Writing, Orbax also
+            # deletes every other folder named by a number as it rotates checkpoints, whatever it holds:
+            # a link there, or a folder of someone else's (a run folder from elsewhere whose best/ is a
+            # link to ~/photos, with 2019/ and 2020/ in it), is refused before anything is written.
             for folder in ("checkpoints", "best"):
                 with contextlib.suppress(OSError):
                     for entry in (self.directory / folder).iterdir():
-                        if entry.name.isdigit() and not entry.is_dir():
-                            raise CheckpointError(
-                                f"{entry} is a file where the checkpoint of epoch {entry.name} would be; move it elsewhere")
+                        if not entry.name.isdigit():
+                            continue
+                        where = f"where the checkpoint of epoch {entry.name} would be"
+                        if not read_only and entry.is_symlink():
+                            raise CheckpointError(f"{entry} is a symbolic link {where} (rotating checkpoints would "
+                                                  "delete what it points to); move it elsewhere")
+                        if not entry.is_dir():
+                            raise CheckpointError(f"{entry} is a file {where}; move it elsewhere")
+                        if not read_only and not any((entry / item).exists() for item in ITEMS):
+                            raise CheckpointError(f"{entry} is a folder {where} that holds none of a checkpoint's "
+                                                  f"items ({', '.join(ITEMS)}), and rotating checkpoints would delete "
+                                                  "it; move it elsewhere")
         except CheckpointError:
             self.close()
             raise
@@ -467,7 +485,10 @@ class Checkpoints:
             return self.latest
         if which == "best":
             if self.best is None or self.best.latest_step() is None:
-                raise CheckpointError(f"{self.directory} has no best checkpoint (the run was trained without --val-split)")
+                why = ("the run was trained without --val-split" if self.best is None else
+                       # (An older version's run stopped after epoch 1 left it so; --resume writes it.)
+                       "its best/ is empty: the run stopped before saving one; --resume writes it")
+                raise CheckpointError(f"{self.directory} has no best checkpoint ({why})")
             return self.best
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
 
@@ -604,7 +625,7 @@ class Checkpoints:
         if epoch is None:
             raise CheckpointError(f"no checkpoint in {manager.directory}")
         step_dir = manager.directory / str(epoch)
-        missing = [item for item in ("meta", "state") if not (step_dir / item).is_dir()]
+        missing = [item for item in ITEMS if not (step_dir / item).is_dir()]
         if missing:  # an interrupted copy, or a folder made by hand: say so, and what would be used instead
             raise CheckpointError(f"checkpoint {step_dir} is incomplete (no {' and no '.join(m + '/' for m in missing)}); "
                                   f"{_instead(manager, epoch)}")

@@ -405,14 +405,20 @@ def _load_torch_checkpoint(path: Path, num_classes: int | None, input_channels: 
         if "TorchScript" in text:
             raise ConversionError("is a TorchScript archive (torch.jit.save), not a state_dict: "
                                   "save the weights with torch.save(net.state_dict(), path)") from err
-        if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):  # weights_only met a class
+        # weights_only met a class ("Unsupported global: GLOBAL __main__.Net") or a function of a
+        # blocked module ("unsupported GLOBAL posix.system whose module posix is blocked"): a file
+        # that would run code, if only to build an object, is never quoted torch's advice to load it
+        # with weights_only=False.
+        if found := re.search(r"(?i)unsupported (?:global:\s*)?GLOBAL (\S+)", text):
             raise ConversionError(
                 f"holds pickled Python objects ({found.group(1)}; a whole nn.Module?), not only tensors, and is "
                 "not loaded: unpickling them could run any code. Save the weights with torch.save(net.state_dict(), path)"
             ) from err
-        # The unpickler's own reason, not the advice about weights_only that torch puts first.
+        # The unpickler's own reason, not the advice about weights_only that torch puts first (to
+        # load with weights_only=False, which would run whatever the file holds).
         reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
-        detail = reason.group(1) if reason else (text.splitlines()[0] if text else "")
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip() and "weights_only" not in p]
+        detail = reason.group(1) if reason else (paragraphs[0].splitlines()[0] if paragraphs else "")
         raise ConversionError(
             f"is not a file written by torch.save (torch.load: {type(err).__name__}: {detail[:200]})"
         ) from err

@@ -290,9 +290,13 @@ def _preparing(spec: DatasetSpec, data_dir: Path, log):
     lock = data_dir / f".resnet_jax-{spec.tfds_name}.lock"
     say = lambda holder: log(f"waiting for {holder or 'another program'}, which is preparing {spec.tfds_name} in {data_dir}")
     with contextlib.ExitStack() as stack:
-        with contextlib.suppress(OSError):
+        try:
             data_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(files.held(lock, on_wait=say))
+        except files.NotALockFile as err:  # a link planted there: refused, not written through
+            raise DataError(f"{lock} {err.strerror}") from None
+        except OSError:
+            pass
         yield
 
 

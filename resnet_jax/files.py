@@ -18,6 +18,7 @@ import json
 import math
 import os
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -170,10 +171,37 @@ def held(path: str | Path, on_wait: Callable[[str], None] | None = None, *, reen
         _release(key)
 
 
+class NotALockFile(OSError):
+    """The lock's path holds something held() must not write to: a symbolic link, a hard link, a FIFO..."""
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file open for reading and writing (created if missing); NotALockFile where ``path`` is not
+    a plain file of its own.
+
+    The holder writes its name into the file and deletes it on release: through a symbolic or hard
+    link planted in a run folder or data dir (one downloaded, or in a shared /tmp), that would have
+    emptied the linked file (a ~/.bashrc, say), or made one where the link points.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP or path.is_symlink():  # (ELOOP: O_NOFOLLOW met a link)
+            raise NotALockFile(errno.ELOOP, "is a symbolic link, not a lock file: remove it (nothing it points to "
+                               "is written)", str(path)) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise NotALockFile(errno.EEXIST, f"is {what}, not a lock file: remove it (it is not written)", str(path))
+    return fd
+
+
 def _lock_flock(fcntl, path: Path, on_wait: Callable[[str], None] | None) -> Callable[[], None]:
     """held()'s lock: flock on the file, which then names its holder; its release."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

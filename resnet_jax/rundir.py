@@ -170,7 +170,7 @@ def hold_output(config: Config, stack: contextlib.ExitStack, main_process: bool)
             problem = OutputBusy(f"--output {config.output} is in use by another program ({err.holder}; a train.py "
                                  "run, or a script writing checkpoints there); wait for it to end, or choose another --output")
         except OSError as err:
-            problem = RunWideError(f"--output {config.output}: cannot create its lock file {OUTPUT_LOCK}: "
+            problem = RunWideError(f"--output {config.output}: cannot use its lock file {OUTPUT_LOCK}: "
                                    f"{err.strerror or err}")
     if processes.any_process(problem is not None):
         raise problem or OutputBusy(f"--output {config.output} is in use by another run, or cannot be locked: "
@@ -205,6 +205,22 @@ def foreign_metrics(path: Path) -> bool:
     return False
 
 
+def linked_file(path: Path) -> Path | None:
+    """Where ``path`` leads, if it is a symbolic link to a regular file; else None.
+
+    A run writes metrics.jsonl from its first byte, resumed runs too. Through a link that came with a
+    run folder from elsewhere it would overwrite whatever file the link names (a ~/.bashrc, say).
+    Links to streams stay usable: to a FIFO a live plotter reads, or to /dev/stderr (a regular file
+    too where stderr is redirected to one, but a link the user made to say "show it here").
+    """
+    if not path.is_symlink():
+        return None
+    with contextlib.suppress(OSError, RuntimeError):  # (RuntimeError: a loop of links, in Python 3.11 and 3.12)
+        if not os.readlink(path).startswith(("/dev/", "/proc/")) and (target := path.resolve()).is_file():
+            return target
+    return None
+
+
 def holds_a_run(out: Path) -> bool:
     """Whether ``out`` holds a checkpoint or a run's results (what --resume continues, or refuses)."""
     with contextlib.suppress(OSError):
@@ -230,6 +246,9 @@ def open_checkpoints(config: Config, meta: dict):
     if not config.resume and foreign_metrics(out / "metrics.jsonl"):
         raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
                         "would overwrite it; choose another --output (or move that file)")
+    if target := linked_file(out / "metrics.jsonl"):
+        raise UserError(f"--output {config.output}: its metrics.jsonl is a symbolic link to the file {target}, which "
+                        "a run would overwrite; remove the link (a run writes metrics.jsonl itself)")
     created = [d for d in (out, out / "checkpoints", out / "best") if not d.exists()]
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)

@@ -248,9 +248,11 @@ def test_a_full_disk_during_a_save_ends_clearly_and_keeps_the_last_checkpoint(ru
     assert Checkpoints(output).latest.all_steps() == [1, 2]
 
 
-def _copy_without_best(src, dst):
+def _copy_without_best(src, dst, empty=False):
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "best")
+    if empty:  # as an older version's run stopped after its first epoch left it
+        (dst / "best").mkdir()
     return dst
 
 
@@ -304,6 +306,30 @@ def _with_a_file_as_a_step(src, dst):
     return dst
 
 
+def _someones_file(tmp):
+    (tmp / "home").mkdir(exist_ok=True)
+    (tmp / "home" / "bashrc").write_text("alias ll='ls -l'\n")
+    return tmp / "home" / "bashrc"
+
+
+def _with_a_link(src, dst, name, target):
+    """A copy of the run whose ``name`` is a symbolic link to ``target`` (a run folder from elsewhere)."""
+    shutil.copytree(src, dst)
+    if (dst / name).is_dir():
+        shutil.rmtree(dst / name)
+    else:
+        (dst / name).unlink(missing_ok=True)
+    (dst / name).symlink_to(target)
+    return dst
+
+
+def _photos(tmp):
+    for year in ("2019", "2020"):
+        (tmp / "photos" / year).mkdir(parents=True)
+        (tmp / "photos" / year / "beach.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return tmp / "photos"
+
+
 def _fifo(tmp, name):
     os.mkfifo(tmp / name)  # stands for /dev/null, which a rename (as root) would replace
     return tmp / name
@@ -336,7 +362,9 @@ ERRORS = {
     "evaluate-missing-dir": (lambda run, d, t: ["evaluate", t / "nowhere"], 1, "holds no checkpoints"),
     "evaluate-corrupt": (lambda run, d, t: ["evaluate", _garbled(run, t / "c")], 1, "unreadable (corrupt"),
     "evaluate-no-best": (lambda run, d, t: ["evaluate", _copy_without_best(run, t / "c"), "--which", "best"], 1,
-                         "has no best checkpoint"),
+                         "has no best checkpoint (the run was trained without --val-split)"),
+    "evaluate-empty-best": (lambda run, d, t: ["evaluate", _copy_without_best(run, t / "c", empty=True), "--which", "best"], 1,
+                            "has no best checkpoint (its best/ is empty: the run stopped before saving one; --resume writes it)"),
     "predict-missing-image": (lambda run, d, t: ["predict", run, t / "nope.png"], 1, "nope.png"),
     "predict-not-an-image": (lambda run, d, t: ["predict", run, _text_as_png(t)], 1, "notes.png"),
     "predict-a-file-as-the-run": (lambda run, d, t: ["predict", _text_as_png(t), _text_as_png(t)], 1,
@@ -366,6 +394,23 @@ ERRORS = {
     "resume-with-a-file-as-epoch-3": (lambda run, d, t: [*_train_args(d, _with_a_file_as_a_step(run, t / "c")), "--resume",
                                                          "--epochs", 3], 1,
                                       "is a file where the checkpoint of epoch 3 would be; move it elsewhere"),
+    # A run folder from elsewhere, with links in it: Orbax's rotation deleted ~/photos/2019 and 2020
+    # through best/; the lock's holder and metrics.jsonl emptied and overwrote ~/.bashrc.
+    "resume-best-a-link-to-numbered-folders": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", "best", _photos(t))),
+                                                                  "--resume", "--epochs", 3], 1,
+                                               "best/2019 is a folder where the checkpoint of epoch 2019 would be that "
+                                               "holds none of a checkpoint's items (meta, state), and rotating "
+                                               "checkpoints would delete it; move it elsewhere"),
+    "resume-a-step-a-link": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", "checkpoints/7", _photos(t))),
+                                                "--resume", "--epochs", 3], 1,
+                             "checkpoints/7 is a symbolic link where the checkpoint of epoch 7 would be (rotating "
+                             "checkpoints would delete what it points to); move it elsewhere"),
+    "resume-lock-a-link": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", ".train.lock", _someones_file(t))),
+                                              "--resume", "--epochs", 3], 1,
+                           "cannot use its lock file .train.lock: is a symbolic link, not a lock file: remove it"),
+    "resume-metrics-a-link": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", "metrics.jsonl", _someones_file(t))),
+                                                 "--resume", "--epochs", 3], 1,
+                              "its metrics.jsonl is a symbolic link to the file"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
                         "lr (checkpoint 0.05, now 0.1) (only --data-dir, --epochs, --eval-batch-size, --export-torch, "
                         "--keep, --log-every, --manual-dir, --offline and --output may change)"),
@@ -420,6 +465,27 @@ def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tm
     assert tree_digest(run[0]) == before  # nothing of the run was touched, byte for byte
     assert {t: tree_digest(t) for t in copies} == copies
     assert sorted(p for p in tmp_path.iterdir() if p.is_dir()) == sorted(copies)  # nor any folder created
+
+
+def test_evaluate_of_a_run_from_another_machine_reads_the_data_from_here(run, prepared_data_dir, tmp_path, monkeypatch):
+    # Its --data-dir names a folder of that machine's: evaluate prepared the data there (a path a
+    # file chose) when it could make it. Now TFDS's default, with a note.
+    copy = tmp_path / "c"
+    shutil.copytree(run[0], copy)
+    elsewhere = tmp_path / "alice" / "tensorflow_datasets"
+    for path in copy.glob("*/*/meta/metadata"):
+        meta = json.loads(path.read_text())
+        meta["metadata"]["config"]["data_dir"] = str(elsewhere)
+        path.write_text(json.dumps(meta))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(prepared_data_dir))
+    rc, out, err = _main("evaluate", copy)
+    assert rc == 0, err
+    assert f"note: the run's --data-dir {elsewhere} is not a folder here, so the data come from {prepared_data_dir}" in err
+    assert not (tmp_path / "alice").exists()
+    own = shutil.copytree(run[0], tmp_path / "own")  # one's own run: its --data-dir as it was, and no note
+    rc, out_own, err = _main("evaluate", own)
+    assert rc == 0 and "is not a folder here" not in err, err
+    assert out_own.replace(str(own), "RUN") == out.replace(str(copy), "RUN")  # the same figures
 
 
 def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(prepared_data_dir, tmp_path, one_mb_free):

@@ -684,6 +684,18 @@ def test_a_file_that_is_not_a_state_dict_is_refused(tmp_path):
         convert.load_torch_checkpoint(tmp_path / "module.pt")
     assert "a whole nn.Module?" in str(caught.value) and "torch.save(net.state_dict(), path)" in str(caught.value)
     assert "\x1b" not in str(caught.value)
+    # A pickle that would call a function (os.system here): refused the same way, never with torch's
+    # advice to load it with weights_only=False, which its message puts first.
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"conv.weight": Payload()}, tmp_path / "payload.pt")
+    with pytest.raises(convert.ConversionError, match=r"holds pickled Python objects \((posix|nt)\.system;") as caught:
+        convert.load_torch_checkpoint(tmp_path / "payload.pt")
+    assert "weights_only" not in str(caught.value) and not marker.exists()
     # TorchScript: named as such, and torch's warning about it is not printed on top.
     net = torch_reference.make_initialised_net(seed=0).eval()
     with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; its users still have such files

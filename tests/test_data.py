@@ -111,6 +111,18 @@ def test_offline_without_data_says_where_to_put_the_files(tmp_path):
     assert not (tmp_path / "empty").exists()  # offline with nothing to prepare from: no folder made
 
 
+def test_a_data_dir_whose_lock_is_a_link_is_refused_and_the_linked_file_kept(tmp_path):
+    # The lock's holder writes its name into the file: through this link (a data dir from elsewhere,
+    # or one in a shared /tmp), load emptied ~/.ssh/authorized_keys, say.
+    victim = tmp_path / "authorized_keys"
+    victim.write_text("ssh-ed25519 AAAA me\n")
+    (tmp_path / "tfds").mkdir()
+    (tmp_path / "tfds" / ".resnet_jax-fashion_mnist.lock").symlink_to(victim)
+    with pytest.raises(data.DataError, match=r"\.resnet_jax-fashion_mnist\.lock is a symbolic link, not a lock file: remove it"):
+        data.load(data.FASHION_MNIST, tmp_path / "tfds", offline=True)
+    assert victim.read_text() == "ssh-ed25519 AAAA me\n"
+
+
 def test_manual_dir_missing_files_are_named(tmp_path, manual_dir):
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -117,6 +117,27 @@ def test_where_fcntl_is_missing_the_lock_is_filelocks(tmp_path, monkeypatch):
         holder.stdin.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="flock's lock file (POSIX)")
+def test_a_lock_path_that_is_a_link_or_not_a_file_is_refused_and_nothing_is_written(tmp_path):
+    # The holder writes its name into the lock file: through a link planted in a run folder or
+    # data dir (one downloaded, or in a shared /tmp) it emptied the file linked (a ~/.bashrc).
+    victim = tmp_path / "bashrc"
+    victim.write_text("alias ll='ls -l'\n")
+    (tmp_path / "soft.lock").symlink_to(victim)
+    (tmp_path / "dangling.lock").symlink_to(tmp_path / "made_through_the_link")
+    os.link(victim, tmp_path / "hard.lock")
+    os.mkfifo(tmp_path / "fifo.lock")
+    for name, says in [("soft.lock", "is a symbolic link, not a lock file: remove it"),
+                       ("dangling.lock", "is a symbolic link, not a lock file"),
+                       ("hard.lock", "is a hard link to another file, not a lock file: remove it"),
+                       ("fifo.lock", "is not a regular file, not a lock file")]:
+        with pytest.raises(files.NotALockFile, match=says):
+            with files.held(tmp_path / name):
+                pass
+    assert victim.read_text() == "alias ll='ls -l'\n" and not (tmp_path / "made_through_the_link").exists()
+    assert (tmp_path / "soft.lock").is_symlink() and (tmp_path / "hard.lock").exists()  # left for the user to see
+
+
 def test_json_safe_writes_non_finite_numbers_as_null(tmp_path):
     # json.dumps wrote "test_loss": NaN, which JSON readers (jq, JSON.parse) refuse.
     doc = {"test_loss": float("nan"), "acc": 0.5, "per_class": [float("inf"), -float("inf"), 1.0], "n": 3, "s": "NaN"}
