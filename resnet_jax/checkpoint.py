@@ -241,8 +241,10 @@ def _meta_problem(meta, epoch: int) -> str | None:
         return "its meta item's history is not a list of epoch records"
     if history[-1].get("epoch", epoch) != epoch:  # (records of code of one's own may lack the epoch)
         return f"its meta item's history ends with epoch {history[-1]['epoch']!r}, not {epoch}"
-    if not isinstance(log := meta.get("log", []), list) or not all(isinstance(r, dict) for r in log):
-        return "its meta item's log is not a list of records"
+    # (Each record goes to metrics.jsonl and the curves as it is: "kind" says which they are.)
+    log = meta.get("log", [])
+    if not isinstance(log, list) or not all(isinstance(r, dict) and r.get("kind") in ("epoch", "steps") for r in log):
+        return "its meta item's log is not a list of epoch and steps records"
     m = meta["metadata"]
     if not isinstance(m, dict) or (missing := [k for k in METADATA_KEYS if k not in m]):
         return f"its metadata lacks {', '.join(missing) if isinstance(m, dict) else 'everything (not a dict)'}"
@@ -395,6 +397,7 @@ class Checkpoints:
                 if processes.any_process(refused is not None):
                     raise CheckpointError(refused or f"{self.directory} is being written by another program, or cannot be locked "
                                                   "(process 0 says which)")
+            self._refuse_what_orbax_would_delete(read_only)  # before the managers clean up anything
             # Orbax warns that a read-only manager keeps and deletes nothing: as intended, so not shown.
             with _absl_quiet() if read_only else contextlib.nullcontext():
                 # Which checkpoints stay is a preservation policy: Orbax has deprecated max_to_keep.
@@ -423,26 +426,6 @@ class Checkpoints:
             # while it runs (one that never calls close()) gets a traceback from the interpreter's
             # shutdown. Waiting for it here leaves no thread behind (it takes milliseconds).
             self._await_cleanup()
-            # A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
-            # when it saves that epoch. Someone put it there; it is theirs to move. Writing, Orbax also
-            # deletes every other folder named by a number as it rotates checkpoints, whatever it holds:
-            # a link there, or a folder of someone else's (a run folder from elsewhere whose best/ is a
-            # link to ~/photos, with 2019/ and 2020/ in it), is refused before anything is written.
-            for folder in ("checkpoints", "best"):
-                with contextlib.suppress(OSError):
-                    for entry in (self.directory / folder).iterdir():
-                        if not entry.name.isdigit():
-                            continue
-                        where = f"where the checkpoint of epoch {entry.name} would be"
-                        if not read_only and entry.is_symlink():
-                            raise CheckpointError(f"{entry} is a symbolic link {where} (rotating checkpoints would "
-                                                  "delete what it points to); move it elsewhere")
-                        if not entry.is_dir():
-                            raise CheckpointError(f"{entry} is a file {where}; move it elsewhere")
-                        if not read_only and not any((entry / item).exists() for item in ITEMS):
-                            raise CheckpointError(f"{entry} is a folder {where} that holds none of a checkpoint's "
-                                                  f"items ({', '.join(ITEMS)}), and rotating checkpoints would delete "
-                                                  "it; move it elsewhere")
         except CheckpointError:
             self.close()
             raise
@@ -451,6 +434,40 @@ class Checkpoints:
             if lost := self._lost(err, f"opening {self.directory}"):
                 raise lost from err
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {type(err).__name__}: {first_line(err)}") from err
+
+    def _refuse_what_orbax_would_delete(self, read_only: bool) -> None:
+        """CheckpointError for what is in checkpoints/ or best/ and is not this run's to rotate.
+
+        A file where an epoch's folder would be: Orbax skips it when restoring and deletes it
+        when it saves that epoch. Someone put it there; it is theirs to move. Writing, Orbax also
+        deletes every other folder named by a number as it rotates checkpoints, whatever it holds,
+        and cleans up temporary folders: a link there, a folder of someone else's (a run folder from
+        elsewhere whose best/ is a link to ~/photos, with 2019/ and 2020/ in it), or a checkpoints/
+        or best/ that links into another run's folder, is refused before anything is written. (A
+        checkpoints/ linked to a folder of its own on a bigger disk is fine.)
+        """
+        here = os.path.realpath(self.directory)
+        for folder in ("checkpoints", "best"):
+            path = self.directory / folder
+            if not read_only and path.is_symlink():
+                owner = Path(os.path.realpath(path)).parent
+                if str(owner) != here and any((owner / name).exists() for name in ("metrics.jsonl", "results.json", files.RUN_LOCK)):
+                    raise CheckpointError(f"{path} is a symbolic link into another run's folder ({owner}), whose "
+                                          "checkpoints rotating would delete; remove the link")
+            with contextlib.suppress(OSError):
+                for entry in path.iterdir():
+                    if not entry.name.isdigit():
+                        continue
+                    where = f"where the checkpoint of epoch {entry.name} would be"
+                    if not read_only and entry.is_symlink():
+                        raise CheckpointError(f"{entry} is a symbolic link {where} (rotating checkpoints would "
+                                              "delete what it points to); move it elsewhere")
+                    if not entry.is_dir():
+                        raise CheckpointError(f"{entry} is a file {where}; move it elsewhere")
+                    if not read_only and not any((entry / item).exists() for item in ITEMS):
+                        raise CheckpointError(f"{entry} is a folder {where} that holds none of a checkpoint's "
+                                              f"items ({', '.join(ITEMS)}), and rotating checkpoints would delete "
+                                              "it; move it elsewhere")
 
     def close(self) -> None:
         """Close Orbax's managers and release the lock (idempotent); ``with Checkpoints(...) as ckpts:`` does it on leaving."""

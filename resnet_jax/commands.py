@@ -131,18 +131,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
                  file=sys.stderr, essential=False)
             png = None
     emit(_describe(ckpt), file=out, essential=False)
-    data_dir = args.data_dir
+    # The run's own --data-dir and --manual-dir, where they are folders here: a run folder from
+    # another machine names that machine's, and the data are not prepared into a path a file chose.
+    data_dir, manual_dir = args.data_dir, args.manual_dir
     if data_dir is None and config.data_dir:
-        # The run's own --data-dir, where it is a folder here: a run folder from another machine
-        # names one of that machine's, and the data are not prepared into a path a file chose.
         if Path(config.data_dir).expanduser().is_dir():
             data_dir = config.data_dir
         else:
             emit(f"note: the run's --data-dir {config.data_dir} is not a folder here, so the data come from "
                  f"{data_mod.default_data_dir()} (--data-dir chooses)", file=sys.stderr, essential=False)
+    if manual_dir is None and config.manual_dir and Path(config.manual_dir).expanduser().is_dir():
+        manual_dir = config.manual_dir
     try:
         _, test = data_mod.load(
-            spec, data_dir, args.manual_dir or config.manual_dir, args.offline or config.offline,
+            spec, data_dir, manual_dir, args.offline or config.offline,
             log=lambda m: emit(f"data: {m}", file=out, essential=False), arg_names=data_mod.FLAG_NAMES,
         )
     except data_mod.DataError as err:

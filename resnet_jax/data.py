@@ -409,7 +409,7 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names) -> 
     # dataset unpacks in a folder of its own (under this lock), emptied before and after: only
     # the files just checked are read, and nothing is left to go stale.
     extracted = data_dir / "downloads" / "extracted" / f"resnet_jax-{spec.tfds_name}"
-    shutil.rmtree(extracted, ignore_errors=True)
+    _remove(extracted)
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None, extract_dir=str(extracted))
     try:
         builder.download_and_prepare(download_config=config)
@@ -423,7 +423,16 @@ def _prepare(tfds, builder, spec, data_dir, manual_dir, offline, log, names) -> 
             + _missing_files_help(spec, names)
         ) from err
     finally:
-        shutil.rmtree(extracted, ignore_errors=True)
+        _remove(extracted)
+
+
+def _remove(folder: Path) -> None:
+    """Delete ``folder``; a link there is deleted itself (rmtree refuses one, and TFDS then wrote
+    the unpacked files wherever a data dir from elsewhere had it point)."""
+    if folder.is_symlink():
+        with contextlib.suppress(OSError):
+            folder.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_manual_files(builder, spec: DatasetSpec, manual_dir: Path, names) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from resnet_jax import files, processes
@@ -205,20 +206,22 @@ def foreign_metrics(path: Path) -> bool:
     return False
 
 
-def linked_file(path: Path) -> Path | None:
-    """Where ``path`` leads, if it is a symbolic link to a regular file; else None.
+def link_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a file a run writes through, if it is a symbolic link; else None.
 
     A run writes metrics.jsonl from its first byte, resumed runs too. Through a link that came with a
-    run folder from elsewhere it would overwrite whatever file the link names (a ~/.bashrc, say).
-    Links to streams stay usable: to a FIFO a live plotter reads, or to /dev/stderr (a regular file
-    too where stderr is redirected to one, but a link the user made to say "show it here").
+    run folder from elsewhere it would overwrite the file the link names (a ~/.bashrc, say), or
+    create it. Links to streams stay usable: to a FIFO a live plotter reads, or to a terminal.
     """
     if not path.is_symlink():
         return None
-    with contextlib.suppress(OSError, RuntimeError):  # (RuntimeError: a loop of links, in Python 3.11 and 3.12)
-        if not os.readlink(path).startswith(("/dev/", "/proc/")) and (target := path.resolve()).is_file():
-            return target
-    return None
+    try:
+        mode = os.stat(path).st_mode  # where the link leads, through any further links
+    except OSError:  # nothing there (a write would create it), or a loop
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist, and a run would create it"
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
+        return None
+    return f"is a symbolic link to {os.path.realpath(path)}, which a run would overwrite"
 
 
 def holds_a_run(out: Path) -> bool:
@@ -246,9 +249,9 @@ def open_checkpoints(config: Config, meta: dict):
     if not config.resume and foreign_metrics(out / "metrics.jsonl"):
         raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
                         "would overwrite it; choose another --output (or move that file)")
-    if target := linked_file(out / "metrics.jsonl"):
-        raise UserError(f"--output {config.output}: its metrics.jsonl is a symbolic link to the file {target}, which "
-                        "a run would overwrite; remove the link (a run writes metrics.jsonl itself)")
+    if problem := link_problem(out / "metrics.jsonl"):
+        raise UserError(f"--output {config.output}: its metrics.jsonl {problem}; remove the link (a run writes "
+                        "metrics.jsonl itself; a link to a FIFO or a terminal is followed)")
     created = [d for d in (out, out / "checkpoints", out / "best") if not d.exists()]
     try:
         ckpts = ckpt_mod.Checkpoints(config.output, keep=config.keep, track_best=config.val_split is not None)

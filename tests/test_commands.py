@@ -401,6 +401,10 @@ ERRORS = {
                                                "best/2019 is a folder where the checkpoint of epoch 2019 would be that "
                                                "holds none of a checkpoint's items (meta, state), and rotating "
                                                "checkpoints would delete it; move it elsewhere"),
+    "resume-best-a-link-into-another-run": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", "best",
+                                                                                              shutil.copytree(run, t / "other") / "checkpoints")),
+                                                               "--resume", "--epochs", 3], 1,
+                                            "best is a symbolic link into another run's folder"),
     "resume-a-step-a-link": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", "checkpoints/7", _photos(t))),
                                                 "--resume", "--epochs", 3], 1,
                              "checkpoints/7 is a symbolic link where the checkpoint of epoch 7 would be (rotating "
@@ -410,7 +414,7 @@ ERRORS = {
                            "cannot use its lock file .train.lock: is a symbolic link, not a lock file: remove it"),
     "resume-metrics-a-link": (lambda run, d, t: [*_train_args(d, _with_a_link(run, t / "c", "metrics.jsonl", _someones_file(t))),
                                                  "--resume", "--epochs", 3], 1,
-                              "its metrics.jsonl is a symbolic link to the file"),
+                              "its metrics.jsonl is a symbolic link to"),
     "resume-other-lr": (lambda run, d, t: [*_train_args(d, run), "--resume", "--lr", 0.1], 1,
                         "lr (checkpoint 0.05, now 0.1) (only --data-dir, --epochs, --eval-batch-size, --export-torch, "
                         "--keep, --log-every, --manual-dir, --offline and --output may change)"),
@@ -465,6 +469,28 @@ def test_every_mistake_is_one_line_and_a_nonzero_exit(run, prepared_data_dir, tm
     assert tree_digest(run[0]) == before  # nothing of the run was touched, byte for byte
     assert {t: tree_digest(t) for t in copies} == copies
     assert sorted(p for p in tmp_path.iterdir() if p.is_dir()) == sorted(copies)  # nor any folder created
+
+
+def test_a_metrics_link_is_followed_to_a_stream_only(tmp_path):
+    # A run writes metrics.jsonl from its first byte: through a link (a run folder from elsewhere)
+    # it overwrote or created the file named, /dev/../ prefixes included. A FIFO or a terminal
+    # (a live plotter, /dev/stderr) is where a user points it on purpose.
+    from resnet_jax import rundir
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "bashrc").write_text("alias ll='ls -l'\n")
+    os.mkfifo(tmp_path / "plotter")
+    links = {"to-a-file": tmp_path / "home" / "bashrc", "to-nothing": tmp_path / "home" / ".profile",
+             "through-dev": f"/dev/..{tmp_path / 'home' / 'bashrc'}", "to-a-fifo": tmp_path / "plotter",
+             "to-dev-null": "/dev/null", "to-itself": tmp_path / "to-itself"}
+    for name, target in links.items():
+        (tmp_path / name).symlink_to(target)
+    said = {name: rundir.link_problem(tmp_path / name) for name in links}
+    assert said["to-a-file"] == said["through-dev"] == f"is a symbolic link to {tmp_path / 'home' / 'bashrc'}, which a run would overwrite"
+    assert said["to-nothing"] == f"is a symbolic link to {tmp_path / 'home' / '.profile'}, which does not exist, and a run would create it"
+    assert "does not exist" in said["to-itself"]
+    assert said["to-a-fifo"] is None and said["to-dev-null"] is None
+    assert rundir.link_problem(tmp_path / "home" / "bashrc") is None  # a plain file: not a link
 
 
 def test_evaluate_of_a_run_from_another_machine_reads_the_data_from_here(run, prepared_data_dir, tmp_path, monkeypatch):

@@ -123,6 +123,23 @@ def test_a_data_dir_whose_lock_is_a_link_is_refused_and_the_linked_file_kept(tmp
     assert victim.read_text() == "ssh-ed25519 AAAA me\n"
 
 
+def test_the_unpacking_folder_is_emptied_and_a_link_there_removed_not_followed(tmp_path):
+    # TFDS unpacks into <data_dir>/downloads/extracted/resnet_jax-<name>, which _prepare empties
+    # first: rmtree refused a link there (ignore_errors), and TFDS then unpacked 55 MB of files
+    # into wherever a data dir from elsewhere had it point.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    extracted = tmp_path / "tfds" / "downloads" / "extracted" / "resnet_jax-fashion_mnist"
+    extracted.parent.mkdir(parents=True)
+    extracted.symlink_to(elsewhere, target_is_directory=True)
+    data._remove(extracted)
+    assert not extracted.exists() and not extracted.is_symlink() and (elsewhere / "keep.txt").read_text() == "mine"
+    (extracted / "GZIP.x").mkdir(parents=True)  # a folder of a run cut short: emptied
+    data._remove(extracted)
+    assert not extracted.exists()
+
+
 def test_manual_dir_missing_files_are_named(tmp_path, manual_dir):
     partial = tmp_path / "partial"
     partial.mkdir()
