@@ -241,10 +241,10 @@ def _meta_problem(meta, epoch: int) -> str | None:
         return "its meta item's history is not a list of epoch records"
     if history[-1].get("epoch", epoch) != epoch:  # (records of code of one's own may lack the epoch)
         return f"its meta item's history ends with epoch {history[-1]['epoch']!r}, not {epoch}"
-    # (Each record goes to metrics.jsonl and the curves as it is: "kind" says which they are.)
-    log = meta.get("log", [])
-    if not isinstance(log, list) or not all(isinstance(r, dict) and r.get("kind") in ("epoch", "steps") for r in log):
-        return "its meta item's log is not a list of epoch and steps records"
+    # (Records of any keys: Checkpoints.save takes a loop of one's own. The curves plot those of
+    # train.py's kinds alone.)
+    if not isinstance(log := meta.get("log", []), list) or not all(isinstance(r, dict) for r in log):
+        return "its meta item's log is not a list of records"
     m = meta["metadata"]
     if not isinstance(m, dict) or (missing := [k for k in METADATA_KEYS if k not in m]):
         return f"its metadata lacks {', '.join(missing) if isinstance(m, dict) else 'everything (not a dict)'}"

@@ -43,6 +43,9 @@ def epoch_axis(log: list[dict], steps_per_epoch: int) -> list[dict]:
     last few steps, and the line jumped between the two at every epoch's end. An epoch without
     step records (a run resumed with another --log-every) keeps its epoch record's.
     """
+    # Only train.py's records are curves: a checkpoint of a loop of one's own, resumed by train.py,
+    # may hold records of its own (Checkpoints.save takes any dicts), which failed here at the run's end.
+    log = [r for r in log if r.get("kind") == "epoch" or (r.get("kind") == "steps" and "step" in r)]
     epochs = [r for r in log if r["kind"] == "epoch"]
     step0 = epochs[0]["step"] - epochs[0]["epoch"] * steps_per_epoch if epochs else 0
     # The epochs that have step records: step s ends inside epoch ceil((s - step0) / steps_per_epoch).

@@ -64,6 +64,14 @@ def test_step_records_sit_at_their_fraction_of_the_run_even_from_a_torch_checkpo
     assert [r["epoch"] for r in plots.epoch_axis(fresh, 8)] == [0.5, 1]
 
 
+def test_records_of_other_kinds_are_not_curves():
+    # Checkpoints.save takes any records (a loop of one's own); train.py resuming such a checkpoint
+    # ended its run with a KeyError here.
+    log = [{"x": 1}, {"kind": "note", "text": "lr halved"}, {"kind": "steps"},
+           {"kind": "epoch", "epoch": 1, "step": 8, "train_loss": 1.7}]
+    assert plots.epoch_axis(log, 8) == [{"kind": "epoch", "epoch": 1, "step": 8, "train_loss": 1.7}]
+
+
 def test_with_step_records_the_train_curves_are_theirs_alone():
     # The epoch's average and the last steps' average at one x: the line jumped at every epoch's end.
     log = [{"kind": "steps", "step": 4, "train_loss": 2.0}, {"kind": "steps", "step": 8, "train_loss": 1.2},
