@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import urllib.parse
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -274,13 +275,37 @@ def _read_cache(spec: DatasetSpec, cache: Path, log) -> tuple[Split, Split] | No
     if not cache.exists():
         return None
     try:
-        with np.load(cache) as z:
-            splits = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
+        with open(cache, "rb") as f:
+            _check_cache_headers(spec, f)
+            f.seek(0)  # the file just checked, not one renamed over it since
+            with np.load(f) as z:
+                splits = Split(z["train_images"], z["train_labels"]), Split(z["test_images"], z["test_labels"])
         check_splits(spec, *splits)
         return splits
     except Exception as err:  # the cache is disposable: truncated, garbled (bad CRC, EOFError), foreign...
         log(f"ignoring unreadable array cache {cache} ({type(err).__name__}: {err}); reading the TFDS data again")
         return None
+
+
+def _check_cache_headers(spec: DatasetSpec, f) -> None:
+    """DataError unless each array in the cache ``f`` declares the shape and dtype ``spec`` gives it.
+
+    Read from the arrays' .npy headers alone: np.load allocates whatever a header declares
+    before it reads a byte, and a compressed cache of 3 MB can declare gigabytes.
+    """
+    side, fmt = (spec.image_size, spec.image_size, spec.channels), np.lib.format
+    headers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}  # those np.savez writes
+    with zipfile.ZipFile(f) as z:
+        for split, n in (("train", spec.num_train), ("test", spec.num_test)):
+            for key, want in ((f"{split}_images", (n, *side)), (f"{split}_labels", (n,))):
+                with z.open(f"{key}.npy") as member:
+                    version = fmt.read_magic(member)
+                    if version not in headers:
+                        raise DataError(f"{key} is in .npy format {version[0]}.{version[1]}, not one np.savez writes")
+                    shape, _, dtype = headers[version](member)
+                images = key.endswith("_images")
+                if shape != want or (dtype != np.uint8 if images else not np.issubdtype(dtype, np.integer)):
+                    raise DataError(f"{key} declares {shape} {dtype}; expected {want} {'uint8' if images else 'integers'}")
 
 
 @contextlib.contextmanager

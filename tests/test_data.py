@@ -248,6 +248,40 @@ def test_a_corrupt_cache_is_ignored_and_rebuilt(prepared_data_dir, tmp_path, dam
         assert z["train_images"].shape == (60_000, 28, 28, 1)
 
 
+def test_a_cache_declaring_arrays_larger_than_the_spec_is_rebuilt_before_any_is_read(tmp_path):
+    # np.load allocates what an array's header declares before it reads: a compressed cache of
+    # 3 MB can declare 3 GB. Here train_images declares 10 times the spec's images and holds no
+    # data at all, so a read would have failed on its own (an EOF), not with the headers' message.
+    import dataclasses
+    import io
+    import zipfile
+
+    spec = dataclasses.replace(data.FASHION_MNIST, num_train=4, num_test=2)
+    arrays = {"train_images": np.zeros((4, 28, 28, 1), np.uint8), "train_labels": np.arange(4, dtype=np.int32),
+              "test_images": np.zeros((2, 28, 28, 1), np.uint8), "test_labels": np.arange(2, dtype=np.int32)}
+    cache = data.cache_path(spec, tmp_path)
+    cache.parent.mkdir()
+
+    def write(bomb: bool):
+        with zipfile.ZipFile(cache, "w", zipfile.ZIP_DEFLATED) as z:
+            for key, a in arrays.items():
+                member = io.BytesIO()
+                if bomb and key == "train_images":
+                    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (40, 28, 28, 1)})
+                else:
+                    np.save(member, a)
+                z.writestr(f"{key}.npy", member.getvalue())
+
+    write(bomb=False)
+    notes = []
+    train, test = data._read_cache(spec, cache, notes.append)
+    assert notes == [] and len(train) == 4 and test.labels.tolist() == [0, 1]
+    write(bomb=True)
+    assert data._read_cache(spec, cache, notes.append) is None
+    assert notes == [f"ignoring unreadable array cache {cache} (DataError: train_images declares (40, 28, 28, 1) uint8; "
+                     "expected (4, 28, 28, 1) uint8); reading the TFDS data again"]
+
+
 def _truncate_a_record(copy):
     record = next((copy / "fashion_mnist").glob("*/fashion_mnist-train.tfrecord*"))
     record.write_bytes(record.read_bytes()[:1000])
