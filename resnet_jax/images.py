@@ -114,8 +114,12 @@ def _to_l_or_rgb(image):
 
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit greyscale (PNG's 16-bit grey opens as "I;16" or "I"): full scale is 65535.
-        wide = np.asarray(image, np.float64)
-        return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        # rint(x / 257) in integers, exactly (257 is odd: no x is halfway between two levels),
+        # at 4 bytes a pixel: through float64, an image at Pillow's pixel limit took gigabytes.
+        levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # "I" holds any int32
+        levels += 128
+        levels //= 257
+        return Image.fromarray(levels.astype(np.uint8), "L")
     if image.mode == "F":
         raise ValueError("floating-point images are not supported; save it as an 8- or 16-bit PNG")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info

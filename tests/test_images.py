@@ -111,6 +111,37 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert out.tolist() == [0, 100, 255, round(30000 / 257)]
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_greyscale_is_rounded_in_integers_as_through_floats_for_every_value(mode):
+    from resnet_jax.images import _to_l_or_rgb
+
+    every = np.arange(65536).reshape(256, 256)
+    if mode == "I":  # a 32-bit "I" image may hold values beyond 16 bits: clipped
+        every = np.concatenate([every, [[-(2**31), -1, 65536, 2**31 - 1] * 64]]).astype(np.int32)
+    image = Image.fromarray(every.astype(np.uint16) if mode == "I;16" else every)
+    assert image.mode == mode
+    want = np.clip(np.rint(every / 257), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(_to_l_or_rgb(image)), want)
+
+
+def test_sixteen_bit_greyscale_takes_no_float64_copy():
+    # Through float64 (8 bytes a pixel, several copies), a 16-bit image at Pillow's pixel limit
+    # (179 million pixels, 358 MB as "I;16") took gigabytes.
+    import tracemalloc
+
+    from resnet_jax.images import _to_l_or_rgb
+
+    image = Image.fromarray(np.full((1000, 1000), 40_000, np.uint16))
+    tracemalloc.start()
+    try:
+        out = _to_l_or_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(out).max() == round(40_000 / 257)
+    assert peak < 10 * 1_000_000, f"{peak / 1e6:.1f} bytes a pixel"
+
+
 def test_jpeg_greyscale_and_colour(tmp_path):
     g = np.zeros((40, 40), np.uint8)
     g[:, 20:] = 255
