@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,6 +65,12 @@ TORCH_INSTALL_HINT = (
 
 StateDict = Mapping[str, Any]  # str -> array-like (numpy arrays or CPU torch tensors)
 Variables = Mapping[str, Any]  # {'params': ..., 'batch_stats': ...}, nested dicts of arrays
+
+
+# A .pt file's contents as its zip declares them, at most. The chapter's state_dict is 45 MB in
+# float32 (twice that in float64, a little more with many classes); torch.load allocates what the
+# members declare, which a few MB of deflated data can make gigabytes.
+MAX_PT_BYTES = 500_000_000
 
 
 class ConversionError(ValueError):
@@ -396,6 +403,14 @@ def _load_torch_checkpoint(path: Path, num_classes: int | None, input_channels: 
     torch = import_torch()
     if not path.is_file():
         raise ConversionError("no such file" if not path.exists() else "not a file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):  # no zip (a legacy .pt of torch < 1.6, or no .pt): torch.load says which
+        declared = 0
+    if declared > MAX_PT_BYTES:
+        raise ConversionError(f"declares {declared / 1e6:,.0f} MB of contents, more than any state_dict of this network "
+                              f"(45 MB in float32; the limit is {MAX_PT_BYTES / 1e6:,.0f} MB), and is not read")
     try:
         with warnings.catch_warnings():  # torch warns before it raises (a TorchScript archive): one message, ours
             warnings.simplefilter("ignore")

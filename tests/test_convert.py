@@ -478,6 +478,21 @@ def test_pt_file_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]  # no temporary file left behind
 
 
+def test_a_pt_file_declaring_more_than_a_state_dict_is_refused_before_torch_reads_it(tmp_path, monkeypatch):
+    # A deflated member of a few MB can declare gigabytes, which torch.load would allocate. The
+    # limit is scaled down here: a 4 KB tensor is "too big" for a limit of 1,000 bytes.
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "big.pt")
+    monkeypatch.setattr(convert, "MAX_PT_BYTES", 1000, raising=False)
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    with pytest.raises(convert.ConversionError) as err:
+        convert.load_torch_checkpoint(tmp_path / "big.pt")
+    assert loads == []
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'big.pt'}: declares ") and message.endswith(
+        "MB of contents, more than any state_dict of this network (45 MB in float32; the limit is 0 MB), and is not read")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_state_dict_is_read_as_the_same_values_in_float32(dtype, tmp_path):
     # NumPy has no bfloat16: such a file, or such tensors in memory, must still load, each value widened exactly.
