@@ -451,7 +451,7 @@ class Checkpoints:
             path = self.directory / folder
             if not read_only and path.is_symlink():
                 owner = Path(os.path.realpath(path)).parent
-                if str(owner) != here and any((owner / name).exists() for name in ("metrics.jsonl", "results.json", files.RUN_LOCK)):
+                if str(owner) != here and any((owner / name).exists() for name in files.RUN_FILES):
                     raise CheckpointError(f"{path} is a symbolic link into another run's folder ({owner}), whose "
                                           "checkpoints rotating would delete; remove the link")
             with contextlib.suppress(OSError):

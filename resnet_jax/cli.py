@@ -202,7 +202,7 @@ class _Reporter:
         self.bar = None
         self.metrics_file = None
         if config.output and main_process:
-            path = Path(config.output) / "metrics.jsonl"
+            path = Path(config.output) / files.METRICS
             # A resumed run's metrics are the checkpoint's records, then its own: anything
             # logged after the checkpoint (an epoch that did not finish) is rewritten. (In place:
             # where it cannot be, the next --resume writes it again from the checkpoint.)
@@ -238,7 +238,7 @@ class _Reporter:
                 self.close_metrics()
                 # What fitted of the record (up to a buffer's boundary) would be a torn last line that
                 # json.loads refuses: the file goes back to its last whole record.
-                path = Path(self.config.output) / "metrics.jsonl"
+                path = Path(self.config.output) / files.METRICS
                 if self.metrics_whole is not None:
                     with contextlib.suppress(OSError):
                         os.truncate(path, self.metrics_whole)

@@ -93,6 +93,11 @@ class Busy(OSError):
 
 
 RUN_LOCK = ".train.lock"  # in a run folder while a program writes its checkpoints (train.py, Checkpoints)
+# A run folder's other files of its own (resnet_jax/rundir.py): with RUN_LOCK, what tells a run folder
+# apart from any other folder (Checkpoints will not rotate checkpoints inside another run's).
+METRICS = "metrics.jsonl"  # every epoch's (and --log-every's) record, one JSON object a line
+RESULTS = "results.json"  # the run's final report (rundir.write_run_files), and the --json line
+RUN_FILES = (METRICS, RESULTS, RUN_LOCK)
 
 # The locks this process holds, by real path: [holds, unlock]. The last hold released,
 # whichever it is, calls unlock().

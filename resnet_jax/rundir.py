@@ -19,8 +19,7 @@ from resnet_jax import files, processes
 from resnet_jax.config import Config
 from resnet_jax.console import counted
 from resnet_jax.errors import RunWideError, UserError, check_output_file, check_writable_dir, resolved
-
-RESULTS = "results.json"  # the run's final report (write_run_files), and the --json line
+from resnet_jax.files import METRICS, RESULTS  # the names of a run folder's files
 
 
 def read_results(output) -> dict:
@@ -51,7 +50,7 @@ def check_paths(config: Config) -> None:
         for sub in ("checkpoints", "best"):  # Orbax would only fail at the first save
             if (path := Path(config.output) / sub).exists() and not path.is_dir():
                 raise UserError(f"--output {config.output}: {sub} is not a folder (a run directory keeps its checkpoints there)")
-        for name, what in (("metrics.jsonl", "records"), (RESULTS, "results"), ("curves.png", "curves")):
+        for name, what in ((METRICS, "records"), (RESULTS, "results"), ("curves.png", "curves")):
             if (Path(config.output) / name).is_dir():  # found only after the training, when written
                 raise UserError(f"--output {config.output}: {name} is a folder, and the run writes its {what} "
                                 "there; move it elsewhere, or choose another --output")
@@ -142,7 +141,7 @@ def _enclosing_run(path: Path, flag: str = "--output") -> Path | None:
     for i in range(1, len(parts)):
         if parts[i] in ("checkpoints", "best"):
             run = Path(*parts[:i])
-            metrics = run / "metrics.jsonl"
+            metrics = run / METRICS
             ours = (run / "checkpoints").is_dir() and metrics.is_file() and not foreign_metrics(metrics)
             if ours and (i + 1 == len(parts) or parts[i + 1].isdigit()):
                 return run
@@ -246,10 +245,10 @@ def open_checkpoints(config: Config, meta: dict):
     out = Path(config.output)
     # Before Checkpoints() creates its (empty) folders: what another run left here.
     found = _run_files(out)
-    if not config.resume and foreign_metrics(out / "metrics.jsonl"):
+    if not config.resume and foreign_metrics(out / METRICS):
         raise UserError(f"--output {config.output} holds a metrics.jsonl that train.py did not write, and a run "
                         "would overwrite it; choose another --output (or move that file)")
-    if problem := link_problem(out / "metrics.jsonl"):
+    if problem := link_problem(out / METRICS):
         raise UserError(f"--output {config.output}: its metrics.jsonl {problem}; remove the link (a run writes "
                         "metrics.jsonl itself; a link to a FIFO or a terminal is followed)")
     created = [d for d in (out, out / "checkpoints", out / "best") if not d.exists()]
