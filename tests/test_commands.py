@@ -496,21 +496,35 @@ def test_a_metrics_link_is_followed_to_a_stream_only(tmp_path):
 def test_evaluate_of_a_run_from_another_machine_reads_the_data_from_here(run, prepared_data_dir, tmp_path, monkeypatch):
     # Its --data-dir names a folder of that machine's: evaluate prepared the data there (a path a
     # file chose) when it could make it. Now TFDS's default, with a note.
-    copy = tmp_path / "c"
-    shutil.copytree(run[0], copy)
+    # Its --manual-dir likewise: TFDS would look for the release files there if the data were
+    # not prepared here. The run's is passed on only where it is a folder here.
+    def with_dirs(name, data_dir, manual_dir):
+        copy = shutil.copytree(run[0], tmp_path / name)
+        for path in copy.glob("*/*/meta/metadata"):
+            meta = json.loads(path.read_text())
+            meta["metadata"]["config"].update(data_dir=data_dir, manual_dir=manual_dir)
+            path.write_text(json.dumps(meta))
+        return copy
+
+    manual_dirs, load = [], data.load
+
+    def spy(spec, data_dir, manual_dir, *args, **kwargs):
+        manual_dirs.append(manual_dir)
+        return load(spec, data_dir, manual_dir, *args, **kwargs)
+
+    monkeypatch.setattr(data, "load", spy)
     elsewhere = tmp_path / "alice" / "tensorflow_datasets"
-    for path in copy.glob("*/*/meta/metadata"):
-        meta = json.loads(path.read_text())
-        meta["metadata"]["config"]["data_dir"] = str(elsewhere)
-        path.write_text(json.dumps(meta))
+    copy = with_dirs("c", str(elsewhere), str(tmp_path / "alice" / "fashion_mnist"))
     monkeypatch.setenv("TFDS_DATA_DIR", str(prepared_data_dir))
     rc, out, err = _main("evaluate", copy)
     assert rc == 0, err
     assert f"note: the run's --data-dir {elsewhere} is not a folder here, so the data come from {prepared_data_dir}" in err
-    assert not (tmp_path / "alice").exists()
-    own = shutil.copytree(run[0], tmp_path / "own")  # one's own run: its --data-dir as it was, and no note
+    assert not (tmp_path / "alice").exists() and manual_dirs == [None]
+    # One's own run: its --data-dir and --manual-dir as they were, and no note.
+    own = with_dirs("own", str(prepared_data_dir), str(tmp_path))
     rc, out_own, err = _main("evaluate", own)
     assert rc == 0 and "is not a folder here" not in err, err
+    assert manual_dirs == [None, str(tmp_path)]
     assert out_own.replace(str(own), "RUN") == out.replace(str(copy), "RUN")  # the same figures
 
 
