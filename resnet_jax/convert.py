@@ -51,6 +51,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from resnet_jax.errors import first_line
 from resnet_jax.files import atomic_write
 from resnet_jax.model import STAGES
 
@@ -403,11 +404,18 @@ def _load_torch_checkpoint(path: Path, num_classes: int | None, input_channels: 
     torch = import_torch()
     if not path.is_file():
         raise ConversionError("no such file" if not path.exists() else "not a file")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            declared = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError):  # no zip (a legacy .pt of torch < 1.6, or no .pt): torch.load says which
+    # A zip is what torch.load takes one for: a file that starts as one (not a legacy .pt of
+    # torch < 1.6, whose pickled bytes can look like a zip's end to zipfile). torch's own reader
+    # is laxer than zipfile's, so an archive zipfile cannot read is refused, not handed on unchecked.
+    with open(path, "rb") as f:
         declared = 0
+        if f.read(4) == b"PK\x03\x04":
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    declared = sum(info.file_size for info in archive.infolist())
+            except Exception as err:  # BadZipFile, a garbled name's UnicodeDecodeError...
+                raise ConversionError(f"is a damaged zip archive ({type(err).__name__}: {first_line(err)}), "
+                                      "not a file written by torch.save") from None
     if declared > MAX_PT_BYTES:
         raise ConversionError(f"declares {declared / 1e6:,.0f} MB of contents, more than any state_dict of this network "
                               f"(45 MB in float32; the limit is {MAX_PT_BYTES / 1e6:,.0f} MB), and is not read")

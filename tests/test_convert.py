@@ -20,6 +20,7 @@ import subprocess
 import sys
 import types
 import warnings
+import zipfile
 from pathlib import Path
 
 import jax
@@ -491,6 +492,30 @@ def test_a_pt_file_declaring_more_than_a_state_dict_is_refused_before_torch_read
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'big.pt'}: declares ") and message.endswith(
         "MB of contents, more than any state_dict of this network (45 MB in float32; the limit is 0 MB), and is not read")
+
+
+def test_a_damaged_zip_is_refused_unread_and_a_legacy_pt_is_read(tmp_path, monkeypatch):
+    # torch.load reads some archives zipfile refuses (a corrupt extra field): such a file's sizes
+    # cannot be checked, so it is refused before torch.load. A legacy .pt (torch < 1.6, not a
+    # zip) is no archive to check, and loads as before.
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "ok.pt")
+    with zipfile.ZipFile(tmp_path / "ok.pt") as ok, zipfile.ZipFile(tmp_path / "damaged.pt", "w") as damaged:
+        for info in ok.infolist():
+            member = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            if "/data/" in info.filename:  # the tensor's bytes, deflated, behind an extra field of 100 bytes it lacks
+                member.compress_type, member.extra = zipfile.ZIP_DEFLATED, b"\xfe\xca\x64\x00"
+            damaged.writestr(member, ok.read(info))
+    assert torch.load(tmp_path / "damaged.pt", weights_only=True)["x"].shape == (1000,)  # torch reads it
+    real_load, loads = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(convert.ConversionError, match=r"damaged\.pt: is a damaged zip archive \(BadZipFile: "):
+        convert.load_torch_checkpoint(tmp_path / "damaged.pt")
+    assert loads == []
+    sd = torch_reference.make_initialised_net(seed=2).state_dict()
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert not (tmp_path / "legacy.pt").read_bytes().startswith(b"PK")
+    variables, _ = convert.load_torch_checkpoint(tmp_path / "legacy.pt")
+    assert len(loads) == 1 and np.array_equal(variables["params"]["dense"]["bias"], sd["7.bias"].numpy())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
