@@ -341,6 +341,7 @@ def test_the_benchmark_times_the_masked_program_that_fit_runs(tmp_path):
     ("cpu_maxpool.py", ["--fast"], "unrecognized arguments: --fast"),
     ("cpu_mask.py", ["--rounds", "0"], "--rounds must be a positive integer, got 0"),
     ("cpu_mask.py", ["--resize", "8"], "--resize must be"),
+    ("tpu_aot.py", ["--topology"], "argument --topology: expected at least one argument"),
 ])
 def test_the_small_benchmark_scripts_refuse_bad_flags_in_one_line(script, argv, message):
     # Before any measuring: cpu_loop.py and cpu_maxpool.py used to ignore their arguments and
@@ -376,7 +377,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.parametrize("script", ["bench.py", "cpu_conv.py", "cpu_loop.py", "cpu_mask.py", "cpu_maxpool.py",
-                                    "cpu_step.py", "profile_step.py"])
+                                    "cpu_step.py", "profile_step.py", "tpu_aot.py"])
 def test_the_benchmark_scripts_run_from_a_checkout_with_nothing_installed(script, tmp_path):
     r = subprocess.run([sys.executable, "-c", _NOT_INSTALLED, str(BENCHMARKS / script), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
