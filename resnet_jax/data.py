@@ -301,7 +301,8 @@ def _check_cache_headers(spec: DatasetSpec, f) -> None:
                 with z.open(f"{key}.npy") as member:
                     version = fmt.read_magic(member)
                     if version not in headers:
-                        raise DataError(f"{key} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0, which np.savez writes for these arrays")
+                        raise DataError(f"{key} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0, "
+                                        "which np.savez writes for these arrays")
                     shape, _, dtype = headers[version](member)
                 images = key.endswith("_images")
                 if shape != want or (dtype != np.uint8 if images else not np.issubdtype(dtype, np.integer)):
