@@ -189,6 +189,15 @@ def _k_said(k: int, meta: dict) -> str:
     return f"{k}" if given else f"{k}, the default on {meta['backend']}"
 
 
+# A checkpoint's arrays, as its metadata declares them, against the bytes of its files. TensorStore
+# writes no chunk that holds only zeros, so a few kilobytes of files can declare a model of any size
+# (a meta naming a billion classes), and reading them allocates all of it. Trained weights barely
+# compress (1.09x, measured on the tests' runs of both recipes); a fresh --recipe best state, its
+# momentum zero, 1.6x; the chapter's state with its weights zeroed, 750x. A checkpoint that declares
+# more than EXPANSION times its files, and more than UNCHECKED_BYTES (the chapter's whole train
+# state, EMA and momentum included, is 134 MB), is not read.
+EXPANSION = 16
+UNCHECKED_BYTES = 500_000_000
 ITEMS = ("meta", "state")  # a checkpoint's items, each a folder in its epoch's folder
 
 
@@ -673,6 +682,11 @@ class Checkpoints:
         # checkpoint of 4 GPUs on 1, or of a cluster on a laptop.
         here = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), PartitionSpec())
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract)
+        declared = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(abstract))
+        if declared > max(UNCHECKED_BYTES, EXPANSION * (stored := _bytes_under(path / "state"))):
+            raise CheckpointError(f"checkpoint {path} declares {declared / 1e6:,.0f} MB of arrays in {stored / 1e6:,.1f} MB "
+                                  f"of files, more than {EXPANSION}x (edited by hand, or written by other code?), "
+                                  f"and is not read; {_instead(manager, epoch)}")
         # Check before Orbax reads: its restore reads all arrays at once and, at the first
         # failure, abandons the other reads, which print a traceback each when collected.
         problem = arrays_problem(path / "state", abstract, meta.get("digests"))  # older checkpoints hold no digests
@@ -690,6 +704,16 @@ class Checkpoints:
                 raise lost from err
             raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
+
+
+def _bytes_under(folder: Path) -> int:
+    """The bytes of the files in ``folder`` and its subfolders (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def _best_so_far(history: list[dict]) -> float | None:

@@ -803,3 +803,20 @@ def test_a_checkpoint_rotated_away_while_read_is_read_again_from_the_newer_one(u
     with pytest.raises(CheckpointError, match="is corrupt"):
         checkpoint.load_for_inference(directory)
     assert len(calls) == 1
+
+
+def test_a_checkpoint_whose_arrays_declare_far_more_than_its_files_is_not_read(uninterrupted, tmp_path, monkeypatch):
+    # TensorStore writes no chunk of zeros: a few kB of files could declare a meta's billion classes,
+    # and reading them allocated it all. The limit is lowered here, so that a 45 MB model is "large".
+    monkeypatch.setattr(checkpoint, "UNCHECKED_BYTES", 0)
+    assert checkpoint.load_for_inference(uninterrupted[0]).epoch == 3  # a trained one: 1.09x its files
+    state = _fresh_state()
+    zeros = state.replace(params=jax.tree_util.tree_map(np.zeros_like, state.params))
+    with Checkpoints(tmp_path / "run") as ckpts:
+        ckpts.save(zeros, 1, [{"epoch": 1}], [], checkpoint.metadata(CONFIG, FASHION_MNIST))
+    read = []
+    monkeypatch.setattr(checkpoint, "arrays_problem", lambda *a: read.append(a))
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/1 declares 45 MB of arrays in 0\.\d MB of files, "
+                                                         r"more than 16x .* and is not read; there is no earlier checkpoint"):
+        checkpoint.load_for_inference(tmp_path / "run")
+    assert not read  # refused before a single array was read
