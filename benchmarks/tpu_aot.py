@@ -74,18 +74,20 @@ def program_bytes(device, dtype: str) -> None:
     steps = -(-SPLITS["train"] // config.batch_size)  # 235: the last batch is smaller, so masked
     statics, _ = training._chunk_statics(32, steps, config.resize, batch_sharding, masked=True)
     train = training._program(training.train_chunk, "tpu", statics, state, donate_argnums=0)
-    evaluate = training._program(training.evaluate_batches, "tpu", (("resize", config.resize),
-                                 ("batch_sharding", batch_sharding), ("confusion", False)), state)
+    train_args = (spec((SPLITS["train"], 28, 28, 1), jnp.uint8), spec((SPLITS["train"],), jnp.int32),
+                  spec((32, config.batch_size), jnp.int32), spec((), jnp.int32))
     eval_batches = SPLITS["test"] // config.eval_batch_size
-    for name, program, args in (
-        ("train_chunk", train, (spec((SPLITS["train"], 28, 28, 1), jnp.uint8), spec((SPLITS["train"],), jnp.int32),
-                                spec((32, config.batch_size), jnp.int32), spec((), jnp.int32))),
-        ("evaluate_batches", evaluate, (spec((eval_batches, config.eval_batch_size, 28, 28, 1), jnp.uint8),
-                                        spec((eval_batches, config.eval_batch_size), jnp.int32),
-                                        spec((eval_batches, config.eval_batch_size), jnp.bool_))),
+    eval_args = (spec((eval_batches, config.eval_batch_size, 28, 28, 1), jnp.uint8),
+                 spec((eval_batches, config.eval_batch_size), jnp.int32),
+                 spec((eval_batches, config.eval_batch_size), jnp.bool_))
+    for name, compile_program in (
+        ("train_chunk", lambda: train.lower(state, *train_args).compile()),
+        # fit's own evaluator, built as fit builds it (the device loop, as on any accelerator)
+        ("evaluate_batches", lambda: training._eval_program(config, state, *eval_args, batch_sharding,
+                                                            device_loop=True, devices=[device])),
     ):
         start = time.perf_counter()
-        memory = program.lower(state, *args).compile().memory_analysis()
+        memory = compile_program().memory_analysis()
         sizes = ", ".join(f"{f.removesuffix('_size')} {getattr(memory, f + '_in_bytes') / 2**20:,.1f} MiB" for f in FIELDS)
         print(f"  {name}, {dtype}: {sizes} (compiled in {time.perf_counter() - start:.0f} s)", flush=True)
 
