@@ -134,6 +134,22 @@ def _to_l_or_rgb(image):
     return image.convert("RGB")  # palette, CMYK, YCbCr...: "L" is then taken from RGB if needed
 
 
+def _npy_declared(path: Path) -> tuple[tuple, np.dtype, int] | None:
+    """(shape, dtype, bytes) that an .npy file's header declares; None where it is no .npy of
+    format 1.0 or 2.0 (what np.save writes for numbers; np.load then says what it is)."""
+    fmt = np.lib.format
+    headers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            if version not in headers:
+                return None
+            shape, _, dtype = headers[version](f)
+    except (ValueError, OSError, EOFError):
+        return None
+    return shape, dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
 def load_npy(path: str | Path, spec: DatasetSpec) -> np.ndarray:
     """A NumPy ``.npy`` batch as uint8 (N, size, size, channels) for ``spec``.
 
@@ -150,6 +166,11 @@ def load_npy(path: str | Path, spec: DatasetSpec) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if (declared := _npy_declared(path)) and declared[2] > path.stat().st_size:
+        # np.load allocates what the header declares before it reads: 100 bytes could ask for terabytes.
+        shape, dtype, nbytes = declared
+        raise ImageError(f"{path}: not a readable .npy array (its header declares {dtype} {shape}, {nbytes:,} bytes, "
+                         f"in a file of {path.stat().st_size:,} bytes: not written whole?)")
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:

@@ -282,3 +282,16 @@ def test_npy_missing_npz_pickle_and_garbage_are_refused(tmp_path):
         load_npy(tmp_path / "junk.npy", GRAY)
     with pytest.raises(ImageError, match="not a file"):
         load_npy(tmp_path, GRAY)
+
+
+@pytest.mark.parametrize("shape", [(10**12, 28, 28), (2 * 10**7, 28, 28)])
+def test_an_npy_whose_header_declares_more_than_the_file_holds_is_refused_unread(tmp_path, shape):
+    # np.load allocated what the header declared first: 100 bytes asking for 713 TiB ended in a
+    # MemoryError traceback; 15 GB was allocated, then refused as short.
+    path = tmp_path / "short.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        f.write(bytes(100))
+    with pytest.raises(ImageError, match=rf"short\.npy: not a readable \.npy array \(its header declares uint8 "
+                                         rf"\({shape[0]}, 28, 28\), {shape[0] * 784:,} bytes, in a file of \d+ bytes"):
+        load_npy(path, GRAY)
