@@ -136,9 +136,12 @@ def _to_l_or_rgb(image):
 
 def _npy_declared(path: Path) -> tuple[tuple, np.dtype, int] | None:
     """(shape, dtype, bytes) that an .npy file's header declares; None where it is no .npy of
-    format 1.0 or 2.0 (what np.save writes for numbers; np.load then says what it is)."""
+    format 1.0, 2.0 or 3.0 (those np.load reads; it then says what the file is)."""
     fmt = np.lib.format
-    headers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    # 3.0 is 2.0 with a UTF-8 header, which NumPy has no public reader for: read as Latin-1 it
+    # declares the same shape and itemsize (UTF-8 adds no ASCII byte). Not checked, a 3.0 header
+    # could still ask np.load for terabytes.
+    headers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0, (3, 0): fmt.read_array_header_2_0}
     try:
         with open(path, "rb") as f:
             version = fmt.read_magic(f)
@@ -173,7 +176,7 @@ def load_npy(path: str | Path, spec: DatasetSpec) -> np.ndarray:
                          f"in a file of {path.stat().st_size:,} bytes: not written whole?)")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError, OverflowError) as err:  # OverflowError: a dimension over 2**63
         # NumPy's advice to load "pickled" data with allow_pickle=True would be wrong (and unsafe) here.
         if "Object arrays" in str(err):  # an .npy of dtype object: Python objects, read only by unpickling
             why = "an array of Python objects (dtype object), which is not read; save the pixels as numbers"

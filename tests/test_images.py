@@ -295,3 +295,35 @@ def test_an_npy_whose_header_declares_more_than_the_file_holds_is_refused_unread
     with pytest.raises(ImageError, match=rf"short\.npy: not a readable \.npy array \(its header declares uint8 "
                                          rf"\({shape[0]}, 28, 28\), {shape[0] * 784:,} bytes, in a file of \d+ bytes"):
         load_npy(path, GRAY)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_npy_of_format_2_or_3_is_checked_as_1_is(tmp_path, version):
+    # A format 3.0 header (2.0's, in UTF-8) went unchecked: np.load asked for 713 TiB, a MemoryError traceback.
+    path = tmp_path / "short.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": (10**12, 28, 28)})
+        f.write(bytes(100))
+    with open(path, "r+b") as f:
+        f.seek(6)  # the major version, after b"\x93NUMPY"
+        f.write(bytes([version]))
+    with pytest.raises(ImageError, match=r"short\.npy: not a readable \.npy array \(its header declares uint8 "
+                                         r"\(1000000000000, 28, 28\), 784,000,000,000,000 bytes"):
+        load_npy(path, GRAY)
+    whole = np.ones((2, 28, 28), np.float32)  # and a whole one is read
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, np.lib.format.header_data_from_array_1_0(whole))
+        f.write(whole.tobytes())
+    with open(path, "r+b") as f:
+        f.seek(6)
+        f.write(bytes([version]))
+    assert (load_npy(path, GRAY) == 255).all()
+
+
+def test_an_npy_with_a_dimension_numpy_cannot_count_is_refused(tmp_path):
+    # (2**64, 0, 28) holds no byte, so the header check lets it by; np.load's OverflowError was a traceback.
+    path = tmp_path / "wide.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (2**64, 0, 28)})
+    with pytest.raises(ImageError, match=r"wide\.npy: not a readable \.npy array \("):
+        load_npy(path, GRAY)
