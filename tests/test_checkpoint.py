@@ -820,3 +820,20 @@ def test_a_checkpoint_whose_arrays_declare_far_more_than_its_files_is_not_read(u
                                                          r"more than 16x .* and is not read; there is no earlier checkpoint"):
         checkpoint.load_for_inference(tmp_path / "run")
     assert not read  # refused before a single array was read
+
+
+def test_a_sparse_file_in_a_checkpoint_does_not_let_its_declared_arrays_through(tmp_path, monkeypatch):
+    # A file's st_size is what it claims: `truncate -s 1G state/junk` (no byte written) let a
+    # checkpoint of 45 MB of zeros in 0.1 MB of files through, and OCDBT ignores the junk.
+    monkeypatch.setattr(checkpoint, "UNCHECKED_BYTES", 0)
+    state = _fresh_state()
+    zeros = state.replace(params=jax.tree_util.tree_map(np.zeros_like, state.params))
+    with Checkpoints(tmp_path / "run") as ckpts:
+        ckpts.save(zeros, 1, [{"epoch": 1}], [], checkpoint.metadata(CONFIG, FASHION_MNIST))
+    junk = tmp_path / "run" / "checkpoints" / "1" / "state" / "junk"
+    with open(junk, "wb") as f:
+        f.truncate(10**9)
+    if getattr(os.stat(junk), "st_blocks", 2 * 10**6) * 512 >= 10**9:
+        pytest.skip("this file system wrote the sparse file out")
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/1 declares 45 MB of arrays in 0\.\d MB of files"):
+        checkpoint.load_for_inference(tmp_path / "run")
