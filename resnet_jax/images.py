@@ -59,8 +59,6 @@ def load_images(paths: Sequence[str | Path], spec: DatasetSpec | str) -> np.ndar
     Raises :class:`ImageError` naming the file if one is missing, is not an
     image, is truncated or corrupt, or is in a mode that cannot be converted.
     """
-    from PIL import Image
-
     if isinstance(paths, (str, Path)):  # one path would otherwise be read as a sequence of characters
         raise TypeError("load_images takes a sequence of paths; wrap a single path in a list")
     if isinstance(spec, str):
@@ -70,16 +68,18 @@ def load_images(paths: Sequence[str | Path], spec: DatasetSpec | str) -> np.ndar
     size, channels = spec.image_size, spec.channels
     out = np.zeros((len(paths), size, size, channels), np.uint8)
     for i, path in enumerate(paths):
-        image = _open(Path(path)).convert("L" if channels == 1 else "RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        array = np.asarray(image, np.uint8)
+        array = np.asarray(_open(Path(path), size, "L" if channels == 1 else "RGB"), np.uint8)
         out[i] = array[..., None] if channels == 1 else array
     return out
 
 
-def _open(path: Path):
-    """The file as a Pillow image in mode "L" or "RGB", fully decoded (so truncation shows here)."""
+# Pixels converted at a time (see _converted): 2M pixels, 8 MB a copy in RGBA.
+_STRIP_PIXELS = 1 << 21
+
+
+def _open(path: Path, size: int, mode: str):
+    """The file as a Pillow image of ``mode`` ("L" or "RGB") and ``size`` x ``size``, fully decoded
+    (so truncation shows here)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.exists():
@@ -94,7 +94,10 @@ def _open(path: Path):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # decodes now: a truncated file fails here, not later
-                image = ImageOps.exif_transpose(image)
+                # In place: a copy of the whole image only where the EXIF orientation turns it.
+                # Converted inside the `with`, as closing the file drops the decoded pixels.
+                ImageOps.exif_transpose(image, in_place=True)
+                image = _converted(image, path, mode)
     except UnidentifiedImageError:
         hint = "; arrays go in .npy files (np.save), one array each" if path.suffix.lower() == ".npz" else ""
         raise ImageError(f"{path}: not an image file Pillow can read{hint}") from None
@@ -102,14 +105,39 @@ def _open(path: Path):
         raise ImageError(f"{path}: image too large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's truncated/corrupt-data errors
         raise ImageError(f"{path}: truncated or corrupt image ({err})") from None
+    # Resized once the file is closed, which frees the decoded pixels.
+    return image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
+
+
+def _converted(image, path: Path, mode: str):
+    """The decoded ``image`` as ``mode`` by :func:`_to_l_or_rgb`, in horizontal strips of about
+    ``_STRIP_PIXELS``, so that only the decoded image and the result are ever whole.
+
+    Converted whole, an image at Pillow's limit (2 * MAX_IMAGE_PIXELS, 179 million pixels) took
+    about five full-size copies beside the decoded one (EXIF-transpose copy, RGBA copy, black
+    layer, composite, RGB, the dataset's convert): on a 19000x9000 RGBA PNG (171 Mpixels, 684 MB
+    decoded; Pillow keeps RGB, RGBA and LA at 4 bytes a pixel) load_images peaked 3262 MB above its
+    start. In strips: 1339 MB for a 3-channel set (decoded + RGB), 850 MB for a 1-channel set
+    (decoded + L); the same for it as LA. Every conversion here is per pixel, so strips give the same bytes as whole.
+    (The resize stays one call on the whole result: two calls, one a direction, can round
+    differently from Pillow's one call, so a strip-wise resize is not the same to the bit.)
+    """
+    from PIL import Image
+
+    w, h = image.size
+    out = Image.new(mode, (w, h))
+    rows = max(1, _STRIP_PIXELS // max(1, w))
     try:
-        return _to_l_or_rgb(image)
+        for top in range(0, h, rows):
+            out.paste(_to_l_or_rgb(image.crop((0, top, w, min(h, top + rows))), mode), (0, top))
     except (ValueError, OSError) as err:
         raise ImageError(f"{path}: cannot convert an image of mode {image.mode!r} ({err})") from None
+    return out
 
 
-def _to_l_or_rgb(image):
-    """``image`` as "L" (greyscale) or "RGB", alpha composited over black, 16-bit scaled to 8."""
+def _to_l_or_rgb(image, mode: str | None = None):
+    """``image`` as ``mode`` ("L" or "RGB"; by default whichever of the two keeps its colour),
+    alpha composited over black, 16-bit scaled to 8."""
     from PIL import Image
 
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -119,19 +147,26 @@ def _to_l_or_rgb(image):
         levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # "I" holds any int32
         levels += 128
         levels //= 257
-        return Image.fromarray(levels.astype(np.uint8), "L")
-    if image.mode == "F":
+        image = Image.fromarray(levels.astype(np.uint8), "L")
+    elif image.mode == "F":
         raise ValueError("floating-point images are not supported; save it as an 8- or 16-bit PNG")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(black, rgba).convert("RGB")
-    if image.mode in ("L", "RGB"):
-        return image
-    if image.mode == "1":
-        return image.convert("L")
-    return image.convert("RGB")  # palette, CMYK, YCbCr...: "L" is then taken from RGB if needed
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Over opaque black, Image.alpha_composite gives each colour value v of alpha a as
+        # round(v * a / 255) exactly, and so does Image.composite(colour, black, alpha): one layer
+        # fewer, and the same to the bit for every (v, a) (tests/test_images.py checks all 65536).
+        # Grey with alpha for a grey set is composited as "L" directly: the luma of equal R, G and
+        # B is that value, so going through RGB gave the same.
+        if image.mode == "LA" and mode == "L":
+            colour = image.convert("L")
+        else:
+            image = image if image.mode == "RGBA" else image.convert("RGBA")
+            colour = image.convert("RGB")
+        image = Image.composite(colour, Image.new(colour.mode, colour.size), image.getchannel("A"))
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")  # palette, CMYK, YCbCr...: "L" is then taken from RGB if needed
+    return image if mode is None or image.mode == mode else image.convert(mode)
 
 
 def _npy_declared(path: Path) -> tuple[tuple, np.dtype, int] | None:

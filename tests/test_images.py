@@ -103,6 +103,124 @@ def test_palette_transparency_is_composited_over_black(tmp_path):
     assert (out == 0).all()
 
 
+def _old_to_l_or_rgb(image):
+    """images._to_l_or_rgb as it was before it worked in strips (26d06e4): the reference."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        levels += 128
+        levels //= 257
+        return Image.fromarray(levels.astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba).convert("RGB")
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")
+
+
+def _old_pipeline(image, spec):
+    """What load_images made of a decoded image before (26d06e4): convert whole, then resize whole."""
+    size, mode = spec.image_size, "L" if spec.channels == 1 else "RGB"
+    image = _old_to_l_or_rgb(image).convert(mode)
+    return np.asarray(image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR))
+
+
+def _every_value_and_alpha():
+    """256x256 images whose pixels are every (value, alpha) pair: RGBA (three different values
+    a pixel), LA, and palette images (256 of them, 16x16) whose entries' alphas cover the pairs."""
+    v, a = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    yield Image.fromarray(np.stack([v, 255 - v, v ^ 0x5A, a], -1), "RGBA")
+    yield Image.fromarray(np.stack([v, a], -1), "LA")
+    entries = np.arange(256, dtype=np.uint8)
+    palette = np.stack([entries, 255 - entries, entries ^ 0x5A], -1).ravel().tolist()
+    for shift in range(256):
+        p = Image.fromarray(entries.reshape(16, 16), "P")
+        p.putpalette(palette)
+        p.info["transparency"] = bytes(((entries.astype(int) + shift) % 256).astype(np.uint8))  # entry j: alpha j+shift
+        yield p
+    p = Image.fromarray(entries.reshape(16, 16), "P")
+    p.putpalette(palette)
+    p.info["transparency"] = 7  # one transparent entry, the rest opaque
+    yield p
+    grey = Image.fromarray(v)
+    grey.info["transparency"] = 9
+    yield grey
+    rgb = Image.fromarray(np.stack([v, a, v], -1), "RGB")
+    rgb.info["transparency"] = (3, 3, 3)
+    yield rgb
+
+
+@pytest.mark.parametrize("spec", [GRAY, COLOUR], ids=["L", "RGB"])
+def test_compositing_over_black_is_bit_identical_to_alpha_composite_for_every_value_and_alpha(spec):
+    from resnet_jax.images import _to_l_or_rgb
+
+    mode = "L" if spec.channels == 1 else "RGB"
+    for image in _every_value_and_alpha():
+        want = np.asarray(_old_to_l_or_rgb(image).convert(mode))
+        got = _to_l_or_rgb(image, mode)
+        assert got.mode == mode and np.array_equal(np.asarray(got), want), (image.mode, image.info)
+    # and it is round(value * alpha / 255): the (value, alpha) grid above is every pair
+    v, a = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    la = Image.fromarray(np.stack([v, a], -1).astype(np.uint8), "LA")
+    assert np.array_equal(np.asarray(_to_l_or_rgb(la, "L")), (v * a + 127) // 255)
+
+
+@pytest.mark.parametrize("spec", [GRAY, COLOUR], ids=["L", "RGB"])
+def test_converting_in_strips_then_resizing_is_bit_identical_to_whole(tmp_path, monkeypatch, spec):
+    # Strips of a few rows (and a last one of fewer), images shrunk, enlarged, one side kept,
+    # and every kind of mode: the same bytes as converted and resized whole.
+    from resnet_jax import images
+
+    rng = np.random.default_rng(1)
+    sizes = [(28, 28), (32, 32), (13, 45), (7, 5), (100, 61), (28, 90), (90, 28), (32, 77), (77, 32), (301, 17), (3, 400)]
+    for h, w in sizes:
+        pixels = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        cases = [Image.fromarray(pixels, "RGBA"), Image.fromarray(pixels[..., :3]), Image.fromarray(pixels[..., 0]),
+                 Image.fromarray(pixels[..., [0, 3]], "LA"), Image.fromarray(pixels[..., 0]).convert("1"),
+                 Image.fromarray(pixels[..., :3]).convert("P"), Image.fromarray(pixels[..., :3]).convert("CMYK"),
+                 Image.fromarray((pixels[..., 0].astype(np.uint16) * 250))]
+        pal = Image.fromarray(pixels[..., 1] // 64, "P")
+        pal.putpalette(rng.integers(0, 256, 768).tolist())
+        pal.info["transparency"] = bytes([0, 90, 200, 255])
+        cases.append(pal)
+        for strip_pixels in (2 * w + 1, 7 * w, 10**9):
+            monkeypatch.setattr(images, "_STRIP_PIXELS", strip_pixels)
+            for image in cases:
+                got = images._converted(image, "x.png", "L" if spec.channels == 1 else "RGB")
+                got = np.asarray(got.resize((spec.image_size,) * 2, Image.BILINEAR) if got.size != (spec.image_size,) * 2 else got)
+                assert np.array_equal(got, _old_pipeline(image, spec)), ((h, w), image.mode, strip_pixels)
+    path = _save(tmp_path / "rgba.png", rng.integers(0, 256, (61, 100, 4), dtype=np.uint8))
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 300)
+    want = _old_pipeline(Image.open(path), spec)
+    assert np.array_equal(load_images([path], spec)[0], want if spec.channels == 3 else want[..., None])
+
+
+def test_a_large_image_with_alpha_takes_little_beyond_its_decoded_pixels(tmp_path):
+    # Converted whole, a 19000x9000 RGBA PNG (684 MB decoded) took 3262 MB at its peak (about 4.8
+    # decoded images); in strips, the decoded image and the RGB result, 2 of them. Here 3000x3000
+    # (36 MB decoded), in a process of its own (ru_maxrss is its peak).
+    import subprocess
+    import sys
+
+    rgba = np.zeros((3000, 3000, 4), np.uint8)
+    rgba[..., 0] = np.arange(3000, dtype=np.uint32) % 251
+    rgba[..., 3] = (np.arange(3000, dtype=np.uint32) % 256)[:, None]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "big.png", compress_level=1)
+    code = (
+        "import resource, sys; from resnet_jax.images import load_images; "
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; "
+        "start = rss(); load_images([sys.argv[1]], 'cifar10'); print(rss() - start)"
+    )
+    grown = int(subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")], capture_output=True, text=True,
+                               check=True, timeout=300).stdout)
+    decoded = 3000 * 3000 * 4
+    assert grown < 2.6 * decoded, f"{grown / decoded:.2f} decoded images"
+
+
 def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     a = np.array([[0, 257 * 100, 65535, 30000]] * 28, np.uint16)[:, [0, 1, 2, 3] * 7]
     Image.fromarray(a).save(tmp_path / "16.png")
