@@ -94,9 +94,11 @@ def _open(path: Path, size: int, mode: str):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # decodes now: a truncated file fails here, not later
-                # In place: a copy of the whole image only where the EXIF orientation turns it.
-                # Converted inside the `with`, as closing the file drops the decoded pixels.
-                ImageOps.exif_transpose(image, in_place=True)
+                # A copy of the whole image only where the EXIF orientation turns it (exif_transpose
+                # copies even when it does not; its in_place=True needs Pillow 9.5). Converted inside
+                # the `with`, as closing the file drops the decoded pixels.
+                if image.getexif().get(0x0112, 1) != 1:  # 0x0112: the Orientation tag
+                    image = ImageOps.exif_transpose(image)
                 image = _converted(image, path, mode)
     except UnidentifiedImageError:
         hint = "; arrays go in .npy files (np.save), one array each" if path.suffix.lower() == ".npz" else ""
