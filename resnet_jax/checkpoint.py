@@ -711,8 +711,8 @@ def _bytes_under(folder: Path) -> int:
     the disk: a sparse file (``truncate -s 1T state/junk``) counts its written blocks alone, not the
     size it claims, which would otherwise let any checkpoint through the EXPANSION check."""
     total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
+    for root, _, names in os.walk(folder):
+        for name in names:
             with contextlib.suppress(OSError):
                 st = os.lstat(os.path.join(root, name))
                 blocks = getattr(st, "st_blocks", None)  # (none on Windows)
