@@ -187,17 +187,18 @@ def test_the_chapters_process_ends_with_the_benchmark(how):
     import signal
     import time
 
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import bench\n"
+    # SIGINT as Python sets it where nothing ignores it: a pytest started as a background job of
+    # a non-interactive shell ignores SIGINT, its children inherit that, and this test then timed
+    # out with the benchmark and its chapter process left measuring for as long as nobody looked.
+    # (Set by the script: a preexec_fn would make subprocess fork, which JAX warns about.)
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "sys.path.insert(0, sys.argv[1]); import bench\n"
               "train, test = bench.synthetic_splits(64, 8)\n"
               "with bench.ChapterProcess(1) as chapter:\n"
               "    print(chapter._process.pid, flush=True)\n"
               "    chapter.measure(train, test, 17, 4, 1000, 1000, workers=0)\n")
-    # SIGINT at its default in the benchmark: a pytest started as a background job of a
-    # non-interactive shell ignores SIGINT, its children inherit that, and this test then timed
-    # out with the benchmark and its chapter process left measuring for as long as nobody looked.
     bench_run = subprocess.Popen([sys.executable, "-c", script, str(BENCHMARKS)], stdout=subprocess.PIPE, text=True,
-                                 stderr=subprocess.DEVNULL,
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                 stderr=subprocess.DEVNULL)
     child = None
     try:
         child = int(bench_run.stdout.readline())
