@@ -120,7 +120,8 @@ def _converted(image, path: Path, mode: str):
     layer, composite, RGB, the dataset's convert): on a 19000x9000 RGBA PNG (171 Mpixels, 684 MB
     decoded; Pillow keeps RGB, RGBA and LA at 4 bytes a pixel) load_images peaked 3262 MB above its
     start. In strips: 1339 MB for a 3-channel set (decoded + RGB), 850 MB for a 1-channel set
-    (decoded + L); the same for it as LA. Every conversion here is per pixel, so strips give the same bytes as whole.
+    (decoded + L), and the same for the image as LA. Every conversion here is per pixel, so strips
+    give the same bytes as the whole image.
     (The resize stays one call on the whole result: two calls, one a direction, can round
     differently from Pillow's one call, so a strip-wise resize is not the same to the bit.)
     """
