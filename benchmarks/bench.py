@@ -480,7 +480,7 @@ def _resize_to_tensor(img, resize: int):
     from PIL import Image
 
     if img.size != (resize, resize):
-        img = img.resize((resize, resize), Image.BILINEAR)
+        img = img.resize((resize, resize), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.array(img, np.uint8, copy=True))
     return x.view(img.size[1], img.size[0], 1).permute(2, 0, 1).float().div(255)
 

@@ -290,23 +290,37 @@ def _read_cache(spec: DatasetSpec, cache: Path, log) -> tuple[Split, Split] | No
 def _check_cache_headers(spec: DatasetSpec, f) -> None:
     """DataError unless each array in the cache ``f`` declares the shape and dtype ``spec`` gives it.
 
-    Read from the arrays' .npy headers alone: np.load allocates whatever a header declares
-    before it reads a byte, and a compressed cache of 3 MB can declare gigabytes.
+    Read from the arrays' .npy headers alone: a compressed cache of 3 MB can declare gigabytes.
     """
-    side, fmt = (spec.image_size, spec.image_size, spec.channels), np.lib.format
-    headers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}  # those np.savez writes
+    side = (spec.image_size, spec.image_size, spec.channels)
     with zipfile.ZipFile(f) as z:
         for split, n in (("train", spec.num_train), ("test", spec.num_test)):
             for key, want in ((f"{split}_images", (n, *side)), (f"{split}_labels", (n,))):
                 with z.open(f"{key}.npy") as member:
-                    version = fmt.read_magic(member)
-                    if version not in headers:
-                        raise DataError(f"{key} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0, "
-                                        "which np.savez writes for these arrays")
-                    shape, _, dtype = headers[version](member)
+                    version, shape, dtype = npy_header(member)
+                if version not in ((1, 0), (2, 0)):  # a 3.0 (UTF-8) header is read only approximately
+                    raise DataError(f"{key} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0, "
+                                    "which np.savez writes for these arrays")
                 images = key.endswith("_images")
                 if shape != want or (dtype != np.uint8 if images else not np.issubdtype(dtype, np.integer)):
                     raise DataError(f"{key} declares {shape} {dtype}; expected {want} {'uint8' if images else 'integers'}")
+
+
+def npy_header(f) -> tuple[tuple[int, int], tuple[int, ...], np.dtype]:
+    """(format version, shape, dtype) that the .npy file ``f`` declares, read from its header alone.
+
+    np.load allocates whatever a header declares before it reads a byte, so 100 bytes of file can
+    ask it for terabytes: check what this returns first. ValueError (or EOFError) where ``f`` holds
+    no .npy header of a format np.load reads (1.0, 2.0, 3.0).
+    """
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"an .npy format {version[0]}.{version[1]}, which NumPy does not read")
+    # 3.0 is 2.0 with a UTF-8 header, which NumPy has no public reader for: read as Latin-1 it
+    # declares the same shape and itemsize (UTF-8 adds no ASCII byte).
+    shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    return version, shape, dtype
 
 
 @contextlib.contextmanager

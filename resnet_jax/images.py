@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from resnet_jax.data import DATASETS, DatasetSpec
+from resnet_jax.data import DATASETS, DatasetSpec, npy_header
 
 
 class ImageError(Exception):
@@ -108,7 +108,7 @@ def _open(path: Path, size: int, mode: str):
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's truncated/corrupt-data errors
         raise ImageError(f"{path}: truncated or corrupt image ({err})") from None
     # Resized once the file is closed, which frees the decoded pixels.
-    return image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def _converted(image, path: Path, mode: str):
@@ -175,17 +175,9 @@ def _to_l_or_rgb(image, mode: str | None = None):
 def _npy_declared(path: Path) -> tuple[tuple, np.dtype, int] | None:
     """(shape, dtype, bytes) that an .npy file's header declares; None where it is no .npy of
     format 1.0, 2.0 or 3.0 (those np.load reads; it then says what the file is)."""
-    fmt = np.lib.format
-    # 3.0 is 2.0 with a UTF-8 header, which NumPy has no public reader for: read as Latin-1 it
-    # declares the same shape and itemsize (UTF-8 adds no ASCII byte). Not checked, a 3.0 header
-    # could still ask np.load for terabytes.
-    headers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0, (3, 0): fmt.read_array_header_2_0}
     try:
         with open(path, "rb") as f:
-            version = fmt.read_magic(f)
-            if version not in headers:
-                return None
-            shape, _, dtype = headers[version](f)
+            _, shape, dtype = npy_header(f)
     except (ValueError, OSError, EOFError):
         return None
     return shape, dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize

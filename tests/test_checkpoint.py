@@ -805,15 +805,20 @@ def test_a_checkpoint_rotated_away_while_read_is_read_again_from_the_newer_one(u
     assert len(calls) == 1
 
 
+def _save_zeroed_weights(directory):
+    """A checkpoint of a fresh state with every weight 0: 45 MB of arrays in 0.1 MB of files."""
+    state = _fresh_state()
+    zeros = state.replace(params=jax.tree_util.tree_map(np.zeros_like, state.params))
+    with Checkpoints(directory) as ckpts:
+        ckpts.save(zeros, 1, [{"epoch": 1}], [], checkpoint.metadata(CONFIG, FASHION_MNIST))
+
+
 def test_a_checkpoint_whose_arrays_declare_far_more_than_its_files_is_not_read(uninterrupted, tmp_path, monkeypatch):
     # TensorStore writes no chunk of zeros: a few kB of files could declare a meta's billion classes,
     # and reading them allocated it all. The limit is lowered here, so that a 45 MB model is "large".
     monkeypatch.setattr(checkpoint, "UNCHECKED_BYTES", 0)
     assert checkpoint.load_for_inference(uninterrupted[0]).epoch == 3  # a trained one: 1.09x its files
-    state = _fresh_state()
-    zeros = state.replace(params=jax.tree_util.tree_map(np.zeros_like, state.params))
-    with Checkpoints(tmp_path / "run") as ckpts:
-        ckpts.save(zeros, 1, [{"epoch": 1}], [], checkpoint.metadata(CONFIG, FASHION_MNIST))
+    _save_zeroed_weights(tmp_path / "run")
     read = []
     monkeypatch.setattr(checkpoint, "arrays_problem", lambda *a: read.append(a))
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/1 declares 45 MB of arrays in 0\.\d MB of files, "
@@ -826,10 +831,7 @@ def test_a_sparse_file_in_a_checkpoint_does_not_let_its_declared_arrays_through(
     # A file's st_size is what it claims: `truncate -s 1G state/junk` (no byte written) let a
     # checkpoint of 45 MB of zeros in 0.1 MB of files through, and OCDBT ignores the junk.
     monkeypatch.setattr(checkpoint, "UNCHECKED_BYTES", 0)
-    state = _fresh_state()
-    zeros = state.replace(params=jax.tree_util.tree_map(np.zeros_like, state.params))
-    with Checkpoints(tmp_path / "run") as ckpts:
-        ckpts.save(zeros, 1, [{"epoch": 1}], [], checkpoint.metadata(CONFIG, FASHION_MNIST))
+    _save_zeroed_weights(tmp_path / "run")
     junk = tmp_path / "run" / "checkpoints" / "1" / "state" / "junk"
     with open(junk, "wb") as f:
         f.truncate(10**9)

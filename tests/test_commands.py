@@ -111,7 +111,7 @@ def test_predict_on_png_files(run, prepared_data_dir, tmp_path):
         files.append(tmp_path / f"test{i}.png")
         Image.fromarray(test.images[i, :, :, 0], "L").save(files[-1])
     colour = tmp_path / "big_colour.png"  # colour and another size: converted like the training data
-    Image.fromarray(np.repeat(test.images[0], 3, axis=-1), "RGB").resize((70, 70), Image.BILINEAR).save(colour)
+    Image.fromarray(np.repeat(test.images[0], 3, axis=-1), "RGB").resize((70, 70), Image.Resampling.BILINEAR).save(colour)
     files.append(colour)
 
     rc, out, err = _main("predict", output, *files, "--top-k", 3, "--json")

@@ -373,7 +373,7 @@ def test_fit_is_d2l_train_ch6_in_float64(manual_dir):
 
     # d2l: transforms.Resize (Pillow's bilinear on the PIL image; at 28 the image itself) and ToTensor, then train_ch6.
     def to_tensor(images):
-        resized = [np.asarray(Image.fromarray(im[..., 0]).resize((size, size), Image.BILINEAR)) for im in images]
+        resized = [np.asarray(Image.fromarray(im[..., 0]).resize((size, size), Image.Resampling.BILINEAR)) for im in images]
         return (torch.from_numpy(np.stack(resized)[:, None]).float() / 255).double()  # ToTensor's float32 quotients
 
     net = torch_reference.make_net().double()

@@ -262,12 +262,16 @@ def test_a_cache_declaring_arrays_larger_than_the_spec_is_rebuilt_before_any_is_
     cache = data.cache_path(spec, tmp_path)
     cache.parent.mkdir()
 
-    def write(bomb: bool):
+    def write(bomb: bool, version: int | None = None):
         with zipfile.ZipFile(cache, "w", zipfile.ZIP_DEFLATED) as z:
             for key, a in arrays.items():
                 member = io.BytesIO()
                 if bomb and key == "train_images":
                     np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (40, 28, 28, 1)})
+                elif version and key == "train_images":  # the right array, in a format np.savez never writes
+                    np.lib.format.write_array_header_2_0(member, np.lib.format.header_data_from_array_1_0(a))
+                    member.write(a.tobytes())
+                    member.getbuffer()[6] = version  # the major version, after b"\x93NUMPY"
                 else:
                     np.save(member, a)
                 z.writestr(f"{key}.npy", member.getvalue())
@@ -280,6 +284,12 @@ def test_a_cache_declaring_arrays_larger_than_the_spec_is_rebuilt_before_any_is_
     assert data._read_cache(spec, cache, notes.append) is None
     assert notes == [f"ignoring unreadable array cache {cache} (DataError: train_images declares (40, 28, 28, 1) uint8; "
                      "expected (4, 28, 28, 1) uint8); reading the TFDS data again"]
+    for version, why in ((3, "DataError: train_images is in .npy format 3.0, not 1.0 or 2.0, which np.savez writes for these arrays"),
+                         (4, "ValueError: an .npy format 4.0, which NumPy does not read")):
+        notes.clear()
+        write(bomb=False, version=version)
+        assert data._read_cache(spec, cache, notes.append) is None
+        assert notes == [f"ignoring unreadable array cache {cache} ({why}); reading the TFDS data again"]
 
 
 def _truncate_a_record(copy):
@@ -315,7 +325,7 @@ def test_preprocess_gives_the_chapters_inputs_bit_for_bit():
     images = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
     ours = np.asarray(data.preprocess(jnp.asarray(images), 96))
     assert ours.shape == (4, 96, 96, 1) and ours.dtype == np.float32
-    pil_u8 = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((96, 96), Image.BILINEAR)) for im in images])
+    pil_u8 = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((96, 96), Image.Resampling.BILINEAR)) for im in images])
     np.testing.assert_array_equal(ours[..., 0], pil_u8.astype(np.float32) / np.float32(255))
     # No resize at the native size: ToTensor's x / 255 alone.
     np.testing.assert_array_equal(np.asarray(data.preprocess(jnp.asarray(images), 28)), images.astype(np.float32) / np.float32(255))

@@ -64,7 +64,7 @@ def test_odd_sizes_are_resized_bilinearly_to_native(tmp_path):
     out = load_images(paths, GRAY)
     assert out.shape == (3, 28, 28, 1)
     for p, got in zip(paths, out):
-        want = np.asarray(Image.open(p).resize((28, 28), Image.BILINEAR))
+        want = np.asarray(Image.open(p).resize((28, 28), Image.Resampling.BILINEAR))
         np.testing.assert_array_equal(got[..., 0], want)
 
 
@@ -126,7 +126,7 @@ def _old_pipeline(image, spec):
     """What load_images made of a decoded image before (26d06e4): convert whole, then resize whole."""
     size, mode = spec.image_size, "L" if spec.channels == 1 else "RGB"
     image = _old_to_l_or_rgb(image).convert(mode)
-    return np.asarray(image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR))
+    return np.asarray(image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _every_value_and_alpha():
@@ -191,7 +191,7 @@ def test_converting_in_strips_then_resizing_is_bit_identical_to_whole(tmp_path, 
             monkeypatch.setattr(images, "_STRIP_PIXELS", strip_pixels)
             for image in cases:
                 got = images._converted(image, "x.png", "L" if spec.channels == 1 else "RGB")
-                got = np.asarray(got.resize((spec.image_size,) * 2, Image.BILINEAR) if got.size != (spec.image_size,) * 2 else got)
+                got = np.asarray(got.resize((spec.image_size,) * 2, Image.Resampling.BILINEAR) if got.size != (spec.image_size,) * 2 else got)
                 assert np.array_equal(got, _old_pipeline(image, spec)), ((h, w), image.mode, strip_pixels)
     path = _save(tmp_path / "rgba.png", rng.integers(0, 256, (61, 100, 4), dtype=np.uint8))
     monkeypatch.setattr(images, "_STRIP_PIXELS", 300)

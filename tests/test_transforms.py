@@ -22,7 +22,7 @@ def _pillow(images: np.ndarray, size: int) -> np.ndarray:
     out = []
     for image in images:
         grey = image.shape[-1] == 1
-        resized = np.asarray(Image.fromarray(image[..., 0] if grey else image).resize((size, size), Image.BILINEAR))
+        resized = np.asarray(Image.fromarray(image[..., 0] if grey else image).resize((size, size), Image.Resampling.BILINEAR))
         out.append(resized[..., None] if grey else resized)
     return np.stack(out)
 
