@@ -17,6 +17,7 @@ a pure JAX function applied inside the jitted steps: the host only moves uint8.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import numbers
 import os
@@ -298,7 +299,7 @@ def _check_cache_headers(spec: DatasetSpec, f) -> None:
             for key, want in ((f"{split}_images", (n, *side)), (f"{split}_labels", (n,))):
                 with z.open(f"{key}.npy") as member:
                     version, shape, dtype = npy_header(member)
-                if version not in ((1, 0), (2, 0)):  # a 3.0 (UTF-8) header is read only approximately
+                if version not in ((1, 0), (2, 0)):  # 3.0 (a UTF-8 header) is never written by np.savez
                     raise DataError(f"{key} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0, "
                                     "which np.savez writes for these arrays")
                 images = key.endswith("_images")
@@ -317,10 +318,34 @@ def npy_header(f) -> tuple[tuple[int, int], tuple[int, ...], np.dtype]:
     version = fmt.read_magic(f)
     if version not in ((1, 0), (2, 0), (3, 0)):
         raise ValueError(f"an .npy format {version[0]}.{version[1]}, which NumPy does not read")
-    # 3.0 is 2.0 with a UTF-8 header, which NumPy has no public reader for: read as Latin-1 it
-    # declares the same shape and itemsize (UTF-8 adds no ASCII byte).
+    if version == (3, 0):
+        # 2.0 with a UTF-8 header, which NumPy has no public reader for. Read as Latin-1, a header of
+        # 10,000 characters np.load reads (its limit counts characters) could be 40,000 bytes, over
+        # the 2.0 reader's limit: refused here, so the check was skipped and np.load allocated what
+        # it declared. Decoded as np.load decodes it, then handed to the 2.0 reader in ASCII
+        # (backslashreplace: "\xe9" in a string literal reads back as "é").
+        length = int.from_bytes(_read_exactly(f, 4, "array header length"), "little")
+        if length > 4 * _MAX_NPY_HEADER:  # over _MAX_NPY_HEADER characters, whatever they are
+            raise ValueError(f"an .npy header of {length:,} bytes, which np.load does not read")
+        text = _read_exactly(f, length, "array header").decode("utf-8")
+        if len(text) > _MAX_NPY_HEADER:
+            raise ValueError(f"an .npy header of {len(text):,} characters, which np.load does not read")
+        ascii_ = text.encode("ascii", "backslashreplace")
+        f = io.BytesIO(len(ascii_).to_bytes(4, "little") + ascii_)
+        shape, _, dtype = fmt.read_array_header_2_0(f, max_header_size=len(ascii_))
+        return version, shape, dtype
     shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
     return version, shape, dtype
+
+
+_MAX_NPY_HEADER = 10_000  # the characters np.load reads of a header (its max_header_size, without allow_pickle)
+
+
+def _read_exactly(f, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"EOF: reading {what}, expected {n} bytes got {len(data)}")
+    return data
 
 
 @contextlib.contextmanager

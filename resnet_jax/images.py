@@ -95,7 +95,7 @@ def _open(path: Path, size: int, mode: str):
             with Image.open(path) as image:
                 image.load()  # decodes now: a truncated file fails here, not later
                 # A copy of the whole image only where the EXIF orientation turns it (exif_transpose
-                # copies even when it does not; its in_place=True needs Pillow 9.5). Converted inside
+                # copies even when it does not; its in_place=True needs Pillow 10.0). Converted inside
                 # the `with`, as closing the file drops the decoded pixels.
                 if image.getexif().get(0x0112, 1) != 1:  # 0x0112: the Orientation tag
                     image = ImageOps.exif_transpose(image)

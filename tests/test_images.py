@@ -438,6 +438,22 @@ def test_an_npy_of_format_2_or_3_is_checked_as_1_is(tmp_path, version):
     assert (load_npy(path, GRAY) == 255).all()
 
 
+def test_an_npy_of_format_3_with_a_long_utf8_header_is_checked(tmp_path):
+    # np.load's limit of 10,000 header characters is up to 40,000 bytes in UTF-8: a header of 9,000
+    # "é" (18,000 bytes), read as Latin-1, was over the 2.0 reader's limit, so nothing was checked
+    # and np.load asked for 931 GiB, a MemoryError traceback.
+    path = tmp_path / "short.npy"
+    header = ("{'descr': [('%s', '|u1')], 'fortran_order': False, 'shape': (%d,), }" % ("\u00e9" * 9000, 10**12)).encode()
+    header += b" " * (-(len(header) + 13) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x03\x00" + len(header).to_bytes(4, "little") + header + bytes(100))
+    with pytest.raises(ImageError, match=r"short\.npy: not a readable \.npy array \(its header declares .* "
+                                         r"\(1000000000000,\), 1,000,000,000,000 bytes, in a file of"):
+        load_npy(path, GRAY)
+    # and read as np.load reads it: the field's name is "é" * 9000, not its UTF-8 bytes as Latin-1
+    with open(path, "rb") as f:
+        assert data.npy_header(f)[2].names == ("\u00e9" * 9000,)
+
+
 def test_an_npy_with_a_dimension_numpy_cannot_count_is_refused(tmp_path):
     # (2**64, 0, 28) holds no byte, so the header check lets it by; np.load's OverflowError was a traceback.
     path = tmp_path / "wide.npy"
