@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples (in TFDS's order, the same on every machine)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR", help="run directory: a checkpoint after every epoch, metrics.jsonl, results.json, curves.png")
-    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may change with a constant learning rate; --keep, --log-every, --offline, --output and the data and --export-torch paths may change; the rest must match, --init-from-torch too: the path the run started from, which is not read again)")
+    g.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --output (--epochs may change with a constant learning rate; --keep, --log-every, --offline, --eval-batch-size, --output and the data and --export-torch paths may change; the rest must match, --init-from-torch too: the path the run started from, which is not read again)")
     g.add_argument("--keep", type=int, default=None, metavar="K", help=f"latest checkpoints kept in --output (default: {d.keep})")
     g.add_argument("--val-split", type=int, default=d.val_split, metavar="N", help="hold out the last N training examples; keep the checkpoint of best accuracy on them in --output/best (default: off, the chapter's recipe)")
     g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="also log train loss/acc every N steps, and at each epoch's end, to --output's metrics.jsonl (rounded up to whole dispatches)")

@@ -36,9 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output directory")
     p.add_argument("--which", choices=("latest", "best"), default="latest",
                    help="the latest checkpoint (default), or the best by validation accuracy (runs trained with --val-split)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout (also when "
-                   "the confusion-matrix PNG then cannot be written: its confusion_png is null, and --confusion-png's "
-                   "failure still exits 1)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout" + (
+        " (also when the confusion-matrix PNG then cannot be written: its confusion_png is null, and "
+        "--confusion-png's failure still exits 1)" if p.prog.endswith("evaluate") else ""))
     p.add_argument("--eval-batch-size", type=_positive_int, default=None, metavar="N",
                    help="images the model takes at once (default: the run's); a smaller N needs less memory")
 
