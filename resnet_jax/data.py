@@ -318,23 +318,23 @@ def npy_header(f) -> tuple[tuple[int, int], tuple[int, ...], np.dtype]:
     version = fmt.read_magic(f)
     if version not in ((1, 0), (2, 0), (3, 0)):
         raise ValueError(f"an .npy format {version[0]}.{version[1]}, which NumPy does not read")
-    if version == (3, 0):
-        # 2.0 with a UTF-8 header, which NumPy has no public reader for. Read as Latin-1, a header of
-        # 10,000 characters np.load reads (its limit counts characters) could be 40,000 bytes, over
-        # the 2.0 reader's limit: refused here, so the check was skipped and np.load allocated what
-        # it declared. Decoded as np.load decodes it, then handed to the 2.0 reader in ASCII
-        # (backslashreplace: "\xe9" in a string literal reads back as "é").
-        length = int.from_bytes(_read_exactly(f, 4, "array header length"), "little")
-        if length > 4 * _MAX_NPY_HEADER:  # over _MAX_NPY_HEADER characters, whatever they are
-            raise ValueError(f"an .npy header of {length:,} bytes, which np.load does not read")
-        text = _read_exactly(f, length, "array header").decode("utf-8")
-        if len(text) > _MAX_NPY_HEADER:
-            raise ValueError(f"an .npy header of {len(text):,} characters, which np.load does not read")
-        ascii_ = text.encode("ascii", "backslashreplace")
-        f = io.BytesIO(len(ascii_).to_bytes(4, "little") + ascii_)
-        shape, _, dtype = fmt.read_array_header_2_0(f, max_header_size=len(ascii_))
+    if version == (1, 0):  # its header's length is 2 bytes: at most 64 kB are read
+        shape, _, dtype = fmt.read_array_header_1_0(f)
         return version, shape, dtype
-    shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    # 2.0 and 3.0 give the header's length in 4 bytes, and NumPy reads all of it (up to 4 GB, a
+    # buffer allocated whole) before its limit of 10,000 characters applies: read here, within that
+    # limit. 3.0 is 2.0 with a UTF-8 header, which NumPy has no public reader for: decoded as np.load
+    # decodes it (its limit counts characters, up to 40,000 bytes), then handed to the 2.0 reader in
+    # ASCII (backslashreplace: "\xe9" in a string literal reads back as "é").
+    length = int.from_bytes(_read_exactly(f, 4, "array header length"), "little")
+    if length > 4 * _MAX_NPY_HEADER:  # over _MAX_NPY_HEADER characters, whatever they are
+        raise ValueError(f"an .npy header of {length:,} bytes, which np.load does not read")
+    text = _read_exactly(f, length, "array header").decode("utf-8" if version == (3, 0) else "latin1")
+    if len(text) > _MAX_NPY_HEADER:
+        raise ValueError(f"an .npy header of {len(text):,} characters, which np.load does not read")
+    ascii_ = text.encode("ascii", "backslashreplace")
+    shape, _, dtype = fmt.read_array_header_2_0(io.BytesIO(len(ascii_).to_bytes(4, "little") + ascii_),
+                                                max_header_size=len(ascii_))
     return version, shape, dtype
 
 

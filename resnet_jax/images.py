@@ -173,13 +173,19 @@ def _to_l_or_rgb(image, mode: str | None = None):
 
 
 def _npy_declared(path: Path) -> tuple[tuple, np.dtype, int] | None:
-    """(shape, dtype, bytes) that an .npy file's header declares; None where it is no .npy of
-    format 1.0, 2.0 or 3.0 (those np.load reads; it then says what the file is)."""
+    """(shape, dtype, bytes) that an .npy file's header declares; None where the file does not begin
+    as an .npy does (np.load then says what it is). ImageError for an .npy header np.load would not
+    read: it is refused here, as np.load could first allocate the 4 GB its length may declare."""
     try:
         with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # .npy's magic string
+                return None
+            f.seek(0)
             _, shape, dtype = npy_header(f)
-    except (ValueError, OSError, EOFError):
+    except OSError:
         return None
+    except (ValueError, EOFError) as err:  # UnicodeDecodeError (a 3.0 header that is no UTF-8) too
+        raise ImageError(f"{path}: not a readable .npy array ({err})") from None
     return shape, dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 

@@ -454,6 +454,21 @@ def test_an_npy_of_format_3_with_a_long_utf8_header_is_checked(tmp_path):
         assert data.npy_header(f)[2].names == ("\u00e9" * 9000,)
 
 
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_npy_header_longer_than_numpy_reads_is_refused_before_np_load(tmp_path, monkeypatch, version):
+    # 2.0 and 3.0 give the header's length in 4 bytes: np.load allocated a buffer of the 4 GB
+    # declared before its 10,000-character limit applied (a MemoryError traceback under ulimit -v).
+    path = tmp_path / "long.npy"
+    path.write_bytes(b"\x93NUMPY" + bytes([version, 0]) + b"\xff\xff\xff\xff{}")
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load was reached"))
+    with pytest.raises(ImageError, match=r"long\.npy: not a readable \.npy array \(an \.npy header of 4,294,967,295 "
+                                         r"bytes, which np\.load does not read\)$"):
+        load_npy(path, GRAY)
+    path.write_bytes(b"\x93NUMPY" + bytes([version, 0]) + (20_000).to_bytes(4, "little") + b" " * 20_000)
+    with pytest.raises(ImageError, match=r"\(an \.npy header of 20,000 characters, which np\.load does not read\)$"):
+        load_npy(path, GRAY)
+
+
 def test_an_npy_with_a_dimension_numpy_cannot_count_is_refused(tmp_path):
     # (2**64, 0, 28) holds no byte, so the header check lets it by; np.load's OverflowError was a traceback.
     path = tmp_path / "wide.npy"
