@@ -307,6 +307,9 @@ def _check_cache_headers(spec: DatasetSpec, f) -> None:
                     raise DataError(f"{key} declares {shape} {dtype}; expected {want} {'uint8' if images else 'integers'}")
 
 
+_MAX_NPY_HEADER = 10_000  # the characters np.load reads of a header (its max_header_size, without allow_pickle)
+
+
 def npy_header(f) -> tuple[tuple[int, int], tuple[int, ...], np.dtype]:
     """(format version, shape, dtype) that the .npy file ``f`` declares, read from its header alone.
 
@@ -336,9 +339,6 @@ def npy_header(f) -> tuple[tuple[int, int], tuple[int, ...], np.dtype]:
     shape, _, dtype = fmt.read_array_header_2_0(io.BytesIO(len(ascii_).to_bytes(4, "little") + ascii_),
                                                 max_header_size=len(ascii_))
     return version, shape, dtype
-
-
-_MAX_NPY_HEADER = 10_000  # the characters np.load reads of a header (its max_header_size, without allow_pickle)
 
 
 def _read_exactly(f, n: int, what: str) -> bytes:

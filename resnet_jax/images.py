@@ -178,7 +178,7 @@ def _npy_declared(path: Path) -> tuple[tuple, np.dtype, int] | None:
     read: it is refused here, as np.load could first allocate the 4 GB its length may declare."""
     try:
         with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":  # .npy's magic string
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
                 return None
             f.seek(0)
             _, shape, dtype = npy_header(f)
