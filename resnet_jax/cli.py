@@ -363,6 +363,7 @@ def _export_torch(config: Config, state, say) -> None:
 
     from resnet_jax import convert, training
 
+    rundir.check_export_unchanged(config)  # a file another program wrote there since the start stays
     variables = jax.device_get(training.evaluated_variables(state))
     what = "the weights' moving average (EMA), the model evaluated" if state.ema_params is not None else "the final weights"
     # A Ctrl-C or SIGTERM inside torch.save broke its zip writer: a traceback, or a signal lost.

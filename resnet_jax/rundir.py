@@ -79,6 +79,7 @@ def check_torch_paths(config: Config) -> None:
         if target.exists() and not _own_export(config, target):  # another run's model, say: kept
             raise UserError(f"--export-torch {config.export_torch} already exists, and this run did not write it: "
                             "give another name, or remove it first")
+        _export_found[str(target)] = _identity(target)  # what check_export_unchanged compares, at the export
     if loads or config.export_torch:
         from resnet_jax.convert import ConversionError, import_torch
 
@@ -87,6 +88,34 @@ def check_torch_paths(config: Config) -> None:
         except ConversionError as err:
             flag = "--init-from-torch" if loads else "--export-torch"
             raise UserError(f"{flag}: {err}") from err
+
+
+# --export-torch's file as check_torch_paths found it (None: no file), by path: the export, an epoch
+# or hours later, must still find it so. Another program may have written it meanwhile: a second
+# run started with the same --export-torch, which finished first (both runs found no file, and the
+# later export silently replaced the earlier run's model, which both results.json then listed).
+_export_found: dict[str, tuple | None] = {}
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells one file at ``path`` from another written there since: None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_export_unchanged(config: Config) -> None:
+    """A UserError if --export-torch's file appeared (or changed) since check_torch_paths looked at it:
+    someone else's, which the export must not replace. (No check where check_torch_paths did not run.)"""
+    key = str(Path(config.export_torch))
+    if key not in _export_found or (now := _identity(Path(key))) is None or now == _export_found[key]:
+        return  # (a file deleted meanwhile loses nothing)
+    kept = (f"the run's checkpoints are kept: export them with --resume --output {config.output} --export-torch "
+            "ANOTHER.pt" if config.output else "nothing was written")
+    raise UserError(f"--export-torch {config.export_torch}: not written: another program wrote that file since this "
+                    f"run started (another run with the same --export-torch?), and it is left as it is; {kept}")
 
 
 def earlier_exports(config: Config) -> list[str]:

@@ -167,6 +167,26 @@ def test_an_export_onto_a_full_disk_is_one_line_naming_the_error(monkeypatch, tm
         cli._export_torch(Config(export_torch=str(tmp_path / "m.pt")), _fake_state(), print)
 
 
+def test_an_export_file_written_by_another_program_during_the_run_is_not_replaced(tmp_path):
+    # Two runs started with one --export-torch both found no file there; the later one's export
+    # silently replaced the earlier run's model (exit 0, and both results.json listed it).
+    from resnet_jax import cli, rundir
+    from resnet_jax.config import Config
+    from resnet_jax.errors import UserError
+
+    target = tmp_path / "m.pt"
+    config = Config(export_torch=str(target), output=str(tmp_path / "run"))
+    rundir.check_torch_paths(config)  # at the start: no file there
+    target.write_bytes(b"the other run's model")  # meanwhile
+    with pytest.raises(UserError, match=r"^--export-torch .*m.pt: not written: another program wrote that file since "
+                                        r"this run started .*--resume --output .*run --export-torch ANOTHER.pt$"):
+        cli._export_torch(config, _fake_state(), print)
+    assert target.read_bytes() == b"the other run's model"
+    target.unlink()  # gone again: nothing to keep, the export goes ahead
+    cli._export_torch(Config(export_torch=str(target)), _fake_state(), print)
+    assert target.stat().st_size > 1000
+
+
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_after_the_run_is_one_line_not_a_silent_exit(sig, code):
     # After main() returned (the export written, say), the KeyboardInterrupt came in Python's
