@@ -109,6 +109,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     for flag, value in (("--data-dir", args.data_dir), ("--manual-dir", args.manual_dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
             raise UserError(f"{flag} {value} is not a directory")
+    if args.data_dir:  # as train.py
+        rundir.check_not_among_checkpoints(Path(args.data_dir), "--data-dir", "folder")
     if args.manual_dir and not Path(args.manual_dir).is_dir():  # as train.py (it was ignored when the data was there)
         raise UserError(f"--manual-dir {args.manual_dir} is not a directory")
     out = sys.stderr if args.json else sys.stdout

@@ -37,6 +37,8 @@ def check_paths(config: Config) -> None:
     """
     if config.data_dir and Path(config.data_dir).exists() and not Path(config.data_dir).is_dir():
         raise UserError(f"--data-dir {config.data_dir} is not a directory")
+    if config.data_dir:  # TFDS would prepare the data in a folder named as a checkpoint: the run's latest, "incomplete"
+        check_not_among_checkpoints(Path(config.data_dir), "--data-dir", "folder")
     if config.manual_dir and not Path(config.manual_dir).is_dir():
         raise UserError(f"--manual-dir {config.manual_dir} is not a directory")
     check_torch_paths(config)

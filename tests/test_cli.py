@@ -821,6 +821,23 @@ def test_a_second_run_into_a_busy_output_is_refused_and_changes_nothing(prepared
     assert not (out / ".train.lock").exists()
 
 
+def test_a_data_dir_among_another_runs_checkpoints_is_refused(tmp_path):
+    # TFDS prepared the data in RUN/checkpoints/7, which that run's evaluate then took for its
+    # latest checkpoint ("incomplete ... remove it"), and its --resume refused.
+    from resnet_jax import rundir
+    from resnet_jax.config import Config
+    from resnet_jax.errors import UserError
+
+    run = tmp_path / "r1"
+    (run / "checkpoints" / "1").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "step": 3, "train_loss": 2.0, "train_acc": 0.1}) + "\n")
+    inner = run / "checkpoints" / "7"
+    with pytest.raises(UserError, match=r"^--data-dir .*/r1/checkpoints/7 is among the checkpoints of the run in .*/r1, "):
+        rundir.check_paths(Config(data_dir=str(inner), output=str(tmp_path / "r2")))
+    assert not inner.exists() and not (tmp_path / "r2").exists()
+    rundir.check_paths(Config(data_dir=str(run / "data"), output=str(tmp_path / "r2")))  # beside the checkpoints: fine
+
+
 def test_an_output_among_another_runs_checkpoints_is_refused(tmp_path):
     # Orbax's rotation in the outer run (--keep) deleted the run written inside it, and its
     # folders made the outer run's evaluate and --resume fail on an "incomplete" checkpoint.
