@@ -438,6 +438,9 @@ ERRORS = {
                            "exists and is not a regular file"),
     "evaluate-data-dir-a-file": (lambda run, d, t: ["evaluate", run, "--data-dir", _text_as_png(t)], 1,
                                  "notes.png is not a directory"),
+    # TFDS prepared the data in a folder the run then took for its latest checkpoint ("incomplete").
+    "evaluate-data-dir-among-the-checkpoints": (lambda run, d, t: ["evaluate", run, "--data-dir", run / "checkpoints" / "7"],
+                                                1, "checkpoints/7 is among the checkpoints of the run in"),
     "evaluate-no-data-offline": (lambda run, d, t: ["evaluate", run, "--data-dir", t / "empty", "--offline"], 1,
                                  "downloads are off (--offline)"),
     "evaluate-png-under-a-file": (lambda run, d, t: ["evaluate", run, "--confusion-png", _text_as_png(t) / "cm.png"], 1,
