@@ -547,7 +547,39 @@ class Checkpoints:
             return max(epochs, default=None)
         return None
 
-    def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict, best_only: bool = False) -> None:
+    def _steps_on_disk(self, manager) -> set[int]:
+        """The epochs of the whole checkpoints in ``manager``'s folder (renamed from Orbax's temporary folder)."""
+        with contextlib.suppress(OSError):
+            return {int(p.name) for p in Path(manager.directory).iterdir() if p.name.isdigit() and p.is_dir()}
+        return set()
+
+    def write_problem(self) -> str | None:
+        """Why a save would be refused for want of permission, or None.
+
+        A save makes a folder in ``checkpoints/`` (and ``best/``) and then removes the checkpoints
+        that ``keep`` rotates away (and, on a resume, the superseded ones): all must be writable.
+        Asked before training: otherwise a folder made read-only (a permission, a read-only
+        mount) was found by the first save, after an epoch's work. (Root passes os.access's
+        permission bits, but not a read-only mount's or an immutable folder's, as the save would.)"""
+        import tempfile
+
+        for manager in (self.latest, self.best):
+            if manager is None:
+                continue
+            folder = Path(manager.directory)
+            try:
+                with tempfile.TemporaryDirectory(dir=folder, prefix=".write-test-"):
+                    pass
+            except OSError as err:
+                return f"no checkpoint can be written in {folder}: {err.strerror or first_line(err)}"
+            for epoch in sorted(self._steps_on_disk(manager)):
+                for sub, _, _ in os.walk(folder / str(epoch)):  # removing a checkpoint empties each of its folders
+                    if not os.access(sub, os.W_OK):
+                        return (f"{sub} cannot be changed (not writable), and the run removes that checkpoint "
+                                f"{'when newer ones replace it (--keep)' if manager is self.latest else 'when a better one replaces it'}")
+        return None
+
+    def save(self, state, epoch: int, history: list[dict], log: list[dict], meta: dict, best_only: bool = False) -> list[str]:
         """Save the state after ``epoch``; also as the best if its val_acc beats every earlier epoch's.
 
         ``history``: fit's records of epochs 1..epoch; ``log``: the step log (may be empty);
@@ -556,6 +588,8 @@ class Checkpoints:
         ``best_only``: the best checkpoint alone (:meth:`repair_best`).
         Raises CheckpointError (the earlier checkpoints stay as they were) when the write fails;
         ProcessLost, one, when it failed because another process of the run is gone.
+        Returns notes (lines to show): the save is whole, but older checkpoints that it rotated
+        away could not be removed.
         """
         if missing := [k for k in METADATA_KEYS if k not in meta]:
             raise ValueError(f"meta lacks {', '.join(missing)}: pass checkpoint.metadata(config, spec)")
@@ -592,6 +626,7 @@ class Checkpoints:
         # Orbax mid-write, it also leaves its writer threads printing tracebacks.
         if problem := self.room_problem(state, copies=len(targets)):
             raise CheckpointError(self._not_saved(epoch, self.latest, problem))
+        notes = []
         for manager, metrics in targets:
             try:
                 with _absl_quiet():  # Orbax's threads log each failure with a traceback; the error below says it once
@@ -606,7 +641,19 @@ class Checkpoints:
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
                 if lost := self._lost(err, f"the checkpoint of epoch {epoch} was being written in {manager.directory}"):
                     raise lost from err
+                # Orbax removes the checkpoints --keep rotates away after the new one is whole (renamed
+                # to its epoch, in its list): a failure there loses nothing and does not stop the run.
+                # (It was reported as "could not save the checkpoint of epoch N ... epoch N is intact".)
+                if epoch in manager.all_steps() and epoch in (on_disk := self._steps_on_disk(manager)):
+                    left = sorted(on_disk - set(manager.all_steps()))
+                    one = len(left) == 1
+                    notes.append(f"the checkpoint of epoch {epoch} is saved in {manager.directory}, but "
+                                 + (f"{'that' if one else 'those'} of epoch{'' if one else 's'} {', '.join(map(str, left))} "
+                                    f"could not be removed ({_why_not_written(err)}); remove {'it' if one else 'them'} by hand"
+                                    if left else f"removing older ones failed: {_why_not_written(err)}"))
+                    continue
                 raise CheckpointError(self._not_saved(epoch, manager, _why_not_written(err))) from err
+        return notes
 
     def repair_best(self, restored: "Checkpoint") -> bool:
         """Save ``restored`` (the latest checkpoint) as the best too if it is the best epoch and ``best/``

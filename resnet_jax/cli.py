@@ -534,6 +534,13 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     # each save checks again (checkpoint.Checkpoints.save).
     if ckpts is not None and (problem := ckpts.room_problem(state, copies=2 if config.val_split else 1)):
         raise UserError(f"--output {config.output}: {problem}; free some space, or choose another --output")
+    # And permission to write there (a read-only checkpoints/ was found by the first save): process 0
+    # looks (the folder may be its own, on a file system the others do not share) and all hear it.
+    if ckpts is not None:
+        problem = ckpts.write_problem() if main_process else None
+        if processes.any_process(problem is not None):
+            raise UserError(f"--output {config.output}: {problem or 'process 0 cannot write its checkpoints (it says why)'}; "
+                            "make it writable, or choose another --output")
 
     reporter = _Reporter(config, say, main_process, log)
     unsaved = None  # (state, history) while a save is under way, for a Ctrl-C that lands in it
@@ -550,7 +557,8 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             if ckpts is None:
                 return
             unsaved = (state, list(history))
-            ckpts.save(state, history[-1]["epoch"], history, log, meta)
+            for note in ckpts.save(state, history[-1]["epoch"], history, log, meta):
+                say(f"note: {note}")
             unsaved = None
 
     hooks = training.Hooks(reporter.on_start, reporter.on_progress, on_log=reporter.on_log, on_checkpoint=on_checkpoint)

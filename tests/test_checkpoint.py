@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -839,3 +840,75 @@ def test_a_sparse_file_in_a_checkpoint_does_not_let_its_declared_arrays_through(
         pytest.skip("this file system wrote the sparse file out")
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/1 declares 45 MB of arrays in 0\.\d MB of files"):
         checkpoint.load_for_inference(tmp_path / "run")
+
+
+def _read_only(path: Path) -> bool:
+    """Make ``path`` unwritable for real where this machine allows it: chmod for a user, an immutable
+    folder (chattr +i) for root, whom permission bits do not stop. False where neither works."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return True
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def _writable_again(path: Path) -> None:
+    if os.geteuid() != 0:
+        path.chmod(0o755)
+    else:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_any_save(uninterrupted, tmp_path, monkeypatch):
+    # Found by the first save, a read-only checkpoints/ cost an epoch's work (train.py asks this before training).
+    directory, before, ckpts, _ = _copy_restored(uninterrupted, tmp_path)
+    assert ckpts.write_problem() is None
+
+    real = tempfile.TemporaryDirectory
+
+    def read_only_mount(*args, dir=None, **kwargs):
+        if Path(dir) == directory / "checkpoints":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only_mount)
+    assert ckpts.write_problem() == f"no checkpoint can be written in {directory / 'checkpoints'}: Read-only file system"
+    monkeypatch.undo()
+    # A checkpoint that --keep will rotate away must be removable: each of its folders writable.
+    state = directory / "checkpoints" / "2" / "state"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != state and real_access(p, mode, **kw))
+    assert ckpts.write_problem() == (f"{state} cannot be changed (not writable), and the run removes that "
+                                     "checkpoint when newer ones replace it (--keep)")
+    monkeypatch.undo()
+    assert tree_digest(directory) == before  # the write test left nothing
+    # For real, where this machine can make a folder read-only.
+    if not _read_only(directory / "checkpoints"):
+        pytest.skip("cannot make a folder read-only here (root without chattr)")
+    try:
+        assert ckpts.write_problem().startswith(f"no checkpoint can be written in {directory / 'checkpoints'}: ")
+    finally:
+        _writable_again(directory / "checkpoints")
+    assert ckpts.write_problem() is None
+
+
+def test_an_older_checkpoint_that_cannot_be_removed_is_a_note_not_a_failed_save(uninterrupted, tmp_path, monkeypatch):
+    # Orbax removes what --keep rotates away after the new checkpoint is whole. Its failure there was
+    # "could not save the checkpoint of epoch 4 ...; the checkpoint of epoch 4 is intact", and the run stopped.
+    directory, _, ckpts, restored = _copy_restored(uninterrupted, tmp_path)
+    steps = ckpts.latest.all_steps()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ckpts.latest._checkpoint_deleter, "delete_steps", refused)
+    notes = ckpts.save(restored.state, 4, restored.history + [{**restored.history[-1], "epoch": 4}], [], restored.metadata)
+    kept = steps[:-1]  # keep=2: 3 and 4 stay; the older ones were to go
+    assert notes == [f"the checkpoint of epoch 4 is saved in {directory / 'checkpoints'}, but "
+                     f"{'that' if len(kept) == 1 else 'those'} of epoch{'' if len(kept) == 1 else 's'} "
+                     f"{', '.join(map(str, kept))} could not be removed (PermissionError: [Errno 1] Operation not "
+                     f"permitted); remove {'it' if len(kept) == 1 else 'them'} by hand"]
+    monkeypatch.undo()
+    ckpts.close()
+    reopened = Checkpoints(directory, keep=2)
+    assert reopened.latest_epoch() == 4 and _leaves_equal(reopened.restore(_fresh_state()).state, restored.state)
+    reopened.close()

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -537,6 +538,48 @@ def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(prepared_
     assert "free some space, or choose another --output" in err and "epoch 1" not in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
+
+
+def test_a_read_only_checkpoints_folder_is_refused_before_training(run, prepared_data_dir, tmp_path, monkeypatch):
+    # Found by the first save, it cost an epoch's work. (Simulated: root writes through permission bits;
+    # test_checkpoint makes a folder read-only for real where the machine allows.)
+    output = tmp_path / "out"
+    shutil.copytree(run[0], output)
+    before = tree_digest(output)
+    real = tempfile.TemporaryDirectory
+
+    def read_only_mount(*args, dir=None, **kwargs):
+        if Path(dir) == output / "checkpoints":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only_mount)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume", "--epochs", 3))
+    assert rc == 1 and err.strip().splitlines()[-1] == (
+        f"train.py: error: --output {output}: no checkpoint can be written in {output / 'checkpoints'}: "
+        "Read-only file system; make it writable, or choose another --output")
+    assert "epoch 3" not in err and tree_digest(output) == before
+
+
+def test_older_checkpoints_that_cannot_be_removed_are_a_note_and_the_run_goes_on(run, prepared_data_dir, tmp_path, monkeypatch):
+    # Orbax removes what --keep rotates away once the new checkpoint is whole: its failure there
+    # stopped the run ("could not save the checkpoint of epoch 3 ...; the checkpoint of epoch 3 is intact").
+    from orbax.checkpoint._src.path import deleter
+
+    output = tmp_path / "out"
+    shutil.copytree(run[0], output)
+
+    def refused(self, steps):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(deleter.StandardCheckpointDeleter, "delete_steps", refused)
+    rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume", "--epochs", 3, "--keep", 1))
+    assert rc == 0, err
+    assert (f"note: the checkpoint of epoch 3 is saved in {output / 'checkpoints'}, but those of epochs 1, 2 could not "
+            "be removed (PermissionError: [Errno 1] Operation not permitted); remove them by hand") in err
+    assert json.loads(out.strip().splitlines()[-1])["epochs"] == 3
+    monkeypatch.undo()
+    assert Checkpoints(output, read_only=True).latest.all_steps() == [1, 2, 3]
 
 def test_resuming_a_finished_run_changes_nothing_and_reports_its_results(run, prepared_data_dir, tmp_path):
     output = tmp_path / "done"
