@@ -567,11 +567,18 @@ class Checkpoints:
             if manager is None:
                 continue
             folder = Path(manager.directory)
+            # A folder made and removed, as a save makes its temporary folder and rotation removes
+            # one. (Not tempfile.TemporaryDirectory: in a folder that takes a new folder but lets
+            # none be removed, an append-only one (chattr +a), its cleanup recursed until a
+            # RecursionError, 6,000 lines of traceback, and left its folder behind unnamed.)
+            probe = None
             try:
-                with tempfile.TemporaryDirectory(dir=folder, prefix=".write-test-"):
-                    pass
+                probe = tempfile.mkdtemp(dir=folder, prefix=".write-test-")
+                os.rmdir(probe)
             except OSError as err:
-                return f"no checkpoint can be written in {folder}: {err.strerror or first_line(err)}"
+                left = (f" ({probe}, made to find that out, cannot be removed either: remove it once the folder is writable)"
+                        if probe is not None and os.path.lexists(probe) else "")
+                return f"no checkpoint can be written in {folder}: {err.strerror or first_line(err)}{left}"
             for epoch in sorted(self._steps_on_disk(manager)):
                 for sub, _, _ in os.walk(folder / str(epoch)):  # removing a checkpoint empties each of its folders
                     if not os.access(sub, os.W_OK):

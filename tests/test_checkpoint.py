@@ -863,14 +863,14 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_any_save(uni
     directory, before, ckpts, _ = _copy_restored(uninterrupted, tmp_path)
     assert ckpts.write_problem() is None
 
-    real = tempfile.TemporaryDirectory
+    real = tempfile.mkdtemp
 
     def read_only_mount(*args, dir=None, **kwargs):
         if Path(dir) == directory / "checkpoints":
             raise OSError(errno.EROFS, "Read-only file system")
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only_mount)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_mount)
     assert ckpts.write_problem() == f"no checkpoint can be written in {directory / 'checkpoints'}: Read-only file system"
     monkeypatch.undo()
     # A checkpoint that --keep will rotate away must be removable: each of its folders writable.
@@ -912,3 +912,39 @@ def test_an_older_checkpoint_that_cannot_be_removed_is_a_note_not_a_failed_save(
     reopened = Checkpoints(directory, keep=2)
     assert reopened.latest_epoch() == 4 and _leaves_equal(reopened.restore(_fresh_state()).state, restored.state)
     reopened.close()
+
+
+def test_a_folder_that_takes_a_new_folder_but_lets_none_be_removed_is_one_line_naming_what_is_left(uninterrupted, tmp_path, monkeypatch):
+    # An append-only checkpoints/ (chattr +a), or a share whose rights let one add and not delete: a
+    # save's rename and rotation would fail there. The write test's folder is made and cannot be
+    # removed: tempfile.TemporaryDirectory's cleanup then recursed (Python 3.11) to a RecursionError,
+    # 6,000 lines of traceback out of train.py, and left its folder there unnamed.
+    directory, _, ckpts, _ = _copy_restored(uninterrupted, tmp_path)
+    folder = directory / "checkpoints"
+    real = os.rmdir
+
+    def append_only(path, *args, **kwargs):
+        if Path(path).parent == folder:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", append_only)
+    problem = ckpts.write_problem()
+    monkeypatch.undo()
+    [probe] = folder.glob(".write-test-*")
+    assert problem == (f"no checkpoint can be written in {folder}: Operation not permitted ({probe}, made to find "
+                       "that out, cannot be removed either: remove it once the folder is writable)")
+    probe.rmdir()
+    assert ckpts.write_problem() is None and not list(folder.glob(".write-test-*"))
+    # For real, where root can make a folder append-only.
+    if os.geteuid() != 0 or shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+a", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder append-only here")
+    try:
+        problem = ckpts.write_problem()
+    finally:
+        subprocess.run(["chattr", "-a", str(folder)], capture_output=True)
+    [probe] = folder.glob(".write-test-*")
+    assert problem == (f"no checkpoint can be written in {folder}: Operation not permitted ({probe}, made to find "
+                       "that out, cannot be removed either: remove it once the folder is writable)")
+    probe.rmdir()

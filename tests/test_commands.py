@@ -546,14 +546,14 @@ def test_a_read_only_checkpoints_folder_is_refused_before_training(run, prepared
     output = tmp_path / "out"
     shutil.copytree(run[0], output)
     before = tree_digest(output)
-    real = tempfile.TemporaryDirectory
+    real = tempfile.mkdtemp
 
     def read_only_mount(*args, dir=None, **kwargs):
         if Path(dir) == output / "checkpoints":
             raise OSError(errno.EROFS, "Read-only file system")
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only_mount)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_mount)
     rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume", "--epochs", 3))
     assert rc == 1 and err.strip().splitlines()[-1] == (
         f"train.py: error: --output {output}: no checkpoint can be written in {output / 'checkpoints'}: "
