@@ -635,6 +635,7 @@ class Checkpoints:
             raise CheckpointError(self._not_saved(epoch, self.latest, problem))
         notes = []
         for manager, metrics in targets:
+            before = None  # the steps listed just before Orbax's save began
             try:
                 with _absl_quiet():  # Orbax's threads log each failure with a traceback; the error below says it once
                     if manager is self.best:
@@ -643,6 +644,7 @@ class Checkpoints:
                         # (Orbax: "StepAlreadyExistsError", after the epoch's work).
                         for stale in [s for s in manager.all_steps() if s >= epoch]:
                             manager.delete(stale)
+                    before = set(manager.all_steps())
                     manager.save(epoch, args=args, metrics=metrics, force=True)
                     manager.wait_until_finished()
             except Exception as err:  # a lost mount, a permission change, a disk filled by another process...
@@ -651,7 +653,10 @@ class Checkpoints:
                 # Orbax removes the checkpoints --keep rotates away after the new one is whole (renamed
                 # to its epoch, in its list): a failure there loses nothing and does not stop the run.
                 # (It was reported as "could not save the checkpoint of epoch N ... epoch N is intact".)
-                if epoch in manager.all_steps() and epoch in (on_disk := self._steps_on_disk(manager)):
+                # (Not a stale best of this epoch that could not be removed: Orbax lists a step until it is
+                # gone, and the note said the new best was saved when the old one stayed.)
+                if (before is not None and epoch not in before and epoch in manager.all_steps()
+                        and epoch in (on_disk := self._steps_on_disk(manager))):
                     left = sorted(on_disk - set(manager.all_steps()))
                     one = len(left) == 1
                     notes.append(f"the checkpoint of epoch {epoch} is saved in {manager.directory}, but "

@@ -948,3 +948,27 @@ def test_a_folder_that_takes_a_new_folder_but_lets_none_be_removed_is_one_line_n
     assert problem == (f"no checkpoint can be written in {folder}: Operation not permitted ({probe}, made to find "
                        "that out, cannot be removed either: remove it once the folder is writable)")
     probe.rmdir()
+
+
+def test_a_stale_best_of_the_same_epoch_that_cannot_be_removed_is_a_failed_save_not_a_note(tmp_path, monkeypatch):
+    # best/ ahead of the latest checkpoint (removed by hand): redoing that epoch first removes best's
+    # stale copy. Orbax lists a step until it is gone, so a removal that failed left epoch 2 listed
+    # and on disk, and the save said "the checkpoint of epoch 2 is saved in best/" of the old one.
+    config = Config(resize=17)
+    meta = checkpoint.metadata(config, FASHION_MNIST)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    history = [{"epoch": 1, "val_acc": 0.2}, {"epoch": 2, "val_acc": 0.4}]
+    with Checkpoints(tmp_path, track_best=True) as ckpts:
+        ckpts.save(state, 1, history[:1], [], meta)
+        ckpts.save(state.replace(step=state.step + 1), 2, history, [], meta)
+        ckpts.latest.delete(2)
+
+        def refused(step):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(ckpts.best._checkpoint_deleter, "delete", refused)
+        with pytest.raises(CheckpointError, match=r"could not save the checkpoint of epoch 2 in .*best: PermissionError: "
+                                                  r".*; the checkpoint of epoch 2 is intact"):
+            ckpts.save(state.replace(step=state.step + 2), 2, history, [], meta)
+        monkeypatch.undo()
+        assert int(ckpts.restore(state, "best").state.step) == int(state.step) + 1  # the stale one: not this save's
