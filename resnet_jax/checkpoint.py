@@ -383,6 +383,7 @@ class Checkpoints:
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1):
             raise ValueError(f"keep is how many checkpoints to keep: an int >= 1 (or None for all), got {keep!r}")
         keep = None if keep is None else int(keep)
+        self.keep = keep
         self._ocp = ocp
         self.directory = Path(os.path.abspath(directory))  # Orbax takes absolute paths only
         self.latest = self.best = None
@@ -553,11 +554,14 @@ class Checkpoints:
             return {int(p.name) for p in Path(manager.directory).iterdir() if p.name.isdigit() and p.is_dir()}
         return set()
 
-    def write_problem(self) -> str | None:
+    def write_problem(self, epochs: int | None = None) -> str | None:
         """Why a save would be refused for want of permission, or None.
 
         A save makes a folder in ``checkpoints/`` (and ``best/``) and then removes the checkpoints
         that ``keep`` rotates away (and, on a resume, the superseded ones): all must be writable.
+        ``epochs``: the epoch the run ends at, when known: then only the checkpoints that ``keep``
+        rotates away before it are asked about (with --keep 3, a run resumed from epoch 1 to 3
+        removes none: one left read-only was refused all the same).
         Asked before training: otherwise a folder made read-only (a permission, a read-only
         mount) was found by the first save, after an epoch's work. (Root passes os.access's
         permission bits, but not a read-only mount's or an immutable folder's, as the save would.)"""
@@ -579,7 +583,13 @@ class Checkpoints:
                 left = (f" ({probe}, made to find that out, cannot be removed either: remove it once the folder is writable)"
                         if probe is not None and os.path.lexists(probe) else "")
                 return f"no checkpoint can be written in {folder}: {err.strerror or first_line(err)}{left}"
-            for epoch in sorted(self._steps_on_disk(manager)):
+            steps = sorted(self._steps_on_disk(manager))
+            if manager is self.latest and epochs is not None:
+                # Every epoch up to ``epochs`` is saved, after the ones here; the newest ``keep`` stay.
+                new = max(0, epochs - max(steps, default=0))
+                stay = 0 if self.keep is None else max(0, self.keep - new)
+                steps = [] if self.keep is None else steps[:max(0, len(steps) - stay)]
+            for epoch in steps:
                 for sub, _, _ in os.walk(folder / str(epoch)):  # removing a checkpoint empties each of its folders
                     if not os.access(sub, os.W_OK):
                         return (f"{sub} cannot be changed (not writable), and the run removes that checkpoint "

@@ -537,7 +537,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     # And permission to write there (a read-only checkpoints/ was found by the first save): process 0
     # looks (the folder may be its own, on a file system the others do not share) and all hear it.
     if ckpts is not None:
-        problem = ckpts.write_problem() if main_process else None
+        problem = ckpts.write_problem(config.epochs) if main_process else None
         if processes.any_process(problem is not None):
             raise UserError(f"--output {config.output}: {problem or 'process 0 cannot write its checkpoints (it says why)'}; "
                             "make it writable, or choose another --output")

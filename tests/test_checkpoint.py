@@ -972,3 +972,21 @@ def test_a_stale_best_of_the_same_epoch_that_cannot_be_removed_is_a_failed_save_
             ckpts.save(state.replace(step=state.step + 2), 2, history, [], meta)
         monkeypatch.undo()
         assert int(ckpts.restore(state, "best").state.step) == int(state.step) + 1  # the stale one: not this save's
+
+
+def test_a_checkpoint_that_cannot_be_removed_is_asked_about_only_when_the_run_would_rotate_it_away(uninterrupted, tmp_path, monkeypatch):
+    # A read-only checkpoint that --keep never removes in this run (--keep 3, resumed from 3 to 4 with
+    # 2 and 3 kept) was refused all the same: a false refusal of a run that would have finished.
+    directory, _, ckpts, _ = _copy_restored(uninterrupted, tmp_path)
+    ckpts.close()
+    steps = sorted(int(p.name) for p in (directory / "checkpoints").iterdir() if p.name.isdigit())
+    oldest = directory / "checkpoints" / str(steps[0]) / "state"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != oldest and real_access(p, mode, **kw))
+    refused = f"{oldest} cannot be changed (not writable), and the run removes that checkpoint when newer ones replace it (--keep)"
+    with Checkpoints(directory, keep=len(steps) + 1) as ckpts:
+        assert ckpts.write_problem(steps[-1] + 1) is None  # all kept
+        assert ckpts.write_problem(steps[-1] + 2) == refused  # the oldest goes
+        assert ckpts.write_problem() == refused  # the end unknown: any may go
+    with Checkpoints(directory, keep=len(steps)) as ckpts:
+        assert ckpts.write_problem(steps[-1] + 1) == refused
