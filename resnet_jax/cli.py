@@ -371,7 +371,10 @@ def _export_torch(config: Config, state, say) -> None:
     with interrupts.deferred():
         try:
             # Every BatchNorm ran once per step: state.step is PyTorch's num_batches_tracked.
-            convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(state.step)))
+            convert.save_torch_checkpoint(config.export_torch, variables, int(jax.device_get(state.step)),
+                                          replace=rundir.export_may_replace(config))
+        except FileExistsError as err:  # written by another program since check_export_unchanged looked
+            raise rundir.export_taken(config) from err
         except Exception as err:  # OSError, or torch's RuntimeError around one (a full disk)
             cause = err if isinstance(err, OSError) else err.__context__ if isinstance(err.__context__, OSError) else err
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)

@@ -454,15 +454,17 @@ def _load_torch_checkpoint(path: Path, num_classes: int | None, input_channels: 
     return variables, batches_tracked(state_dict)
 
 
-def save_torch_checkpoint(path, variables: Variables, num_batches_tracked: int | Mapping[str, int] = 0) -> None:
+def save_torch_checkpoint(path, variables: Variables, num_batches_tracked: int | Mapping[str, int] = 0,
+                          replace: bool = True) -> None:
     """Write ``variables`` as the chapter's ``state_dict`` with ``torch.save``, atomically.
 
     The file is written next to ``path`` under a temporary name and renamed
     over it only when complete, so an interrupted export never leaves a
-    half-written file where a good one was.
+    half-written file where a good one was. ``replace=False``: a file at ``path`` by then is
+    kept, and FileExistsError raised (:func:`resnet_jax.files.atomic_write`).
     """
     torch = import_torch()
     state_dict = flax_to_torch(variables, num_batches_tracked)
     tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
-    with atomic_write(path) as f:
+    with atomic_write(path, replace=replace) as f:
         torch.save(tensors, f)

@@ -35,7 +35,7 @@ _UMASK = _umask()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb"):
+def atomic_write(path: str | Path, mode: str = "wb", replace: bool = True):
     """Yield a file object to write ``path``'s new content to; ``path`` changes only once it is complete.
 
     The content goes to a temporary file in the same folder (so the final
@@ -43,6 +43,8 @@ def atomic_write(path: str | Path, mode: str = "wb"):
     when the ``with`` block ends without an exception and is deleted otherwise.
     An existing ``path`` that is not a regular file (``/dev/null``, a FIFO) is
     refused with an OSError rather than renamed over.
+    ``replace=False``: a file that is at ``path`` when the content is complete (another
+    program's, written meanwhile) is kept: FileExistsError, and the new content is dropped.
     """
     path = Path(path)
     if path.exists() and not path.is_file():  # a rename would replace a device, a FIFO, a folder...
@@ -59,10 +61,38 @@ def atomic_write(path: str | Path, mode: str = "wb"):
             # mkstemp makes the file private (0600); give it the mode open() would (0666 less the umask).
             os.chmod(tmp, 0o666 & ~_UMASK)
             yield f
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _name_unless_taken(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Where os.link is not to be had: file systems without hard links (FAT, exFAT, some network shares).
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _name_unless_taken(tmp: str, path: Path) -> None:
+    """Give the complete file ``tmp`` the name ``path`` unless a file has that name by now.
+
+    A hard link is made or refused (EEXIST) in one step, where a look before os.replace left a
+    window in which another program's file was silently replaced. Where the file system has no
+    hard links, that look and os.replace are what is left (a window of microseconds)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "another program wrote a file there meanwhile, which is kept", str(path)) from None
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "another program wrote a file there meanwhile, which is kept", str(path)) from None
+        os.replace(tmp, path)
+        return
+    with contextlib.suppress(OSError):  # the content has its name; a temporary name left behind is only clutter
+        os.unlink(tmp)
 
 
 def json_safe(obj):

@@ -96,6 +96,8 @@ def check_torch_paths(config: Config) -> None:
 # or hours later, must still find it so. Another program may have written it meanwhile: a second
 # run started with the same --export-torch, which finished first (both runs found no file, and the
 # later export silently replaced the earlier run's model, which both results.json then listed).
+# The export itself then names its file only if none is there (export_may_replace), so a file
+# written between that last look and the rename is kept too.
 _export_found: dict[str, tuple | None] = {}
 
 
@@ -114,10 +116,22 @@ def check_export_unchanged(config: Config) -> None:
     key = str(Path(config.export_torch))
     if key not in _export_found or (now := _identity(Path(key))) is None or now == _export_found[key]:
         return  # (a file deleted meanwhile loses nothing)
+    raise export_taken(config)
+
+
+def export_may_replace(config: Config) -> bool:
+    """Whether the export may replace a file at --export-torch: not where check_torch_paths found
+    none (one there now is another program's, written since: the export names its file only if
+    none is there, in one step; files.atomic_write)."""
+    return _export_found.get(str(Path(config.export_torch)), ()) is not None
+
+
+def export_taken(config: Config) -> UserError:
+    """The refusal of an export whose file another program wrote during the run."""
     kept = (f"the run's checkpoints are kept: export them with --resume --output {config.output} --export-torch "
             "ANOTHER.pt" if config.output else "nothing was written")
-    raise UserError(f"--export-torch {config.export_torch}: not written: another program wrote that file since this "
-                    f"run started (another run with the same --export-torch?), and it is left as it is; {kept}")
+    return UserError(f"--export-torch {config.export_torch}: not written: another program wrote that file since this "
+                     f"run started (another run with the same --export-torch?), and it is left as it is; {kept}")
 
 
 def earlier_exports(config: Config) -> list[str]:

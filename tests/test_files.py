@@ -1,5 +1,6 @@
 """resnet_jax.files: a file is replaced whole or not at all."""
 
+import errno
 import json
 import os
 import stat
@@ -41,6 +42,29 @@ def test_a_target_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
             f.write(b"x")
     assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(tmp_path.iterdir()) == [fifo]
 
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_without_replace_a_file_written_meanwhile_is_kept(tmp_path, monkeypatch, hard_links):
+    # --export-torch: another run's model, written between this run's last look and its rename,
+    # was replaced. Without hard links (FAT, some shares) a last look before os.replace is what is left.
+    if not hard_links:
+        def no_link(src, dst, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    target = tmp_path / "m.pt"
+    with pytest.raises(FileExistsError, match="another program wrote a file there meanwhile, which is kept"):
+        with files.atomic_write(target, replace=False) as f:
+            f.write(b"this run's model")
+            target.write_bytes(b"the other run's model")  # meanwhile
+    assert target.read_bytes() == b"the other run's model" and sorted(tmp_path.iterdir()) == [target]
+    target.unlink()
+    with files.atomic_write(target, replace=False) as f:  # no file there: written, as with replace
+        f.write(b"this run's model")
+    assert target.read_bytes() == b"this run's model" and sorted(tmp_path.iterdir()) == [target]
+    (tmp_path / "plain").write_text("")
+    assert stat.S_IMODE(os.stat(target).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
 
 def test_a_held_lock_keeps_a_second_holder_out_and_is_gone_after(tmp_path):
     lock = tmp_path / ".lock"

@@ -137,9 +137,9 @@ def test_a_ctrl_c_during_the_export_waits_for_the_whole_file_then_ends_the_run(i
 
     real, lines = convert.save_torch_checkpoint, []
 
-    def save_with_a_signal(path, variables, steps):
+    def save_with_a_signal(path, variables, steps, **kwargs):
         signal.raise_signal(signal.SIGINT)
-        real(path, variables, steps)
+        real(path, variables, steps, **kwargs)
 
     monkeypatch.setattr(convert, "save_torch_checkpoint", save_with_a_signal)
     with pytest.raises(KeyboardInterrupt):
@@ -156,7 +156,7 @@ def test_an_export_onto_a_full_disk_is_one_line_naming_the_error(monkeypatch, tm
     from resnet_jax.config import Config
     from resnet_jax.errors import UserError
 
-    def full(path, variables, steps):
+    def full(path, variables, steps, **kwargs):
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError:
@@ -186,6 +186,31 @@ def test_an_export_file_written_by_another_program_during_the_run_is_not_replace
     cli._export_torch(Config(export_torch=str(target)), _fake_state(), print)
     assert target.stat().st_size > 1000
 
+
+
+def test_an_export_file_written_by_another_program_during_the_export_is_not_replaced(tmp_path, monkeypatch):
+    # After the export's last look (check_export_unchanged) and before its rename: the window that
+    # the test above leaves. The rename names the file only if none is there, in one step.
+    import torch
+
+    from resnet_jax import cli, rundir
+    from resnet_jax.config import Config
+    from resnet_jax.errors import UserError
+
+    target = tmp_path / "m.pt"
+    config = Config(export_torch=str(target), output=str(tmp_path / "run"))
+    rundir.check_torch_paths(config)  # at the start: no file there
+    real_save = torch.save
+
+    def save_then_another_run_finishes(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        target.write_bytes(b"the other run's model")
+
+    monkeypatch.setattr(torch, "save", save_then_another_run_finishes)
+    with pytest.raises(UserError, match=r"^--export-torch .*m.pt: not written: another program wrote that file since "
+                                        r"this run started .*--resume --output .*run --export-torch ANOTHER.pt$"):
+        cli._export_torch(config, _fake_state(), print)
+    assert target.read_bytes() == b"the other run's model" and sorted(tmp_path.iterdir()) == [target]
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_after_the_run_is_one_line_not_a_silent_exit(sig, code):
