@@ -236,6 +236,18 @@ def _state_dict(state) -> dict:
     return serialization.to_state_dict(state)
 
 
+def _before_recipes(meta) -> bool:
+    """Whether ``meta`` is from a checkpoint saved before Config had a recipe (ce43940, 2026-11-24):
+    its state has another layout (no EMA weights), and its restore failed as "unreadable
+    (corrupt or incomplete) ... remove it", of a whole checkpoint. (The package's version
+    said 0.1.0 then as now: the config's keys tell, and the digests every save has written since
+    2026-12-04, so that a meta of one's own code without a recipe is not taken for one.)"""
+    if not isinstance(meta, dict) or "digests" in meta or not isinstance(meta.get("metadata"), dict):
+        return False
+    config = meta["metadata"].get("config")
+    return isinstance(config, dict) and "recipe" not in config
+
+
 def _meta_problem(meta, epoch: int) -> str | None:
     """What makes a checkpoint's meta item unusable as :meth:`Checkpoints.save` writes it (edited
     by hand, or written by other code), else None: --resume, evaluate and predict read its
@@ -733,6 +745,10 @@ class Checkpoints:
                 f"checkpoint {manager.directory / str(epoch)} is unreadable (corrupt or incomplete): "
                 f"{type(err).__name__}: {first_line(err)}; {_instead(manager, epoch)}"
             ) from err
+        if _before_recipes(meta):  # whole, and of another layout: neither "corrupt" nor to be removed
+            raise CheckpointError(f"checkpoint {step_dir} was written by an early resnet_jax (before --recipe, "
+                                  "2026-11-24), whose train state this version cannot read; it is left as it is: "
+                                  "read it with the version that wrote it, or train again")
         if problem := _meta_problem(meta, epoch):  # read whole, but not as save writes it: not "corrupt"
             raise CheckpointError(f"checkpoint {step_dir} has a meta item this package cannot use "
                                   f"(edited by hand, or written by other code?): {problem}; {_instead(manager, epoch)}")

@@ -301,6 +301,28 @@ def test_a_hand_edited_meta_item_is_refused_as_unreadable(uninterrupted, tmp_pat
     assert says in message and message.endswith("; remove it to use the checkpoint of epoch 2")
 
 
+
+def test_a_checkpoint_of_an_early_version_is_named_as_such_not_corrupt(uninterrupted, tmp_path):
+    # Written before Config had a recipe (a87570e's, 2026-11-24, made and read for real: its state
+    # has no EMA weights): evaluate called it "unreadable ... tree structures do not match", and
+    # advice elsewhere was to remove it. Its meta item is imitated here: no recipe, no digests.
+    directory = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], directory)
+    path = directory / "checkpoints" / "3" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    assert not checkpoint._before_recipes(meta)
+    del meta["digests"], meta["metadata"]["config"]["recipe"]
+    path.write_text(json.dumps(meta))
+    expected = (f"checkpoint {directory / 'checkpoints' / '3'} was written by an early resnet_jax (before --recipe, "
+                "2026-11-24), whose train state this version cannot read; it is left as it is: read it with the "
+                "version that wrote it, or train again")
+    for read in (lambda: Checkpoints(directory, read_only=True).read_meta(), lambda: checkpoint.load_for_inference(directory)):
+        with pytest.raises(CheckpointError) as err:
+            read()
+        assert str(err.value) == expected
+    # A meta of one's own code without a recipe, but with the digests every save writes: not that.
+    assert not checkpoint._before_recipes({**meta, "digests": {}})
+
 def test_history_records_without_their_epoch_still_load(uninterrupted, tmp_path):
     # As a loop of one's own may have saved them before Checkpoints.save checked the history:
     # the weights are whole, and evaluate and predict do not need the records.
