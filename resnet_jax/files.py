@@ -70,25 +70,31 @@ def atomic_write(path: str | Path, mode: str = "wb", replace: bool = True):
         raise
 
 
-# Where os.link is not to be had: file systems without hard links (FAT, exFAT, some network shares).
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
-
-
 def _name_unless_taken(tmp: str, path: Path) -> None:
     """Give the complete file ``tmp`` the name ``path`` unless a file has that name by now.
 
     A hard link is made or refused (EEXIST) in one step, where a look before os.replace left a
-    window in which another program's file was silently replaced. Where the file system has no
-    hard links, that look and os.replace are what is left (a window of microseconds)."""
+    window in which another program's file was silently replaced. Where no link can be made, for
+    whatever reason, that look and os.replace are what is left (a window of microseconds, and what
+    every export did before this one-step naming): file systems without hard links answer with many
+    errnos (EPERM on Linux's FAT and exFAT, ENOSYS from some FUSE file systems, EROFS from fusepy's
+    default, EINVAL on Windows, whose FAT drives fail with ERROR_INVALID_FUNCTION), and a real
+    problem (the folder gone, a full disk) is os.replace's error then."""
+    taken = FileExistsError(errno.EEXIST, "another program wrote a file there meanwhile, which is kept", str(path))
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "another program wrote a file there meanwhile, which is kept", str(path)) from None
-    except OSError as err:
-        if err.errno not in _NO_HARD_LINKS:
-            raise
+        # NFS: link() is not idempotent; a retransmitted request whose first reply was lost answers
+        # EEXIST though the link was made (link(2)). The file there is then this one.
+        try:
+            made = os.path.samefile(tmp, path)
+        except OSError:
+            made = False
+        if not made:
+            raise taken from None
+    except OSError:
         if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "another program wrote a file there meanwhile, which is kept", str(path)) from None
+            raise taken from None
         os.replace(tmp, path)
         return
     with contextlib.suppress(OSError):  # the content has its name; a temporary name left behind is only clutter

@@ -106,7 +106,11 @@ def _identity(path: Path) -> tuple | None:
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        try:  # a symbolic link to no file: a name taken all the same (the export's hard link is refused there)
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return "link", st.st_dev, st.st_ino, st.st_mtime_ns
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 

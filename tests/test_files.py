@@ -66,6 +66,45 @@ def test_without_replace_a_file_written_meanwhile_is_kept(tmp_path, monkeypatch,
     (tmp_path / "plain").write_text("")
     assert stat.S_IMODE(os.stat(target).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
 
+@pytest.mark.parametrize("failure", ["windows-fat", "fusepy-rofs", "einval"])
+def test_without_replace_any_refused_hard_link_falls_back_to_a_look_and_a_rename(tmp_path, monkeypatch, failure):
+    # Windows on a FAT or exFAT drive: CreateHardLinkW fails with ERROR_INVALID_FUNCTION (1), or
+    # ERROR_NOT_SUPPORTED (50) on some shares, which Python gives errno EINVAL; fusepy's default
+    # link() answers EROFS. The export failed ("not written: Incorrect function") after the training.
+    def no_link(src, dst, **kwargs):
+        err = OSError(errno.EROFS if failure == "fusepy-rofs" else errno.EINVAL, "Incorrect function")
+        if failure == "windows-fat":
+            err.winerror = 1
+        raise err
+
+    monkeypatch.setattr(os, "link", no_link)
+    target = tmp_path / "m.pt"
+    with files.atomic_write(target, replace=False) as f:
+        f.write(b"this run's model")
+    assert target.read_bytes() == b"this run's model" and sorted(tmp_path.iterdir()) == [target]
+    with pytest.raises(FileExistsError, match="another program wrote a file there meanwhile"):
+        with files.atomic_write(target, replace=False) as f:  # and the look still keeps a file there
+            f.write(b"a second model")
+    assert target.read_bytes() == b"this run's model" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_without_replace_a_link_made_but_reported_as_refused_is_the_file_written(tmp_path, monkeypatch):
+    # NFS: link() is not idempotent; a retransmitted request whose first reply was lost answers EEXIST
+    # although the link was made (link(2), open(2) O_EXCL). The file there is then this run's own.
+    real_link = os.link
+
+    def lost_reply(src, dst, **kwargs):
+        real_link(src, dst, **kwargs)
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(os, "link", lost_reply)
+    target = tmp_path / "m.pt"
+    with files.atomic_write(target, replace=False) as f:
+        f.write(b"this run's model")
+    assert target.read_bytes() == b"this run's model" and sorted(tmp_path.iterdir()) == [target]
+    assert os.stat(target).st_nlink == 1
+
+
 def test_a_held_lock_keeps_a_second_holder_out_and_is_gone_after(tmp_path):
     lock = tmp_path / ".lock"
     with files.held(lock):

@@ -212,6 +212,36 @@ def test_an_export_file_written_by_another_program_during_the_export_is_not_repl
         cli._export_torch(config, _fake_state(), print)
     assert target.read_bytes() == b"the other run's model" and sorted(tmp_path.iterdir()) == [target]
 
+def test_a_dangling_symbolic_link_at_the_export_is_replaced_as_before_not_called_another_programs_file(tmp_path):
+    # The link was there at the start, and no file behind it: check_torch_paths let the run train,
+    # and the export (a hard link, refused where any name is) then said that another program wrote
+    # that file since the run started, after the whole training.
+    from resnet_jax import cli, convert, rundir
+    from resnet_jax.config import Config
+
+    target = tmp_path / "m.pt"
+    target.symlink_to(tmp_path / "nowhere.pt")
+    config = Config(export_torch=str(target))
+    rundir.check_torch_paths(config)
+    cli._export_torch(config, _fake_state(), print)
+    assert not target.is_symlink() and convert.load_torch_checkpoint(target)[1] == 3
+
+
+def test_a_file_written_behind_a_dangling_link_during_the_run_is_another_programs(tmp_path):
+    from resnet_jax import cli, rundir
+    from resnet_jax.config import Config
+    from resnet_jax.errors import UserError
+
+    target, behind = tmp_path / "m.pt", tmp_path / "behind.pt"
+    target.symlink_to(behind)
+    config = Config(export_torch=str(target))
+    rundir.check_torch_paths(config)
+    behind.write_bytes(b"the other run's model")  # meanwhile, through the link
+    with pytest.raises(UserError, match="another program wrote that file since this run started"):
+        cli._export_torch(config, _fake_state(), print)
+    assert target.is_symlink() and behind.read_bytes() == b"the other run's model"
+
+
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_after_the_run_is_one_line_not_a_silent_exit(sig, code):
     # After main() returned (the export written, say), the KeyboardInterrupt came in Python's
