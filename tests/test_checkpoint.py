@@ -607,12 +607,16 @@ def test_a_run_folder_gone_before_a_save_is_one_message(tmp_path):
     ckpts.close()
 
 
+
+def _two_epochs_tracking_best():
+    """A meta, a fresh state and two epochs' history with a val_acc, for Checkpoints(track_best=True)."""
+    config = Config(resize=17)
+    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
+    return checkpoint.metadata(config, FASHION_MNIST), state, [{"epoch": 1, "val_acc": 0.2}, {"epoch": 2, "val_acc": 0.4}]
+
 def test_resume_saves_the_best_epoch_that_a_kill_between_the_two_saves_left_out(tmp_path):
     # Killed after epoch 2's latest save and before its best save, best/ stayed on epoch 1 for good.
-    config = Config(resize=17)
-    meta = checkpoint.metadata(config, FASHION_MNIST)
-    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
-    history = [{"epoch": 1, "val_acc": 0.2}, {"epoch": 2, "val_acc": 0.4}]
+    meta, state, history = _two_epochs_tracking_best()
     with Checkpoints(tmp_path, track_best=True) as ckpts:
         ckpts.save(state, 1, history[:1], [], meta)
         best, ckpts.best = ckpts.best, None  # the kill: epoch 2's best save never happens
@@ -976,10 +980,7 @@ def test_a_stale_best_of_the_same_epoch_that_cannot_be_removed_is_a_failed_save_
     # best/ ahead of the latest checkpoint (removed by hand): redoing that epoch first removes best's
     # stale copy. Orbax lists a step until it is gone, so a removal that failed left epoch 2 listed
     # and on disk, and the save said "the checkpoint of epoch 2 is saved in best/" of the old one.
-    config = Config(resize=17)
-    meta = checkpoint.metadata(config, FASHION_MNIST)
-    state = training.create_train_state(training.make_model(config), training.make_optimizer(config), jax.random.key(0))
-    history = [{"epoch": 1, "val_acc": 0.2}, {"epoch": 2, "val_acc": 0.4}]
+    meta, state, history = _two_epochs_tracking_best()
     with Checkpoints(tmp_path, track_best=True) as ckpts:
         ckpts.save(state, 1, history[:1], [], meta)
         ckpts.save(state.replace(step=state.step + 1), 2, history, [], meta)
