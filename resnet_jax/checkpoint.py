@@ -679,12 +679,8 @@ class Checkpoints:
                 # gone, and the note said the new best was saved when the old one stayed.)
                 if (before is not None and epoch not in before and epoch in manager.all_steps()
                         and epoch in (on_disk := self._steps_on_disk(manager))):
-                    left = sorted(on_disk - set(manager.all_steps()))
-                    one = len(left) == 1
                     notes.append(f"the checkpoint of epoch {epoch} is saved in {manager.directory}, but "
-                                 + (f"{'that' if one else 'those'} of epoch{'' if one else 's'} {', '.join(map(str, left))} "
-                                    f"could not be removed ({_why_not_written(err)}); remove {'it' if one else 'them'} by hand"
-                                    if left else f"removing older ones failed: {_why_not_written(err)}"))
+                                 + _rotation_stopped(before - set(manager.all_steps()), on_disk, _why_not_written(err)))
                     continue
                 raise CheckpointError(self._not_saved(epoch, manager, _why_not_written(err))) from err
         return notes
@@ -789,6 +785,26 @@ class Checkpoints:
                 raise lost from err
             raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
+
+
+def _rotation_stopped(tried: set[int], on_disk: set[int], why: str) -> str:
+    """The end of the note of a save whose rotation failed: ``tried``, the epochs Orbax took off its list
+    to remove, ``on_disk``, those whose folders are still there.
+
+    Orbax removes them oldest first, each folder as far as it can, and stops at the first it cannot
+    remove: that one is left partly removed (its meta item gone and its state kept, say), and the
+    ones after it whole, not tried. Neither is on its list any more: this run leaves them there, and
+    the next one (--resume) tries the stuck one first again and stops there again. (The note named
+    them all alike as "could not be removed", the half-removed one among the whole ones.)"""
+    left = sorted(tried & on_disk)
+    if not left:
+        return f"removing older ones failed: {why}"
+    stuck, rest = left[0], left[1:]
+    return (f"removing the older ones stopped at epoch {stuck} ({why}), whose folder may be left partly removed and "
+            f"is no checkpoint to use: remove it by hand"
+            + (f"; {'that' if len(rest) == 1 else 'those'} of epoch{'' if len(rest) == 1 else 's'} "
+               f"{', '.join(map(str, rest))}, whole, were left too: remove {'it' if len(rest) == 1 else 'them'} "
+               "by hand as well" if rest else ""))
 
 
 def _bytes_under(folder: Path) -> int:
