@@ -56,7 +56,27 @@ def check_paths(config: Config) -> None:
             if (Path(config.output) / name).is_dir():  # found only after the training, when written
                 raise UserError(f"--output {config.output}: {name} is a folder, and the run writes its {what} "
                                 "there; move it elsewhere, or choose another --output")
-        check_writable_dir(Path(config.output), "--output")
+        try:
+            check_writable_dir(Path(config.output), "--output")
+        except UserError as err:
+            # A finished run in a read-only folder (an archive, a read-only mount): --resume only
+            # reports it, but takes the folder's lock first, a file written there, and the bare
+            # "not a writable directory" left it at that. What reads it without writing is named.
+            if config.resume and (done := _finished_epoch(Path(config.output))) == config.epochs:
+                raise UserError(f"{err}; it holds a finished run (all {counted(done, 'epoch')} trained), which "
+                                f"--resume would only report, after locking the folder: its results are in "
+                                f"{Path(config.output) / RESULTS}, and `train.py evaluate {config.output}` reads "
+                                "its checkpoint without writing") from err
+            raise
+
+
+def _finished_epoch(out: Path) -> int | None:
+    """The epoch of ``out``'s latest checkpoint when its results.json reports that epoch too (a finished run); else None."""
+    with contextlib.suppress(OSError):
+        latest = max((int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit() and p.is_dir()), default=None)
+        if latest is not None and results_epoch(out) == latest:
+            return latest
+    return None
 
 
 def check_torch_paths(config: Config) -> None:

@@ -1138,3 +1138,31 @@ def test_a_process_lost_in_a_save_or_a_restore_stops_the_other_at_once_in_one_li
     assert "Gloo" in lines[0] and lines[0].endswith(
         f"); the checkpoint of epoch 1 in {out} is intact: start every process again with --resume"), lines
     assert "corrupt" not in lines[0] and "remove" not in lines[0]
+
+
+def test_a_finished_run_in_a_read_only_folder_names_what_reads_it_on_resume(prepared_data_dir, tmp_path):
+    # --resume of a finished run only reports it, but locks the folder first (a file written there):
+    # in a read-only folder it said "not a writable directory" and no more. A run with epochs left
+    # is refused as before: it would write.
+    run = tmp_path / "run"
+    flags = ["--data-dir", prepared_data_dir, "--offline", "--train-limit", "64", "--test-limit", "64", "--resize", "28",
+             "--batch-size", "32", "--output", run]
+    assert train_py(*flags, "--epochs", "1").returncode == 0
+    before = tree_digest(run)
+    if os.geteuid() != 0 or shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "-R", "+i", str(run)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        finished = train_py(*flags, "--epochs", "1", "--resume")
+        unfinished = train_py(*flags, "--epochs", "2", "--resume")
+        evaluated = train_py("evaluate", run)
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(run)], capture_output=True)
+    bare = f"train.py: error: --output {run} is not a writable directory: Operation not permitted"
+    assert finished.returncode == 1 and finished.stderr == (
+        f"{bare}; it holds a finished run (all 1 epoch trained), which --resume would only report, after locking "
+        f"the folder: its results are in {run / 'results.json'}, and `train.py evaluate {run}` reads its checkpoint "
+        "without writing\n")
+    assert unfinished.returncode == 1 and unfinished.stderr == bare + "\n"
+    assert evaluated.returncode == 0 and "test: loss" in evaluated.stdout, evaluated.stderr
+    assert tree_digest(run) == before
