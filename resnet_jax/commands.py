@@ -56,7 +56,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="only the first N test examples (default: as in training, so the numbers are the loop's)")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
-                   help="where the confusion matrix goes (default: RUN_DIR/confusion_<which>.png)")
+                   help="where the confusion matrix goes (default: RUN_DIR/confusion_<which>.png); an existing file "
+                        "there is replaced only if it is a confusion matrix evaluate wrote")
     return p
 
 
@@ -124,6 +125,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
                             "give another file name")
         rundir.check_not_among_checkpoints(png, "--confusion-png", "file")
         check_output_file(png, "--confusion-png", (".png",))
+        if png.exists() and not plots.made_here(png, plots.CONFUSION):
+            # As --export-torch: a file of the user's at that name (a photo passed to predict, another
+            # run's curves) was replaced without a word. A confusion matrix evaluate wrote is replaced.
+            raise UserError(f"--confusion-png {png} exists and is not a confusion matrix that evaluate wrote; "
+                            "it is left as it is: give another file name, or remove it first")
     else:
         png = Path(args.run_dir) / f"confusion_{args.which}.png"
         try:

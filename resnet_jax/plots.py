@@ -8,7 +8,9 @@ training runs that draw nothing never pay for it.
 
 The two plotting functions write atomically (a temporary file in the same folder, then
 ``os.replace``): a reader never sees half a PNG, and a failure leaves the
-previous picture in place and no temporary file behind.
+previous picture in place and no temporary file behind. Each PNG names what it is in a text
+chunk (:func:`made_here`): ``train.py evaluate --confusion-png`` replaces a file only when it is
+a confusion matrix of ours, never a picture of the user's that happens to have the name.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    _save_atomically(fig, path)
+    _save_atomically(fig, path, CURVES)
 
 
 def plot_confusion_matrix(
@@ -129,13 +131,31 @@ def plot_confusion_matrix(
                     color="white" if share[i, j] > 0.5 else "black")
     ax.set_title(title if title is not None else f"Confusion matrix ({int(cm.sum())} examples)")
     fig.tight_layout()
-    _save_atomically(fig, path)
+    _save_atomically(fig, path, CONFUSION)
 
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _save_atomically(fig, path: str | Path) -> None:
+# The text chunk's key and values (a PNG's tEXt, which image viewers list as its properties).
+MAKER_KEY = "resnet_jax"
+CURVES = "training curves"
+CONFUSION = "confusion matrix"
+
+
+def made_here(path: str | Path, what: str) -> bool:
+    """Whether ``path`` is a PNG this module wrote as ``what`` (:data:`CURVES` or :data:`CONFUSION`).
+    (PNGs of versions before 2026-12-07 carry no such chunk: False.)"""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get(MAKER_KEY) == what
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image; a damaged PNG
+        return False
+
+
+def _save_atomically(fig, path: str | Path, what: str) -> None:
     with atomic_write(path) as f:
-        fig.savefig(f, format="png")
+        fig.savefig(f, format="png", metadata={MAKER_KEY: what})

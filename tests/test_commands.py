@@ -102,6 +102,11 @@ def test_evaluate_gives_the_training_loops_final_test_metrics(run, prepared_data
     assert rc == 0, err
     assert f"epoch {best['epoch']}" in out and f"acc {best['test_acc']:.4f} on 48 examples" in out
     assert "Ankle boot" in out and (output / "b.png").is_file()
+    # Asked again, evaluate replaces the confusion matrix it wrote (the other checkpoint's, here).
+    before = (output / "b.png").read_bytes()
+    rc, out, err = _main("evaluate", output, "--which", "latest", "--confusion-png", output / "b.png")
+    assert rc == 0, err
+    assert f"confusion matrix: {output / 'b.png'}" in out and (output / "b.png").read_bytes() != before
 
 
 def test_predict_on_png_files(run, prepared_data_dir, tmp_path):
@@ -341,6 +346,14 @@ def _text_as_png(tmp):
     return tmp / "notes.png"
 
 
+def _photo(tmp):
+    from PIL import Image
+
+    (tmp / "photos").mkdir()  # in a folder: the case's copies are checked unchanged
+    Image.new("L", (28, 28), 200).save(tmp / "photos" / "shirt.png")
+    return tmp / "photos" / "shirt.png"
+
+
 def _png_as_npy(tmp):
     from PIL import Image
 
@@ -433,6 +446,9 @@ ERRORS = {
                                       "results.json does not end in .png"),
     "evaluate-png-over-the-curves": (lambda run, d, t: ["evaluate", run, "--confusion-png", run / "curves.png"], 1,
                                      "curves.png is the training curves of the run in"),
+    # A file of the user's at the name (a photo just passed to predict) was replaced without a word.
+    "evaluate-png-over-a-users-picture": (lambda run, d, t: ["evaluate", run, "--confusion-png", _photo(t)], 1,
+                                          "photos/shirt.png exists and is not a confusion matrix that evaluate wrote"),
     "evaluate-png-onto-a-fifo": (lambda run, d, t: ["evaluate", run, "--confusion-png", _fifo(t, "cm.png")], 1,
                                  "exists and is not a regular file"),
     "export-onto-a-fifo": (lambda run, d, t: [*_train_args(d, t / "o"), "--export-torch", _fifo(t, "w.pt")], 1,
@@ -685,9 +701,10 @@ def test_a_png_a_full_disk_stops_costs_the_png_not_the_evaluation(run, tmp_path,
     def full(cm, names, path, title):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(plots, "plot_confusion_matrix", full)
     png = tmp_path / "cm.png"
-    png.write_bytes(b"an earlier evaluation's")
+    plots.plot_confusion_matrix(np.eye(10, dtype=int), data.FASHION_MNIST.class_names, png)  # an earlier evaluation's
+    earlier = png.read_bytes()
+    monkeypatch.setattr(plots, "plot_confusion_matrix", full)
     rc, out, err = _main("evaluate", run[0], *(["--confusion-png", png] if asked else []), *(["--json"] if as_json else []))
     if as_json:
         report = json.loads(out)
@@ -697,7 +714,7 @@ def test_a_png_a_full_disk_stops_costs_the_png_not_the_evaluation(run, tmp_path,
     written = png if asked else run[0] / "confusion_latest.png"
     line = f"could not write {written}: No space left on device"
     if asked:
-        assert png.read_bytes() == b"an earlier evaluation's"
+        assert png.read_bytes() == earlier
         assert rc == 1 and err.strip().splitlines()[-1] == (f"train.py evaluate: error: {line} (the cm.png there is an "
                                                             "earlier evaluation's, left as it was)"), err
     else:

@@ -109,6 +109,24 @@ def test_confusion_matrix_png(tmp_path):
     _png(tmp_path / "empty.png")
 
 
+def test_each_png_names_what_it_is_and_nothing_else_passes_for_one(tmp_path):
+    # evaluate --confusion-png replaces a file only when made_here says it wrote one: a user's
+    # photo at that name was replaced without a word.
+    plots.plot_curves(HISTORY, tmp_path / "curves.png")
+    plots.plot_confusion_matrix(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "cm.png")
+    assert plots.made_here(tmp_path / "curves.png", plots.CURVES)
+    assert plots.made_here(tmp_path / "cm.png", plots.CONFUSION)
+    assert not plots.made_here(tmp_path / "curves.png", plots.CONFUSION)
+    assert not plots.made_here(tmp_path / "cm.png", plots.CURVES)
+    Image.new("L", (28, 28)).save(tmp_path / "photo.png")  # a PNG, of no maker
+    with Image.open(tmp_path / "cm.png") as marked:
+        marked.convert("RGB").save(tmp_path / "as.jpg", format="JPEG")  # not a PNG, whatever its name
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cm.png").read_bytes()[:60])
+    for name in ("photo.png", "as.jpg", "text.png", "cut.png", "missing.png"):
+        assert not plots.made_here(tmp_path / name, plots.CONFUSION), name
+
+
 def test_confusion_matrix_must_match_the_class_names(tmp_path):
     with pytest.raises(ValueError, match=r"shape \(3, 3\); 2 class names"):
         plots.plot_confusion_matrix(np.zeros((3, 3), int), ["a", "b"], tmp_path / "x.png")
