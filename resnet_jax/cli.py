@@ -506,6 +506,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
                            "(that process's line says why)")
 
     history, log = [], []  # fit's epoch records; every metrics.jsonl record
+    resumed_at = None  # the epoch --resume continues after
     if config.resume:
         try:
             restored = ckpts.restore(state)
@@ -532,6 +533,7 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
                     return rundir.read_results(config.output)
                 except (OSError, ValueError) as err:
                     raise UserError(f"--json: cannot read {config.output}/results.json: {err}") from err
+        resumed_at = restored.epoch
         say(f"resuming from {restored.path} (epoch {restored.epoch} of {config.epochs})")
     # Room for the next checkpoint (and a best one) now, rather than after an epoch's work;
     # each save checks again (checkpoint.Checkpoints.save).
@@ -640,6 +642,13 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
     exports = rundir.earlier_exports(config)  # a resumed run's exports stay its own (to write again)
     if exports:
         report["exports"] = exports
+        # results.json lists them as the run's own (to write again), not as its final weights, which
+        # a reader took them for: each holds the weights of the run's end when it was exported.
+        stale = [e for e in exports if not (config.export_torch and Path(e).resolve() == Path(config.export_torch).resolve())]
+        if stale and resumed_at is not None and result.history and result.history[-1]["epoch"] > resumed_at:
+            one = len(stale) == 1
+            say(f"note: the PyTorch export{'' if one else 's'} {', '.join(stale)} of this run hold{'s' if one else ''} "
+                f"the weights of epoch {resumed_at} or earlier, not these: --resume --export-torch FILE writes these")
     with _the_others_are_done():
         if config.output and main_process:
             rundir.write_run_files(config, report, log, say)

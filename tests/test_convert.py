@@ -913,6 +913,9 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     longer = [*flags[:i + 1], 2, *flags[i + 2:]]
     r = train_py(*longer, "--resume")
     assert r.returncode == 0 and "epoch 2/2" in r.stdout, r.stderr
+    # ... and says that they hold an earlier epoch's weights, which a reader of it took for the final ones.
+    assert (f"note: the PyTorch exports {tmp_path / 'first.pt'}, {tmp_path / 'again.pt'} of this run hold the "
+            "weights of epoch 1 or earlier, not these: --resume --export-torch FILE writes these") in r.stdout, r.stdout
     exports = json.loads((tmp_path / "run" / "results.json").read_text())["exports"]
     assert [Path(e).name for e in exports] == ["first.pt", "again.pt"], exports
     r = train_py(*longer, "--resume", "--export-torch", tmp_path / "first.pt")
