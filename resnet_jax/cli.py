@@ -644,7 +644,9 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         report["exports"] = exports
         # results.json lists them as the run's own (to write again), not as its final weights, which
         # a reader took them for: each holds the weights of the run's end when it was exported.
-        stale = [e for e in exports if not (config.export_torch and Path(e).resolve() == Path(config.export_torch).resolve())]
+        # The one this run writes is not stale: named as the export will replace it (the link itself, not
+        # its target: a symbolic link, or a hard one, to an earlier export leaves that one as it was).
+        stale = [e for e in exports if not (config.export_torch and _entry(e) == _entry(config.export_torch))]
         if stale and resumed_at is not None and result.history and result.history[-1]["epoch"] > resumed_at:
             one = len(stale) == 1
             say(f"note: the PyTorch export{'' if one else 's'} {', '.join(stale)} of this run hold{'s' if one else ''} "
@@ -656,6 +658,11 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
             _export_torch(config, result.state, say)
             report["exports"] = list(dict.fromkeys([*exports, config.export_torch]))  # as _export_torch recorded it
     return report
+
+
+def _entry(path) -> Path:
+    """``path`` as the folder entry a write replaces (os.replace renames over a link, not its target)."""
+    return Path(path).absolute().parent.resolve() / Path(path).name
 
 
 @contextlib.contextmanager

@@ -920,6 +920,15 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     assert [Path(e).name for e in exports] == ["first.pt", "again.pt"], exports
     r = train_py(*longer, "--resume", "--export-torch", tmp_path / "first.pt")
     assert r.returncode == 0 and "exported the final weights" in r.stdout, r.stderr
+    # Trained further with --export-torch naming again.pt through a symbolic link: the export replaces the
+    # link, not again.pt, which still holds epoch 1's weights (the note left it out, as the file written).
+    (tmp_path / "link.pt").symlink_to(tmp_path / "again.pt")
+    again = (tmp_path / "again.pt").read_bytes()
+    r = train_py(*flags[:i + 1], 3, *flags[i + 2:], "--resume", "--export-torch", tmp_path / "link.pt")
+    assert r.returncode == 0 and "epoch 3/3" in r.stdout, r.stderr
+    assert (tmp_path / "again.pt").read_bytes() == again and not (tmp_path / "link.pt").is_symlink()
+    assert (f"note: the PyTorch exports {tmp_path / 'first.pt'}, {tmp_path / 'again.pt'} of this run hold the "
+            "weights of epoch 2 or earlier, not these: --resume --export-torch FILE writes these") in r.stdout, r.stdout
 
 
 def test_cli_resume_on_a_new_folder_starts_from_the_torch_file(prepared_data_dir, tmp_path):
