@@ -16,6 +16,7 @@ a confusion matrix of ours, never a picture of the user's that happens to have t
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -149,9 +150,14 @@ def made_here(path: str | Path, what: str) -> bool:
     (PNGs of versions before 2026-12-07 carry no such chunk: False.)"""
     from PIL import Image
 
+    # The chunk is read from the header (matplotlib writes it before the pixels): ``image.text``
+    # decoded the whole picture to look for later ones, and a user's photo over Pillow's size limit
+    # printed Python's DecompressionBombWarning, two lines, before the one-line refusal.
     try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get(MAKER_KEY) == what
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.format == "PNG" and image.info.get(MAKER_KEY) == what
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image; a damaged PNG
         return False
 

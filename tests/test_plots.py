@@ -3,10 +3,11 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from resnet_jax import plots
 
@@ -125,6 +126,21 @@ def test_each_png_names_what_it_is_and_nothing_else_passes_for_one(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "cm.png").read_bytes()[:60])
     for name in ("photo.png", "as.jpg", "text.png", "cut.png", "missing.png"):
         assert not plots.made_here(tmp_path / name, plots.CONFUSION), name
+
+
+def test_a_large_photo_is_told_apart_without_a_warning_or_decoding_it(tmp_path, monkeypatch):
+    # A user's photo over Pillow's size limit printed DecompressionBombWarning (two lines on
+    # stderr before evaluate's one-line refusal), and every picture was decoded whole to find
+    # the chunk, which ours carry before the pixels.
+    Image.new("L", (64, 64)).save(tmp_path / "photo.png")
+    plots.plot_confusion_matrix(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "cm.png")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+    assert plots.made_here(tmp_path / "cm.png", plots.CONFUSION)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # the photo is "too large" now (not twice)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not plots.made_here(tmp_path / "photo.png", plots.CONFUSION)
+    assert caught == []
 
 
 def test_confusion_matrix_must_match_the_class_names(tmp_path):
