@@ -62,9 +62,11 @@ def check_paths(config: Config) -> None:
             # A finished run in a read-only folder (an archive, a read-only mount): --resume only
             # reports it, but takes the folder's lock first, a file written there, and the bare
             # "not a writable directory" left it at that. What reads it without writing is named.
+            # (With --export-torch it exports as well: "only report" was not so.)
             if config.resume and (done := _finished_epoch(Path(config.output))) == config.epochs:
                 raise UserError(f"{err}; it holds a finished run (all {counted(done, 'epoch')} trained), which "
-                                f"--resume would only report, after locking the folder: its results are in "
+                                f"--resume would only report{' and export' if config.export_torch else ''}, "
+                                f"after locking the folder: its results are in "
                                 f"{Path(config.output) / RESULTS}, and `train.py evaluate {config.output}` reads "
                                 "its checkpoint without writing") from err
             raise

@@ -1155,6 +1155,7 @@ def test_a_finished_run_in_a_read_only_folder_names_what_reads_it_on_resume(prep
     try:
         finished = train_py(*flags, "--epochs", "1", "--resume")
         unfinished = train_py(*flags, "--epochs", "2", "--resume")
+        exported = train_py(*flags, "--epochs", "1", "--resume", "--export-torch", tmp_path / "w.pt")
         evaluated = train_py("evaluate", run)
     finally:
         subprocess.run(["chattr", "-R", "-i", str(run)], capture_output=True)
@@ -1164,5 +1165,11 @@ def test_a_finished_run_in_a_read_only_folder_names_what_reads_it_on_resume(prep
         f"the folder: its results are in {run / 'results.json'}, and `train.py evaluate {run}` reads its checkpoint "
         "without writing\n")
     assert unfinished.returncode == 1 and unfinished.stderr == bare + "\n"
+    # With --export-torch, --resume of a finished run exports: it does not "only report".
+    assert exported.returncode == 1 and exported.stderr == (
+        f"{bare}; it holds a finished run (all 1 epoch trained), which --resume would only report and export, after "
+        f"locking the folder: its results are in {run / 'results.json'}, and `train.py evaluate {run}` reads its "
+        "checkpoint without writing\n")
+    assert not (tmp_path / "w.pt").exists()
     assert evaluated.returncode == 0 and "test: loss" in evaluated.stdout, evaluated.stderr
     assert tree_digest(run) == before
