@@ -56,8 +56,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="only the first N test examples (default: as in training, so the numbers are the loop's)")
     p.add_argument("--confusion-png", default=None, metavar="PATH",
-                   help="where the confusion matrix goes (default: RUN_DIR/confusion_<which>.png); an existing file "
-                        "there is replaced only if it is a confusion matrix evaluate wrote")
+                   help="where the confusion matrix goes (default: RUN_DIR/confusion_<which>.png, replaced as the "
+                        "run's own); a file already at PATH is replaced only if it is a confusion matrix evaluate wrote")
     return p
 
 
