@@ -74,7 +74,7 @@ def check_paths(config: Config) -> None:
 
 def _finished_epoch(out: Path) -> int | None:
     """The epoch of ``out``'s latest checkpoint when its results.json reports that epoch too (a finished run); else None."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError):  # (ValueError: a folder named by a digit int() does not read, "²")
         latest = max((int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit() and p.is_dir()), default=None)
         if latest is not None and results_epoch(out) == latest:
             return latest
