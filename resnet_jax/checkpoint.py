@@ -800,11 +800,11 @@ def _rotation_stopped(tried: set[int], on_disk: set[int], why: str) -> str:
     if not left:
         return f"removing older ones failed: {why}"
     stuck, rest = left[0], left[1:]
+    one = len(rest) == 1
     return (f"removing the older ones stopped at epoch {stuck} ({why}), whose folder may be left partly removed and "
             f"is no checkpoint to use: remove it by hand"
-            + (f"; {'that' if len(rest) == 1 else 'those'} of epoch{'' if len(rest) == 1 else 's'} "
-               f"{', '.join(map(str, rest))}, whole, were left too: remove {'it' if len(rest) == 1 else 'them'} "
-               "by hand as well" if rest else ""))
+            + (f"; {'that' if one else 'those'} of epoch{'' if one else 's'} {', '.join(map(str, rest))}, whole, "
+               f"{'was' if one else 'were'} left too: remove {'it' if one else 'them'} by hand as well" if rest else ""))
 
 
 def _bytes_under(folder: Path) -> int:

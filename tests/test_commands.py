@@ -591,8 +591,10 @@ def test_older_checkpoints_that_cannot_be_removed_are_a_note_and_the_run_goes_on
     monkeypatch.setattr(deleter.StandardCheckpointDeleter, "delete_steps", refused)
     rc, out, err = _main(*_train_args(prepared_data_dir, output, "--resume", "--epochs", 3, "--keep", 1))
     assert rc == 0, err
-    assert (f"note: the checkpoint of epoch 3 is saved in {output / 'checkpoints'}, but those of epochs 1, 2 could not "
-            "be removed (PermissionError: [Errno 1] Operation not permitted); remove them by hand") in err
+    assert (f"note: the checkpoint of epoch 3 is saved in {output / 'checkpoints'}, but removing the older ones "
+            "stopped at epoch 1 (PermissionError: [Errno 1] Operation not permitted), whose folder may be left partly "
+            "removed and is no checkpoint to use: remove it by hand; that of epoch 2, whole, was left too: remove it "
+            "by hand as well") in err
     assert json.loads(out.strip().splitlines()[-1])["epochs"] == 3
     monkeypatch.undo()
     assert Checkpoints(output, read_only=True).latest.all_steps() == [1, 2, 3]
