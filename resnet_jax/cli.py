@@ -646,7 +646,9 @@ def _train(config: Config, spec, init, meta: dict, ckpts, say, json_line: bool, 
         # a reader took them for: each holds the weights of the run's end when it was exported.
         # The one this run writes is not stale: named as the export will replace it (the link itself, not
         # its target: a symbolic link, or a hard one, to an earlier export leaves that one as it was).
-        stale = [e for e in exports if not (config.export_torch and _entry(e) == _entry(config.export_torch))]
+        # One the user has since deleted holds nothing: not named (results.json keeps it, as the run's to write again).
+        stale = [e for e in exports if os.path.lexists(e)
+                 and not (config.export_torch and _entry(e) == _entry(config.export_torch))]
         if stale and resumed_at is not None and result.history and result.history[-1]["epoch"] > resumed_at:
             one = len(stale) == 1
             say(f"note: the PyTorch export{'' if one else 's'} {', '.join(stale)} of this run hold{'s' if one else ''} "

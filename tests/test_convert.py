@@ -922,12 +922,14 @@ def test_cli_a_finished_run_exports_on_resume_but_never_onto_its_start_file(prep
     assert r.returncode == 0 and "exported the final weights" in r.stdout, r.stderr
     # Trained further with --export-torch naming again.pt through a symbolic link: the export replaces the
     # link, not again.pt, which still holds epoch 1's weights (the note left it out, as the file written).
+    # first.pt deleted by the user meanwhile: the note leaves it out too (it named it).
     (tmp_path / "link.pt").symlink_to(tmp_path / "again.pt")
+    (tmp_path / "first.pt").unlink()
     again = (tmp_path / "again.pt").read_bytes()
     r = train_py(*flags[:i + 1], 3, *flags[i + 2:], "--resume", "--export-torch", tmp_path / "link.pt")
     assert r.returncode == 0 and "epoch 3/3" in r.stdout, r.stderr
     assert (tmp_path / "again.pt").read_bytes() == again and not (tmp_path / "link.pt").is_symlink()
-    assert (f"note: the PyTorch exports {tmp_path / 'first.pt'}, {tmp_path / 'again.pt'} of this run hold the "
+    assert (f"note: the PyTorch export {tmp_path / 'again.pt'} of this run holds the "
             "weights of epoch 2 or earlier, not these: --resume --export-torch FILE writes these") in r.stdout, r.stdout
 
 
