@@ -487,6 +487,10 @@ class Checkpoints:
                     if not entry.is_dir():
                         raise CheckpointError(f"{entry} is a file {where}; move it elsewhere")
                     if not read_only and not any((entry / item).exists() for item in ITEMS):
+                        if _left_of_ours(entry):
+                            raise CheckpointError(f"{entry} is what is left of the checkpoint of epoch {entry.name}, "
+                                                  f"partly removed (its items {', '.join(ITEMS)} are gone), and no "
+                                                  "checkpoint to use: remove it by hand")
                         raise CheckpointError(f"{entry} is a folder {where} that holds none of a checkpoint's "
                                               f"items ({', '.join(ITEMS)}), and rotating checkpoints would delete "
                                               "it; move it elsewhere")
@@ -785,6 +789,18 @@ class Checkpoints:
                 raise lost from err
             raise CheckpointError(f"checkpoint {path} is unreadable: {_root_cause(err)}") from err
         return Checkpoint(state, epoch, meta["history"], meta.get("log", []), meta["metadata"], path)
+
+
+def _left_of_ours(folder: Path) -> bool:
+    """Whether ``folder``, which holds none of ITEMS, is what a removal left of one of our checkpoints:
+    Orbax's record in it names exactly our items. (A rotation that stopped at a file it could not remove
+    leaves it so; it was refused as a folder of someone else's, to be moved elsewhere. Someone else's
+    Orbax checkpoint names its own items, and stays refused as such.)"""
+    try:
+        record = json.loads((folder / "_CHECKPOINT_METADATA").read_text())
+        return sorted(record["item_handlers"]) == sorted(ITEMS)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _rotation_stopped(tried: set[int], on_disk: set[int], why: str) -> str:

@@ -1002,6 +1002,34 @@ def test_a_rotation_that_stops_at_a_folder_it_cannot_remove_names_that_one_apart
     assert sorted(p.name for p in folder.iterdir() if p.name.isdigit()) == ["5"]
 
 
+def test_what_a_stopped_removal_left_of_a_checkpoint_is_named_so_and_someone_elses_orbax_folder_is_not(tmp_path):
+    # A rotation that stopped at a file it could not remove in the epoch's folder itself left
+    # Orbax's record there and none of the items: the next run refused it as a folder of someone
+    # else's, "move it elsewhere", where the rotation's note had said "remove it by hand".
+    meta, state, history = _two_epochs_tracking_best()
+    with Checkpoints(tmp_path) as ckpts:
+        ckpts.save(state, 1, history[:1], [], meta)
+        ckpts.save(state, 2, history, [], meta)
+    left = tmp_path / "checkpoints" / "1"
+    for item in checkpoint.ITEMS:
+        shutil.rmtree(left / item)
+    with pytest.raises(CheckpointError) as err:
+        Checkpoints(tmp_path)
+    assert str(err.value) == (f"{left} is what is left of the checkpoint of epoch 1, partly removed (its items meta, "
+                              "state are gone), and no checkpoint to use: remove it by hand")
+    # Another program's Orbax checkpoint (its own items) is someone else's still.
+    record = json.loads((left / "_CHECKPOINT_METADATA").read_text())
+    record["item_handlers"] = {"default": "orbax.checkpoint.PyTreeCheckpointHandler"}
+    (left / "_CHECKPOINT_METADATA").write_text(json.dumps(record))
+    (left / "default").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder where the checkpoint of epoch 1 would be that holds none "
+                                              r"of a checkpoint's items \(meta, state\)"):
+        Checkpoints(tmp_path)
+    shutil.rmtree(left)
+    with Checkpoints(tmp_path) as ckpts:  # removed by hand: the run goes on
+        assert ckpts.latest_epoch() == 2
+
+
 def test_a_folder_that_takes_a_new_folder_but_lets_none_be_removed_is_one_line_naming_what_is_left(uninterrupted, tmp_path, monkeypatch):
     # An append-only checkpoints/ (chattr +a), or a share whose rights let one add and not delete: a
     # save's rename and rotation would fail there. The write test's folder is made and cannot be
