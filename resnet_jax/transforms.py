@@ -74,7 +74,7 @@ def _resample_axis(images: jax.Array, axis: int, out_size: int) -> jax.Array:
     shape[axis] = out_size
     # Pillow starts each sum at half a unit (rounding); integer sums are exact in any order.
     total = jnp.int32(1 << (_PRECISION_BITS - 1))
-    # One gather per tap, not one of all taps at once: 0.9 against 5.0 ms for a batch of 64,
+    # One gather per tap, not one of all taps at once: about 1 against 5.0 ms for a batch of 64,
     # 28x28 -> 96x96, on 2 CPU cores (the 5-D gather of the vertical pass was the slow part;
     # BENCHMARKS.md, "Preprocessing").
     for k in range(index.shape[1]):
