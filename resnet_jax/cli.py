@@ -680,6 +680,8 @@ def _the_others_are_done():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """train.py's entry: ``evaluate``/``predict`` go to resnet_jax/commands.py; otherwise the flags
+    become a :class:`Config` (a bad one: exit 2) and :func:`run` trains. Returns the exit code."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:

@@ -619,6 +619,9 @@ class _StepMonitor:
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the trained state, one record per epoch (those of ``history=`` first),
+    and ``final``, the run's figures (the last epoch's metrics, examples/sec, timings, device)."""
+
     state: TrainState
     history: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)
