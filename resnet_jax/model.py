@@ -327,6 +327,7 @@ def _nhwc_float(x, who: str, hint: str = "") -> jax.Array:
     As a JAX array, NumPy's default float64 becomes float32 (unless x64 is on) here, once,
     rather than through each layer's explicit cast to the input's dtype, which JAX warns about.
     """
+    _refuse_torch(x, who)
     if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
         raise TypeError(f"{who} takes an array (N, H, W, C), got a {type(x).__name__}")
     if x.ndim != 4:
@@ -338,10 +339,23 @@ def _nhwc_float(x, who: str, hint: str = "") -> jax.Array:
     return jnp.asarray(x)
 
 
+def _refuse_torch(x, who: str) -> None:
+    """A torch tensor (recognised by its methods, as convert.py does: this side never imports torch)
+    is a TypeError that says how to pass it. JAX's own error, from the dtype check, was
+    "Cannot interpret 'torch.float32' as a data type", and the README's PyTorch example has
+    such a batch, in NCHW, at hand."""
+    if hasattr(x, "detach") and hasattr(x, "is_floating_point"):
+        raise TypeError(
+            f"{who} takes a NumPy or JAX array (N, H, W, C), got a torch tensor of shape {tuple(x.shape)}: "
+            "pass x.numpy(), and a PyTorch batch (N, C, H, W) as x.permute(0, 2, 3, 1).numpy()"
+        )
+
+
 def _check_float(x, dtype, who: str) -> None:
     """A float input and a float ``dtype`` (or None), else a TypeError. The layers compute in
     ``dtype``, or the input's when it is None: in an integer dtype every weight rounds to 0 and
     the output is the same for every input, silently."""
+    _refuse_torch(x, who)
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(f"{who} takes float input, got {jnp.result_type(x).name}")
     if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):

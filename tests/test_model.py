@@ -329,6 +329,22 @@ def test_impossible_modules_and_inputs_are_named(build, error, message):
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("who, build", [
+    ("ResNet18", lambda x: ResNet18().init(jax.random.key(0), x)),
+    ("BatchNorm", lambda x: BatchNorm().init(jax.random.key(0), x, False)),
+    ("Conv2d", lambda x: Conv2d(3, 3).init(jax.random.key(0), x)),
+])
+def test_a_torch_batch_is_refused_with_how_to_pass_it(who, build):
+    # The README's PyTorch example has x = torch.rand(8, 1, 96, 96) at hand: passed as it is,
+    # JAX's dtype check said "Cannot interpret 'torch.float32' as a data type".
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError) as caught:
+        build(torch.zeros(2, 1, 28, 28))
+    assert str(caught.value).startswith(f"{who} takes a NumPy or JAX array (N, H, W, C), got a torch tensor "
+                                        "of shape (2, 1, 28, 28)")
+    assert "x.permute(0, 2, 3, 1).numpy()" in str(caught.value)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("features", 0, "Conv2d.features must be >= 1, got 0"),
     ("strides", 0, "Conv2d.strides must be >= 1, got 0"),
