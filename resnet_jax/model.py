@@ -244,6 +244,12 @@ class BatchNorm(nn.Module):
                 "BatchNorm has no running statistics: apply the model to {'params': ..., 'batch_stats': ...}, "
                 "not the params alone"
             )
+        if train and not self.is_mutable_collection("batch_stats"):
+            # Flax's own error, at the first update, says the collection is immutable but not what to pass.
+            raise ValueError(
+                "BatchNorm with train=True moves its running statistics: apply with mutable=['batch_stats'], "
+                "which returns (output, {'batch_stats': ...}), or with train=False to use the running statistics"
+            )
         features = x.shape[-1]
         pdt = self.param_dtype
         scale = self.param("scale", nn.initializers.ones, (features,), pdt)

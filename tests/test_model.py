@@ -322,6 +322,9 @@ def _params_alone(train: bool):
     # The params alone in train mode: Flax made fresh statistics (mean 0, var 1) and went on.
     (lambda: _params_alone(train=True), ValueError, "BatchNorm has no running statistics: apply the model to {'params'"),
     (lambda: _params_alone(train=False), ValueError, "BatchNorm has no running statistics: apply the model to {'params'"),
+    # train=True without mutable: Flax's ModifyScopeVariableError said "collection is immutable", not what to pass.
+    (lambda: ResNet18().apply(init_variables(ResNet18(), jax.random.key(0), 28), jnp.zeros((2, 28, 28, 1)), train=True),
+     ValueError, "BatchNorm with train=True moves its running statistics: apply with mutable=['batch_stats']"),
 ])
 def test_impossible_modules_and_inputs_are_named(build, error, message):
     with pytest.raises(error) as caught:
