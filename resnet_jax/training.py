@@ -262,6 +262,13 @@ def _check_images(state: TrainState, images, labels=None) -> None:
     """Refuse images the state's model cannot take, naming the shape given, before preprocess
     resizes it (an NCHW batch (N, 1, 28, 28) was reported as the resized (N, 28, 28, 28)); and
     labels that are not one integer per image."""
+    for name, a in (("images", images), ("labels", labels)):
+        # A torch tensor (a DataLoader's batch): preprocess said "takes uint8 images, got torch.uint8"
+        # of a uint8 tensor, and the labels' dtype check "Cannot interpret 'torch.int64' as a data type".
+        if hasattr(a, "detach") and hasattr(a, "is_floating_point"):
+            raise TypeError(f"{name} must be a NumPy or JAX array, got a torch tensor: pass {name}.numpy()" + (
+                " (a PyTorch batch (N, C, H, W) as images.permute(0, 2, 3, 1).numpy(); uint8, 0-255)"
+                if name == "images" else ""))
     channels = state.params["b1"]["conv"]["kernel"].shape[2]
     if np.ndim(images) != 4 or np.shape(images)[-1] != channels:
         raise ValueError(f"the model takes uint8 NHWC images (N, H, W, {channels}), got shape {np.shape(images)}")

@@ -516,6 +516,19 @@ def test_hold_out_carves_the_last_n_examples_off():
     assert np.array_equal(val.images, images[7:]) and np.array_equal(val.labels, labels[7:])
 
 
+def test_torch_tensors_into_the_steps_are_refused_with_how_to_pass_them(state):
+    # A DataLoader's batch, passed as it is: a uint8 tensor was refused as "takes uint8 images, got
+    # torch.uint8", and torch labels failed in JAX's "Cannot interpret 'torch.int64' as a data type".
+    torch = pytest.importorskip("torch")
+    images, labels = _batch(4)
+    for step in (training.train_step, training.eval_step):
+        with pytest.raises(TypeError, match=r"images must be a NumPy or JAX array, got a torch tensor: pass "
+                                            r"images.numpy\(\) \(a PyTorch batch \(N, C, H, W\) as images.permute"):
+            step(state, torch.from_numpy(images), labels, RESIZE)
+        with pytest.raises(TypeError, match=r"labels must be a NumPy or JAX array, got a torch tensor: pass labels.numpy\(\)$"):
+            step(state, images, torch.from_numpy(labels.astype(np.int64)), RESIZE)
+
+
 def test_misused_inputs_are_refused_not_silently_wrong(state):
     images, labels = _batch(4)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
