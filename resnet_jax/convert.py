@@ -53,7 +53,7 @@ import numpy as np
 
 from resnet_jax.errors import first_line
 from resnet_jax.files import atomic_write
-from resnet_jax.model import STAGES
+from resnet_jax.model import STAGES, is_torch_tensor
 
 # Axis orders. Conv: OIHW (PyTorch) <-> HWIO (Flax, lax.conv's "HWIO"). Dense: (out, in) <-> (in, out).
 OIHW_TO_HWIO = (2, 3, 1, 0)
@@ -178,11 +178,11 @@ def infer_sizes(state_dict: StateDict) -> tuple[int, int]:
 
 def _as_numpy(value, key: str) -> np.ndarray:
     """``value`` (the state_dict's ``key``) as a NumPy array. A torch tensor (recognised by its
-    methods: this side never imports torch) is detached and moved to the CPU, a lazy negation
+    methods, :func:`resnet_jax.model.is_torch_tensor`) is detached and moved to the CPU, a lazy negation
     (``_neg_view``'s bit) is applied, and a reduced-precision float widens to float32, exactly:
     NumPy has no bfloat16. A tensor with no data (the meta device) or in a layout NumPy cannot
     hold (sparse) is a ConversionError naming the key, not torch's own exception."""
-    if not (hasattr(value, "detach") and hasattr(value, "is_floating_point")):
+    if not is_torch_tensor(value):
         return np.asarray(value)
     if getattr(value, "is_meta", False):  # torch.device("meta"): shapes only, e.g. a model built for sharding
         raise ConversionError(f"'{key}' is a tensor on the meta device: it holds a shape but no values")

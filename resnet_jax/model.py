@@ -345,12 +345,16 @@ def _nhwc_float(x, who: str, hint: str = "") -> jax.Array:
     return jnp.asarray(x)
 
 
+def is_torch_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor, recognised by its methods: the JAX side never imports torch."""
+    return hasattr(x, "detach") and hasattr(x, "is_floating_point")
+
+
 def _refuse_torch(x, who: str) -> None:
-    """A torch tensor (recognised by its methods, as convert.py does: this side never imports torch)
-    is a TypeError that says how to pass it. JAX's own error, from the dtype check, was
-    "Cannot interpret 'torch.float32' as a data type", and the README's PyTorch example has
-    such a batch, in NCHW, at hand."""
-    if hasattr(x, "detach") and hasattr(x, "is_floating_point"):
+    """A torch tensor is a TypeError that says how to pass it. JAX's own error, from the dtype
+    check, was "Cannot interpret 'torch.float32' as a data type", and the README's PyTorch
+    example has such a batch, in NCHW, at hand."""
+    if is_torch_tensor(x):
         raise TypeError(
             f"{who} takes a NumPy or JAX array (N, H, W, C), got a torch tensor of shape {tuple(x.shape)}: "
             "pass x.numpy(), and a PyTorch batch (N, C, H, W) as x.permute(0, 2, 3, 1).numpy()"

@@ -52,7 +52,7 @@ from resnet_jax import ops, processes, recipes
 from resnet_jax.augment import augment
 from resnet_jax.config import Config
 from resnet_jax.data import DATASETS, Split, preprocess
-from resnet_jax.model import ResNet18, check_mask, init_variables
+from resnet_jax.model import ResNet18, check_mask, init_variables, is_torch_tensor
 from resnet_jax.recipes import D2L, Recipe
 
 
@@ -265,7 +265,7 @@ def _check_images(state: TrainState, images, labels=None) -> None:
     for name, a in (("images", images), ("labels", labels)):
         # A torch tensor (a DataLoader's batch): preprocess said "takes uint8 images, got torch.uint8"
         # of a uint8 tensor, and the labels' dtype check "Cannot interpret 'torch.int64' as a data type".
-        if hasattr(a, "detach") and hasattr(a, "is_floating_point"):
+        if is_torch_tensor(a):
             raise TypeError(f"{name} must be a NumPy or JAX array, got a torch tensor: pass {name}.numpy()" + (
                 " (a PyTorch batch (N, C, H, W) as images.permute(0, 2, 3, 1).numpy(); uint8, 0-255)"
                 if name == "images" else ""))
