@@ -97,6 +97,13 @@ def check_torch_paths(config: Config) -> None:
                 raise UserError(f"--export-torch {config.export_torch} is among this run's checkpoints, which Orbax "
                                 "manages and --keep rotates away; choose a file outside them")
         check_output_file(target, "--export-torch", (".pt", ".pth"))
+        # A folder the run makes, at the export's name or under it (--output run.pt --export-torch
+        # run.pt; one there already is refused above as a directory): the export met it only after
+        # the whole training, and called it another program's file.
+        for flag, folder in (("--output", config.output), ("--data-dir", config.data_dir)):
+            if folder and (made := resolved(Path(folder), flag)).is_relative_to(export := resolved(target, "--export-torch")):
+                where = f"the run's {flag} folder" if made == export else f"a folder of the run's {flag} {folder}"
+                raise UserError(f"--export-torch {config.export_torch} is {where}: give the export another name")
         if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "
                             "it would overwrite the weights the run started from; give another name")

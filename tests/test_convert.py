@@ -968,8 +968,17 @@ def _bad_checkpoint(tmp_path):
         (lambda t: ["--export-torch", t / "a_file"], "--export-torch {t}/a_file does not end in .pt or .pth"),
         (lambda t: ["--init-from-torch", _good_checkpoint(t), "--export-torch", t / "good.pt"],
          "--export-torch {t}/good.pt is the --init-from-torch file: it would overwrite the weights"),
+        # Folders the run makes at the export's name: refused at the start, not after the training
+        # with "another program wrote that file".
+        (lambda t: ["--output", t / "run.pt", "--export-torch", t / "run.pt"],
+         "--export-torch {t}/run.pt is the run's --output folder: give the export another name"),
+        (lambda t: ["--output", t / "x.pt" / "run", "--export-torch", t / "x.pt"],
+         "--export-torch {t}/x.pt is a folder of the run's --output {t}/x.pt/run: give the export another name"),
+        (lambda t: ["--data-dir", t / "d.pt", "--export-torch", t / "d.pt"],
+         "--export-torch {t}/d.pt is the run's --data-dir folder: give the export another name"),
     ],
-    ids=["missing-file", "missing-key", "unwritable-export", "export-is-dir", "export-not-pt", "export-over-init"],
+    ids=["missing-file", "missing-key", "unwritable-export", "export-is-dir", "export-not-pt", "export-over-init",
+         "export-is-output", "export-above-output", "export-is-data-dir"],
 )
 def test_cli_refuses_bad_torch_paths_before_any_work(flags, message, tmp_path):
     (tmp_path / "a_file").write_text("keep me")
