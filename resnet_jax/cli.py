@@ -378,7 +378,9 @@ def _export_torch(config: Config, state, say) -> None:
         except Exception as err:  # OSError, or torch's RuntimeError around one (a full disk)
             cause = err if isinstance(err, OSError) else err.__context__ if isinstance(err.__context__, OSError) else err
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else first_line(cause)
-            raise UserError(f"--export-torch {config.export_torch}: not written: {why}") from err
+            # After the whole training: say that it is not lost, and how to export it once the cause is fixed.
+            kept = f"; {rundir.export_kept(config)}" if config.output else ""
+            raise UserError(f"--export-torch {config.export_torch}: not written: {why}{kept}") from err
         if config.output:
             rundir.record_export(config)
         say(f"exported {what} as a PyTorch state_dict to {config.export_torch}")

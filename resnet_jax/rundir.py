@@ -161,10 +161,14 @@ def export_may_replace(config: Config) -> bool:
 
 def export_taken(config: Config) -> UserError:
     """The refusal of an export whose file another program wrote during the run."""
-    kept = (f"the run's checkpoints are kept: export them with --resume --output {config.output} --export-torch "
-            "ANOTHER.pt" if config.output else "nothing was written")
     return UserError(f"--export-torch {config.export_torch}: not written: another program wrote that file since this "
-                     f"run started (another run with the same --export-torch?), and it is left as it is; {kept}")
+                     f"run started (another run with the same --export-torch?), and it is left as it is; {export_kept(config)}")
+
+
+def export_kept(config: Config) -> str:
+    """What a failed export leaves, and how to write it after all (the run's training is not lost)."""
+    return (f"the run's checkpoints are kept: export them with --resume --output {config.output} --export-torch "
+            "ANOTHER.pt" if config.output else "nothing was written")
 
 
 def earlier_exports(config: Config) -> list[str]:

@@ -1,6 +1,7 @@
 """Ctrl-C is never lost, and never a traceback: resnet_jax/interrupts.py and train.py's use of it."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,11 @@ def test_an_export_onto_a_full_disk_is_one_line_naming_the_error(monkeypatch, tm
     monkeypatch.setattr(convert, "save_torch_checkpoint", full)
     with pytest.raises(UserError, match=r"^--export-torch .*m.pt: not written: No space left on device$"):
         cli._export_torch(Config(export_torch=str(tmp_path / "m.pt")), _fake_state(), print)
+    # A run's export, after its training: the line says the checkpoints are kept, and how to export them.
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^--export-torch .*m.pt: not written: No space left on device; the run's "
+                       rf"checkpoints are kept: export them with --resume --output {re.escape(str(run))} --export-torch ANOTHER.pt$"):
+        cli._export_torch(Config(export_torch=str(tmp_path / "m.pt"), output=str(run)), _fake_state(), print)
 
 
 def test_an_export_file_written_by_another_program_during_the_run_is_not_replaced(tmp_path):
