@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine", "onecycle")
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)  # config.FLOAT32_MAX (config imports this module)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,9 @@ def problem(r: Recipe) -> str | None:
         return f"--momentum must be in [0, 1), got {r.momentum!r}"
     if r.nesterov and r.momentum == 0:
         return "--nesterov needs a --momentum > 0 (--recipe best turns it on: add --no-nesterov for plain SGD)"
-    if not number(r.weight_decay) or r.weight_decay < 0:
+    # Finite in float32 too, as --lr (config.FLOAT32_MAX): a larger one is inf in the update, and the
+    # run stopped at its first steps with a NaN loss and the advice of a smaller --lr.
+    if not number(r.weight_decay) or not 0 <= r.weight_decay <= FLOAT32_MAX:
         return f"--weight-decay must be a finite number >= 0, got {r.weight_decay!r}"
     if r.schedule not in SCHEDULES:
         return f"--schedule must be one of {', '.join(SCHEDULES)}, got {r.schedule!r}"

@@ -186,6 +186,7 @@ BAD_FLAGS = [
     (["--distributed", "--init-timeout", "0"], "--init-timeout must be at least 1 second"),
     (["--batch-size", str(10**30)], "--batch-size must be a positive integer (at most 2**31 - 1)"),
     (["--recipe", "best", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 is longer than the run (--epochs 2)"),
+    (["--recipe", "best", "--weight-decay", "1e39"], "--weight-decay must be a finite number >= 0"),  # inf in float32
     (["--manual-dir", ""], "--manual-dir is empty"),
     (["--init-from-torch", ""], "--init-from-torch is empty"),
     (["--export-torch", " "], "--export-torch is empty"),

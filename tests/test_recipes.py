@@ -37,7 +37,8 @@ def test_resolve_scales_lr_and_applies_overrides():
 
 @pytest.mark.parametrize("change, flag", [
     (dict(momentum=1.0), "--momentum"), (dict(momentum=0.0, nesterov=True), "--nesterov"),
-    (dict(weight_decay=-1e-4), "--weight-decay"), (dict(schedule="step"), "--schedule"),
+    (dict(weight_decay=-1e-4), "--weight-decay"), (dict(weight_decay=1e39), "--weight-decay"),  # inf in float32
+    (dict(schedule="step"), "--schedule"),
     (dict(warmup_epochs=float("nan")), "--warmup-epochs"), (dict(label_smoothing=1.0), "--label-smoothing"),
     (dict(ema_decay=1.0), "--ema-decay"), (dict(crop_pad=-1), "--crop-pad"), (dict(erase_prob=1.5), "--erase-prob"),
 ])
