@@ -153,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         for name, why in OUTPUT_FLAGS.items():
             if getattr(args, name) is not None:
                 raise ConfigError(f"--{name.replace('_', '-')} needs --output DIR ({why})")
-    return Config.for_recipe(
+    config = Config.for_recipe(
         args.recipe,
         {k: getattr(args, k) for k in INGREDIENT_FLAGS},
         epochs=args.epochs,
@@ -179,6 +179,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         init_from_torch=_path(args.init_from_torch),
         export_torch=_path(args.export_torch),
     )
+    # recipes.schedule rounds the warmup to whole steps: less than half a step was no warmup at all,
+    # without a word (--warmup-epochs 0.05 at 8 steps per epoch). Refused here, as a flag, not in
+    # Config: a run trained so before stays loadable (evaluate, predict) and resumable.
+    w, steps = config.recipe.warmup_epochs, config.steps_per_epoch
+    if config.epochs and w and not config.resume and round(w * steps) == 0:
+        raise ConfigError(f"--warmup-epochs {w:g} is {w * steps:.2g} of a step at {steps} steps per epoch, which rounds "
+                          f"to no warmup: give 0 for none, or at least {1 / steps:.3g} (one step)")
+    return config
 
 
 def _fmt(x, spec=".3f") -> str:

@@ -187,6 +187,9 @@ BAD_FLAGS = [
     (["--batch-size", str(10**30)], "--batch-size must be a positive integer (at most 2**31 - 1)"),
     (["--recipe", "best", "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 is longer than the run (--epochs 2)"),
     (["--recipe", "best", "--weight-decay", "1e39"], "--weight-decay must be a finite number >= 0"),  # inf in float32
+    (["--recipe", "best", "--train-limit", "256", "--batch-size", "32", "--warmup-epochs", "0.05"],
+     "--warmup-epochs 0.05 is 0.4 of a step at 8 steps per epoch, which rounds to no warmup: give 0 for none, "
+     "or at least 0.125 (one step)"),
     (["--manual-dir", ""], "--manual-dir is empty"),
     (["--init-from-torch", ""], "--init-from-torch is empty"),
     (["--export-torch", " "], "--export-torch is empty"),
