@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -56,6 +57,19 @@ class Recipe:
     crop_pad: int = 0
     flip: bool = False
     erase_prob: float = 0.0
+
+    def __post_init__(self):
+        # NumPy's scalars (a sweep over np.arange(4) for crop_pad, np.float32 decays) become the
+        # plain values, as Config's own fields do: else problem() refused them as no integer or
+        # number, and an np.bool_ made the config no JSON (results.json, --json).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.bool_):
+                object.__setattr__(self, f.name, bool(value))
+            elif isinstance(value, np.integer):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, np.floating):
+                object.__setattr__(self, f.name, float(value))
 
     @property
     def augments(self) -> bool:

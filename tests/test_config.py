@@ -1,5 +1,6 @@
 """The run's configuration as data (the flags that build it are tests/test_cli.py's)."""
 
+import json
 import re
 
 import jax.numpy as jnp
@@ -19,6 +20,20 @@ def test_config_takes_numpy_scalars_and_dtype_objects():
         Config(dtype=np.float16)
     with pytest.raises(ConfigError, match="--batch-size must be a positive integer"):
         Config(batch_size=np.int64(0))
+
+
+def test_recipe_ingredients_take_numpy_scalars():
+    # A sweep over an ingredient (np.arange for --crop-pad, np.float32 decays) as over a run setting:
+    # refused before as "must be an integer"/"must be in [0, 1)", and an np.bool_ was no JSON.
+    c = Config.for_recipe("best", {"crop_pad": np.arange(4)[3], "ema_decay": np.float32(0.5),
+                                   "flip": np.bool_(False), "erase_prob": np.float64(0.5)})
+    r = c.recipe
+    assert (r.crop_pad, r.ema_decay, r.flip, r.erase_prob) == (3, 0.5, False, 0.5)
+    assert [type(v) for v in (r.crop_pad, r.ema_decay, r.flip, r.erase_prob)] == [int, float, bool, float]
+    assert c == Config.for_recipe("best", {"crop_pad": 3, "ema_decay": 0.5, "flip": False, "erase_prob": 0.5})
+    json.dumps(c.to_dict())  # results.json's config
+    with pytest.raises(ConfigError, match=re.escape("--crop-pad must be an integer in [0, 14], got 15")):
+        Config.for_recipe("best", {"crop_pad": np.int64(15)})
 
 
 def test_the_training_examples_and_steps_per_epoch_are_train_pys():
