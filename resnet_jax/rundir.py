@@ -102,7 +102,7 @@ def check_torch_paths(config: Config) -> None:
         # the whole training, and called it another program's file.
         for flag, folder in (("--output", config.output), ("--data-dir", config.data_dir)):
             if folder and (made := resolved(Path(folder), flag)).is_relative_to(export := resolved(target, "--export-torch")):
-                where = f"the run's {flag} folder" if made == export else f"a folder of the run's {flag} {folder}"
+                where = f"the run's {flag} folder" if made == export else f"a folder above the run's {flag} {folder}"
                 raise UserError(f"--export-torch {config.export_torch} is {where}: give the export another name")
         if config.init_from_torch and target.resolve() == Path(config.init_from_torch).resolve():  # on --resume too
             raise UserError(f"--export-torch {config.export_torch} is the --init-from-torch file: "

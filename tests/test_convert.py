@@ -973,7 +973,7 @@ def _bad_checkpoint(tmp_path):
         (lambda t: ["--output", t / "run.pt", "--export-torch", t / "run.pt"],
          "--export-torch {t}/run.pt is the run's --output folder: give the export another name"),
         (lambda t: ["--output", t / "x.pt" / "run", "--export-torch", t / "x.pt"],
-         "--export-torch {t}/x.pt is a folder of the run's --output {t}/x.pt/run: give the export another name"),
+         "--export-torch {t}/x.pt is a folder above the run's --output {t}/x.pt/run: give the export another name"),
         (lambda t: ["--data-dir", t / "d.pt", "--export-torch", t / "d.pt"],
          "--export-torch {t}/d.pt is the run's --data-dir folder: give the export another name"),
     ],
